@@ -1,0 +1,375 @@
+//! `liblwi.so`: the C ABI of the lwi engine, a thin skin over the `lwi` crate.
+//!
+//! Conventions (see `include/lwi.h`, generated from this file by cbindgen):
+//! - every fallible call returns an [`LwiStatus`]; the message is read with [`lwi_last_error`];
+//! - no panic crosses the boundary: each export runs inside [`guard`];
+//! - NULL where a pointer is required is `LWI_STATUS_INVALID_ARGUMENT`, never a crash;
+//! - handles are created with an out pointer and freed by `*_free`, which accepts NULL.
+
+use lwi::{DType, Error, ErrorKind, Volume};
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, OsStr, c_char, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Version of the C ABI. Bumped on every breaking change; a host compares it with
+/// [`lwi_abi_version`] before making any other call.
+pub const LWI_ABI_VERSION: u32 = 1;
+
+/// Result of every fallible call. On anything but `LWI_STATUS_OK`, [`lwi_last_error`] says what
+/// went wrong and where.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LwiStatus {
+    Ok = 0,
+    /// A NULL pointer, a wrong size, malformed JSON, an unknown option, a value out of range.
+    InvalidArgument = 1,
+    /// The operating system refused: missing file, no permission, disk full.
+    Io = 2,
+    /// A file is corrupt, truncated or not what its name says.
+    Format = 3,
+    /// Valid input that lwi does not handle (e.g. 4-D or RGB images).
+    Unsupported = 4,
+    /// The requested device (e.g. `cuda:1`) does not exist here.
+    DeviceUnavailable = 5,
+    OutOfMemory = 6,
+    /// The progress callback asked to stop; nothing partial was left behind.
+    Cancelled = 7,
+    /// A model file does not match its architecture, or the task.
+    ModelIncompatible = 8,
+    /// A bug in lwi; the message has details.
+    Internal = 9,
+}
+
+/// Voxel storage types.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LwiDtype {
+    Uint8 = 0,
+    Int8 = 1,
+    Uint16 = 2,
+    Int16 = 3,
+    Uint32 = 4,
+    Int32 = 5,
+    Uint64 = 6,
+    Int64 = 7,
+    Float32 = 8,
+    Float64 = 9,
+}
+
+/// World frames a voxel-to-world matrix can be expressed in. 3D Slicer speaks RAS; ITK, DICOM and
+/// SimpleITK speak LPS. Passed as `int32_t` so an out-of-range value is an error, not undefined
+/// behaviour.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LwiSpace {
+    /// +x Right, +y Anterior, +z Superior (NIfTI, Slicer).
+    Ras = 0,
+    /// +x Left, +y Posterior, +z Superior (DICOM, ITK).
+    Lps = 1,
+}
+
+/// A volume read by lwi and owned by the library: voxels plus their place in the world.
+/// Create with [`lwi_volume_read`], free with [`lwi_volume_free`].
+pub struct LwiVolumeHandle {
+    volume: Volume,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+fn status_of(kind: ErrorKind) -> LwiStatus {
+    match kind {
+        ErrorKind::InvalidArgument => LwiStatus::InvalidArgument,
+        ErrorKind::Io => LwiStatus::Io,
+        ErrorKind::Format => LwiStatus::Format,
+        ErrorKind::Unsupported => LwiStatus::Unsupported,
+        ErrorKind::DeviceUnavailable => LwiStatus::DeviceUnavailable,
+        ErrorKind::OutOfMemory => LwiStatus::OutOfMemory,
+        ErrorKind::Cancelled => LwiStatus::Cancelled,
+        ErrorKind::ModelIncompatible => LwiStatus::ModelIncompatible,
+        ErrorKind::Internal => LwiStatus::Internal,
+    }
+}
+
+/// Runs an export's body: maps errors to a status and the thread's last error, and turns a panic
+/// into `LWI_STATUS_INTERNAL` instead of unwinding into C.
+fn guard(name: &str, body: impl FnOnce() -> lwi::Result<()>) -> LwiStatus {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => {
+            set_last_error("");
+            LwiStatus::Ok
+        }
+        Ok(Err(e)) => {
+            set_last_error(&format!("{name}: {}", e.message));
+            status_of(e.kind)
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_last_error(&format!("{name}: internal error: {what}"));
+            LwiStatus::Internal
+        }
+    }
+}
+
+fn null(what: &str) -> Error {
+    Error::invalid(format!("{what} is NULL"))
+}
+
+/// A borrowed C string as a path (bytes taken as they are, as the OS does).
+///
+/// SAFETY (callers): `p` is NULL or points to a NUL-terminated string valid for the call.
+unsafe fn path_arg<'a>(p: *const c_char, what: &str) -> lwi::Result<&'a Path> {
+    if p.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    if bytes.is_empty() {
+        return Err(Error::invalid(format!("{what} is empty")));
+    }
+    Ok(Path::new(OsStr::from_bytes(bytes)))
+}
+
+/// A borrowed C string as UTF-8 text; NULL reads as `default`.
+///
+/// SAFETY (callers): `p` is NULL or points to a NUL-terminated string valid for the call.
+unsafe fn text_arg<'a>(p: *const c_char, what: &str, default: &'a str) -> lwi::Result<&'a str> {
+    if p.is_null() {
+        return Ok(default);
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+}
+
+/// SAFETY (callers): `h` is NULL or a handle from `lwi_volume_read` not yet freed.
+unsafe fn handle<'a>(h: *const LwiVolumeHandle) -> lwi::Result<&'a LwiVolumeHandle> {
+    // SAFETY: by the caller's contract a non-NULL `h` is a live handle.
+    unsafe { h.as_ref() }.ok_or_else(|| null("volume"))
+}
+
+/// The ABI version this library implements; equal to `LWI_ABI_VERSION` of the header the host
+/// was compiled with, or the host must not make other calls.
+#[unsafe(no_mangle)]
+pub extern "C" fn lwi_abi_version() -> u32 {
+    LWI_ABI_VERSION
+}
+
+/// The message of the last failed call on this thread ("" after a successful one).
+/// Owned by the library; valid until this thread's next call into lwi. Never NULL.
+#[unsafe(no_mangle)]
+pub extern "C" fn lwi_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// A JSON object describing this build: `lwi_version`, `libtorch_version`, `abi_version`,
+/// `cuda_available`, `cudnn_available`, `devices` (e.g. `["cpu", "cuda:0"]`), `threads`.
+/// Owned by the library; valid until it is unloaded. NULL only if the library is broken (then see
+/// [`lwi_last_error`]).
+#[unsafe(no_mangle)]
+pub extern "C" fn lwi_version_json() -> *const c_char {
+    static JSON: OnceLock<CString> = OnceLock::new();
+    let mut out = std::ptr::null();
+    guard("lwi_version_json", || {
+        let json = JSON.get_or_init(|| {
+            let mut v = serde_json::to_value(lwi::runtime::runtime_info()).unwrap_or_default();
+            v["abi_version"] = LWI_ABI_VERSION.into();
+            CString::new(v.to_string()).unwrap_or_default()
+        });
+        out = json.as_ptr();
+        Ok(())
+    });
+    out
+}
+
+/// Reads the volume at `in_path` and writes it to `out_path`, formats chosen by extension
+/// (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`). World geometry is kept exactly; the output is written
+/// to a temporary name and renamed, so a failure leaves no partial file.
+///
+/// # Safety
+/// `in_path` and `out_path` are NULL or NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_convert(in_path: *const c_char, out_path: *const c_char) -> LwiStatus {
+    guard("lwi_volume_convert", || {
+        // SAFETY: forwarded caller contract.
+        let (src, dst) = unsafe { (path_arg(in_path, "in_path")?, path_arg(out_path, "out_path")?) };
+        lwi::io::write_volume(&lwi::io::read_volume(src)?, dst)
+    })
+}
+
+/// Reads a volume into a new handle stored in `*out` (set to NULL on failure). Free it with
+/// [`lwi_volume_free`].
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_read(path: *const c_char, out: *mut *mut LwiVolumeHandle) -> LwiStatus {
+    guard("lwi_volume_read", || {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: `out` is non-NULL and writable by the caller's contract.
+        unsafe { *out = std::ptr::null_mut() };
+        // SAFETY: forwarded caller contract.
+        let volume = lwi::io::read_volume(unsafe { path_arg(path, "path")? })?;
+        let h = Box::into_raw(Box::new(LwiVolumeHandle { volume }));
+        // SAFETY: as above.
+        unsafe { *out = h };
+        Ok(())
+    })
+}
+
+/// Writes the volume to `path` (format by extension), through a temporary name.
+///
+/// # Safety
+/// `volume` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_write(volume: *const LwiVolumeHandle, path: *const c_char) -> LwiStatus {
+    guard("lwi_volume_write", || {
+        // SAFETY: forwarded caller contract.
+        let (h, p) = unsafe { (handle(volume)?, path_arg(path, "path")?) };
+        lwi::io::write_volume(&h.volume, p)
+    })
+}
+
+/// Voxels along x, y, z (x varies fastest in [`lwi_volume_copy_voxels`]).
+///
+/// # Safety
+/// `volume` is NULL or a live handle; `dims` is NULL or points to 3 writable `int64_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_dims(volume: *const LwiVolumeHandle, dims: *mut i64) -> LwiStatus {
+    guard("lwi_volume_dims", || {
+        // SAFETY: forwarded caller contract.
+        let h = unsafe { handle(volume)? };
+        if dims.is_null() {
+            return Err(null("dims"));
+        }
+        // SAFETY: `dims` points to 3 writable values by the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(h.volume.dims().as_ptr(), dims, 3) };
+        Ok(())
+    })
+}
+
+fn dtype_code(d: DType) -> LwiDtype {
+    match d {
+        DType::U8 => LwiDtype::Uint8,
+        DType::I8 => LwiDtype::Int8,
+        DType::U16 => LwiDtype::Uint16,
+        DType::I16 => LwiDtype::Int16,
+        DType::U32 => LwiDtype::Uint32,
+        DType::I32 => LwiDtype::Int32,
+        DType::U64 => LwiDtype::Uint64,
+        DType::I64 => LwiDtype::Int64,
+        DType::F32 => LwiDtype::Float32,
+        DType::F64 => LwiDtype::Float64,
+    }
+}
+
+/// The voxel type (scaled NIfTI data reads as float32, or float64 for float64 files).
+///
+/// # Safety
+/// `volume` is NULL or a live handle; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_dtype(volume: *const LwiVolumeHandle, out: *mut LwiDtype) -> LwiStatus {
+    guard("lwi_volume_dtype", || {
+        // SAFETY: forwarded caller contract.
+        let h = unsafe { handle(volume)? };
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: `out` is writable by the caller's contract.
+        unsafe { *out = dtype_code(h.volume.dtype) };
+        Ok(())
+    })
+}
+
+/// The 4×4 voxel-to-world matrix, row-major, in millimetres: `world = M · (i, j, k, 1)`, with world
+/// in RAS (`space` = `LWI_SPACE_RAS`) or LPS (`LWI_SPACE_LPS`).
+///
+/// # Safety
+/// `volume` is NULL or a live handle; `out` is NULL or points to 16 writable doubles.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_affine(volume: *const LwiVolumeHandle, space: i32, out: *mut f64) -> LwiStatus {
+    guard("lwi_volume_affine", || {
+        // SAFETY: forwarded caller contract.
+        let h = unsafe { handle(volume)? };
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        let m = match space {
+            s if s == LwiSpace::Ras as i32 => h.volume.affine,
+            s if s == LwiSpace::Lps as i32 => lwi::flip_lps_ras(&h.volume.affine),
+            other => return Err(Error::invalid(format!("space {other} is neither LWI_SPACE_RAS (0) nor LWI_SPACE_LPS (1)"))),
+        };
+        let flat: Vec<f64> = m.iter().flatten().copied().collect();
+        // SAFETY: `out` points to 16 writable doubles by the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(flat.as_ptr(), out, 16) };
+        Ok(())
+    })
+}
+
+/// Copies the voxels into `dst` in the volume's dtype, x fastest then y then z (the layout of
+/// NIfTI, ITK and VTK buffers). `dst_bytes` must equal dims\[0\]·dims\[1\]·dims\[2\]·sizeof(dtype).
+///
+/// # Safety
+/// `volume` is NULL or a live handle; `dst` is NULL or points to `dst_bytes` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_copy_voxels(volume: *const LwiVolumeHandle, dst: *mut c_void, dst_bytes: usize) -> LwiStatus {
+    guard("lwi_volume_copy_voxels", || {
+        // SAFETY: forwarded caller contract.
+        let h = unsafe { handle(volume)? };
+        if dst.is_null() {
+            return Err(null("dst"));
+        }
+        let need = h.volume.dims().iter().product::<i64>() as usize * h.volume.dtype.size();
+        if dst_bytes != need {
+            return Err(Error::invalid(format!("dst_bytes is {dst_bytes}; this volume needs exactly {need}")));
+        }
+        let bytes = h.volume.dtype.le_bytes_from_tensor(&h.volume.data)?;
+        // SAFETY: `dst` has `dst_bytes` == bytes.len() writable bytes by the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.cast::<u8>(), bytes.len()) };
+        Ok(())
+    })
+}
+
+/// Frees a handle from [`lwi_volume_read`]. NULL is a no-op.
+///
+/// # Safety
+/// `volume` is NULL or a live handle, not used again afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_free(volume: *mut LwiVolumeHandle) {
+    if !volume.is_null() {
+        // SAFETY: a live handle made by Box::into_raw in lwi_volume_read, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(volume) })));
+    }
+}
+
+/// Writes a synthetic CT dataset (MSD / nnU-Net layout: `imagesTr/`, `labelsTr/`, `dataset.json`)
+/// under `out_dir`. `options_json` (NULL for defaults) is an object with optional keys `cases`
+/// (default 4), `seed` (0), `size` (\[96, 96, 64\]) and `spacing` (mm, per case jittered by default).
+/// Same options, same bytes.
+///
+/// # Safety
+/// `out_dir` and `options_json` are NULL or NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_phantom_dataset(out_dir: *const c_char, options_json: *const c_char) -> LwiStatus {
+    guard("lwi_phantom_dataset", || {
+        // SAFETY: forwarded caller contract.
+        let (dir, json) = unsafe { (path_arg(out_dir, "out_dir")?, text_arg(options_json, "options_json", "{}")?) };
+        let opts: lwi::phantom::PhantomOptions =
+            serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?;
+        lwi::phantom::write_dataset(dir, &opts).map(|_| ())
+    })
+}

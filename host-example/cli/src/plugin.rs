@@ -1,0 +1,165 @@
+//! liblwi.so loaded at run time over its C ABI, as any host would load it.
+
+use libloading::{Library, Symbol};
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+pub const EXPECTED_ABI: u32 = parse_u32(env!("LWI_ABI_VERSION"));
+
+const fn parse_u32(s: &str) -> u32 {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut v = 0u32;
+    while i < b.len() {
+        v = v * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    v
+}
+
+/// Opaque `LwiVolumeHandle*`.
+pub type VolumeHandle = *mut c_void;
+
+/// A failure reported by the plugin: its status code and message.
+#[derive(Debug)]
+pub struct PluginError {
+    pub status: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for PluginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (status {})", self.message, self.status)
+    }
+}
+
+pub struct Plugin {
+    lib: Library,
+    pub path: PathBuf,
+}
+
+/// Where to find liblwi.so: `--plugin`, then `LWI_PLUGIN`, then beside this executable.
+pub fn locate(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("LWI_PLUGIN") {
+        return PathBuf::from(p);
+    }
+    let exe_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
+    exe_dir.join("liblwi.so")
+}
+
+fn cstring(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+impl Plugin {
+    /// Loads the library and refuses it unless its ABI version is the one this CLI was built for.
+    pub fn load(path: &Path) -> Result<Plugin, String> {
+        // SAFETY: loading runs the library's initialisers; liblwi.so has no unusual ones.
+        let lib = unsafe { Library::new(path) }.map_err(|e| format!("cannot load the lwi plugin {}: {e}", path.display()))?;
+        let plugin = Plugin { lib, path: path.to_path_buf() };
+        // SAFETY: lwi_abi_version has this signature in every ABI version.
+        let abi = unsafe { plugin.sym::<unsafe extern "C" fn() -> u32>(b"lwi_abi_version\0") }.map(|f| unsafe { f() });
+        match abi {
+            Ok(v) if v == EXPECTED_ABI => Ok(plugin),
+            Ok(v) => Err(format!(
+                "{} implements lwi ABI version {v}, this lwi command needs version {EXPECTED_ABI}: use a matching liblwi.so",
+                path.display()
+            )),
+            Err(e) => Err(format!("{} is not an lwi plugin: {e}", path.display())),
+        }
+    }
+
+    /// SAFETY: `T` must be the symbol's true type.
+    unsafe fn sym<T>(&self, name: &[u8]) -> Result<Symbol<'_, T>, String> {
+        // SAFETY: forwarded.
+        unsafe { self.lib.get::<T>(name) }
+            .map_err(|e| format!("symbol {} missing: {e}", String::from_utf8_lossy(&name[..name.len() - 1])))
+    }
+
+    fn last_error(&self) -> String {
+        // SAFETY: lwi_last_error never returns NULL and the string lives until our next call.
+        unsafe {
+            match self.sym::<unsafe extern "C" fn() -> *const c_char>(b"lwi_last_error\0") {
+                Ok(f) => CStr::from_ptr(f()).to_string_lossy().into_owned(),
+                Err(e) => e,
+            }
+        }
+    }
+
+    fn check(&self, status: i32) -> Result<(), PluginError> {
+        if status == 0 { Ok(()) } else { Err(PluginError { status, message: self.last_error() }) }
+    }
+
+    fn missing(e: String) -> PluginError {
+        PluginError { status: 9, message: e }
+    }
+
+    pub fn version_json(&self) -> Result<String, PluginError> {
+        // SAFETY: signature from include/lwi.h; the string is owned by the library.
+        unsafe {
+            let f = self.sym::<unsafe extern "C" fn() -> *const c_char>(b"lwi_version_json\0").map_err(Self::missing)?;
+            let p = f();
+            if p.is_null() {
+                return Err(PluginError { status: 9, message: self.last_error() });
+            }
+            Ok(CStr::from_ptr(p).to_string_lossy().into_owned())
+        }
+    }
+
+    pub fn convert(&self, input: &Path, output: &Path) -> Result<(), PluginError> {
+        let (i, o) = (cstring(input), cstring(output));
+        // SAFETY: signature from include/lwi.h; both strings outlive the call.
+        let status = unsafe {
+            let f = self
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(b"lwi_volume_convert\0")
+                .map_err(Self::missing)?;
+            f(i.as_ptr(), o.as_ptr())
+        };
+        self.check(status)
+    }
+
+    pub fn phantom(&self, out_dir: &Path, options_json: &str) -> Result<(), PluginError> {
+        let (d, j) = (cstring(out_dir), CString::new(options_json).unwrap_or_default());
+        // SAFETY: signature from include/lwi.h; both strings outlive the call.
+        let status = unsafe {
+            let f = self
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(b"lwi_phantom_dataset\0")
+                .map_err(Self::missing)?;
+            f(d.as_ptr(), j.as_ptr())
+        };
+        self.check(status)
+    }
+
+    /// Reads a volume's header facts: dims, dtype code, RAS affine.
+    pub fn volume_info(&self, path: &Path) -> Result<([i64; 3], i32, [f64; 16]), PluginError> {
+        let p = cstring(path);
+        let mut h: VolumeHandle = std::ptr::null_mut();
+        let (mut dims, mut dtype, mut affine) = ([0i64; 3], 0i32, [0f64; 16]);
+        // SAFETY: signatures from include/lwi.h; out pointers are valid for the sizes the ABI states;
+        // the handle is freed before returning.
+        unsafe {
+            let read = self
+                .sym::<unsafe extern "C" fn(*const c_char, *mut VolumeHandle) -> i32>(b"lwi_volume_read\0")
+                .map_err(Self::missing)?;
+            self.check(read(p.as_ptr(), &mut h))?;
+            let dims_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut i64) -> i32>(b"lwi_volume_dims\0");
+            let dtype_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut i32) -> i32>(b"lwi_volume_dtype\0");
+            let aff_f = self.sym::<unsafe extern "C" fn(VolumeHandle, i32, *mut f64) -> i32>(b"lwi_volume_affine\0");
+            let free = self.sym::<unsafe extern "C" fn(VolumeHandle)>(b"lwi_volume_free\0");
+            let result = (|| {
+                self.check(dims_f.map_err(Self::missing)?(h, dims.as_mut_ptr()))?;
+                self.check(dtype_f.map_err(Self::missing)?(h, &mut dtype))?;
+                self.check(aff_f.map_err(Self::missing)?(h, 0, affine.as_mut_ptr()))
+            })();
+            if let Ok(free) = free {
+                free(h);
+            }
+            result?;
+        }
+        Ok((dims, dtype, affine))
+    }
+}

@@ -1,0 +1,13 @@
+//! lwi: a native engine for 3-D medical image segmentation with learnable weight initialization.
+//!
+//! This crate holds all logic; `liblwi.so` (crate `lwi-ffi`) is a thin C skin over it.
+//! Data flows one way: file → [`Volume`] → preprocessing → model → inference → inverse → file.
+
+pub mod error;
+pub mod io;
+pub mod phantom;
+pub mod runtime;
+pub mod volume;
+
+pub use error::{Error, ErrorKind, Result};
+pub use volume::{Affine, DType, Volume, flip_lps_ras};
