@@ -104,9 +104,10 @@ pub fn read(path: &Path) -> Result<Volume> {
         Encoding::Raw | Encoding::Gzip => {
             let could_hold = if encoding == Encoding::Gzip { source.len() as u64 * MAX_GZIP_RATIO } else { source.len() as u64 };
             if nbytes > could_hold {
+                let has = if encoding == Encoding::Gzip { "could hold at most" } else { "is truncated: it has" };
                 return Err(Error::format(
                     &data_path,
-                    format!("NRRD sizes {sizes:?} need {nbytes} bytes of {} data; the data has at most {could_hold}", dtype.name()),
+                    format!("NRRD sizes {sizes:?} need {nbytes} bytes of {} data; the data {has} {could_hold}", dtype.name()),
                 ));
             }
             let plain = if encoding == Encoding::Gzip {
