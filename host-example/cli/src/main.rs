@@ -47,12 +47,18 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Voxels along x,y,z.
-        #[arg(long, value_delimiter = ',', num_args = 3, value_name = "X,Y,Z")]
-        size: Option<Vec<i64>>,
+        #[arg(long, value_parser = triple::<i64>, value_name = "X,Y,Z")]
+        size: Option<[i64; 3]>,
         /// Spacing in mm along x,y,z (default: drawn per case around 3.8,3.8,4.5).
-        #[arg(long, value_delimiter = ',', num_args = 3, value_name = "X,Y,Z")]
-        spacing: Option<Vec<f64>>,
+        #[arg(long, value_parser = triple::<f64>, value_name = "X,Y,Z")]
+        spacing: Option<[f64; 3]>,
     },
+}
+
+/// Parses "a,b,c".
+fn triple<T: std::str::FromStr>(s: &str) -> Result<[T; 3], String> {
+    let parts: Vec<T> = s.split(',').map(|p| p.trim().parse::<T>().map_err(|_| format!("'{p}' is not a number"))).collect::<Result<_, _>>()?;
+    <[T; 3]>::try_from(parts).map_err(|_| format!("expected three comma-separated values, got '{s}'"))
 }
 
 const DTYPES: [&str; 10] = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64"];
@@ -83,10 +89,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Phantom { out, cases, seed, size, spacing } => {
             let mut opts = serde_json::json!({ "cases": cases, "seed": seed });
             if let Some(s) = size {
-                opts["size"] = s.into();
+                opts["size"] = serde_json::json!(s);
             }
             if let Some(s) = spacing {
-                opts["spacing"] = s.into();
+                opts["spacing"] = serde_json::json!(s);
             }
             plugin.phantom(&out, &opts.to_string())?;
             eprintln!("wrote {cases} phantom cases and {}", out.join("dataset.json").display());

@@ -55,14 +55,10 @@ pub fn read(path: &Path) -> Result<Volume> {
     // Refuse before allocating: the file must be able to hold what the header promises.
     let could_hold = if gzip { file.len() as u64 * MAX_GZIP_RATIO } else { file.len() as u64 };
     if needed > could_hold {
+        let what = if gzip { "gzip data could hold at most" } else { "file is truncated: it has" };
         return Err(Error::format(
             path,
-            format!(
-                "header promises {dims:?} {} voxels ({needed} bytes from offset {offset}) but the file {} only {}",
-                dtype.name(),
-                if gzip { "could hold at most" } else { "has" },
-                could_hold
-            ),
+            format!("header promises {dims:?} {} voxels ({needed} bytes from offset {offset}) but the {what} {could_hold}", dtype.name()),
         ));
     }
     let bytes = if gzip { inflate(path, &file, needed)? } else { file };
@@ -72,9 +68,9 @@ pub fn read(path: &Path) -> Result<Volume> {
             format!("file is truncated: voxel data needs {needed} bytes, the file has {}", bytes.len()),
         ));
     }
-    let mut raw = bytes[offset as usize..needed as usize].to_vec();
+    let mut raw = std::borrow::Cow::Borrowed(&bytes[offset as usize..needed as usize]);
     if hdr.big_endian {
-        swap_bytes(&mut raw, dtype.size());
+        swap_bytes(raw.to_mut(), dtype.size());
     }
     let data = dtype.tensor_from_le_bytes(&raw, dims)?;
     let affine = best_affine(path, &hdr)?;

