@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod io;
+pub mod model;
 pub mod phantom;
 pub mod runtime;
 pub mod volume;

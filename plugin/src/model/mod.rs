@@ -1,0 +1,55 @@
+//! Segmentation architectures as `tch::nn` modules, named like their reference state dicts.
+
+pub mod blocks;
+pub mod unetr;
+mod vit;
+
+pub use unetr::{OrderHeads, ProjType, Unetr, UnetrConfig};
+
+use crate::error::{Error, ErrorKind, Result};
+use std::collections::{BTreeSet, HashMap};
+use tch::{Tensor, nn};
+
+/// Copies named tensors into the variables of `vs`, strictly: every variable must be given, with
+/// its exact shape, and nothing else. On any mismatch nothing is copied and the error
+/// (`MODEL_INCOMPATIBLE`) names the missing, unexpected and misshapen tensors.
+pub fn load_state_dict(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let vars = vs.variables();
+    let missing: BTreeSet<&String> = vars.keys().filter(|k| !tensors.contains_key(*k)).collect();
+    let unexpected: BTreeSet<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+    let misshapen: Vec<String> = vars
+        .iter()
+        .filter_map(|(k, v)| {
+            let t = tensors.get(k)?;
+            (t.size() != v.size()).then(|| format!("{k} is {:?}, the architecture needs {:?}", t.size(), v.size()))
+        })
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !misshapen.is_empty() {
+        let list = |items: Vec<String>| {
+            let n = items.len();
+            let mut shown: Vec<String> = items.into_iter().take(6).collect();
+            if n > 6 {
+                shown.push(format!("… {} more", n - 6));
+            }
+            shown.join(", ")
+        };
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            parts.push(format!("missing tensors: {}", list(missing.into_iter().cloned().collect())));
+        }
+        if !unexpected.is_empty() {
+            parts.push(format!("unexpected tensors: {}", list(unexpected.into_iter().cloned().collect())));
+        }
+        if !misshapen.is_empty() {
+            parts.push(format!("wrong shapes: {}", list(misshapen)));
+        }
+        return Err(Error::new(ErrorKind::ModelIncompatible, parts.join("; ")));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (k, v) in &vars {
+            let mut v = v.shallow_clone();
+            v.f_copy_(&tensors[k])?;
+        }
+        Ok(())
+    })
+}
