@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RELEASE := target/release
 DEMO := out/demo
 
-.PHONY: all setup build test test-rust test-c test-python testdata demo bench header gpu-check clean
+.PHONY: all setup build test test-rust test-c test-python testdata demo bench header gpu-bundle gpu-check clean
 
 all: build
 
@@ -49,13 +49,26 @@ demo: build
 
 ## bench: benchmarks against the reference implementations (prints ratios; see docs/performance.md)
 bench: build testdata
+	$(CARGO) build --release --examples
 	$(PY) bench/run.py
 
 ## header: regenerate include/lwi.h from ffi/ (commit the result)
 header: setup
 	LWI_UPDATE_HEADER=1 $(CARGO) test --release -p lwi-ffi --test header
 
-## gpu-check: CUDA checks, to run on a GPU machine (scripts/gpu-check.sh)
+## gpu-bundle: everything scripts/gpu-check.sh needs on a GPU machine, in target/gpu-bundle/
+gpu-bundle: build
+	$(CARGO) build --release --examples
+	$(CARGO) test --release -p lwi --test cuda --no-run
+	rm -rf target/gpu-bundle && mkdir -p target/gpu-bundle/bin target/gpu-bundle/py
+	cp $(RELEASE)/liblwi.so $(RELEASE)/lwi $(RELEASE)/examples/unetr_forward target/gpu-bundle/bin/
+	cp "$$(ls -t $(RELEASE)/deps/cuda-* | grep -v '\.d$$' | head -n 1)" target/gpu-bundle/bin/cuda-tests
+	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o target/gpu-bundle/bin/abi_misuse
+	$(RELEASE)/lwi phantom --out target/gpu-bundle/data --cases 1 --size 24,24,16 >/dev/null 2>&1
+	tar -C .venv/lib/python3*/site-packages --exclude=__pycache__ -cf - monai einops | tar -C target/gpu-bundle/py -xf -
+	du -sh target/gpu-bundle
+
+## gpu-check: CUDA tests and GPU benchmarks, on a GPU machine with target/gpu-bundle (scripts/gpu-check.sh)
 gpu-check:
 	./scripts/gpu-check.sh
 

@@ -5,6 +5,7 @@ asserts a time. Usage: .venv/bin/python bench/run.py [--reps N] [--only NAME]
 Record results with the command and machine in docs/performance.md.
 """
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -73,13 +74,31 @@ def bench_cold_start(work, reps):
             lambda: subprocess.run(ref_cmd, check=True), "nibabel", reps)
 
 
-BENCHES = {"volume-read", "cold-start"}
+def bench_unetr_forward(device, batch, precision, rounds=3, reps=3):
+    """Full-size UNETR (92.8 M parameters, 96^3) forward, no grad: lwi vs MONAI 1.6.1, each side in
+    its own process, alternated `rounds` times; each process reports the median of `reps` passes."""
+    lwi_cmd = [str(ROOT / "target" / "release" / "examples" / "unetr_forward"), device, str(batch), precision, str(reps)]
+    ref_cmd = [sys.executable, str(ROOT / "bench" / "monai_unetr_forward.py"), device, str(batch), precision, str(reps)]
+    run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(run(lwi_cmd)["median_ms"])
+        b.append(run(ref_cmd)["median_ms"])
+    ma, mb = statistics.median(a), statistics.median(b)
+    name = f"  UNETR forward {device} batch {batch} {precision}"
+    print(f"{name:<44} lwi {ma:9.1f} ms   {'MONAI':<10} {mb:9.1f} ms   ratio {ma / mb:5.2f}", flush=True)
+
+
+BENCHES = {"volume-read", "cold-start", "unetr-forward"}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", choices=sorted(BENCHES))
+    ap.add_argument("--device", default="cpu", help="for unetr-forward: cpu or cuda")
+    ap.add_argument("--batch", type=int, default=1, help="for unetr-forward")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="for unetr-forward (autocast on cuda)")
     args = ap.parse_args()
     lwi = Lwi(plugin_path())
     work = Path(os.environ.get("LWI_BENCH_DIR", ROOT / "target" / "bench"))
@@ -90,6 +109,9 @@ def main():
         bench_volume_read(lwi, work, args.reps)
     if args.only in (None, "cold-start"):
         bench_cold_start(work, args.reps)
+    if args.only in (None, "unetr-forward"):
+        print("UNETR forward: full size, 96^3, random weights, no grad")
+        bench_unetr_forward(args.device, args.batch, args.precision)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ typedef enum LwiSpace {
   LWI_SPACE_LPS = 1,
 } LwiSpace;
 
+// Where work runs (device, CPU threads). Create with [`lwi_engine_create`], free with
+// [`lwi_engine_free`]. Models loaded through an engine live on its device.
+typedef struct LwiEngine LwiEngine;
+
+// A model loaded from a model file. Create with [`lwi_model_load`], free with [`lwi_model_free`].
+typedef struct LwiModel LwiModel;
+
 // A volume read by lwi and owned by the library: voxels plus their place in the world.
 // Create with [`lwi_volume_read`], free with [`lwi_volume_free`].
 typedef struct LwiVolumeHandle LwiVolumeHandle;
@@ -145,6 +152,57 @@ void lwi_volume_free(struct LwiVolumeHandle *volume);
 // `out_dir` and `options_json` are NULL or NUL-terminated strings.
 enum LwiStatus lwi_phantom_dataset(const char *out_dir,
                                    const char *options_json);
+
+// Creates an engine. `options_json` (NULL or "" for defaults) may hold `device` (`"auto"` — the
+// first GPU if any, else the CPU —, `"cpu"` or `"cuda:N"`) and `threads` (libtorch's CPU thread
+// pool, per process). A GPU that is not there is `LWI_STATUS_DEVICE_UNAVAILABLE`.
+//
+// # Safety
+// `options_json` is NULL or a NUL-terminated string; `out` is NULL or writable.
+enum LwiStatus lwi_engine_create(const char *options_json, struct LwiEngine **out);
+
+// Frees an engine. NULL is a no-op. Models loaded through it stay valid.
+//
+// # Safety
+// `engine` is NULL or a live engine, not used again afterwards.
+void lwi_engine_free(struct LwiEngine *engine);
+
+// Loads a model file onto the engine's device. The file's metadata decides the architecture;
+// every tensor must then be present with its exact shape, and no other: a missing, extra or
+// misshapen tensor is `LWI_STATUS_MODEL_INCOMPATIBLE` naming it. A file that is not a model file
+// is `LWI_STATUS_FORMAT`.
+//
+// # Safety
+// `engine` is NULL or live; `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
+enum LwiStatus lwi_model_load(const struct LwiEngine *engine,
+                              const char *path,
+                              struct LwiModel **out);
+
+// A JSON object describing the model: `arch`, `config` (MONAI UNETR keyword names), `labels`
+// (value → name), `preprocessing`, `stage`, `provenance`, `parameters`, `device`. Owned by the
+// model, valid until [`lwi_model_free`]. NULL (with [`lwi_last_error`] set) if `model` is NULL.
+//
+// # Safety
+// `model` is NULL or a live model.
+const char *lwi_model_info_json(const struct LwiModel *model);
+
+// Frees a model. NULL is a no-op.
+//
+// # Safety
+// `model` is NULL or a live model, not used again afterwards.
+void lwi_model_free(struct LwiModel *model);
+
+// Converts a PyTorch UNETR checkpoint (`.pt`; MONAI 1.6.1 or LWI-VMS key layout, plain or under
+// `state_dict`) into an lwi model file at `out_path`. The pickle is parsed without executing
+// anything. `options_json` holds `arch` ("unetr"), `arch_config` (MONAI `UNETR` keyword
+// arguments), `labels` (`{"0": "background", …}`), and optionally `spacing` (mm, default
+// \[1.5, 1.5, 2.0\]) and `window` (HU, default \[-175, 250\]).
+//
+// # Safety
+// Each argument is NULL or a NUL-terminated string.
+enum LwiStatus lwi_model_import(const char *checkpoint_path,
+                                const char *options_json,
+                                const char *out_path);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,9 +1,16 @@
 // Unit-test executables link libtorch: give them an rpath to the libtorch they were built against
-// (tch's own rpath does not propagate to dependents). Also records that libtorch's version.
+// (tch's own rpath does not propagate to dependents). Records libtorch's version, and compiles the
+// small C++ shim over libtorch APIs that tch does not expose (csrc/).
 fn main() {
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    let header = std::path::Path::new(&lib).join("../include/torch/headeronly/version.h");
+    // Tests and examples of this crate must see CUDA on a GPU machine: keep libtorch_cuda linked
+    // although no symbol of it is referenced (`--as-needed` would drop it).
+    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{lib},-ltorch_cuda,--as-needed");
+    }
+    let include = std::path::Path::new(&lib).join("../include");
+    let header = include.join("torch/headeronly/version.h");
     println!("cargo:rerun-if-changed={}", header.display());
     let text = std::fs::read_to_string(&header).unwrap_or_default();
     let part = |name: &str| {
@@ -13,4 +20,18 @@ fn main() {
             .unwrap_or_else(|| "?".into())
     };
     println!("cargo:rustc-env=LWI_LIBTORCH_VERSION={}.{}.{}", part("MAJOR"), part("MINOR"), part("PATCH"));
+
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/autocast.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .warnings(false)
+        .compile("lwi_torch_shim");
+    println!("cargo:rustc-link-lib=torch_cpu");
+    println!("cargo:rustc-link-lib=c10");
+    println!("cargo:rustc-link-search=native={lib}");
 }

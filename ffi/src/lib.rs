@@ -71,6 +71,19 @@ pub enum LwiSpace {
     Lps = 1,
 }
 
+/// Where work runs (device, CPU threads). Create with [`lwi_engine_create`], free with
+/// [`lwi_engine_free`]. Models loaded through an engine live on its device.
+pub struct LwiEngine {
+    engine: lwi::engine::Engine,
+}
+
+/// A model loaded from a model file. Create with [`lwi_model_load`], free with [`lwi_model_free`].
+pub struct LwiModel {
+    model: lwi::bundle::Model,
+    /// `lwi_model_info_json`'s text, made on first request and owned by the model.
+    info: OnceLock<CString>,
+}
+
 /// A volume read by lwi and owned by the library: voxels plus their place in the world.
 /// Create with [`lwi_volume_read`], free with [`lwi_volume_free`].
 pub struct LwiVolumeHandle {
@@ -371,5 +384,116 @@ pub unsafe extern "C" fn lwi_phantom_dataset(out_dir: *const c_char, options_jso
         let opts: lwi::phantom::PhantomOptions =
             serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?;
         lwi::phantom::write_dataset(dir, &opts).map(|_| ())
+    })
+}
+
+/// Creates an engine. `options_json` (NULL or "" for defaults) may hold `device` (`"auto"` — the
+/// first GPU if any, else the CPU —, `"cpu"` or `"cuda:N"`) and `threads` (libtorch's CPU thread
+/// pool, per process). A GPU that is not there is `LWI_STATUS_DEVICE_UNAVAILABLE`.
+///
+/// # Safety
+/// `options_json` is NULL or a NUL-terminated string; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_engine_create(options_json: *const c_char, out: *mut *mut LwiEngine) -> LwiStatus {
+    guard("lwi_engine_create", || {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: `out` is writable by the caller's contract.
+        unsafe { *out = std::ptr::null_mut() };
+        // SAFETY: forwarded caller contract.
+        let json = unsafe { text_arg(options_json, "options_json", "")? };
+        let engine = lwi::engine::Engine::from_json(json)?;
+        // SAFETY: as above.
+        unsafe { *out = Box::into_raw(Box::new(LwiEngine { engine })) };
+        Ok(())
+    })
+}
+
+/// Frees an engine. NULL is a no-op. Models loaded through it stay valid.
+///
+/// # Safety
+/// `engine` is NULL or a live engine, not used again afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_engine_free(engine: *mut LwiEngine) {
+    if !engine.is_null() {
+        // SAFETY: made by Box::into_raw in lwi_engine_create, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(engine) })));
+    }
+}
+
+/// Loads a model file onto the engine's device. The file's metadata decides the architecture;
+/// every tensor must then be present with its exact shape, and no other: a missing, extra or
+/// misshapen tensor is `LWI_STATUS_MODEL_INCOMPATIBLE` naming it. A file that is not a model file
+/// is `LWI_STATUS_FORMAT`.
+///
+/// # Safety
+/// `engine` is NULL or live; `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_model_load(engine: *const LwiEngine, path: *const c_char, out: *mut *mut LwiModel) -> LwiStatus {
+    guard("lwi_model_load", || {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: `out` is writable by the caller's contract.
+        unsafe { *out = std::ptr::null_mut() };
+        // SAFETY: a non-NULL engine is live by the caller's contract.
+        let engine = unsafe { engine.as_ref() }.ok_or_else(|| null("engine"))?;
+        // SAFETY: forwarded caller contract.
+        let path = unsafe { path_arg(path, "path")? };
+        let model = lwi::bundle::Model::load(path, engine.engine.device)?;
+        // SAFETY: as above.
+        unsafe { *out = Box::into_raw(Box::new(LwiModel { model, info: OnceLock::new() })) };
+        Ok(())
+    })
+}
+
+/// A JSON object describing the model: `arch`, `config` (MONAI UNETR keyword names), `labels`
+/// (value → name), `preprocessing`, `stage`, `provenance`, `parameters`, `device`. Owned by the
+/// model, valid until [`lwi_model_free`]. NULL (with [`lwi_last_error`] set) if `model` is NULL.
+///
+/// # Safety
+/// `model` is NULL or a live model.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_model_info_json(model: *const LwiModel) -> *const c_char {
+    let mut out = std::ptr::null();
+    guard("lwi_model_info_json", || {
+        // SAFETY: a non-NULL model is live by the caller's contract.
+        let m = unsafe { model.as_ref() }.ok_or_else(|| null("model"))?;
+        out = m.info.get_or_init(|| CString::new(m.model.info_json().to_string()).unwrap_or_default()).as_ptr();
+        Ok(())
+    });
+    out
+}
+
+/// Frees a model. NULL is a no-op.
+///
+/// # Safety
+/// `model` is NULL or a live model, not used again afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_model_free(model: *mut LwiModel) {
+    if !model.is_null() {
+        // SAFETY: made by Box::into_raw in lwi_model_load, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(model) })));
+    }
+}
+
+/// Converts a PyTorch UNETR checkpoint (`.pt`; MONAI 1.6.1 or LWI-VMS key layout, plain or under
+/// `state_dict`) into an lwi model file at `out_path`. The pickle is parsed without executing
+/// anything. `options_json` holds `arch` ("unetr"), `arch_config` (MONAI `UNETR` keyword
+/// arguments), `labels` (`{"0": "background", …}`), and optionally `spacing` (mm, default
+/// \[1.5, 1.5, 2.0\]) and `window` (HU, default \[-175, 250\]).
+///
+/// # Safety
+/// Each argument is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_model_import(checkpoint_path: *const c_char, options_json: *const c_char, out_path: *const c_char) -> LwiStatus {
+    guard("lwi_model_import", || {
+        // SAFETY: forwarded caller contract.
+        let (src, json, dst) = unsafe {
+            (path_arg(checkpoint_path, "checkpoint_path")?, text_arg(options_json, "options_json", "")?, path_arg(out_path, "out_path")?)
+        };
+        let options = lwi::import::ImportOptions::from_json(json)?;
+        lwi::import::import_unetr(src, &options)?.save(dst)
     })
 }

@@ -3,7 +3,10 @@
 //! This crate holds all logic; `liblwi.so` (crate `lwi-ffi`) is a thin C skin over it.
 //! Data flows one way: file → [`Volume`] → preprocessing → model → inference → inverse → file.
 
+pub mod bundle;
+pub mod engine;
 pub mod error;
+pub mod import;
 pub mod io;
 pub mod model;
 pub mod phantom;

@@ -3,46 +3,15 @@
 //! lwi loads that state dict strictly and must reproduce the output on CPU in fp32 within
 //! max|Δ| ≤ 1e-4 · max|ref|. The report lands in target/test-reports/unetr-parity.txt.
 
+mod common;
+
+use common::{max_abs, monai_reference, report};
 use lwi::model::{Unetr, UnetrConfig, load_state_dict};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use tch::{Tensor, nn};
 
 const TOLERANCE: f64 = 1e-4;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("LWI_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
-
-/// Runs the MONAI reference for `names` into a fresh folder.
-fn reference(names: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let status = Command::new(python())
-        .arg(root().join("tests/python/monai_unetr_reference.py"))
-        .arg(dir.path())
-        .args(names)
-        .status()
-        .expect("run the MONAI reference (make setup installs it)");
-    assert!(status.success(), "MONAI reference failed");
-    dir
-}
-
-fn report(line: &str) {
-    let dir = root().join("target/test-reports");
-    std::fs::create_dir_all(&dir).unwrap();
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("unetr-parity.txt")).unwrap();
-    writeln!(f, "{line}").unwrap();
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs().max().double_value(&[])
-}
 
 /// Loads one configuration, runs it, compares logits and the ViT features with MONAI's.
 fn check(dir: &Path, name: &str) {
@@ -64,7 +33,7 @@ fn check(dir: &Path, name: &str) {
     let scale = max_abs(&expected);
     let delta = max_abs(&(&logits - &expected));
     let feature_delta = features.iter().zip(&refs).map(|(a, b)| max_abs(&(a - b)) / max_abs(b)).fold(0.0, f64::max);
-    report(&format!(
+    report("unetr-parity", &format!(
         "{name:<24} img {:?} {:?} norm {:?} res_block {} params {params}: max|Δ| {delta:.3e} (max|ref| {scale:.3e}, relative {:.2e} ≤ {TOLERANCE:.0e}); ViT features relative {feature_delta:.2e}",
         cfg.img_size, cfg.proj_type, cfg.norm_name, cfg.res_block, delta / scale
     ));
@@ -75,7 +44,7 @@ fn check(dir: &Path, name: &str) {
 #[test]
 fn small_configurations_match_monai() {
     let names = ["tiny_cubic", "non_cubic", "conv_embedding", "batch_norm", "basic_blocks_qkv_bias"];
-    let dir = reference(&names);
+    let dir = monai_reference(&names);
     for name in names {
         check(dir.path(), name);
     }
@@ -83,7 +52,7 @@ fn small_configurations_match_monai() {
 
 #[test]
 fn full_size_model_has_monais_parameter_count_and_output() {
-    let dir = reference(&["full"]);
+    let dir = monai_reference(&["full"]);
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("full.json")).unwrap()).unwrap();
     assert_eq!(meta["parameters"], 92_802_478, "MONAI 1.6.1's count for the full UNETR");
     check(dir.path(), "full");

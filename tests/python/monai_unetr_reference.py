@@ -6,6 +6,13 @@ forward in eval mode on a fixed random input, and write
   NAME.safetensors  the state dict, plus `__input__`, `__output__` and `__vit.hs{3,6,9}__`/`__vit.x__`
   NAME.json         the UNETR keyword arguments, MONAI's parameter count, the MONAI version
 Usage: monai_unetr_reference.py OUT_DIR [NAME ...]   (default: every configuration but "full")
+       monai_unetr_reference.py --checkpoints OUT_DIR
+The second form writes PyTorch checkpoints of the "tiny_cubic" model for `lwi import`:
+  monai_layout.pt     MONAI 1.6.1's state dict, as torch.save writes it
+  lwi_vms_layout.pt   the same weights in the LWI-VMS layout (MONAI 0.7 names, order heads), nested as
+                      {"epoch", "best_acc" (a numpy float), "state_dict"} like the released checkpoints
+  unknown_keys.pt     MONAI's state dict plus a tensor no UNETR has
+  arch.json, labels.json, reference.safetensors (`__input__`, `__output__`)
 """
 import json
 import sys
@@ -63,7 +70,49 @@ def write(name: str, out: Path):
     (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
 
 
+def lwi_vms_layout(model, cfg, seed=3):
+    """MONAI 1.6.1 names -> the LWI-VMS release's (MONAI 0.7) names, with its extra tensors."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in model.state_dict().items() if ".norm_cross_attn." not in k}
+    sd["out.conv.weight"] = sd.pop("out.conv.conv.weight")
+    sd["out.conv.bias"] = sd.pop("out.conv.conv.bias")
+    hidden = cfg["hidden_size"]
+    sd["vit.patch_embedding.cls_token"] = torch.zeros(1, 1, hidden)
+    for key in [k for k in sd if k.endswith(".conv2.conv.weight")]:
+        conv3 = key.replace(".conv2.", ".conv3.")
+        if conv3 not in sd:  # MONAI 0.7 built an (unused) shortcut conv in every ResBlock
+            c = sd[key].shape[0]
+            sd[conv3] = torch.randn(c, c, 1, 1, 1, generator=g)
+    for i in range(1, 5):
+        sd[f"vit.temp_head{i}.weight"] = torch.randn(6, hidden, generator=g)
+        sd[f"vit.temp_head{i}.bias"] = torch.randn(6, generator=g)
+    return sd
+
+
+def write_checkpoints(out: Path):
+    import numpy as np
+
+    cfg, model = build("tiny_cubic")
+    torch.save(model.state_dict(), out / "monai_layout.pt")
+    torch.save({"epoch": 5000, "best_acc": np.float64(0.8123), "state_dict": lwi_vms_layout(model, cfg)},
+               out / "lwi_vms_layout.pt")
+    unknown = dict(model.state_dict())
+    unknown["decoder9.extra.weight"] = torch.zeros(3)
+    torch.save(unknown, out / "unknown_keys.pt")
+    (out / "arch.json").write_text(json.dumps(cfg))
+    (out / "labels.json").write_text(json.dumps({"0": "background", "1": "spleen", "2": "liver"}))
+    x = torch.randn([1, cfg["in_channels"], *cfg["img_size"]], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = model(x)
+    save_file({"__input__": x, "__output__": y}, str(out / "reference.safetensors"))
+
+
 def main():
+    if sys.argv[1] == "--checkpoints":
+        out = Path(sys.argv[2])
+        out.mkdir(parents=True, exist_ok=True)
+        write_checkpoints(out)
+        return
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     names = sys.argv[2:] or [n for n in CONFIGS if n != "full"]

@@ -162,4 +162,49 @@ impl Plugin {
         }
         Ok((dims, dtype, affine))
     }
+
+    /// `lwi_model_import(checkpoint, options_json, out)`.
+    pub fn import(&self, checkpoint: &Path, options_json: &str, out: &Path) -> Result<(), PluginError> {
+        let (c, j, o) = (cstring(checkpoint), CString::new(options_json).unwrap_or_default(), cstring(out));
+        // SAFETY: signature from include/lwi.h; the strings outlive the call.
+        let status = unsafe {
+            let f = self
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char, *const c_char) -> i32>(b"lwi_model_import\0")
+                .map_err(Self::missing)?;
+            f(c.as_ptr(), j.as_ptr(), o.as_ptr())
+        };
+        self.check(status)
+    }
+
+    /// Loads a model file on the CPU and returns `lwi_model_info_json`.
+    pub fn model_info(&self, path: &Path) -> Result<String, PluginError> {
+        let p = cstring(path);
+        let options = CString::new(r#"{"device": "cpu"}"#).unwrap_or_default();
+        let (mut engine, mut model): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: signatures from include/lwi.h; handles are freed before returning and the info
+        // string is copied while the model is alive.
+        unsafe {
+            let create = self
+                .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(b"lwi_engine_create\0")
+                .map_err(Self::missing)?;
+            let load = self
+                .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, *mut *mut c_void) -> i32>(b"lwi_model_load\0")
+                .map_err(Self::missing)?;
+            let info = self.sym::<unsafe extern "C" fn(*mut c_void) -> *const c_char>(b"lwi_model_info_json\0").map_err(Self::missing)?;
+            let free_model = self.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_model_free\0").map_err(Self::missing)?;
+            let free_engine = self.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0").map_err(Self::missing)?;
+            let result = (|| {
+                self.check(create(options.as_ptr(), &mut engine))?;
+                self.check(load(engine, p.as_ptr(), &mut model))?;
+                let text = info(model);
+                if text.is_null() {
+                    return Err(PluginError { status: 9, message: self.last_error() });
+                }
+                Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
+            })();
+            free_model(model);
+            free_engine(engine);
+            result
+        }
+    }
 }

@@ -1,9 +1,11 @@
 //! Segmentation architectures as `tch::nn` modules, named like their reference state dicts.
 
 pub mod blocks;
+pub mod precision;
 pub mod unetr;
 mod vit;
 
+pub use precision::{Precision, with_precision};
 pub use unetr::{OrderHeads, ProjType, Unetr, UnetrConfig};
 
 use crate::error::{Error, ErrorKind, Result};

@@ -1,0 +1,246 @@
+//! The model file: one `.safetensors` holding every tensor plus, under `__metadata__["lwi"]`, a
+//! JSON document saying what the tensors are (architecture and hyperparameters, labels,
+//! preprocessing, stage, provenance). Loading rebuilds the architecture from the metadata and
+//! then requires exactly its tensors, with their shapes: anything else is `MODEL_INCOMPATIBLE`.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::write_atomically;
+use crate::model::{OrderHeads, Unetr, UnetrConfig, load_state_dict};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use tch::{Device, Kind, Tensor, nn};
+
+pub const FORMAT: &str = "lwi-model";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What a model was trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Learnable weight initialization (self-supervised): 1 reconstruction channel + order heads.
+    Init,
+    /// Segmentation: one output channel per label.
+    Segmentation,
+}
+
+/// How input volumes are prepared before the network sees them (method §1.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocessing {
+    /// Orientation the volume is resampled into; always "RAS".
+    pub orientation: String,
+    /// Target voxel spacing in mm along x, y, z.
+    pub spacing: [f64; 3],
+    /// HU window mapped to [0, 1] with clipping.
+    pub intensity_window: [f64; 2],
+    /// Sliding-window / crop size in voxels (the network's `img_size`).
+    pub roi_size: [i64; 3],
+    /// Crop to the bounding box of voxels above the window's lower bound.
+    pub crop_foreground: bool,
+}
+
+impl Default for Preprocessing {
+    fn default() -> Self {
+        Preprocessing {
+            orientation: "RAS".into(),
+            spacing: [1.5, 1.5, 2.0],
+            intensity_window: [-175.0, 250.0],
+            roi_size: [96, 96, 96],
+            crop_foreground: true,
+        }
+    }
+}
+
+/// Where a model came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Provenance {
+    pub lwi_version: String,
+    pub seed: Option<u64>,
+    pub epochs: Option<u64>,
+    pub dataset_fingerprint: Option<String>,
+    /// Free text, e.g. "imported from X.pt (sha256 …)".
+    pub source: Option<String>,
+}
+
+/// The `__metadata__["lwi"]` document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMetadata {
+    pub format: String,
+    pub format_version: u32,
+    /// Architecture name; "unetr".
+    pub arch: String,
+    /// The architecture's hyperparameters (MONAI `UNETR` keyword names).
+    pub config: UnetrConfig,
+    /// Classes of the order-prediction heads (the number of slabs m), when the file has them.
+    pub order_classes: Option<i64>,
+    /// Label value → name; a segmentation model's output channel c predicts label value c.
+    pub labels: BTreeMap<u32, String>,
+    pub preprocessing: Preprocessing,
+    pub stage: Stage,
+    pub provenance: Provenance,
+}
+
+impl ModelMetadata {
+    /// A fresh description of a `stage` model for `config` and `labels`.
+    pub fn new(config: UnetrConfig, labels: BTreeMap<u32, String>, preprocessing: Preprocessing, stage: Stage) -> Self {
+        ModelMetadata {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            arch: "unetr".into(),
+            config,
+            order_classes: None,
+            labels,
+            preprocessing,
+            stage,
+            provenance: Provenance { lwi_version: env!("CARGO_PKG_VERSION").into(), ..Default::default() },
+        }
+    }
+
+    /// The document must describe something lwi can build, consistently.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::new(ErrorKind::ModelIncompatible, m));
+        if self.format != FORMAT || self.format_version != FORMAT_VERSION {
+            return bad(format!(
+                "model format '{}' version {} (this lwi reads '{FORMAT}' version {FORMAT_VERSION})",
+                self.format, self.format_version
+            ));
+        }
+        if self.arch != "unetr" {
+            return bad(format!("architecture '{}' is not one lwi builds (unetr)", self.arch));
+        }
+        self.config.validate().map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
+        if self.preprocessing.orientation != "RAS" {
+            return bad(format!("preprocessing orientation '{}' (lwi models work in RAS)", self.preprocessing.orientation));
+        }
+        if self.preprocessing.roi_size != self.config.img_size {
+            return bad(format!("roi_size {:?} differs from the network's img_size {:?}", self.preprocessing.roi_size, self.config.img_size));
+        }
+        let p = &self.preprocessing;
+        if p.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) || !(p.intensity_window[0] < p.intensity_window[1]) {
+            return bad(format!("preprocessing spacing {:?} / window {:?} are not usable", p.spacing, p.intensity_window));
+        }
+        if self.stage == Stage::Segmentation {
+            if let Some((id, name)) = self.labels.iter().find(|(id, _)| i64::from(**id) >= self.config.out_channels) {
+                return bad(format!("label {id} ({name}) has no output channel: the network has {}", self.config.out_channels));
+            }
+        }
+        if let Some(m) = self.order_classes {
+            if m < 2 {
+                return bad(format!("order_classes {m}: order prediction needs at least 2 slabs"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A model in memory: its description, its variables and the network built on them.
+pub struct Model {
+    pub meta: ModelMetadata,
+    pub vs: nn::VarStore,
+    pub net: Unetr,
+    pub order_heads: Option<OrderHeads>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("meta", &self.meta).finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// A freshly initialised model (MONAI's initialisation) on `device`.
+    pub fn new(meta: ModelMetadata, device: Device) -> Result<Model> {
+        meta.validate()?;
+        let vs = nn::VarStore::new(device);
+        let net = Unetr::new(&vs.root(), &meta.config)?;
+        let order_heads = meta.order_classes.map(|m| OrderHeads::new(&vs.root(), meta.config.hidden_size, m));
+        Ok(Model { meta, vs, net, order_heads })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.vs.trainable_variables().iter().map(Tensor::numel).sum()
+    }
+
+    /// Reads a model file onto `device`.
+    pub fn load(path: &Path, device: Device) -> Result<Model> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let corrupt = |e: safetensors::SafeTensorError| Error::format(path, format!("not a readable model file ({e})"));
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
+        let doc = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("lwi"))
+            .ok_or_else(|| Error::format(path, "safetensors file without lwi metadata (import PyTorch checkpoints with `lwi import`)"))?;
+        let meta: ModelMetadata = serde_json::from_str(doc)
+            .map_err(|e| Error::new(ErrorKind::ModelIncompatible, format!("{}: model metadata: {e}", path.display())))?;
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(corrupt)?;
+        let mut tensors = HashMap::new();
+        for (name, view) in file.tensors() {
+            tensors.insert(name, tensor_from_view(path, &view)?);
+        }
+        let model = Model::new(meta, device).map_err(|e| in_file(path, e))?;
+        load_state_dict(&model.vs, &tensors).map_err(|e| in_file(path, e))?;
+        Ok(model)
+    }
+
+    /// Writes the model file (through a temporary name). Tensors are stored as float32, sorted by name.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut blobs = Vec::with_capacity(vars.len());
+        for (name, t) in &vars {
+            let t = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+            let mut data = vec![0u8; t.numel() * 4];
+            t.f_copy_data_u8(&mut data, t.numel())?;
+            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            blobs.push((name.clone(), shape, data));
+        }
+        let views = blobs
+            .iter()
+            .map(|(name, shape, data)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::internal(format!("tensor {name}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let doc = serde_json::to_string(&self.meta).map_err(|e| Error::internal(e.to_string()))?;
+        let metadata = HashMap::from([("lwi".to_string(), doc)]);
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::internal(e.to_string()))?;
+        write_atomically(path, &bytes)
+    }
+
+    /// What `lwi info MODEL` and `lwi_model_info_json` show.
+    pub fn info_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.meta).unwrap_or_default();
+        v["parameters"] = self.parameter_count().into();
+        v["device"] = format!("{:?}", self.vs.device()).to_lowercase().into();
+        v
+    }
+}
+
+fn in_file(path: &Path, e: Error) -> Error {
+    Error::new(e.kind, format!("{}: {}", path.display(), e.message))
+}
+
+fn tensor_from_view(path: &Path, view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
+    use safetensors::Dtype;
+    let kind = match view.dtype() {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        other => return Err(Error::new(ErrorKind::ModelIncompatible, format!("{}: tensor dtype {other:?} is not a float type", path.display()))),
+    };
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?)
+}
+
+/// The sha256 of a file, hex: provenance and manifests name model files by it.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
