@@ -23,7 +23,10 @@ testdata:
 	@./scripts/fetch-test-data >/dev/null
 
 ## test: Rust unit and integration tests, the C ABI misuse suite, the Python reference parity suite
-test: build testdata test-rust test-c test-python
+test: build testdata
+	rm -rf target/test-reports
+	$(MAKE) --no-print-directory test-rust test-c test-python
+	@for r in target/test-reports/*.txt; do [ -f "$$r" ] && { echo; echo "== $$r"; cat "$$r"; }; done; true
 
 test-rust:
 	$(CARGO) test --release --workspace

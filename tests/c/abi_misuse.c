@@ -36,6 +36,12 @@ static struct {
   LwiStatus (*volume_copy_voxels)(const LwiVolumeHandle *, void *, size_t);
   void (*volume_free)(LwiVolumeHandle *);
   LwiStatus (*phantom_dataset)(const char *, const char *);
+  LwiStatus (*engine_create)(const char *, LwiEngine **);
+  void (*engine_free)(LwiEngine *);
+  LwiStatus (*model_load)(const LwiEngine *, const char *, LwiModel **);
+  const char *(*model_info_json)(const LwiModel *);
+  void (*model_free)(LwiModel *);
+  LwiStatus (*model_import)(const char *, const char *, const char *);
 } lwi;
 
 static void *need(void *lib, const char *name) {
@@ -77,6 +83,12 @@ int main(int argc, char **argv) {
   lwi.volume_copy_voxels = (LwiStatus(*)(const LwiVolumeHandle *, void *, size_t))need(lib, "lwi_volume_copy_voxels");
   lwi.volume_free = (void (*)(LwiVolumeHandle *))need(lib, "lwi_volume_free");
   lwi.phantom_dataset = (LwiStatus(*)(const char *, const char *))need(lib, "lwi_phantom_dataset");
+  lwi.engine_create = (LwiStatus(*)(const char *, LwiEngine **))need(lib, "lwi_engine_create");
+  lwi.engine_free = (void (*)(LwiEngine *))need(lib, "lwi_engine_free");
+  lwi.model_load = (LwiStatus(*)(const LwiEngine *, const char *, LwiModel **))need(lib, "lwi_model_load");
+  lwi.model_info_json = (const char *(*)(const LwiModel *))need(lib, "lwi_model_info_json");
+  lwi.model_free = (void (*)(LwiModel *))need(lib, "lwi_model_free");
+  lwi.model_import = (LwiStatus(*)(const char *, const char *, const char *))need(lib, "lwi_model_import");
 
   CHECK(lwi.abi_version() == LWI_ABI_VERSION, "ABI %u, header %u", lwi.abi_version(), LWI_ABI_VERSION);
   const char *json = lwi.version_json();
@@ -172,6 +184,35 @@ int main(int argc, char **argv) {
   expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"spacing\": [1, -1, 1]}"), LWI_STATUS_INVALID_ARGUMENT,
          "phantom(negative spacing)");
   expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"size\": [16, 16, 12]}"), LWI_STATUS_OK, "phantom(small)");
+
+  /* Engines and models. */
+  LwiEngine *engine = (LwiEngine *)0x1;
+  expect(lwi.engine_create(NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "engine_create(NULL, NULL)");
+  expect(lwi.engine_create("{\"device\": \"tpu\"}", &engine), LWI_STATUS_INVALID_ARGUMENT, "engine_create(tpu)");
+  CHECK(engine == NULL, "a failed create sets *out to NULL");
+  expect(lwi.engine_create("{\"device\": \"cuda:99\"}", &engine), LWI_STATUS_DEVICE_UNAVAILABLE, "engine_create(cuda:99)");
+  expect(lwi.engine_create("{\"threads\": -2}", &engine), LWI_STATUS_INVALID_ARGUMENT, "engine_create(threads -2)");
+  expect(lwi.engine_create("[1, 2]", &engine), LWI_STATUS_INVALID_ARGUMENT, "engine_create(json array)");
+  expect(lwi.engine_create("{\"device\": \"cpu\"}", &engine), LWI_STATUS_OK, "engine_create(cpu)");
+  LwiModel *model = (LwiModel *)0x1;
+  expect(lwi.model_load(NULL, argv[2], &model), LWI_STATUS_INVALID_ARGUMENT, "model_load(NULL engine)");
+  CHECK(model == NULL, "a failed load sets *out to NULL");
+  expect(lwi.model_load(engine, NULL, &model), LWI_STATUS_INVALID_ARGUMENT, "model_load(NULL path)");
+  expect(lwi.model_load(engine, argv[2], NULL), LWI_STATUS_INVALID_ARGUMENT, "model_load(NULL out)");
+  expect(lwi.model_load(engine, argv[2], &model), LWI_STATUS_FORMAT, "model_load(a volume, not a model)");
+  expect(lwi.model_load(engine, "/nonexistent/m.safetensors", &model), LWI_STATUS_IO, "model_load(missing)");
+  CHECK(lwi.model_info_json(NULL) == NULL && strlen(lwi.last_error()) > 0, "model_info_json(NULL) is NULL with a message");
+  lwi.model_free(NULL);
+  lwi.engine_free(NULL);
+  passed++; /* survived the NULL frees */
+  expect(lwi.model_import(NULL, "{}", "m.safetensors"), LWI_STATUS_INVALID_ARGUMENT, "model_import(NULL)");
+  expect(lwi.model_import(argv[2], "{not json", "m.safetensors"), LWI_STATUS_INVALID_ARGUMENT, "model_import(bad json)");
+  expect(lwi.model_import(argv[2],
+                          "{\"arch\": \"unetr\", \"arch_config\": {}, \"labels\": {}}", "/nonexistent/m.safetensors"),
+         LWI_STATUS_FORMAT, "model_import(a volume, not a checkpoint)");
+  expect(lwi.model_import(argv[2], "{\"arch\": \"swin\", \"arch_config\": {}, \"labels\": {}}", "m.safetensors"),
+         LWI_STATUS_UNSUPPORTED, "model_import(arch swin)");
+  lwi.engine_free(engine);
 
   printf("abi_misuse: %d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
