@@ -6,11 +6,15 @@
 pub mod bundle;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod import;
+pub mod infer;
 pub mod io;
 pub mod model;
 pub mod phantom;
+pub mod preprocess;
 pub mod runtime;
+pub mod segment;
 pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};

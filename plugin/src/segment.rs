@@ -1,0 +1,193 @@
+//! `segment`: a volume in, a label map out on the input's own grid.
+//!
+//! read → RAS → target spacing → HU window → foreground crop → sliding window (softmax) →
+//! back onto the input grid → argmax. Going back resamples the class probabilities (trilinear) and
+//! takes the argmax there, as nnU-Net does, so thin structures survive; `resample: "nearest"` takes
+//! the argmax on the model's grid and samples labels by nearest neighbour instead.
+
+use crate::bundle::{Model, Stage};
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{Event, Progress, report};
+use crate::infer::{Blend, WindowOptions, sliding_window};
+use crate::model::{Precision, with_precision};
+use crate::preprocess::{Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window};
+use crate::volume::{DType, Volume};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResampleBack {
+    /// Resample class probabilities, then argmax (default; keeps thin structures).
+    Scores,
+    /// Argmax on the model's grid, then nearest-neighbour labels.
+    Nearest,
+}
+
+/// Options of a segmentation call (`options_json` of the C ABI, flags of `lwi segment`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentOptions {
+    /// Fraction of the window shared by neighbours, in [0, 1).
+    pub overlap: f64,
+    pub blend: Blend,
+    /// Windows per forward pass.
+    pub sw_batch: i64,
+    /// Mirror test-time augmentation: average over flips of these axes (0 = x, 1 = y, 2 = z).
+    pub tta_axes: Vec<i64>,
+    pub resample: ResampleBack,
+    /// fp32, or bf16/fp16 autocast on CUDA.
+    pub precision: Precision,
+    /// Z-slices sampled per resampling step (bounds temporary memory).
+    pub slab: i64,
+    /// Also write the network's input (after reorientation, resampling, windowing and cropping) to
+    /// this volume file, on its own grid: for checking the preprocessing.
+    pub save_preprocessed: Option<std::path::PathBuf>,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions {
+            overlap: 0.5,
+            blend: Blend::Gaussian,
+            sw_batch: 1,
+            tta_axes: Vec::new(),
+            resample: ResampleBack::Scores,
+            precision: Precision::Fp32,
+            slab: 32,
+            save_preprocessed: None,
+        }
+    }
+}
+
+impl SegmentOptions {
+    pub fn from_json(json: &str) -> Result<SegmentOptions> {
+        if json.trim().is_empty() {
+            return Ok(SegmentOptions::default());
+        }
+        let o: SegmentOptions = serde_json::from_str(json).map_err(|e| Error::invalid(format!("segment options: {e}")))?;
+        if o.tta_axes.iter().any(|a| !(0..3).contains(a)) {
+            return Err(Error::invalid(format!("tta_axes {:?}: axes are 0, 1, 2", o.tta_axes)));
+        }
+        if o.slab < 1 {
+            return Err(Error::invalid(format!("slab must be at least 1, got {}", o.slab)));
+        }
+        Ok(o)
+    }
+}
+
+/// How a segmentation model sees volumes: what `prepare` does and what the predictor returns.
+pub struct Pipeline<'a> {
+    pub preprocessing: &'a crate::bundle::Preprocessing,
+    pub classes: i64,
+    pub device: Device,
+    /// `[B, 1, roi] → [B, classes, roi]` class probabilities.
+    pub predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+}
+
+/// The network's view of a volume: the preprocessed image and where it lies.
+pub struct Prepared {
+    /// `[1, X, Y, Z]` float, windowed to [0, 1], cropped to the foreground.
+    pub image: Tensor,
+    /// The lattice of `image`.
+    pub grid: Grid,
+}
+
+/// Samples `data` onto `dst` slab by slab (z), concatenating the slabs.
+fn sample_all(data: &Tensor, src: &crate::volume::Affine, dst: &Grid, mode: Interp, border: bool, slab: i64) -> Result<Tensor> {
+    let parts = (0..dst.dims[2])
+        .step_by(slab as usize)
+        .map(|z0| sample(data, src, dst, z0..(z0 + slab).min(dst.dims[2]), mode, border))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_cat(&parts, 3)?)
+}
+
+/// RAS, target spacing (trilinear, border padding), HU window, foreground crop — MONAI's chain.
+pub fn prepare(pre: &crate::bundle::Preprocessing, volume: &Volume, device: Device, slab: i64) -> Result<Prepared> {
+    let src = Grid { affine: volume.affine, dims: volume.dims() };
+    let (ras, _) = reorient_to_ras(&src)?;
+    let target = respace(&ras, pre.spacing)?;
+    let image = volume.data.f_to_device(device)?.f_to_kind(Kind::Float)?.unsqueeze(0);
+    let resampled = sample_all(&image, &volume.affine, &target, Interp::Linear, true, slab)?;
+    let windowed = window(&resampled, pre.intensity_window[0], pre.intensity_window[1]);
+    let (start, end) = match foreground_box(&windowed) {
+        Some(b) if pre.crop_foreground => b,
+        _ => ([0; 3], target.dims),
+    };
+    let mut cropped = windowed;
+    for d in 0..3 {
+        cropped = cropped.narrow(1 + d as i64, start[d], end[d] - start[d]);
+    }
+    Ok(Prepared { image: cropped.contiguous(), grid: crop_grid(&target, start, end) })
+}
+
+/// Segments `volume` with `model`: a label map (uint8, or uint16 beyond 256 classes) with the
+/// input's dims and affine.
+pub fn segment(model: &Model, volume: &Volume, opts: &SegmentOptions, progress: &mut dyn Progress) -> Result<Volume> {
+    if model.meta.stage != Stage::Segmentation {
+        return Err(Error::new(ErrorKind::ModelIncompatible, "this is an init-train model (stage init): fine-tune it before segmenting"));
+    }
+    let cfg = &model.meta.config;
+    if cfg.in_channels != 1 {
+        return Err(Error::new(ErrorKind::ModelIncompatible, format!("the model takes {} channels; a volume has 1", cfg.in_channels)));
+    }
+    let device = model.vs.device();
+    let predict = |input: &Tensor| -> Result<Tensor> {
+        let logits = with_precision(opts.precision, device, || tch::no_grad(|| model.net.forward_t(input, false)))?;
+        Ok(logits.to_kind(Kind::Float).softmax(1, Kind::Float))
+    };
+    let pipeline = Pipeline { preprocessing: &model.meta.preprocessing, classes: cfg.out_channels, device, predict: &predict };
+    run(&pipeline, volume, opts, progress)
+}
+
+/// The segmentation pipeline around any predictor.
+pub fn run(pipeline: &Pipeline, volume: &Volume, opts: &SegmentOptions, progress: &mut dyn Progress) -> Result<Volume> {
+    let device = pipeline.device;
+    let event = |stage, done, total| Event { stage, done, total, ..Default::default() };
+    report(progress, event("preprocess", 0, 1))?;
+    let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
+    if let Some(path) = &opts.save_preprocessed {
+        let image = prepared.image.squeeze_dim(0).to_device(Device::Cpu);
+        crate::io::write_volume(&Volume::new(image, prepared.grid.affine, DType::F32)?, path)?;
+    }
+    report(progress, event("preprocess", 1, 1))?;
+
+    let wopts = WindowOptions { roi: pipeline.preprocessing.roi_size, overlap: opts.overlap, blend: opts.blend, batch: opts.sw_batch };
+    let mut views: Vec<Vec<i64>> = vec![Vec::new()];
+    views.extend(opts.tta_axes.iter().map(|&a| vec![2 + a]));
+    let mut probs: Option<Tensor> = None;
+    for (v, flip) in views.iter().enumerate() {
+        let mut batches = 0u64;
+        let predict = |batch: &Tensor| -> Result<Tensor> {
+            let p = if flip.is_empty() { (pipeline.predict)(batch)? } else { (pipeline.predict)(&batch.flip(flip))?.flip(flip) };
+            batches += 1;
+            report(progress, Event { stage: "infer", done: batches, total: 0, message: format!("view {} of {}", v + 1, views.len()), ..Default::default() })?;
+            Ok(p)
+        };
+        let p = sliding_window(&prepared.image, &wopts, device, predict)?;
+        probs = Some(match probs {
+            None => p,
+            Some(sum) => sum + p,
+        });
+    }
+    let probs = probs.ok_or_else(|| Error::internal("no inference view"))?;
+
+    report(progress, event("resample", 0, 1))?;
+    let dst = Grid { affine: volume.affine, dims: volume.dims() };
+    let kind = if pipeline.classes > 256 { Kind::Int } else { Kind::Uint8 };
+    let mut slabs = Vec::new();
+    let labels_on_model_grid = (opts.resample == ResampleBack::Nearest).then(|| probs.argmax(0, true).to_kind(Kind::Float));
+    for z0 in (0..dst.dims[2]).step_by(opts.slab as usize) {
+        let z = z0..(z0 + opts.slab).min(dst.dims[2]);
+        let slab = match &labels_on_model_grid {
+            // Outside the crop everything is background: zero padding gives label 0 / all-zero scores.
+            Some(labels) => sample(labels, &prepared.grid.affine, &dst, z, Interp::Nearest, false)?.squeeze_dim(0).round(),
+            None => sample(&probs, &prepared.grid.affine, &dst, z, Interp::Linear, false)?.argmax(0, false),
+        };
+        slabs.push(slab.to_kind(kind).to_device(Device::Cpu));
+    }
+    report(progress, event("resample", 1, 1))?;
+    let labels = Tensor::f_cat(&slabs, 2)?;
+    let dtype = if kind == Kind::Uint8 { DType::U8 } else { DType::U16 };
+    Volume::new(labels, volume.affine, dtype)
+}
