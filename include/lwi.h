@@ -68,6 +68,41 @@ typedef struct LwiModel LwiModel;
 // Create with [`lwi_volume_read`], free with [`lwi_volume_free`].
 typedef struct LwiVolumeHandle LwiVolumeHandle;
 
+// A volume lent by the host for the duration of one call: `data` holds dims\[0\]·dims\[1\]·dims\[2\]
+// voxels of `dtype` (an `LwiDtype`), x fastest; `affine` maps voxel (i, j, k) to world mm in
+// `space` (`LWI_SPACE_RAS` as Slicer, `LWI_SPACE_LPS` as ITK), row-major.
+typedef struct LwiVolume {
+  // `sizeof(LwiVolume)`: lets the library refuse a struct from a different header.
+  uint32_t struct_size;
+  int32_t dtype;
+  int64_t dims[3];
+  const void *data;
+  double affine[16];
+  int32_t space;
+} LwiVolume;
+
+// One progress report of a long call. Strings are owned by the library and valid during the
+// callback only.
+typedef struct LwiProgress {
+  // `sizeof(LwiProgress)` as the library was built; fields are only ever appended.
+  uint32_t struct_size;
+  // What is running: "preprocess", "infer", "resample", "train", "validate", ...
+  const char *stage;
+  uint64_t done;
+  // 0 when unknown.
+  uint64_t total;
+  // Training epoch, or -1.
+  int64_t epoch;
+  // Loss and metric of the last step, or NaN.
+  double loss;
+  double metric;
+  const char *message;
+} LwiProgress;
+
+// Progress callback: return 0 to go on, anything else to cancel (the call then returns
+// `LWI_STATUS_CANCELLED` and leaves no partial output).
+typedef int32_t (*LwiProgressFn)(void *user, const struct LwiProgress *progress);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -203,6 +238,39 @@ void lwi_model_free(struct LwiModel *model);
 enum LwiStatus lwi_model_import(const char *checkpoint_path,
                                 const char *options_json,
                                 const char *out_path);
+
+// Segments a volume lent by the host into `out_labels`, a caller-allocated buffer of the input's
+// dims in `out_dtype` (`LWI_DTYPE_UINT8` or `LWI_DTYPE_UINT16`; `out_bytes` must be exactly its
+// size), x fastest, on the input's own grid. `options_json` (NULL for defaults): `overlap` (0.5),
+// `blend` ("gaussian" | "constant"), `sw_batch` (1), `tta_axes` (\[\]), `resample`
+// ("scores" | "nearest"), `precision` ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32).
+// `progress` may be NULL. The library keeps no pointer after returning.
+//
+// # Safety
+// `model` is NULL or live; `volume` is NULL or valid as documented on `LwiVolume`; `out_labels`
+// is NULL or holds `out_bytes` writable bytes; `options_json` is NULL or a NUL-terminated string.
+enum LwiStatus lwi_segment(const struct LwiModel *model,
+                           const struct LwiVolume *volume,
+                           void *out_labels,
+                           int32_t out_dtype,
+                           size_t out_bytes,
+                           const char *options_json,
+                           LwiProgressFn progress,
+                           void *user);
+
+// Segments the volume file `in_path` (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`) into the label file
+// `out_path` (format by extension) on the input's grid, written through a temporary name, plus
+// `OUT_PATH.json` (lwi version, model hash, device, precision, options, timings) unless
+// `options_json` has `"manifest": false`. Other options as [`lwi_segment`].
+//
+// # Safety
+// `model` is NULL or live; the strings are NULL or NUL-terminated.
+enum LwiStatus lwi_segment_file(const struct LwiModel *model,
+                                const char *in_path,
+                                const char *out_path,
+                                const char *options_json,
+                                LwiProgressFn progress,
+                                void *user);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -71,6 +71,43 @@ pub enum LwiSpace {
     Lps = 1,
 }
 
+/// One progress report of a long call. Strings are owned by the library and valid during the
+/// callback only.
+#[repr(C)]
+pub struct LwiProgress {
+    /// `sizeof(LwiProgress)` as the library was built; fields are only ever appended.
+    pub struct_size: u32,
+    /// What is running: "preprocess", "infer", "resample", "train", "validate", ...
+    pub stage: *const c_char,
+    pub done: u64,
+    /// 0 when unknown.
+    pub total: u64,
+    /// Training epoch, or -1.
+    pub epoch: i64,
+    /// Loss and metric of the last step, or NaN.
+    pub loss: f64,
+    pub metric: f64,
+    pub message: *const c_char,
+}
+
+/// Progress callback: return 0 to go on, anything else to cancel (the call then returns
+/// `LWI_STATUS_CANCELLED` and leaves no partial output).
+pub type LwiProgressFn = Option<unsafe extern "C" fn(user: *mut c_void, progress: *const LwiProgress) -> i32>;
+
+/// A volume lent by the host for the duration of one call: `data` holds dims\[0\]·dims\[1\]·dims\[2\]
+/// voxels of `dtype` (an `LwiDtype`), x fastest; `affine` maps voxel (i, j, k) to world mm in
+/// `space` (`LWI_SPACE_RAS` as Slicer, `LWI_SPACE_LPS` as ITK), row-major.
+#[repr(C)]
+pub struct LwiVolume {
+    /// `sizeof(LwiVolume)`: lets the library refuse a struct from a different header.
+    pub struct_size: u32,
+    pub dtype: i32,
+    pub dims: [i64; 3],
+    pub data: *const c_void,
+    pub affine: [f64; 16],
+    pub space: i32,
+}
+
 /// Where work runs (device, CPU threads). Create with [`lwi_engine_create`], free with
 /// [`lwi_engine_free`]. Models loaded through an engine live on its device.
 pub struct LwiEngine {
@@ -495,5 +532,161 @@ pub unsafe extern "C" fn lwi_model_import(checkpoint_path: *const c_char, option
         };
         let options = lwi::import::ImportOptions::from_json(json)?;
         lwi::import::import_unetr(src, &options)?.save(dst)
+    })
+}
+
+/// Adapts a C progress callback to the engine's progress sink.
+struct CallbackSink {
+    callback: LwiProgressFn,
+    user: *mut c_void,
+}
+
+impl lwi::events::Progress for CallbackSink {
+    fn report(&mut self, e: &lwi::events::Event) -> bool {
+        let Some(f) = self.callback else { return true };
+        let stage = CString::new(e.stage).unwrap_or_default();
+        let message = CString::new(e.message.replace('\0', " ")).unwrap_or_default();
+        let p = LwiProgress {
+            struct_size: std::mem::size_of::<LwiProgress>() as u32,
+            stage: stage.as_ptr(),
+            done: e.done,
+            total: e.total,
+            epoch: e.epoch.map_or(-1, |v| v as i64),
+            loss: e.loss.unwrap_or(f64::NAN),
+            metric: e.metric.unwrap_or(f64::NAN),
+            message: message.as_ptr(),
+        };
+        // SAFETY: the host promised a callable function; `p` and its strings live across the call.
+        unsafe { f(self.user, &p) == 0 }
+    }
+}
+
+fn dtype_of(code: i32) -> lwi::Result<DType> {
+    DType::ALL
+        .into_iter()
+        .find(|d| dtype_code(*d) as i32 == code)
+        .ok_or_else(|| Error::invalid(format!("dtype {code} is not an LwiDtype")))
+}
+
+/// Copies a borrowed `LwiVolume` into an engine volume (RAS inside).
+///
+/// SAFETY (callers): `v` is NULL or a valid `LwiVolume` whose `data` holds the voxels it declares.
+unsafe fn volume_arg(v: *const LwiVolume) -> lwi::Result<Volume> {
+    // SAFETY: a non-NULL pointer is valid by the caller's contract; struct_size is read first.
+    let v = unsafe { v.as_ref() }.ok_or_else(|| null("volume"))?;
+    if v.struct_size as usize != std::mem::size_of::<LwiVolume>() {
+        return Err(Error::invalid(format!(
+            "volume->struct_size is {}, this library's LwiVolume has {} bytes: rebuild against this lwi.h",
+            v.struct_size,
+            std::mem::size_of::<LwiVolume>()
+        )));
+    }
+    let dtype = dtype_of(v.dtype)?;
+    if v.dims.iter().any(|&d| d < 1) || v.dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d)).is_none() {
+        return Err(Error::invalid(format!("volume dims {:?} must be positive", v.dims)));
+    }
+    if v.data.is_null() {
+        return Err(null("volume->data"));
+    }
+    let m: lwi::Affine = std::array::from_fn(|r| std::array::from_fn(|c| v.affine[4 * r + c]));
+    let affine = match v.space {
+        s if s == LwiSpace::Ras as i32 => m,
+        s if s == LwiSpace::Lps as i32 => lwi::flip_lps_ras(&m),
+        other => return Err(Error::invalid(format!("volume->space {other} is neither LWI_SPACE_RAS nor LWI_SPACE_LPS"))),
+    };
+    let n = v.dims.iter().product::<i64>() as usize * dtype.size();
+    // SAFETY: the host lends `n` readable bytes at `data` for this call.
+    let bytes = unsafe { std::slice::from_raw_parts(v.data.cast::<u8>(), n) };
+    let data = dtype.tensor_from_le_bytes(bytes, v.dims)?;
+    Volume::new(data, affine, dtype)
+}
+
+/// Segments a volume lent by the host into `out_labels`, a caller-allocated buffer of the input's
+/// dims in `out_dtype` (`LWI_DTYPE_UINT8` or `LWI_DTYPE_UINT16`; `out_bytes` must be exactly its
+/// size), x fastest, on the input's own grid. `options_json` (NULL for defaults): `overlap` (0.5),
+/// `blend` ("gaussian" | "constant"), `sw_batch` (1), `tta_axes` (\[\]), `resample`
+/// ("scores" | "nearest"), `precision` ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32).
+/// `progress` may be NULL. The library keeps no pointer after returning.
+///
+/// # Safety
+/// `model` is NULL or live; `volume` is NULL or valid as documented on `LwiVolume`; `out_labels`
+/// is NULL or holds `out_bytes` writable bytes; `options_json` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_segment(
+    model: *const LwiModel,
+    volume: *const LwiVolume,
+    out_labels: *mut c_void,
+    out_dtype: i32,
+    out_bytes: usize,
+    options_json: *const c_char,
+    progress: LwiProgressFn,
+    user: *mut c_void,
+) -> LwiStatus {
+    guard("lwi_segment", || {
+        // SAFETY: forwarded caller contract.
+        let (m, input, json) = unsafe {
+            (model.as_ref().ok_or_else(|| null("model"))?, volume_arg(volume)?, text_arg(options_json, "options_json", "")?)
+        };
+        let out_type = dtype_of(out_dtype)?;
+        if !matches!(out_type, DType::U8 | DType::U16) {
+            return Err(Error::invalid("out_dtype must be LWI_DTYPE_UINT8 or LWI_DTYPE_UINT16"));
+        }
+        let need = input.dims().iter().product::<i64>() as usize * out_type.size();
+        if out_labels.is_null() {
+            return Err(null("out_labels"));
+        }
+        if out_bytes != need {
+            return Err(Error::invalid(format!("out_bytes is {out_bytes}; the labels need exactly {need}")));
+        }
+        if out_type == DType::U8 && m.model.meta.config.out_channels > 256 {
+            return Err(Error::invalid("the model has more than 256 classes: use LWI_DTYPE_UINT16"));
+        }
+        let opts = lwi::segment::SegmentOptions::from_json(json)?;
+        let labels = lwi::segment::segment(&m.model, &input, &opts, &mut CallbackSink { callback: progress, user })?;
+        let bytes = out_type.le_bytes_from_tensor(&labels.data)?;
+        // SAFETY: `out_labels` has `out_bytes` == bytes.len() writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out_labels.cast::<u8>(), bytes.len()) };
+        Ok(())
+    })
+}
+
+/// Segments the volume file `in_path` (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`) into the label file
+/// `out_path` (format by extension) on the input's grid, written through a temporary name, plus
+/// `OUT_PATH.json` (lwi version, model hash, device, precision, options, timings) unless
+/// `options_json` has `"manifest": false`. Other options as [`lwi_segment`].
+///
+/// # Safety
+/// `model` is NULL or live; the strings are NULL or NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_segment_file(
+    model: *const LwiModel,
+    in_path: *const c_char,
+    out_path: *const c_char,
+    options_json: *const c_char,
+    progress: LwiProgressFn,
+    user: *mut c_void,
+) -> LwiStatus {
+    guard("lwi_segment_file", || {
+        // SAFETY: forwarded caller contract.
+        let (m, src, dst, json) = unsafe {
+            (
+                model.as_ref().ok_or_else(|| null("model"))?,
+                path_arg(in_path, "in_path")?,
+                path_arg(out_path, "out_path")?,
+                text_arg(options_json, "options_json", "")?,
+            )
+        };
+        let mut value: serde_json::Value = if json.trim().is_empty() {
+            serde_json::json!({})
+        } else {
+            serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?
+        };
+        let manifest = match value.as_object_mut().and_then(|o| o.remove("manifest")) {
+            None => true,
+            Some(serde_json::Value::Bool(b)) => b,
+            Some(other) => return Err(Error::invalid(format!("options_json: manifest must be true or false, got {other}"))),
+        };
+        let opts = lwi::segment::SegmentOptions::from_json(&value.to_string())?;
+        lwi::segment::segment_file(&m.model, src, dst, &opts, manifest, &mut CallbackSink { callback: progress, user }).map(|_| ())
     })
 }

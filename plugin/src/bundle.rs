@@ -139,6 +139,8 @@ impl ModelMetadata {
 /// A model in memory: its description, its variables and the network built on them.
 pub struct Model {
     pub meta: ModelMetadata,
+    /// sha256 of the file the model was loaded from (manifests name models by it).
+    pub file_sha256: Option<String>,
     pub vs: nn::VarStore,
     pub net: Unetr,
     pub order_heads: Option<OrderHeads>,
@@ -157,7 +159,7 @@ impl Model {
         let vs = nn::VarStore::new(device);
         let net = Unetr::new(&vs.root(), &meta.config)?;
         let order_heads = meta.order_classes.map(|m| OrderHeads::new(&vs.root(), meta.config.hidden_size, m));
-        Ok(Model { meta, vs, net, order_heads })
+        Ok(Model { meta, file_sha256: None, vs, net, order_heads })
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -181,8 +183,9 @@ impl Model {
         for (name, view) in file.tensors() {
             tensors.insert(name, tensor_from_view(path, &view)?);
         }
-        let model = Model::new(meta, device).map_err(|e| in_file(path, e))?;
+        let mut model = Model::new(meta, device).map_err(|e| in_file(path, e))?;
         load_state_dict(&model.vs, &tensors).map_err(|e| in_file(path, e))?;
+        model.file_sha256 = Some(sha256_hex(&bytes));
         Ok(model)
     }
 
@@ -216,7 +219,8 @@ impl Model {
     pub fn info_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.meta).unwrap_or_default();
         v["parameters"] = self.parameter_count().into();
-        v["device"] = format!("{:?}", self.vs.device()).to_lowercase().into();
+        v["device"] = device_name(self.vs.device()).into();
+        v["file_sha256"] = self.file_sha256.clone().into();
         v
     }
 }
@@ -240,7 +244,18 @@ fn tensor_from_view(path: &Path, view: &safetensors::tensor::TensorView<'_>) -> 
 
 /// The sha256 of a file, hex: provenance and manifests name model files by it.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    Ok(sha256_hex(&std::fs::read(path).map_err(|e| Error::io(path, e))?))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// "cpu" or "cuda:N".
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
 }

@@ -191,3 +191,42 @@ pub fn run(pipeline: &Pipeline, volume: &Volume, opts: &SegmentOptions, progress
     let dtype = if kind == Kind::Uint8 { DType::U8 } else { DType::U16 };
     Volume::new(labels, volume.affine, dtype)
 }
+
+/// Reads `input`, segments it, writes the label map to `output` (format by extension, through a
+/// temporary name) and, unless `manifest` is false, `OUTPUT.json` beside it: lwi version, model
+/// hash, device, precision, options and timings. Returns the manifest.
+pub fn segment_file(
+    model: &Model,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    opts: &SegmentOptions,
+    manifest: bool,
+    progress: &mut dyn Progress,
+) -> Result<serde_json::Value> {
+    let t0 = std::time::Instant::now();
+    let volume = crate::io::read_volume(input)?;
+    let t1 = std::time::Instant::now();
+    let labels = segment(model, &volume, opts, progress)?;
+    let t2 = std::time::Instant::now();
+    crate::io::write_volume(&labels, output)?;
+    let t3 = std::time::Instant::now();
+    let doc = serde_json::json!({
+        "lwi_version": env!("CARGO_PKG_VERSION"),
+        "input": input.display().to_string(),
+        "output": output.display().to_string(),
+        "model_sha256": model.file_sha256,
+        "model_stage": model.meta.stage,
+        "labels": model.meta.labels,
+        "device": crate::bundle::device_name(model.vs.device()),
+        "precision": opts.precision,
+        "options": opts,
+        "timings_s": {"read": (t1 - t0).as_secs_f64(), "segment": (t2 - t1).as_secs_f64(), "write": (t3 - t2).as_secs_f64()},
+    });
+    if manifest {
+        let mut name = output.as_os_str().to_owned();
+        name.push(".json");
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
+        crate::io::write_atomically(std::path::Path::new(&name), text.as_bytes())?;
+    }
+    Ok(doc)
+}

@@ -5,6 +5,7 @@
 //! not be loaded or speaks another ABI version.
 
 mod plugin;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use plugin::{Plugin, PluginError};
@@ -60,6 +61,58 @@ enum Command {
         /// Output volume; the extension picks the format.
         output: PathBuf,
     },
+    /// Segment volumes with a model; each label map lands on its input's own grid.
+    Segment {
+        /// The model file (.safetensors, stage segmentation).
+        #[arg(long)]
+        model: PathBuf,
+        /// Input volumes (.nii, .nii.gz, .nrrd, .nhdr).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder (outputs take their input's file name), or a file for a single input.
+        #[arg(long)]
+        out: PathBuf,
+        /// Fraction of each window shared with its neighbours.
+        #[arg(long, default_value_t = 0.5)]
+        overlap: f64,
+        /// How overlapping windows are blended.
+        #[arg(long, default_value = "gaussian", value_parser = ["gaussian", "constant"])]
+        blend: String,
+        /// Windows per forward pass.
+        #[arg(long, default_value_t = 1)]
+        sw_batch: i64,
+        /// Mirror test-time augmentation over x, y and z (4 forward passes per window).
+        #[arg(long)]
+        tta: bool,
+        /// Resampling back to the input grid: class probabilities (keeps thin structures) or nearest labels.
+        #[arg(long, default_value = "scores", value_parser = ["scores", "nearest"])]
+        resample: String,
+        /// fp32, or bf16/fp16 autocast (CUDA only).
+        #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16", "fp16"])]
+        precision: String,
+        /// auto (the first GPU if any), cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// CPU threads.
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Process only part i of n of the inputs (0-based, i/n): spread a batch over array jobs.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+        /// Replace outputs that already exist (by default they are skipped, so a rerun resumes).
+        #[arg(long)]
+        overwrite: bool,
+        /// Do not write the OUTPUT.json manifest beside each output.
+        #[arg(long)]
+        no_manifest: bool,
+        /// Print progress as JSON lines on stdout (for scripts) instead of bars.
+        #[arg(long)]
+        json: bool,
+        /// Also write the network's input (reoriented, resampled, windowed, cropped) to this volume
+        /// file on its own grid, to check the preprocessing (one input only).
+        #[arg(long, value_name = "FILE")]
+        save_preprocessed: Option<PathBuf>,
+    },
     /// Write a synthetic abdominal CT dataset (MSD layout: imagesTr/, labelsTr/, dataset.json).
     Phantom {
         /// Output folder.
@@ -78,6 +131,26 @@ enum Command {
         #[arg(long, value_parser = numbers::<f64, 3>, value_name = "X,Y,Z")]
         spacing: Option<[f64; 3]>,
     },
+}
+
+/// Parses "I/N" with 0 ≤ I < N.
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("--shard {s}: expected I/N with 0 <= I < N, e.g. 0/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n) = (i.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// An output that exists is skipped (so a rerun resumes a half-done batch), and said so.
+fn report_skip(json: bool, input: &std::path::Path, output: &std::path::Path) {
+    if json {
+        println!("{}", serde_json::json!({"event": "skipped", "input": input, "output": output, "reason": "exists"}));
+    } else {
+        eprintln!("{}: skipped, {} exists (--overwrite replaces it)", input.display(), output.display());
+    }
 }
 
 /// Parses N comma-separated numbers, "a,b,c".
@@ -129,6 +202,50 @@ fn run(cli: Cli) -> Result<(), Failure> {
             });
             plugin.import(&from, &options.to_string(), &out)?;
             eprintln!("wrote {}", out.display());
+        }
+        Command::Segment { model, inputs, out, overlap, blend, sw_batch, tta, resample, precision, device, threads, shard, overwrite, no_manifest, json, save_preprocessed } => {
+            if save_preprocessed.is_some() && inputs.len() != 1 {
+                return Err(Failure::Usage("--save-preprocessed takes a single input".into()));
+            }
+            let (index, count) = match shard.as_deref() {
+                None => (0, 1),
+                Some(s) => parse_shard(s).map_err(Failure::Usage)?,
+            };
+            let volume_ext = |p: &std::path::Path| {
+                let n = p.to_string_lossy().to_lowercase();
+                [".nii", ".nii.gz", ".nrrd", ".nhdr"].iter().any(|e| n.ends_with(e))
+            };
+            let single_file = inputs.len() == 1 && volume_ext(&out) && !out.is_dir();
+            if !single_file {
+                std::fs::create_dir_all(&out).map_err(|e| Failure::Usage(format!("{}: {e}", out.display())))?;
+            }
+            let mut engine = serde_json::json!({ "device": device });
+            if let Some(t) = threads {
+                engine["threads"] = t.into();
+            }
+            let loaded = plugin.load_model(&model, &engine.to_string())?;
+            let mut options = serde_json::json!({
+                "overlap": overlap, "blend": blend, "sw_batch": sw_batch, "resample": resample,
+                "precision": precision, "manifest": !no_manifest,
+            });
+            if tta {
+                options["tta_axes"] = serde_json::json!([0, 1, 2]);
+            }
+            if let Some(p) = &save_preprocessed {
+                options["save_preprocessed"] = serde_json::json!(p);
+            }
+            let mine: Vec<&PathBuf> = inputs.iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, p)| p).collect();
+            let total = mine.len();
+            for (n, input) in mine.into_iter().enumerate() {
+                let target = if single_file { out.clone() } else { out.join(input.file_name().unwrap_or_default()) };
+                if target.exists() && !overwrite {
+                    report_skip(json, input, &target);
+                    continue;
+                }
+                let bar = progress::Bar::new(json, format!("[{}/{total}] {}", n + 1, input.display()));
+                loaded.segment_file(input, &target, &options.to_string(), &mut |e| bar.update(e))?;
+                bar.finish(&target);
+            }
         }
         Command::Phantom { out, cases, seed, size, spacing } => {
             let mut opts = serde_json::json!({ "cases": cases, "seed": seed });

@@ -178,33 +178,119 @@ impl Plugin {
 
     /// Loads a model file on the CPU and returns `lwi_model_info_json`.
     pub fn model_info(&self, path: &Path) -> Result<String, PluginError> {
+        self.load_model(path, r#"{"device": "cpu"}"#)?.info_json()
+    }
+
+    /// Creates an engine and loads a model through it; both are freed when the result drops.
+    pub fn load_model(&self, path: &Path, engine_options: &str) -> Result<LoadedModel<'_>, PluginError> {
         let p = cstring(path);
-        let options = CString::new(r#"{"device": "cpu"}"#).unwrap_or_default();
-        let (mut engine, mut model): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: signatures from include/lwi.h; handles are freed before returning and the info
-        // string is copied while the model is alive.
+        let options = CString::new(engine_options).unwrap_or_default();
+        let mut loaded = LoadedModel { plugin: self, engine: std::ptr::null_mut(), model: std::ptr::null_mut() };
+        // SAFETY: signatures from include/lwi.h; out pointers are valid; LoadedModel frees both.
         unsafe {
             let create = self
                 .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(b"lwi_engine_create\0")
                 .map_err(Self::missing)?;
+            self.check(create(options.as_ptr(), &mut loaded.engine))?;
             let load = self
                 .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, *mut *mut c_void) -> i32>(b"lwi_model_load\0")
                 .map_err(Self::missing)?;
-            let info = self.sym::<unsafe extern "C" fn(*mut c_void) -> *const c_char>(b"lwi_model_info_json\0").map_err(Self::missing)?;
-            let free_model = self.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_model_free\0").map_err(Self::missing)?;
-            let free_engine = self.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0").map_err(Self::missing)?;
-            let result = (|| {
-                self.check(create(options.as_ptr(), &mut engine))?;
-                self.check(load(engine, p.as_ptr(), &mut model))?;
-                let text = info(model);
-                if text.is_null() {
-                    return Err(PluginError { status: 9, message: self.last_error() });
-                }
-                Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
-            })();
-            free_model(model);
-            free_engine(engine);
-            result
+            self.check(load(loaded.engine, p.as_ptr(), &mut loaded.model))?;
+        }
+        Ok(loaded)
+    }
+}
+
+/// The C `LwiProgress` (include/lwi.h).
+#[repr(C)]
+pub struct Progress {
+    pub struct_size: u32,
+    pub stage: *const c_char,
+    pub done: u64,
+    pub total: u64,
+    pub epoch: i64,
+    pub loss: f64,
+    pub metric: f64,
+    pub message: *const c_char,
+}
+
+/// What a progress callback is told, in Rust terms.
+pub struct ProgressEvent<'a> {
+    pub stage: &'a str,
+    pub done: u64,
+    pub total: u64,
+    pub message: &'a str,
+}
+
+/// An engine and a model loaded through it.
+pub struct LoadedModel<'a> {
+    plugin: &'a Plugin,
+    engine: *mut c_void,
+    model: *mut c_void,
+}
+
+type ProgressCallback = unsafe extern "C" fn(*mut c_void, *const Progress) -> i32;
+
+unsafe extern "C" fn forward_progress(user: *mut c_void, p: *const Progress) -> i32 {
+    // SAFETY: `user` is the `&mut dyn FnMut` passed by segment_file, alive for the call; `p` and its
+    // strings are valid during the callback.
+    unsafe {
+        let f = &mut *(user as *mut &mut dyn FnMut(&ProgressEvent) -> bool);
+        let p = &*p;
+        let text = |s: *const c_char| if s.is_null() { "" } else { CStr::from_ptr(s).to_str().unwrap_or("") };
+        let event = ProgressEvent { stage: text(p.stage), done: p.done, total: p.total, message: text(p.message) };
+        if f(&event) { 0 } else { 1 }
+    }
+}
+
+impl LoadedModel<'_> {
+    /// `lwi_model_info_json`, copied.
+    pub fn info_json(&self) -> Result<String, PluginError> {
+        // SAFETY: signature from include/lwi.h; the string lives as long as the model.
+        unsafe {
+            let f = self.plugin.sym::<unsafe extern "C" fn(*mut c_void) -> *const c_char>(b"lwi_model_info_json\0").map_err(Plugin::missing)?;
+            let text = f(self.model);
+            if text.is_null() {
+                return Err(PluginError { status: 9, message: self.plugin.last_error() });
+            }
+            Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
+        }
+    }
+
+    /// `lwi_segment_file`; `on_progress` returns false to cancel.
+    pub fn segment_file(
+        &self,
+        input: &Path,
+        output: &Path,
+        options_json: &str,
+        mut on_progress: &mut dyn FnMut(&ProgressEvent) -> bool,
+    ) -> Result<(), PluginError> {
+        let (i, o, j) = (cstring(input), cstring(output), CString::new(options_json).unwrap_or_default());
+        // SAFETY: signature from include/lwi.h; the strings and the callback state outlive the call.
+        let status = unsafe {
+            let f = self
+                .plugin
+                .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char, *const c_char, Option<ProgressCallback>, *mut c_void) -> i32>(
+                    b"lwi_segment_file\0",
+                )
+                .map_err(Plugin::missing)?;
+            let user = &mut on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void;
+            f(self.model, i.as_ptr(), o.as_ptr(), j.as_ptr(), Some(forward_progress), user)
+        };
+        self.plugin.check(status)
+    }
+}
+
+impl Drop for LoadedModel<'_> {
+    fn drop(&mut self) {
+        // SAFETY: handles made by this plugin (or NULL, which the frees accept), freed once.
+        unsafe {
+            if let Ok(f) = self.plugin.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_model_free\0") {
+                f(self.model);
+            }
+            if let Ok(f) = self.plugin.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0") {
+                f(self.engine);
+            }
         }
     }
 }
