@@ -272,6 +272,25 @@ enum LwiStatus lwi_segment_file(const struct LwiModel *model,
                                 LwiProgressFn progress,
                                 void *user);
 
+// Scores a prediction against a reference: two label files on the same grid, or two folders
+// whose files are matched by name. `options_json` (NULL for defaults) may hold `labels` (a list of
+// label values; default: every non-zero label present). On success `*out_json` receives the report
+// (per-case, per-label `dice` and `hd95` in mm, per-label means, `synapse_8_mean`); free it with
+// [`lwi_string_free`].
+//
+// # Safety
+// The strings are NULL or NUL-terminated; `out_json` is NULL or writable.
+enum LwiStatus lwi_evaluate(const char *pred_path,
+                            const char *ref_path,
+                            const char *options_json,
+                            char **out_json);
+
+// Frees a string the library returned through an out pointer. NULL is a no-op.
+//
+// # Safety
+// `s` is NULL or a string from lwi not yet freed.
+void lwi_string_free(char *s);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

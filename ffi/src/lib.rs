@@ -690,3 +690,57 @@ pub unsafe extern "C" fn lwi_segment_file(
         lwi::segment::segment_file(&m.model, src, dst, &opts, manifest, &mut CallbackSink { callback: progress, user }).map(|_| ())
     })
 }
+
+/// Scores a prediction against a reference: two label files on the same grid, or two folders
+/// whose files are matched by name. `options_json` (NULL for defaults) may hold `labels` (a list of
+/// label values; default: every non-zero label present). On success `*out_json` receives the report
+/// (per-case, per-label `dice` and `hd95` in mm, per-label means, `synapse_8_mean`); free it with
+/// [`lwi_string_free`].
+///
+/// # Safety
+/// The strings are NULL or NUL-terminated; `out_json` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_evaluate(
+    pred_path: *const c_char,
+    ref_path: *const c_char,
+    options_json: *const c_char,
+    out_json: *mut *mut c_char,
+) -> LwiStatus {
+    guard("lwi_evaluate", || {
+        if out_json.is_null() {
+            return Err(null("out_json"));
+        }
+        // SAFETY: `out_json` is writable by the caller's contract.
+        unsafe { *out_json = std::ptr::null_mut() };
+        // SAFETY: forwarded caller contract.
+        let (pred, reference, json) =
+            unsafe { (path_arg(pred_path, "pred_path")?, path_arg(ref_path, "ref_path")?, text_arg(options_json, "options_json", "{}")?) };
+        #[derive(serde::Deserialize, Default)]
+        #[serde(deny_unknown_fields, default)]
+        struct Options {
+            labels: Option<Vec<u32>>,
+        }
+        let opts: Options = if json.trim().is_empty() {
+            Options::default()
+        } else {
+            serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?
+        };
+        let report = lwi::metrics::evaluate(pred, reference, opts.labels.as_deref())?;
+        let text = CString::new(report.to_string()).map_err(|e| Error::internal(e.to_string()))?;
+        // SAFETY: as above.
+        unsafe { *out_json = text.into_raw() };
+        Ok(())
+    })
+}
+
+/// Frees a string the library returned through an out pointer. NULL is a no-op.
+///
+/// # Safety
+/// `s` is NULL or a string from lwi not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: made by CString::into_raw in this library, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { CString::from_raw(s) })));
+    }
+}

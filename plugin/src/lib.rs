@@ -10,6 +10,7 @@ pub mod events;
 pub mod import;
 pub mod infer;
 pub mod io;
+pub mod metrics;
 pub mod model;
 pub mod phantom;
 pub mod preprocess;

@@ -113,6 +113,21 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         save_preprocessed: Option<PathBuf>,
     },
+    /// Dice and HD95 (mm) of predictions against references, per case and label.
+    Evaluate {
+        /// Predicted label map, or a folder of them.
+        #[arg(long)]
+        pred: PathBuf,
+        /// Reference label map, or a folder (files matched by name).
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// Label values to score (default: every non-zero label present).
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<u32>>,
+        /// Also write the full report as JSON here.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Write a synthetic abdominal CT dataset (MSD layout: imagesTr/, labelsTr/, dataset.json).
     Phantom {
         /// Output folder.
@@ -131,6 +146,31 @@ enum Command {
         #[arg(long, value_parser = numbers::<f64, 3>, value_name = "X,Y,Z")]
         spacing: Option<[f64; 3]>,
     },
+}
+
+/// The evaluation as a table: one row per case and label, then the means.
+fn print_evaluation(report: &serde_json::Value) {
+    let fmt = |v: &serde_json::Value, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$}"));
+    println!("{:<32} {:>6} {:>8} {:>10}", "case", "label", "dice", "hd95 mm");
+    // Label keys are numbers written as JSON strings: order them as numbers.
+    let by_label = |v: &serde_json::Value| {
+        let mut rows: Vec<(u64, serde_json::Value)> =
+            v.as_object().into_iter().flatten().map(|(k, s)| (k.parse().unwrap_or(u64::MAX), s.clone())).collect();
+        rows.sort_by_key(|r| r.0);
+        rows
+    };
+    for case in report["cases"].as_array().into_iter().flatten() {
+        for (label, s) in by_label(&case["labels"]) {
+            println!("{:<32} {label:>6} {:>8} {:>10}", case["case"].as_str().unwrap_or(""), fmt(&s["dice"], 4), fmt(&s["hd95"], 2));
+        }
+    }
+    for (label, s) in by_label(&report["mean"]) {
+        println!("{:<32} {label:>6} {:>8} {:>10}", "mean", fmt(&s["dice"], 4), fmt(&s["hd95"], 2));
+    }
+    if report["synapse_8_mean"].is_object() {
+        let s = &report["synapse_8_mean"];
+        println!("{:<32} {:>6} {:>8} {:>10}", "Synapse 8-organ mean", "", fmt(&s["dice"], 4), fmt(&s["hd95"], 2));
+    }
 }
 
 /// Parses "I/N" with 0 ≤ I < N.
@@ -245,6 +285,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let bar = progress::Bar::new(json, format!("[{}/{total}] {}", n + 1, input.display()));
                 loaded.segment_file(input, &target, &options.to_string(), &mut |e| bar.update(e))?;
                 bar.finish(&target);
+            }
+        }
+        Command::Evaluate { pred, reference, labels, json } => {
+            let options = serde_json::json!({ "labels": labels });
+            let text = plugin.evaluate(&pred, &reference, &options.to_string())?;
+            let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            print_evaluation(&report);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default())
+                    .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
             }
         }
         Command::Phantom { out, cases, seed, size, spacing } => {

@@ -181,6 +181,24 @@ impl Plugin {
         self.load_model(path, r#"{"device": "cpu"}"#)?.info_json()
     }
 
+    /// `lwi_evaluate`: the JSON report.
+    pub fn evaluate(&self, pred: &Path, reference: &Path, options_json: &str) -> Result<String, PluginError> {
+        let (p, r, j) = (cstring(pred), cstring(reference), CString::new(options_json).unwrap_or_default());
+        let mut out: *mut c_char = std::ptr::null_mut();
+        // SAFETY: signatures from include/lwi.h; the returned string is copied, then freed by lwi.
+        unsafe {
+            let f = self
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char, *const c_char, *mut *mut c_char) -> i32>(b"lwi_evaluate\0")
+                .map_err(Self::missing)?;
+            self.check(f(p.as_ptr(), r.as_ptr(), j.as_ptr(), &mut out))?;
+            let text = CStr::from_ptr(out).to_string_lossy().into_owned();
+            if let Ok(free) = self.sym::<unsafe extern "C" fn(*mut c_char)>(b"lwi_string_free\0") {
+                free(out);
+            }
+            Ok(text)
+        }
+    }
+
     /// Creates an engine and loads a model through it; both are freed when the result drops.
     pub fn load_model(&self, path: &Path, engine_options: &str) -> Result<LoadedModel<'_>, PluginError> {
         let p = cstring(path);
