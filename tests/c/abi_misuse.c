@@ -42,6 +42,10 @@ static struct {
   const char *(*model_info_json)(const LwiModel *);
   void (*model_free)(LwiModel *);
   LwiStatus (*model_import)(const char *, const char *, const char *);
+  LwiStatus (*segment)(const LwiModel *, const LwiVolume *, void *, int32_t, size_t, const char *, LwiProgressFn, void *);
+  LwiStatus (*segment_file)(const LwiModel *, const char *, const char *, const char *, LwiProgressFn, void *);
+  LwiStatus (*evaluate)(const char *, const char *, const char *, char **);
+  void (*string_free)(char *);
 } lwi;
 
 static void *need(void *lib, const char *name) {
@@ -89,6 +93,12 @@ int main(int argc, char **argv) {
   lwi.model_info_json = (const char *(*)(const LwiModel *))need(lib, "lwi_model_info_json");
   lwi.model_free = (void (*)(LwiModel *))need(lib, "lwi_model_free");
   lwi.model_import = (LwiStatus(*)(const char *, const char *, const char *))need(lib, "lwi_model_import");
+  lwi.segment = (LwiStatus(*)(const LwiModel *, const LwiVolume *, void *, int32_t, size_t, const char *, LwiProgressFn,
+                              void *))need(lib, "lwi_segment");
+  lwi.segment_file =
+      (LwiStatus(*)(const LwiModel *, const char *, const char *, const char *, LwiProgressFn, void *))need(lib, "lwi_segment_file");
+  lwi.evaluate = (LwiStatus(*)(const char *, const char *, const char *, char **))need(lib, "lwi_evaluate");
+  lwi.string_free = (void (*)(char *))need(lib, "lwi_string_free");
 
   CHECK(lwi.abi_version() == LWI_ABI_VERSION, "ABI %u, header %u", lwi.abi_version(), LWI_ABI_VERSION);
   const char *json = lwi.version_json();
@@ -213,6 +223,23 @@ int main(int argc, char **argv) {
   expect(lwi.model_import(argv[2], "{\"arch\": \"swin\", \"arch_config\": {}, \"labels\": {}}", "m.safetensors"),
          LWI_STATUS_UNSUPPORTED, "model_import(arch swin)");
   lwi.engine_free(engine);
+
+  /* Segmentation and evaluation arguments (a model is needed for the rest: the Python suite). */
+  uint8_t labels[8];
+  float voxels[8] = {0};
+  LwiVolume vol = {sizeof(LwiVolume), LWI_DTYPE_FLOAT32, {2, 2, 2}, voxels, {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1},
+                   LWI_SPACE_RAS};
+  expect(lwi.segment(NULL, &vol, labels, LWI_DTYPE_UINT8, 8, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(NULL model)");
+  expect(lwi.segment_file(NULL, argv[2], "x.nii.gz", NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment_file(NULL model)");
+  char *report = (char *)0x1;
+  expect(lwi.evaluate(NULL, argv[2], NULL, &report), LWI_STATUS_INVALID_ARGUMENT, "evaluate(NULL pred)");
+  CHECK(report == NULL, "a failed evaluate sets *out_json to NULL");
+  expect(lwi.evaluate(argv[2], argv[2], NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "evaluate(NULL out)");
+  expect(lwi.evaluate(argv[2], argv[2], "{\"labels\": \"all\"}", &report), LWI_STATUS_INVALID_ARGUMENT, "evaluate(bad labels)");
+  expect(lwi.evaluate(argv[2], argv[2], "{\"labels\": [1]}", &report), LWI_STATUS_OK, "evaluate(volume vs itself)");
+  CHECK(report && strstr(report, "\"dice\""), "evaluate report: %s", report ? report : "(null)");
+  lwi.string_free(report);
+  lwi.string_free(NULL);
 
   printf("abi_misuse: %d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;

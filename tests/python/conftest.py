@@ -1,10 +1,11 @@
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lwi_ctypes import ROOT, Lwi, plugin_path
+from lwi_ctypes import ROOT, Lwi, cli_path, plugin_path
 
 REPORTS = []
 
@@ -24,6 +25,19 @@ def testdata() -> Path:
     if not (d / "totalsegmentator").is_dir():
         subprocess.run([str(ROOT / "scripts" / "fetch-test-data")], check=True, stdout=subprocess.DEVNULL)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny UNETR (MONAI layout, seeded weights) imported as an lwi model working at 4 mm."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    here = Path(__file__).parent
+    subprocess.run([sys.executable, str(here / "monai_unetr_reference.py"), "--checkpoints", str(d)], check=True)
+    r = subprocess.run([str(cli_path()), "import", "--from", str(d / "monai_layout.pt"), "--arch-config", str(d / "arch.json"),
+                        "--labels", str(d / "labels.json"), "--spacing", "4,4,4", "--out", str(d / "model.safetensors")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return d / "model.safetensors"
 
 
 @pytest.fixture(scope="session")
