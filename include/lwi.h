@@ -291,6 +291,33 @@ enum LwiStatus lwi_evaluate(const char *pred_path,
 // `s` is NULL or a string from lwi not yet freed.
 void lwi_string_free(char *s);
 
+// Stage 1, learnable weight initialization: trains UNETR on the pretext task (depth-slab
+// shuffling + cube masking; reconstruction + order prediction) and writes a model file with stage
+// `init` and the order heads. `config_json` holds `dataset` and `out` (required) and any of the
+// training options (docs/training.md); `device` and `threads` there override the engine's.
+// Checkpoints go to `OUT.ckpt` every `checkpoint_every` epochs; `"resume": true` continues from
+// one. A non-zero return from `progress` stops within one iteration with `LWI_STATUS_CANCELLED`,
+// leaving the last checkpoint intact.
+//
+// # Safety
+// `config_json` is NULL or a NUL-terminated string; `progress` may be NULL.
+enum LwiStatus lwi_init_train(const struct LwiEngine *engine,
+                              const char *config_json,
+                              LwiProgressFn progress,
+                              void *user);
+
+// Stage 2, fine-tuning for segmentation: from `init` (an init-train model: every tensor kept but
+// the output conv, fresh for the dataset's classes) or from scratch when `init` is absent. Loss
+// DiceCE; validation Dice on the dataset's `validation` list every `val_every` epochs, the best
+// model kept as `NAME.best.safetensors`. Otherwise as [`lwi_init_train`].
+//
+// # Safety
+// As [`lwi_init_train`].
+enum LwiStatus lwi_fine_tune(const struct LwiEngine *engine,
+                             const char *config_json,
+                             LwiProgressFn progress,
+                             void *user);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -744,3 +744,43 @@ pub unsafe extern "C" fn lwi_string_free(s: *mut c_char) {
         let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { CString::from_raw(s) })));
     }
 }
+
+/// Runs `train` for `stage` with a JSON configuration and a progress callback.
+fn train_call(stage: lwi::bundle::Stage, engine: *const LwiEngine, config_json: *const c_char, progress: LwiProgressFn, user: *mut c_void) -> lwi::Result<()> {
+    // SAFETY: a non-NULL engine is live by the callers' contract.
+    let engine = unsafe { engine.as_ref() }.ok_or_else(|| null("engine"))?;
+    // SAFETY: forwarded caller contract of the two exports below.
+    let json = unsafe { text_arg(config_json, "config_json", "")? };
+    if json.trim().is_empty() {
+        return Err(null("config_json"));
+    }
+    let cfg = lwi::train::TrainConfig::from_json(json)?;
+    lwi::train::train(stage, &cfg, engine.engine.device, &mut CallbackSink { callback: progress, user }).map(|_| ())
+}
+
+/// Stage 1, learnable weight initialization: trains UNETR on the pretext task (depth-slab
+/// shuffling + cube masking; reconstruction + order prediction) and writes a model file with stage
+/// `init` and the order heads. `config_json` holds `dataset` and `out` (required) and any of the
+/// training options (docs/training.md); the engine's device is used unless `device` is given.
+/// Checkpoints go to `OUT.ckpt` every `checkpoint_every` epochs; `"resume": true` continues from
+/// one. A non-zero return from `progress` stops within one iteration with `LWI_STATUS_CANCELLED`,
+/// leaving the last checkpoint intact.
+///
+/// # Safety
+/// `config_json` is NULL or a NUL-terminated string; `progress` may be NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_init_train(engine: *const LwiEngine, config_json: *const c_char, progress: LwiProgressFn, user: *mut c_void) -> LwiStatus {
+    guard("lwi_init_train", || train_call(lwi::bundle::Stage::Init, engine, config_json, progress, user))
+}
+
+/// Stage 2, fine-tuning for segmentation: from `init` (an init-train model: every tensor kept but
+/// the output conv, fresh for the dataset's classes) or from scratch when `init` is absent. Loss
+/// DiceCE; validation Dice on the dataset's `validation` list every `val_every` epochs, the best
+/// model kept as `NAME.best.safetensors`. Otherwise as [`lwi_init_train`].
+///
+/// # Safety
+/// As [`lwi_init_train`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_fine_tune(engine: *const LwiEngine, config_json: *const c_char, progress: LwiProgressFn, user: *mut c_void) -> LwiStatus {
+    guard("lwi_fine_tune", || train_call(lwi::bundle::Stage::Segmentation, engine, config_json, progress, user))
+}

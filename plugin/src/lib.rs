@@ -4,18 +4,22 @@
 //! Data flows one way: file → [`Volume`] → preprocessing → model → inference → inverse → file.
 
 pub mod bundle;
+pub mod dataset;
 pub mod engine;
 pub mod error;
 pub mod events;
 pub mod import;
 pub mod infer;
 pub mod io;
+pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod phantom;
 pub mod preprocess;
+pub mod pretext;
 pub mod runtime;
 pub mod segment;
+pub mod train;
 pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};

@@ -181,7 +181,8 @@ fn tissue(p: [f64; 3], body: [f64; 2], organs: &[Organ], warps: &[Warp]) -> (f64
     (-60.0, 0) // visceral fat
 }
 
-/// Writes `cases` phantom cases and `dataset.json` under `out_dir`. Returns the dataset.json path.
+/// Writes `cases` phantom cases and `dataset.json` under `out_dir` (a MONAI-style `validation`
+/// list holds the last fifth of the cases from three cases on). Returns the dataset.json path.
 pub fn write_dataset(out_dir: &Path, opts: &PhantomOptions) -> Result<PathBuf> {
     if opts.cases == 0 || opts.cases > 10_000 {
         return Err(Error::invalid(format!("phantom cases must be 1..10000, got {}", opts.cases)));
@@ -190,16 +191,19 @@ pub fn write_dataset(out_dir: &Path, opts: &PhantomOptions) -> Result<PathBuf> {
         let d = out_dir.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
     }
-    let mut training = Vec::new();
+    // From three cases on, the last fifth (at least one) is held out as the validation list.
+    let held_out = if opts.cases >= 3 { opts.cases.div_ceil(5) } else { 0 };
+    let (mut training, mut validation) = (Vec::new(), Vec::new());
     for index in 0..opts.cases {
         let (image, label) = make_case(opts, index)?;
         let name = format!("phantom_{index:03}.nii.gz");
         nifti::write(&image, &out_dir.join("imagesTr").join(&name), true)?;
         nifti::write(&label, &out_dir.join("labelsTr").join(&name), true)?;
-        training.push(serde_json::json!({
+        let entry = serde_json::json!({
             "image": format!("./imagesTr/{name}"),
             "label": format!("./labelsTr/{name}"),
-        }));
+        });
+        if index < opts.cases - held_out { training.push(entry) } else { validation.push(entry) }
     }
     let mut labels = serde_json::Map::new();
     labels.insert("0".into(), "background".into());
@@ -213,9 +217,10 @@ pub fn write_dataset(out_dir: &Path, opts: &PhantomOptions) -> Result<PathBuf> {
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": labels,
-        "numTraining": opts.cases,
+        "numTraining": training.len(),
         "numTest": 0,
         "training": training,
+        "validation": validation,
         "test": [],
     });
     let path = out_dir.join("dataset.json");

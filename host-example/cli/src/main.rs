@@ -61,6 +61,22 @@ enum Command {
         /// Output volume; the extension picks the format.
         output: PathBuf,
     },
+    /// Stage 1: learn the initial weights from the training volumes (self-supervised pretext task).
+    InitTrain {
+        #[command(flatten)]
+        common: TrainArgs,
+    },
+    /// Stage 2: fine-tune for segmentation, from an init-train model or from scratch.
+    FineTune {
+        #[command(flatten)]
+        common: TrainArgs,
+        /// The init-train model to start from.
+        #[arg(long, required_unless_present = "from_scratch", conflicts_with = "from_scratch")]
+        init: Option<PathBuf>,
+        /// Start from random weights instead (for comparison).
+        #[arg(long)]
+        from_scratch: bool,
+    },
     /// Segment volumes with a model; each label map lands on its input's own grid.
     Segment {
         /// The model file (.safetensors, stage segmentation).
@@ -199,6 +215,76 @@ fn numbers<T: std::str::FromStr, const N: usize>(s: &str) -> Result<[T; N], Stri
     <[T; N]>::try_from(parts).map_err(|_| format!("expected {N} comma-separated values, got '{s}'"))
 }
 
+/// Flags shared by init-train and fine-tune; anything else goes in `--config C.json`
+/// (docs/training.md), which the flags override.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// dataset.json (MSD / nnU-Net) or a MONAI datalist.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// JSON of MONAI UNETR keyword arguments (out_channels is decided by the stage).
+    #[arg(long, value_name = "ARCH.json")]
+    arch_config: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto (the first GPU if any), cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<i32>,
+    /// The model file to write (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// JSON training configuration (every field optional; unknown fields are errors).
+    #[arg(long, value_name = "C.json")]
+    config: Option<PathBuf>,
+    /// Continue from OUT.ckpt (written every checkpoint_every epochs).
+    #[arg(long)]
+    resume: bool,
+    /// Print progress as JSON lines on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_json(p: &std::path::Path) -> Result<serde_json::Value, Failure> {
+    let text = std::fs::read_to_string(p).map_err(|e| Failure::Usage(format!("{}: {e}", p.display())))?;
+    serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
+}
+
+/// Runs a training stage with a progress display.
+fn train(plugin: &Plugin, fine_tune: bool, a: &TrainArgs, init: Option<&PathBuf>) -> Result<(), Failure> {
+    let mut config = match &a.config {
+        Some(p) => read_json(p)?,
+        None => serde_json::json!({}),
+    };
+    let obj = config.as_object_mut().ok_or_else(|| Failure::Usage("--config must hold a JSON object".into()))?;
+    obj.insert("dataset".into(), serde_json::json!(a.dataset));
+    obj.insert("out".into(), serde_json::json!(a.out));
+    if let Some(p) = &a.arch_config {
+        obj.insert("arch".into(), read_json(p)?);
+    }
+    for (key, value) in [("epochs", a.epochs.map(serde_json::Value::from)), ("seed", a.seed.map(serde_json::Value::from)),
+                         ("threads", a.threads.map(serde_json::Value::from))] {
+        if let Some(v) = value {
+            obj.insert(key.into(), v);
+        }
+    }
+    if a.resume {
+        obj.insert("resume".into(), true.into());
+    }
+    if let Some(p) = init {
+        obj.insert("init".into(), serde_json::json!(p));
+    }
+    let stage = if fine_tune { "fine-tune" } else { "init-train" };
+    let bar = progress::Bar::new(a.json, format!("{stage} → {}", a.out.display()));
+    plugin.train(fine_tune, &a.device, &config.to_string(), &mut |e| bar.update(e))?;
+    bar.finish(&a.out);
+    Ok(())
+}
+
 const DTYPES: [&str; 10] = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64"];
 
 fn run(cli: Cli) -> Result<(), Failure> {
@@ -287,6 +373,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 bar.finish(&target);
             }
         }
+        Command::InitTrain { common } => train(&plugin, false, &common, None)?,
+        Command::FineTune { common, init, .. } => train(&plugin, true, &common, init.as_ref())?,
         Command::Evaluate { pred, reference, labels, json } => {
             let options = serde_json::json!({ "labels": labels });
             let text = plugin.evaluate(&pred, &reference, &options.to_string())?;

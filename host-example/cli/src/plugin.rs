@@ -199,6 +199,31 @@ impl Plugin {
         }
     }
 
+    /// `lwi_init_train` (stage "init") or `lwi_fine_tune` through a fresh engine on `device`.
+    pub fn train(&self, fine_tune: bool, device: &str, config_json: &str, mut on_progress: &mut dyn FnMut(&ProgressEvent) -> bool) -> Result<(), PluginError> {
+        let options = CString::new(serde_json::json!({ "device": device }).to_string()).unwrap_or_default();
+        let config = CString::new(config_json).unwrap_or_default();
+        let name: &[u8] = if fine_tune { b"lwi_fine_tune\0" } else { b"lwi_init_train\0" };
+        let mut engine: *mut c_void = std::ptr::null_mut();
+        // SAFETY: signatures from include/lwi.h; the engine is freed before returning; the callback
+        // state outlives the call.
+        unsafe {
+            let create = self
+                .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(b"lwi_engine_create\0")
+                .map_err(Self::missing)?;
+            self.check(create(options.as_ptr(), &mut engine))?;
+            let f = self
+                .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, Option<ProgressCallback>, *mut c_void) -> i32>(name)
+                .map_err(Self::missing)?;
+            let user = &mut on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void;
+            let status = f(engine, config.as_ptr(), Some(forward_progress), user);
+            if let Ok(free) = self.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0") {
+                free(engine);
+            }
+            self.check(status)
+        }
+    }
+
     /// Creates an engine and loads a model through it; both are freed when the result drops.
     pub fn load_model(&self, path: &Path, engine_options: &str) -> Result<LoadedModel<'_>, PluginError> {
         let p = cstring(path);
@@ -237,6 +262,9 @@ pub struct ProgressEvent<'a> {
     pub stage: &'a str,
     pub done: u64,
     pub total: u64,
+    pub epoch: Option<i64>,
+    pub loss: Option<f64>,
+    pub metric: Option<f64>,
     pub message: &'a str,
 }
 
@@ -256,7 +284,16 @@ unsafe extern "C" fn forward_progress(user: *mut c_void, p: *const Progress) -> 
         let f = &mut *(user as *mut &mut dyn FnMut(&ProgressEvent) -> bool);
         let p = &*p;
         let text = |s: *const c_char| if s.is_null() { "" } else { CStr::from_ptr(s).to_str().unwrap_or("") };
-        let event = ProgressEvent { stage: text(p.stage), done: p.done, total: p.total, message: text(p.message) };
+        let finite = |v: f64| v.is_finite().then_some(v);
+        let event = ProgressEvent {
+            stage: text(p.stage),
+            done: p.done,
+            total: p.total,
+            epoch: (p.epoch >= 0).then_some(p.epoch),
+            loss: finite(p.loss),
+            metric: finite(p.metric),
+            message: text(p.message),
+        };
         if f(&event) { 0 } else { 1 }
     }
 }

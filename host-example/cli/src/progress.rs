@@ -27,12 +27,31 @@ impl Bar {
     /// Shows an event; never cancels (Ctrl-C ends the process, and outputs are written atomically).
     pub fn update(&self, e: &ProgressEvent) -> bool {
         if self.json {
-            println!("{}", serde_json::json!({"event": "progress", "case": self.label, "stage": e.stage, "done": e.done, "total": e.total, "message": e.message}));
-        } else if let Some(b) = &self.bar {
-            b.set_message(format!("{} — {} {}{}", self.label, e.stage, e.done, if e.total > 0 { format!("/{}", e.total) } else { String::new() }));
+            println!(
+                "{}",
+                serde_json::json!({"event": "progress", "case": self.label, "stage": e.stage, "done": e.done, "total": e.total,
+                                   "epoch": e.epoch, "loss": e.loss, "metric": e.metric, "message": e.message})
+            );
+            return true;
+        }
+        let mut text = format!("{} — {} {}{}", self.label, e.stage, e.done, if e.total > 0 { format!("/{}", e.total) } else { String::new() });
+        if let Some(epoch) = e.epoch {
+            text += &format!(" epoch {epoch}");
+        }
+        if let Some(l) = e.loss {
+            text += &format!(" loss {l:.4}");
+        }
+        if let Some(m) = e.metric {
+            text += &format!(" dice {m:.4}");
+        }
+        if !e.message.is_empty() {
+            text += &format!(" {}", e.message);
+        }
+        if let Some(b) = &self.bar {
+            b.set_message(text);
             b.tick();
-        } else if e.stage != "infer" {
-            eprintln!("{}: {} {}/{}", self.label, e.stage, e.done, e.total);
+        } else if matches!(e.stage, "epoch" | "preprocess" | "resample" | "validate" | "setup") {
+            eprintln!("{text}");
         }
         true
     }

@@ -1,0 +1,132 @@
+//! Training data: an MSD / nnU-Net `dataset.json` or a MONAI-style datalist, and the cases it
+//! names prepared once for training (MONAI's deterministic prefix: RAS, target spacing — linear
+//! for images, nearest for labels —, HU window, foreground crop) and kept in memory.
+
+use crate::bundle::Preprocessing;
+use crate::error::{Error, Result};
+use crate::preprocess::{Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// One entry of a list: an image, with a label map when there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub image: PathBuf,
+    pub label: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatasetFile {
+    pub training: Vec<Entry>,
+    pub validation: Vec<Entry>,
+    /// Label value → name, from "labels" (MSD: {"0": "background", …}).
+    pub labels: BTreeMap<u32, String>,
+}
+
+impl DatasetFile {
+    /// Reads `training` and `validation` lists (entries `{"image", "label"}`, `{"image"}` or a bare
+    /// path) and `labels`; relative paths resolve against the JSON's folder.
+    pub fn read(path: &Path) -> Result<DatasetFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not JSON: {e}")))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |s: &str| -> PathBuf {
+            let p = Path::new(s);
+            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+        };
+        let list = |key: &str| -> Result<Vec<Entry>> {
+            let Some(items) = doc.get(key) else { return Ok(Vec::new()) };
+            let items = items.as_array().ok_or_else(|| Error::format(path, format!("'{key}' is not a list")))?;
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    serde_json::Value::String(s) => Ok(Entry { image: resolve(s), label: None }),
+                    serde_json::Value::Object(o) => {
+                        let image = o
+                            .get("image")
+                            .and_then(|v| v.as_str())
+                            .ok_or_else(|| Error::format(path, format!("{key}[{i}] has no \"image\" path")))?;
+                        Ok(Entry { image: resolve(image), label: o.get("label").and_then(|v| v.as_str()).map(resolve) })
+                    }
+                    _ => Err(Error::format(path, format!("{key}[{i}] is neither a path nor an object"))),
+                })
+                .collect()
+        };
+        let mut labels = BTreeMap::new();
+        if let Some(map) = doc.get("labels").and_then(|v| v.as_object()) {
+            for (k, v) in map {
+                // MSD writes {"0": "background"}; nnU-Net v2 writes {"background": 0}.
+                let (id, name) = match (k.parse::<u32>(), v) {
+                    (Ok(id), serde_json::Value::String(name)) => (id, name.clone()),
+                    (Err(_), serde_json::Value::Number(n)) => (n.as_u64().unwrap_or(u64::MAX) as u32, k.clone()),
+                    _ => return Err(Error::format(path, format!("label entry {k:?}: {v} is not id → name"))),
+                };
+                labels.insert(id, name);
+            }
+        }
+        let ds = DatasetFile { training: list("training")?, validation: list("validation")?, labels };
+        if ds.training.is_empty() {
+            return Err(Error::format(path, "the \"training\" list is empty"));
+        }
+        Ok(ds)
+    }
+
+    /// A content fingerprint of the training list (file sizes and names), for provenance.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for e in &self.training {
+            for p in std::iter::once(&e.image).chain(e.label.iter()) {
+                h.update(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+                h.update(std::fs::metadata(p).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+            }
+        }
+        format!("{:x}", h.finalize())[..16].to_string()
+    }
+}
+
+/// A case ready for patch sampling: windowed image `[1, X, Y, Z]` (float) and label `[1, X, Y, Z]`
+/// (uint8, zeros when the case has none), cropped to the foreground, on the model's grid.
+pub struct Case {
+    pub image: Tensor,
+    pub label: Option<Tensor>,
+    pub grid: Grid,
+    pub name: String,
+}
+
+/// MONAI's deterministic training prefix for one case.
+pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
+    let image = crate::io::read_volume(&entry.image)?;
+    let src = Grid { affine: image.affine, dims: image.dims() };
+    let (ras, _) = reorient_to_ras(&src)?;
+    let target = respace(&ras, pre.spacing)?;
+    let img = image.data.to_kind(Kind::Float).unsqueeze(0);
+    let resampled = sample(&img, &image.affine, &target, 0..target.dims[2], Interp::Linear, true)?;
+    let windowed = window(&resampled, pre.intensity_window[0], pre.intensity_window[1]);
+    let label = match &entry.label {
+        None => None,
+        Some(p) => {
+            let l = crate::io::read_volume(p)?;
+            if l.dims() != image.dims() {
+                return Err(Error::invalid(format!("{}: label dims {:?} differ from the image's {:?}", p.display(), l.dims(), image.dims())));
+            }
+            let lt = l.data.to_kind(Kind::Float).unsqueeze(0);
+            Some(sample(&lt, &l.affine, &target, 0..target.dims[2], Interp::Nearest, true)?.round().to_kind(Kind::Uint8))
+        }
+    };
+    let (start, end) = match foreground_box(&windowed) {
+        Some(b) if pre.crop_foreground => b,
+        _ => ([0; 3], target.dims),
+    };
+    let crop = |t: &Tensor| {
+        let mut v = t.shallow_clone();
+        for d in 0..3 {
+            v = v.narrow(1 + d as i64, start[d], end[d] - start[d]);
+        }
+        v.contiguous()
+    };
+    let name = entry.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(Case { image: crop(&windowed), label: label.as_ref().map(crop), grid: crop_grid(&target, start, end), name })
+}

@@ -1,0 +1,195 @@
+//! The init-train pretext task (method §1.1): shuffle the volume's depth slabs, mask cubes, and
+//! learn to reconstruct the shuffled unmasked volume and to tell each slab's original position.
+
+use crate::error::{Error, Result};
+use crate::model::OrderHeads;
+use rand::Rng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// How the order heads pool tokens into per-slab features (§7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grouping {
+    /// Tokens of each shuffled depth slab (the method's intent; default).
+    Slab,
+    /// The released code: consecutive runs of N/m tokens in sequence order (X-slabs).
+    Released,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretextConfig {
+    /// m: slabs along z (the cranio-caudal axis after RAS).
+    pub slabs: i64,
+    pub mask_ratio: f64,
+    /// Edge of the masked cubes, voxels.
+    pub cube: i64,
+    pub grouping: Grouping,
+    /// One permutation and cube set for the whole batch (the released code) instead of per sample.
+    pub per_batch: bool,
+    pub alpha_rec: f64,
+    pub alpha_cls: f64,
+}
+
+impl Default for PretextConfig {
+    fn default() -> Self {
+        PretextConfig { slabs: 6, mask_ratio: 0.4, cube: 16, grouping: Grouping::Slab, per_batch: false, alpha_rec: 1.0, alpha_cls: 1.0 }
+    }
+}
+
+impl PretextConfig {
+    /// The roi and token grid must split evenly into slabs and cubes.
+    pub fn validate(&self, roi: [i64; 3], tokens: [i64; 3]) -> Result<()> {
+        if self.slabs < 2 || roi[2] % self.slabs != 0 {
+            return Err(Error::invalid(format!("pretext slabs {}: the roi depth {} must split into at least 2 equal slabs", self.slabs, roi[2])));
+        }
+        if self.cube < 1 || roi.iter().any(|r| r % self.cube != 0) {
+            return Err(Error::invalid(format!("pretext cube {} must divide the roi {roi:?}", self.cube)));
+        }
+        if !(0.0..=1.0).contains(&self.mask_ratio) {
+            return Err(Error::invalid(format!("mask_ratio {} must be in [0, 1]", self.mask_ratio)));
+        }
+        let ok = match self.grouping {
+            Grouping::Slab => tokens[2] % self.slabs == 0,
+            Grouping::Released => tokens.iter().product::<i64>() % self.slabs == 0,
+        };
+        if !ok {
+            return Err(Error::invalid(format!("{:?} grouping cannot split the {tokens:?} token grid into {} slabs", self.grouping, self.slabs)));
+        }
+        Ok(())
+    }
+}
+
+/// One pretext batch: the network input (shuffled and masked), the target (shuffled, unmasked)
+/// and `perm[b][k]`, the original index of the slab now at position k.
+pub struct PretextBatch {
+    pub input: Tensor,
+    pub target: Tensor,
+    pub perms: Tensor,
+}
+
+/// Shuffles depth slabs and masks cubes of `x` (`[B, 1, X, Y, Z]`).
+pub fn transform(x: &Tensor, cfg: &PretextConfig, rng: &mut impl Rng) -> PretextBatch {
+    let s = x.size();
+    let (b, depth) = (s[0], s[4]);
+    let len = depth / cfg.slabs;
+    let device = x.device();
+    let draw_perm = |rng: &mut dyn rand::RngCore| {
+        let mut p: Vec<i64> = (0..cfg.slabs).collect();
+        p.shuffle(rng);
+        p
+    };
+    let grid = [s[2] / cfg.cube, s[3] / cfg.cube, s[4] / cfg.cube];
+    let cubes = grid.iter().product::<i64>();
+    let masked = (cubes as f64 * cfg.mask_ratio).floor() as usize;
+    let draw_mask = |rng: &mut dyn rand::RngCore| {
+        let mut idx: Vec<i64> = (0..cubes).collect();
+        idx.shuffle(rng);
+        let mut keep = vec![1f32; cubes as usize];
+        for &i in &idx[..masked] {
+            keep[i as usize] = 0.0;
+        }
+        Tensor::from_slice(&keep)
+            .view([grid[0], grid[1], grid[2]])
+            .repeat_interleave_self_int(cfg.cube, 0, None)
+            .repeat_interleave_self_int(cfg.cube, 1, None)
+            .repeat_interleave_self_int(cfg.cube, 2, None)
+            .to_device(device)
+    };
+    let (shared_perm, shared_mask) = if cfg.per_batch { (Some(draw_perm(rng)), Some(draw_mask(rng))) } else { (None, None) };
+    let mut targets = Vec::new();
+    let mut inputs = Vec::new();
+    let mut perms = Vec::new();
+    for i in 0..b {
+        let perm = shared_perm.clone().unwrap_or_else(|| draw_perm(rng));
+        let xi = x.get(i);
+        let slabs: Vec<Tensor> = perm.iter().map(|&p| xi.narrow(3, p * len, len)).collect();
+        let shuffled = Tensor::cat(&slabs, 3);
+        let mask = shared_mask.as_ref().map(Tensor::shallow_clone).unwrap_or_else(|| draw_mask(rng));
+        inputs.push(&shuffled * mask.to_kind(shuffled.kind()));
+        targets.push(shuffled);
+        perms.extend(perm);
+    }
+    PretextBatch {
+        input: Tensor::stack(&inputs, 0),
+        target: Tensor::stack(&targets, 0),
+        perms: Tensor::from_slice(&perms).view([b, cfg.slabs]).to_device(device),
+    }
+}
+
+/// Order logits `[B, m, m]` of each head from the four token features `[B, N, H]`.
+pub fn order_logits(features: &[Tensor; 4], heads: &OrderHeads, cfg: &PretextConfig, tokens: [i64; 3]) -> Vec<Tensor> {
+    features
+        .iter()
+        .zip(&heads.heads)
+        .map(|(f, head)| {
+            let s = f.size();
+            let (b, h) = (s[0], s[2]);
+            let pooled = match cfg.grouping {
+                Grouping::Slab => f
+                    .reshape([b, tokens[0] * tokens[1], cfg.slabs, tokens[2] / cfg.slabs, h])
+                    .mean_dim(&[1i64, 3][..], false, Kind::Float),
+                Grouping::Released => f.reshape([b, cfg.slabs, s[1] / cfg.slabs, h]).mean_dim(2, false, Kind::Float),
+            };
+            head.forward(&pooled)
+        })
+        .collect()
+}
+
+/// `α_rec · MSE(recon, target) + α_cls · Σ_heads CE(logits, perm)`; returns (total, rec, cls).
+pub fn loss(recon: &Tensor, batch: &PretextBatch, logits: &[Tensor], cfg: &PretextConfig) -> (Tensor, Tensor, Tensor) {
+    let rec = recon.to_kind(Kind::Float).mse_loss(&batch.target.to_kind(Kind::Float), tch::Reduction::Mean);
+    let labels = batch.perms.reshape([-1]);
+    let mut cls = Tensor::zeros([], (Kind::Float, recon.device()));
+    for l in logits {
+        let flat = l.to_kind(Kind::Float).reshape([-1, cfg.slabs]);
+        cls = cls + flat.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
+    }
+    let total = &rec * cfg.alpha_rec + &cls * cfg.alpha_cls;
+    (total, rec, cls)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use tch::Device;
+
+    #[test]
+    fn slabs_move_where_the_permutation_says_and_exactly_the_stated_cubes_are_zeroed() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        // voxel value = its z index + 1, so a slab's origin can be read off its values
+        let x = (Tensor::arange(48, (Kind::Float, Device::Cpu)) + 1.0).view([1, 1, 1, 1, 48]).expand([2, 1, 32, 32, 48], true).contiguous();
+        let cfg = PretextConfig { slabs: 6, cube: 16, mask_ratio: 0.4, ..Default::default() };
+        let b = transform(&x, &cfg, &mut rng);
+        for i in 0..2 {
+            for k in 0..6 {
+                let p = b.perms.int64_value(&[i, k]);
+                let slab = b.target.get(i).narrow(3, k * 8, 8);
+                let original = x.get(i).narrow(3, p * 8, 8);
+                assert!(slab.equal(&original), "sample {i} position {k} holds slab {p}");
+            }
+            let mut seen: Vec<i64> = (0..6).map(|k| b.perms.int64_value(&[i, k])).collect();
+            seen.sort();
+            assert_eq!(seen, (0..6).collect::<Vec<_>>());
+            // 2·2·3 = 12 cubes, floor(12 · 0.4) = 4 masked; the target is unmasked
+            let zeroed = b.input.get(i).eq(0.0).sum(Kind::Int64).int64_value(&[]);
+            assert_eq!(zeroed, 4 * 16 * 16 * 16);
+            assert_eq!(b.target.get(i).eq(0.0).sum(Kind::Int64).int64_value(&[]), 0);
+        }
+    }
+
+    #[test]
+    fn per_batch_mode_shares_one_permutation() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let x = Tensor::rand([3, 1, 16, 16, 48], (Kind::Float, Device::Cpu));
+        let cfg = PretextConfig { slabs: 3, cube: 16, per_batch: true, ..Default::default() };
+        let b = transform(&x, &cfg, &mut rng);
+        assert!(b.perms.get(0).equal(&b.perms.get(1)) && b.perms.get(1).equal(&b.perms.get(2)));
+        let m0 = b.input.get(0).eq(0.0);
+        assert!(m0.equal(&b.input.get(2).eq(0.0)), "same cubes masked");
+    }
+}

@@ -1,0 +1,566 @@
+//! The training loop shared by init-train (stage 1, self-supervised) and fine-tune (stage 2):
+//! patch sampling, augmentation, AdamW with a warmup-cosine schedule, checkpoints that resume
+//! exactly, progress and cancellation, validation and best/last model files.
+
+use crate::bundle::{Model, ModelMetadata, Preprocessing, Stage};
+use crate::dataset::{DatasetFile, prepare_case};
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{Event, Progress, report};
+use crate::model::{Precision, UnetrConfig, load_state_dict, with_precision};
+use crate::pretext::PretextConfig;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Augmentation probabilities (method §1.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Augment {
+    /// Per axis.
+    pub flip_p: f64,
+    /// Rotation by k·90°, k ∈ {1, 2, 3}, in the x–y plane.
+    pub rot90_p: f64,
+    /// v ← v·(1 + f), f ~ U(−0.1, 0.1).
+    pub scale_p: f64,
+    /// v ← v + o, o ~ U(−0.1, 0.1).
+    pub shift_p: f64,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment { flip_p: 0.2, rot90_p: 0.2, scale_p: 0.1, shift_p: 0.1 }
+    }
+}
+
+/// Everything a training run is told; every field has a default and unknown fields are errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// MSD/nnU-Net dataset.json or MONAI datalist.
+    pub dataset: PathBuf,
+    /// The model file to write; fine-tune also keeps the best validation model as `NAME.best.safetensors`;
+    /// the resumable checkpoint is `OUT.ckpt`.
+    pub out: PathBuf,
+    /// MONAI UNETR keyword arguments; `out_channels` is decided by the stage.
+    pub arch: UnetrConfig,
+    /// fine-tune: the init-train model to start from; absent = random initialisation.
+    pub init: Option<PathBuf>,
+    pub epochs: u64,
+    pub seed: u64,
+    /// "auto", "cpu" or "cuda:N"; absent: the engine's device.
+    pub device: Option<String>,
+    pub threads: Option<i32>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: u64,
+    /// Epochs between scheduler steps: 1 (upstream MONAI), 100 reproduces the released code (§7.2).
+    pub sched_step_every: u64,
+    /// Crops per volume per iteration.
+    pub num_samples: i64,
+    /// Positive : negative crop-centre ratio.
+    pub pos: f64,
+    pub neg: f64,
+    pub spacing: [f64; 3],
+    pub window: [f64; 2],
+    pub augment: Augment,
+    pub pretext: PretextConfig,
+    /// bf16 autocast on CUDA.
+    pub amp: bool,
+    pub val_every: u64,
+    pub checkpoint_every: u64,
+    /// Continue from `OUT.ckpt` if it exists.
+    pub resume: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            dataset: PathBuf::new(),
+            out: PathBuf::new(),
+            arch: UnetrConfig::default(),
+            init: None,
+            epochs: 100,
+            seed: 0,
+            device: None,
+            threads: None,
+            lr: 1e-4,
+            weight_decay: 1e-5,
+            warmup_epochs: 50,
+            sched_step_every: 1,
+            num_samples: 4,
+            pos: 1.0,
+            neg: 1.0,
+            spacing: [1.5, 1.5, 2.0],
+            window: [-175.0, 250.0],
+            augment: Augment::default(),
+            pretext: PretextConfig::default(),
+            amp: true,
+            val_every: 100,
+            checkpoint_every: 1,
+            resume: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_json(json: &str) -> Result<TrainConfig> {
+        let c: TrainConfig = serde_json::from_str(json).map_err(|e| Error::invalid(format!("training config: {e}")))?;
+        if c.dataset.as_os_str().is_empty() || c.out.as_os_str().is_empty() {
+            return Err(Error::invalid("training config: \"dataset\" and \"out\" are required"));
+        }
+        if c.epochs == 0 || c.num_samples < 1 || c.sched_step_every == 0 || c.checkpoint_every == 0 || c.val_every == 0 {
+            return Err(Error::invalid("training config: epochs, num_samples, sched_step_every, checkpoint_every and val_every must be positive"));
+        }
+        if !(c.lr > 0.0 && c.weight_decay >= 0.0 && c.pos >= 0.0 && c.neg >= 0.0 && c.pos + c.neg > 0.0) {
+            return Err(Error::invalid("training config: lr must be positive; weight_decay, pos and neg non-negative"));
+        }
+        Ok(c)
+    }
+
+    fn checkpoint_path(&self) -> PathBuf {
+        with_suffix(&self.out, ".ckpt")
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Linear warmup then cosine annealing to 0 (LinearWarmupCosineAnnealingLR, warmup from 0),
+/// after `steps` scheduler steps.
+pub fn learning_rate(base: f64, warmup: u64, max: u64, steps: u64) -> f64 {
+    if steps < warmup {
+        if warmup <= 1 { base } else { base * steps as f64 / (warmup - 1) as f64 }
+    } else if max <= warmup {
+        base
+    } else {
+        0.5 * base * (1.0 + (std::f64::consts::PI * (steps - warmup) as f64 / (max - warmup) as f64).cos())
+    }
+}
+
+/// AdamW exactly as `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8, decoupled weight decay), with
+/// its state in plain tensors so checkpoints hold it.
+struct AdamW {
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: u64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    fn new(vs: &tch::nn::VarStore, weight_decay: f64) -> AdamW {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let m = vars.iter().map(|(_, t)| t.zeros_like()).collect();
+        let v = vars.iter().map(|(_, t)| t.zeros_like()).collect();
+        let (names, params) = vars.into_iter().unzip();
+        AdamW { names, params, m, v, step: 0, weight_decay }
+    }
+
+    fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    fn step(&mut self, lr: f64) {
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+        self.step += 1;
+        let t = self.step as i32;
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        tch::no_grad(|| {
+            for ((p, m), v) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue; // a parameter the loss does not reach
+                }
+                let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+                let _ = v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+                let denom = v.sqrt() / c2.sqrt() + eps;
+                let _ = p.g_sub_(&(m.shallow_clone() / denom * (lr / c1)));
+            }
+        });
+    }
+}
+
+/// What a checkpoint remembers besides tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    epochs_done: u64,
+    adam_step: u64,
+    rng_word_pos: String,
+    best_metric: Option<f64>,
+    config: TrainConfig,
+    model: ModelMetadata,
+}
+
+fn save_checkpoint(path: &Path, model: &Model, opt: &AdamW, state: &CheckpointState) -> Result<()> {
+    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut push = |name: String, t: &Tensor| -> Result<()> {
+        let t = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let mut data = vec![0u8; t.numel() * 4];
+        t.f_copy_data_u8(&mut data, t.numel())?;
+        blobs.push((name, t.size().iter().map(|&d| d as usize).collect(), data));
+        Ok(())
+    };
+    for (name, t) in model.vs.variables() {
+        push(format!("model.{name}"), &t)?;
+    }
+    for (i, name) in opt.names.iter().enumerate() {
+        push(format!("adam_m.{name}"), &opt.m[i])?;
+        push(format!("adam_v.{name}"), &opt.v[i])?;
+    }
+    blobs.sort_by(|a, b| a.0.cmp(&b.0));
+    let views = blobs
+        .iter()
+        .map(|(n, s, d)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::internal(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let doc = serde_json::to_string(state).map_err(|e| Error::internal(e.to_string()))?;
+    let bytes = safetensors::serialize(views, Some(HashMap::from([("lwi_checkpoint".to_string(), doc)])))
+        .map_err(|e| Error::internal(e.to_string()))?;
+    crate::io::write_atomically(path, &bytes)
+}
+
+fn load_checkpoint(path: &Path, device: Device) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: String| Error::format(path, format!("not a usable checkpoint ({m})"));
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let doc = header.metadata().as_ref().and_then(|m| m.get("lwi_checkpoint")).ok_or_else(|| bad("no lwi_checkpoint metadata".into()))?;
+    let state: CheckpointState = serde_json::from_str(doc).map_err(|e| bad(e.to_string()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in file.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?.f_to_device(device)?);
+    }
+    Ok((state, tensors))
+}
+
+/// Random crops centred, in proportion pos : neg, on labelled and on unlabelled-but-foreground
+/// voxels (MONAI `RandCropByPosNegLabeld`); without labels, on foreground voxels.
+struct Sampler {
+    fg: Tensor,
+    bg: Tensor,
+}
+
+impl Sampler {
+    fn new(image: &Tensor, label: Option<&Tensor>) -> Sampler {
+        let flat_image = image.reshape([-1]);
+        match label {
+            Some(l) => {
+                let flat = l.reshape([-1]);
+                let fg = flat.gt(0).nonzero().squeeze_dim(1);
+                let bg = flat.eq(0).logical_and(&flat_image.gt(0.0)).nonzero().squeeze_dim(1);
+                Sampler { fg, bg }
+            }
+            None => Sampler { fg: flat_image.gt(0.0).nonzero().squeeze_dim(1), bg: Tensor::zeros([0], (Kind::Int64, Device::Cpu)) },
+        }
+    }
+
+    fn centre(&self, rng: &mut ChaCha8Rng, pos: f64, neg: f64, dims: [i64; 3]) -> [i64; 3] {
+        let (nf, nb) = (self.fg.size()[0], self.bg.size()[0]);
+        let use_fg = nb == 0 || (nf > 0 && rng.random::<f64>() < pos / (pos + neg));
+        let (pool, n) = if use_fg { (&self.fg, nf) } else { (&self.bg, nb) };
+        if n == 0 {
+            return [dims[0] / 2, dims[1] / 2, dims[2] / 2];
+        }
+        let flat = pool.int64_value(&[rng.random_range(0..n)]);
+        [flat / (dims[1] * dims[2]), (flat / dims[2]) % dims[1], flat % dims[2]]
+    }
+}
+
+/// Pads `t` (`[C, X, Y, Z]`) with zeros to at least `roi` (symmetrically).
+fn pad_to(t: &Tensor, roi: [i64; 3]) -> Tensor {
+    let s = t.size();
+    let p: Vec<(i64, i64)> = (0..3).map(|d| {
+        let diff = (roi[d] - s[1 + d]).max(0);
+        (diff / 2, diff - diff / 2)
+    }).collect();
+    if p.iter().all(|x| x.0 + x.1 == 0) {
+        return t.shallow_clone();
+    }
+    t.constant_pad_nd([p[2].0, p[2].1, p[1].0, p[1].1, p[0].0, p[0].1])
+}
+
+struct Prepared {
+    image: Tensor,
+    label: Option<Tensor>,
+    sampler: Sampler,
+}
+
+fn crops(p: &Prepared, cfg: &TrainConfig, roi: [i64; 3], rng: &mut ChaCha8Rng, device: Device) -> (Tensor, Option<Tensor>) {
+    let s = p.image.size();
+    let dims = [s[1], s[2], s[3]];
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for _ in 0..cfg.num_samples {
+        let c = p.sampler.centre(rng, cfg.pos, cfg.neg, dims);
+        let start: Vec<i64> = (0..3).map(|d| (c[d] - roi[d] / 2).clamp(0, dims[d] - roi[d])).collect();
+        let cut = |t: &Tensor| t.narrow(1, start[0], roi[0]).narrow(2, start[1], roi[1]).narrow(3, start[2], roi[2]).to_device(device);
+        let (mut img, mut lab) = (cut(&p.image), p.label.as_ref().map(cut));
+        // Augmentation (decisions from the run's RNG so a resumed run repeats them).
+        let a = &cfg.augment;
+        for axis in 1..4 {
+            if rng.random::<f64>() < a.flip_p {
+                img = img.flip([axis]);
+                lab = lab.map(|l| l.flip([axis]));
+            }
+        }
+        if roi[0] == roi[1] && rng.random::<f64>() < a.rot90_p {
+            let k = rng.random_range(1..4);
+            img = img.rot90(k, [1, 2]);
+            lab = lab.map(|l| l.rot90(k, [1, 2]));
+        }
+        if rng.random::<f64>() < a.scale_p {
+            img = &img * (1.0 + rng.random_range(-0.1..0.1));
+        }
+        if rng.random::<f64>() < a.shift_p {
+            img = &img + rng.random_range(-0.1..0.1);
+        }
+        images.push(img);
+        labels.extend(lab);
+    }
+    let labels = (!labels.is_empty()).then(|| Tensor::stack(&labels, 0));
+    (Tensor::stack(&images, 0), labels)
+}
+
+/// Runs init-train (`stage` Init) or fine-tune (`stage` Segmentation) as `cfg` says, on `device`
+/// unless the config names one; writes the model file(s) and returns the final model.
+pub fn train(stage: Stage, cfg: &TrainConfig, device: Device, progress: &mut dyn Progress) -> Result<Model> {
+    let device = match (&cfg.device, cfg.threads) {
+        (None, None) => device,
+        (name, threads) => {
+            let options = EngineOptions { device: name.clone().unwrap_or_else(|| crate::bundle::device_name(device)), threads };
+            Engine::new(&options)?.device
+        }
+    };
+    let ds = DatasetFile::read(&cfg.dataset)?;
+    let pre = Preprocessing { spacing: cfg.spacing, intensity_window: cfg.window, roi_size: cfg.arch.img_size, ..Default::default() };
+
+    // Output channels come from the stage: one reconstruction channel, or one per label value.
+    let classes = match stage {
+        Stage::Init => 1,
+        Stage::Segmentation => {
+            if ds.training.iter().any(|e| e.label.is_none()) {
+                return Err(Error::invalid(format!("{}: fine-tune needs a label for every training case", cfg.dataset.display())));
+            }
+            i64::from(ds.labels.keys().max().copied().unwrap_or(1)) + 1
+        }
+    };
+    let mut arch = cfg.arch.clone();
+    if arch.out_channels != classes {
+        report(progress, Event { stage: "setup", message: format!("warning: out_channels {} overridden by the stage: {classes}", arch.out_channels), ..Default::default() })?;
+        arch.out_channels = classes;
+    }
+    let tokens = arch.feat_size();
+    if stage == Stage::Init {
+        cfg.pretext.validate(arch.img_size, tokens)?;
+    }
+    let labels: BTreeMap<u32, String> = if stage == Stage::Init { BTreeMap::new() } else { ds.labels.clone() };
+    let mut meta = ModelMetadata::new(arch.clone(), labels, pre.clone(), stage);
+    meta.order_classes = (stage == Stage::Init).then_some(cfg.pretext.slabs);
+    meta.provenance.seed = Some(cfg.seed);
+    meta.provenance.epochs = Some(cfg.epochs);
+    meta.provenance.dataset_fingerprint = Some(ds.fingerprint());
+
+    tch::manual_seed(cfg.seed as i64);
+    let model = Model::new(meta, device)?;
+    if let (Stage::Segmentation, Some(init)) = (stage, &cfg.init) {
+        transfer_from_init(&model, init, device)?;
+    }
+    let mut opt = AdamW::new(&model.vs, cfg.weight_decay);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut first_epoch = 0;
+    let mut best: Option<f64> = None;
+    let ckpt = cfg.checkpoint_path();
+    if cfg.resume && ckpt.exists() {
+        let (state, tensors) = load_checkpoint(&ckpt, device)?;
+        let mut expected = state.config.clone();
+        expected.resume = cfg.resume;
+        expected.epochs = cfg.epochs;
+        if expected != *cfg {
+            return Err(Error::invalid(format!("{}: written by a run with another configuration; resume needs the same one (epochs may grow)", ckpt.display())));
+        }
+        let weights: HashMap<String, Tensor> =
+            tensors.iter().filter_map(|(k, v)| k.strip_prefix("model.").map(|n| (n.to_string(), v.shallow_clone()))).collect();
+        load_state_dict(&model.vs, &weights)?;
+        tch::no_grad(|| {
+            for (i, name) in opt.names.iter().enumerate() {
+                if let (Some(m), Some(v)) = (tensors.get(&format!("adam_m.{name}")), tensors.get(&format!("adam_v.{name}"))) {
+                    opt.m[i].copy_(m);
+                    opt.v[i].copy_(v);
+                }
+            }
+        });
+        opt.step = state.adam_step;
+        rng.set_word_pos(state.rng_word_pos.parse::<u128>().map_err(|_| Error::format(&ckpt, "bad RNG position"))?);
+        first_epoch = state.epochs_done;
+        best = state.best_metric;
+    }
+
+    report(progress, Event { stage: "preprocess", done: 0, total: ds.training.len() as u64, ..Default::default() })?;
+    let mut cases = Vec::new();
+    for (i, entry) in ds.training.iter().enumerate() {
+        let case = prepare_case(entry, &pre)?;
+        let image = pad_to(&case.image, arch.img_size);
+        let label = case.label.as_ref().map(|l| pad_to(l, arch.img_size));
+        let sampler = Sampler::new(&image, label.as_ref());
+        cases.push(Prepared { image, label, sampler });
+        report(progress, Event { stage: "preprocess", done: i as u64 + 1, total: ds.training.len() as u64, ..Default::default() })?;
+    }
+
+    let precision = if cfg.amp && device.is_cuda() { Precision::Bf16 } else { Precision::Fp32 };
+    let iters = cases.len() as u64;
+    for epoch in first_epoch..cfg.epochs {
+        let lr = learning_rate(cfg.lr, cfg.warmup_epochs, cfg.epochs, epoch / cfg.sched_step_every);
+        let mut order: Vec<usize> = (0..cases.len()).collect();
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
+        let mut epoch_loss = 0.0;
+        for (it, &ci) in order.iter().enumerate() {
+            let (x, y) = crops(&cases[ci], cfg, arch.img_size, &mut rng, device);
+            let (loss, parts) = match stage {
+                Stage::Init => {
+                    let batch = crate::pretext::transform(&x, &cfg.pretext, &mut rng);
+                    let heads = model.order_heads.as_ref().ok_or_else(|| Error::internal("init model without order heads"))?;
+                    let (total, rec, cls) = with_precision(precision, device, || {
+                        let (recon, features) = model.net.forward_features(&batch.input, true);
+                        let logits = crate::pretext::order_logits(&features, heads, &cfg.pretext, tokens);
+                        crate::pretext::loss(&recon, &batch, &logits, &cfg.pretext)
+                    })?;
+                    (total, format!("rec {:.4} cls {:.4}", rec.double_value(&[]), cls.double_value(&[])))
+                }
+                Stage::Segmentation => {
+                    let y = y.ok_or_else(|| Error::internal("segmentation batch without labels"))?;
+                    let loss = with_precision(precision, device, || crate::loss::dice_ce(&model.net.forward_t(&x, true), &y))?;
+                    (loss, String::new())
+                }
+            };
+            opt.zero_grad();
+            loss.f_backward()?;
+            opt.step(lr);
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(Error::internal(format!("loss became {l} at epoch {epoch}: lower the learning rate")));
+            }
+            epoch_loss += l;
+            report(progress, Event {
+                stage: "train",
+                done: epoch * iters + it as u64 + 1,
+                total: cfg.epochs * iters,
+                epoch: Some(epoch),
+                loss: Some(l),
+                message: format!("lr {lr:.3e} {parts}"),
+                ..Default::default()
+            })?;
+        }
+        let done = epoch + 1;
+        let mut metric = None;
+        if stage == Stage::Segmentation && !ds.validation.is_empty() && (done % cfg.val_every == 0 || done == cfg.epochs) {
+            let dice = validate(&model, &ds, progress)?;
+            metric = Some(dice);
+            if best.is_none_or(|b| dice > b) {
+                best = Some(dice);
+                model.save(&cfg.out.with_extension("best.safetensors"))?;
+            }
+        }
+        report(progress, Event { stage: "epoch", done, total: cfg.epochs, epoch: Some(epoch), loss: Some(epoch_loss / iters as f64), metric, ..Default::default() })?;
+        if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
+            let state = CheckpointState {
+                epochs_done: done,
+                adam_step: opt.step,
+                rng_word_pos: rng.get_word_pos().to_string(),
+                best_metric: best,
+                config: cfg.clone(),
+                model: model.meta.clone(),
+            };
+            save_checkpoint(&ckpt, &model, &opt, &state)?;
+        }
+    }
+    model.save(&cfg.out)?;
+    Ok(model)
+}
+
+/// Stage 2 starts from every stage-1 tensor except the output conv, which is fresh for the
+/// dataset's classes; the order heads are not carried (they get no gradient in stage 2).
+fn transfer_from_init(model: &Model, init: &Path, device: Device) -> Result<()> {
+    let stage1 = Model::load(init, device)?;
+    if stage1.meta.stage != Stage::Init {
+        return Err(Error::new(ErrorKind::ModelIncompatible, format!("{}: not an init-train model (stage {:?})", init.display(), stage1.meta.stage)));
+    }
+    let mut want = stage1.meta.config.clone();
+    want.out_channels = model.meta.config.out_channels;
+    if want != model.meta.config {
+        return Err(Error::new(ErrorKind::ModelIncompatible, format!(
+            "{}: its architecture {} differs from the one asked for {}",
+            init.display(),
+            serde_json::to_string(&stage1.meta.config).unwrap_or_default(),
+            serde_json::to_string(&model.meta.config).unwrap_or_default()
+        )));
+    }
+    let mut tensors: HashMap<String, Tensor> = stage1.vs.variables().into_iter().filter(|(k, _)| !k.starts_with("vit.temp_head")).collect();
+    for (k, v) in model.vs.variables().into_iter().filter(|(k, _)| k.starts_with("out.conv.")) {
+        tensors.insert(k, v.detach().copy());
+    }
+    load_state_dict(&model.vs, &tensors)
+}
+
+/// Mean Dice over the validation cases and their labels (sliding window on the whole volume,
+/// back on the original grid, as `segment` does).
+fn validate(model: &Model, ds: &DatasetFile, progress: &mut dyn Progress) -> Result<f64> {
+    let opts = crate::segment::SegmentOptions { blend: crate::infer::Blend::Constant, ..Default::default() };
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for (i, entry) in ds.validation.iter().enumerate() {
+        let Some(label_path) = &entry.label else { continue };
+        let image = crate::io::read_volume(&entry.image)?;
+        let reference = crate::io::read_volume(label_path)?;
+        let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
+        let labels: Vec<u32> = model.meta.labels.keys().copied().filter(|&l| l != 0).collect();
+        for (_, s) in crate::metrics::score(&pred, &reference, &labels)? {
+            if let Some(d) = s.dice {
+                sum += d;
+                n += 1;
+            }
+        }
+        report(progress, Event { stage: "validate", done: i as u64 + 1, total: ds.validation.len() as u64, ..Default::default() })?;
+    }
+    Ok(if n > 0 { sum / n as f64 } else { 0.0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_linear_warmup_cosine_annealing() {
+        // warmup 50 over max 800 as LinearWarmupCosineAnnealingLR(warmup_start_lr=0, eta_min=0)
+        assert_eq!(learning_rate(1e-4, 50, 800, 0), 0.0);
+        assert!((learning_rate(1e-4, 50, 800, 49) - 1e-4).abs() < 1e-18);
+        assert!((learning_rate(1e-4, 50, 800, 10) - 1e-4 * 10.0 / 49.0).abs() < 1e-18);
+        assert!((learning_rate(1e-4, 50, 800, 50) - 1e-4).abs() < 1e-18);
+        assert!((learning_rate(1e-4, 50, 800, 425) - 0.5e-4).abs() < 1e-12);
+        // the released code's step-every-100 in stage 1: epoch 150 has seen one step
+        assert!((learning_rate(1e-4, 50, 800, 150 / 100) - 1e-4 / 49.0).abs() < 1e-18);
+    }
+
+    #[test]
+    fn unknown_config_fields_are_errors() {
+        let err = TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m.safetensors", "epoch": 3}"#).unwrap_err();
+        assert!(err.message.contains("epoch"), "{}", err.message);
+        assert!(TrainConfig::from_json(r#"{"dataset": "d.json"}"#).is_err());
+        assert_eq!(TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#).unwrap().lr, 1e-4);
+    }
+}
