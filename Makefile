@@ -41,14 +41,9 @@ test-c: build
 test-python: build testdata
 	$(PY) -m pytest -q tests/python
 
-## demo: build, make a phantom dataset, convert a case NIfTI -> NRRD -> NIfTI, describe it
+## demo: phantoms → init-train → fine-tune → segment → evaluate → PNGs, on the CPU (scripts/demo/run)
 demo: build
-	rm -rf $(DEMO)
-	$(RELEASE)/lwi phantom --out $(DEMO)/data --cases 4 --seed 0
-	$(RELEASE)/lwi convert $(DEMO)/data/imagesTr/phantom_000.nii.gz $(DEMO)/phantom_000.nrrd
-	$(RELEASE)/lwi convert $(DEMO)/phantom_000.nrrd $(DEMO)/phantom_000_roundtrip.nii.gz
-	$(RELEASE)/lwi info $(DEMO)/phantom_000_roundtrip.nii.gz
-	@echo "demo: outputs under $(DEMO)/"
+	./scripts/demo/run
 
 ## bench: benchmarks against the reference implementations (prints ratios; see docs/performance.md)
 bench: build testdata

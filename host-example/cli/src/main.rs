@@ -6,6 +6,7 @@
 
 mod plugin;
 mod progress;
+mod render;
 
 use clap::{Parser, Subcommand};
 use plugin::{Plugin, PluginError};
@@ -143,6 +144,23 @@ enum Command {
         /// Also write the full report as JSON here.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+    },
+    /// Write a PNG of a few slices of a volume, with a label map over it.
+    Render {
+        /// The image volume.
+        #[arg(long)]
+        image: PathBuf,
+        /// A label map on the same grid (e.g. the output of `lwi segment`).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Grey-level window, HU.
+        #[arg(long, value_parser = numbers::<f32, 2>, default_value = "-175,250", allow_hyphen_values = true)]
+        window: [f32; 2],
+        /// Number of slices side by side.
+        #[arg(long, default_value_t = 3)]
+        slices: usize,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Write a synthetic abdominal CT dataset (MSD layout: imagesTr/, labelsTr/, dataset.json).
     Phantom {
@@ -372,6 +390,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 loaded.segment_file(input, &target, &options.to_string(), &mut |e| bar.update(e))?;
                 bar.finish(&target);
             }
+        }
+        Command::Render { image, labels, window, slices, out } => {
+            let (dims, _, voxels) = plugin.volume_f32(&image)?;
+            let label_voxels = match &labels {
+                Some(p) => {
+                    let (ldims, _, l) = plugin.volume_f32(p)?;
+                    if ldims != dims {
+                        return Err(Failure::Usage(format!("{} has dims {ldims:?}, the image {dims:?}", p.display())));
+                    }
+                    Some(l)
+                }
+                None => None,
+            };
+            render::render(dims, &voxels, label_voxels.as_deref(), window, slices.max(1), &out).map_err(Failure::Usage)?;
+            eprintln!("wrote {}", out.display());
         }
         Command::InitTrain { common } => train(&plugin, false, &common, None)?,
         Command::FineTune { common, init, .. } => train(&plugin, true, &common, init.as_ref())?,

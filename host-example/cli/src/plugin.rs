@@ -18,6 +18,9 @@ const fn parse_u32(s: &str) -> u32 {
     v
 }
 
+/// Bytes per voxel of each `LwiDtype`, in enum order.
+const DTYPE_SIZES: [usize; 10] = [1, 1, 2, 2, 4, 4, 8, 8, 4, 8];
+
 /// Opaque `LwiVolumeHandle*`.
 pub type VolumeHandle = *mut c_void;
 
@@ -134,8 +137,35 @@ impl Plugin {
         self.check(status)
     }
 
+    /// Reads a volume's voxels as f32 (x fastest) with its dims and RAS affine.
+    pub fn volume_f32(&self, path: &Path) -> Result<([i64; 3], [f64; 16], Vec<f32>), PluginError> {
+        let (dims, dtype, affine, bytes) = self.volume(path, true)?;
+        let size = DTYPE_SIZES[dtype as usize];
+        let value = |b: &[u8]| -> f32 {
+            match dtype {
+                0 => b[0] as f32,
+                1 => b[0] as i8 as f32,
+                2 => u16::from_le_bytes([b[0], b[1]]) as f32,
+                3 => i16::from_le_bytes([b[0], b[1]]) as f32,
+                4 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
+                5 => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
+                6 => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+                7 => i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+                8 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                _ => f64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32,
+            }
+        };
+        Ok((dims, affine, bytes.chunks_exact(size).map(value).collect()))
+    }
+
     /// Reads a volume's header facts: dims, dtype code, RAS affine.
     pub fn volume_info(&self, path: &Path) -> Result<([i64; 3], i32, [f64; 16]), PluginError> {
+        let (dims, dtype, affine, _) = self.volume(path, false)?;
+        Ok((dims, dtype, affine))
+    }
+
+    /// Reads a volume through the C ABI: dims, dtype code, RAS affine and (if asked) the voxel bytes.
+    fn volume(&self, path: &Path, voxels: bool) -> Result<([i64; 3], i32, [f64; 16], Vec<u8>), PluginError> {
         let p = cstring(path);
         let mut h: VolumeHandle = std::ptr::null_mut();
         let (mut dims, mut dtype, mut affine) = ([0i64; 3], 0i32, [0f64; 16]);
@@ -149,18 +179,26 @@ impl Plugin {
             let dims_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut i64) -> i32>(b"lwi_volume_dims\0");
             let dtype_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut i32) -> i32>(b"lwi_volume_dtype\0");
             let aff_f = self.sym::<unsafe extern "C" fn(VolumeHandle, i32, *mut f64) -> i32>(b"lwi_volume_affine\0");
+            let copy_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut c_void, usize) -> i32>(b"lwi_volume_copy_voxels\0");
             let free = self.sym::<unsafe extern "C" fn(VolumeHandle)>(b"lwi_volume_free\0");
+            let mut bytes = Vec::new();
             let result = (|| {
                 self.check(dims_f.map_err(Self::missing)?(h, dims.as_mut_ptr()))?;
                 self.check(dtype_f.map_err(Self::missing)?(h, &mut dtype))?;
-                self.check(aff_f.map_err(Self::missing)?(h, 0, affine.as_mut_ptr()))
+                self.check(aff_f.map_err(Self::missing)?(h, 0, affine.as_mut_ptr()))?;
+                if voxels {
+                    let size = DTYPE_SIZES.get(dtype as usize).copied().unwrap_or(1);
+                    bytes = vec![0u8; dims.iter().product::<i64>() as usize * size];
+                    self.check(copy_f.map_err(Self::missing)?(h, bytes.as_mut_ptr().cast(), bytes.len()))?;
+                }
+                Ok(())
             })();
             if let Ok(free) = free {
                 free(h);
             }
             result?;
+            Ok((dims, dtype, affine, bytes))
         }
-        Ok((dims, dtype, affine))
     }
 
     /// `lwi_model_import(checkpoint, options_json, out)`.
