@@ -294,7 +294,7 @@ void lwi_string_free(char *s);
 // Stage 1, learnable weight initialization: trains UNETR on the pretext task (depth-slab
 // shuffling + cube masking; reconstruction + order prediction) and writes a model file with stage
 // `init` and the order heads. `config_json` holds `dataset` and `out` (required) and any of the
-// training options (docs/training.md); `device` and `threads` there override the engine's.
+// training options (docs/training.md); the engine's device is used unless `device` is given.
 // Checkpoints go to `OUT.ckpt` every `checkpoint_every` epochs; `"resume": true` continues from
 // one. A non-zero return from `progress` stops within one iteration with `LWI_STATUS_CANCELLED`,
 // leaving the last checkpoint intact.

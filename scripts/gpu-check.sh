@@ -45,6 +45,55 @@ for precision in fp32 bf16 fp16; do
 done
 [ "$have_monai" = 1 ] || echo "(MONAI or numpy not importable here: reference side skipped)"
 
+step "training on CUDA (tiny UNETR, bf16 autocast): init-train then fine-tune on phantoms"
+W=/tmp/lwi-gpu && rm -rf $W && mkdir -p $W
+"$B/bin/lwi" --plugin "$B/bin/liblwi.so" phantom --out $W/data --cases 4 --size 48,48,32 --spacing 6,6,8 >/dev/null 2>&1
+echo '{"img_size": [32,32,32], "feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}' > $W/arch.json
+echo '{"spacing": [8,8,8], "num_samples": 4, "pretext": {"slabs": 2}, "warmup_epochs": 1, "lr": 1e-3, "val_every": 3}' > $W/c.json
+t0=$(date +%s)
+"$B/bin/lwi" --plugin "$B/bin/liblwi.so" init-train --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
+  --epochs 3 --device cuda:0 --out $W/init.safetensors 2>&1 | tail -n 2 || failed=1
+"$B/bin/lwi" --plugin "$B/bin/liblwi.so" fine-tune --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
+  --init $W/init.safetensors --epochs 3 --device cuda:0 --out $W/model.safetensors 2>&1 | tail -n 2 || failed=1
+echo "training wall time: $(( $(date +%s) - t0 )) s"
+
+step "segment a CT-sized phantom (512x512x200, 0.8x0.8x2.5 mm) with the full-size UNETR on CUDA"
+"$B/bin/lwi" --plugin "$B/bin/liblwi.so" phantom --out $W/ct --cases 1 --size 512,512,200 --spacing 0.8,0.8,2.5 >/dev/null 2>&1
+"$PY" - "$W" <<'PY' || failed=1
+import json, sys, torch
+from monai.networks.nets import UNETR
+w = sys.argv[1]
+torch.manual_seed(0)
+cfg = dict(in_channels=1, out_channels=14, img_size=[96, 96, 96], proj_type="perceptron")
+torch.save(UNETR(**cfg).state_dict(), f"{w}/full.pt")
+json.dump(cfg, open(f"{w}/arch.json.full", "w"))
+json.dump({str(i): f"class {i}" for i in range(14)}, open(f"{w}/labels.json", "w"))
+PY
+"$B/bin/lwi" --plugin "$B/bin/liblwi.so" import --from $W/full.pt --arch-config $W/arch.json.full --labels $W/labels.json --out $W/full.safetensors || failed=1
+for precision in fp32 bf16; do
+  for round in 1 2; do
+    "$B/bin/lwi" --plugin "$B/bin/liblwi.so" segment --model $W/full.safetensors $W/ct/imagesTr/phantom_000.nii.gz \
+      --out $W/seg-$precision.nii.gz --overwrite --device cuda:0 --sw-batch 4 --precision $precision >/dev/null 2>&1 || failed=1
+    echo "lwi segment $precision round $round: $(grep -o '"segment": [0-9.]*' $W/seg-$precision.nii.gz.json) s (read+write excluded)"
+  done
+done
+if [ "$have_monai" = 1 ]; then
+  "$PY" - <<'PY'
+import time, torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNETR
+net = UNETR(in_channels=1, out_channels=14, img_size=96, proj_type="perceptron").cuda().eval()
+x = torch.rand(1, 1, 273, 273, 250, device="cuda")  # the phantom's preprocessed grid at 1.5x1.5x2 mm
+for dtype in (None, torch.bfloat16):
+    for _ in range(2):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            y = sliding_window_inference(x, (96, 96, 96), 4, net, overlap=0.5, mode="gaussian")
+        torch.cuda.synchronize()
+        print(f"MONAI sliding_window_inference {dtype or 'fp32'} on 273x273x250: {time.perf_counter() - t:.3f} s")
+PY
+fi
+
 echo
 if [ $failed = 0 ]; then echo "gpu-check: all passed"; else echo "gpu-check: FAILED"; fi
 exit $failed
