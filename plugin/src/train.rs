@@ -469,8 +469,13 @@ pub fn train(stage: Stage, cfg: &TrainConfig, device: Device, progress: &mut dyn
         let done = epoch + 1;
         let mut metric = None;
         if stage == Stage::Segmentation && !ds.validation.is_empty() && (done % cfg.val_every == 0 || done == cfg.epochs) {
-            let dice = validate(&model, &ds, progress)?;
+            let (dice, per_label) = validate(&model, &ds, progress)?;
             metric = Some(dice);
+            let table: Vec<String> = per_label
+                .iter()
+                .map(|(l, d)| format!("{}:{d:.3}", model.meta.labels.get(l).cloned().unwrap_or_else(|| l.to_string())))
+                .collect();
+            report(progress, Event { stage: "validate", done: ds.validation.len() as u64, total: ds.validation.len() as u64, epoch: Some(epoch), metric: Some(dice), message: format!("Dice per label {}", table.join(" ")), ..Default::default() })?;
             if best.is_none_or(|b| dice > b) {
                 best = Some(dice);
                 model.save(&cfg.out.with_extension("best.safetensors"))?;
@@ -517,27 +522,32 @@ fn transfer_from_init(model: &Model, init: &Path, device: Device) -> Result<()> 
     load_state_dict(&model.vs, &tensors)
 }
 
-/// Mean Dice over the validation cases and their labels (sliding window on the whole volume,
-/// back on the original grid, as `segment` does).
-fn validate(model: &Model, ds: &DatasetFile, progress: &mut dyn Progress) -> Result<f64> {
+/// Dice on the validation cases (sliding window on the whole volume, back on the original grid, as
+/// `segment` does): the mean over cases and labels, and the mean per label.
+fn validate(model: &Model, ds: &DatasetFile, progress: &mut dyn Progress) -> Result<(f64, BTreeMap<u32, f64>)> {
     let opts = crate::segment::SegmentOptions { blend: crate::infer::Blend::Constant, ..Default::default() };
     let mut sum = 0.0;
     let mut n = 0usize;
+    let mut per_label: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
     for (i, entry) in ds.validation.iter().enumerate() {
         let Some(label_path) = &entry.label else { continue };
         let image = crate::io::read_volume(&entry.image)?;
         let reference = crate::io::read_volume(label_path)?;
         let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
         let labels: Vec<u32> = model.meta.labels.keys().copied().filter(|&l| l != 0).collect();
-        for (_, s) in crate::metrics::score(&pred, &reference, &labels)? {
+        for (l, s) in crate::metrics::score(&pred, &reference, &labels)? {
             if let Some(d) = s.dice {
                 sum += d;
                 n += 1;
+                let e = per_label.entry(l).or_default();
+                e.0 += d;
+                e.1 += 1;
             }
         }
         report(progress, Event { stage: "validate", done: i as u64 + 1, total: ds.validation.len() as u64, ..Default::default() })?;
     }
-    Ok(if n > 0 { sum / n as f64 } else { 0.0 })
+    let per_label = per_label.into_iter().map(|(l, (s, k))| (l, s / k as f64)).collect();
+    Ok((if n > 0 { sum / n as f64 } else { 0.0 }, per_label))
 }
 
 #[cfg(test)]

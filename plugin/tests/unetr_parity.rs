@@ -65,3 +65,30 @@ fn default_config_is_the_full_size_model() {
     let params: usize = vs.trainable_variables().iter().map(|t| t.numel()).sum();
     assert_eq!(params, 92_802_478);
 }
+
+#[test]
+fn initialisation_draws_from_monais_distributions() {
+    // Random draws cannot be equal across libraries; their distributions must be. Per tensor: the
+    // same constant where MONAI's is constant, and the same spread (std within 12% for tensors of at
+    // least 500 values), never beyond MONAI's bound.
+    let dir = monai_reference(&["--init-stats"]);
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("init_stats.json")).unwrap()).unwrap();
+    let cfg = UnetrConfig { in_channels: 1, out_channels: 3, img_size: [32, 32, 32], feature_size: 8, hidden_size: 48, mlp_dim: 96, num_heads: 4, ..Default::default() };
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let _ = Unetr::new(&vs.root(), &cfg).unwrap();
+    let mut checked = 0;
+    for (name, t) in vs.variables() {
+        let s = &stats[&name];
+        let (ref_std, ref_max, numel) = (s["std"].as_f64().unwrap(), s["max_abs"].as_f64().unwrap(), s["numel"].as_i64().unwrap());
+        let t = t.to_kind(tch::Kind::Double);
+        let (std, max) = (if numel > 1 { t.std(true).double_value(&[]) } else { 0.0 }, t.abs().max().double_value(&[]));
+        if ref_std == 0.0 {
+            assert!((t.mean(tch::Kind::Double).double_value(&[]) - s["mean"].as_f64().unwrap()).abs() < 1e-12 && std == 0.0, "{name}: constant init differs");
+        } else if numel >= 500 {
+            assert!((std / ref_std - 1.0).abs() < 0.12, "{name}: std {std} vs MONAI {ref_std}");
+            assert!(max <= ref_max * 1.05 + 1e-6, "{name}: max {max} vs MONAI {ref_max}");
+        }
+        checked += 1;
+    }
+    report("unetr-parity", &format!("initialisation: {checked} tensors drawn from MONAI's distributions (std within 12%, constants equal)"));
+}

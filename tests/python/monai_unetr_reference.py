@@ -107,7 +107,22 @@ def write_checkpoints(out: Path):
     save_file({"__input__": x, "__output__": y}, str(out / "reference.safetensors"))
 
 
+def write_init_stats(out: Path):
+    """Per-tensor mean, std and max |x| of MONAI's freshly initialised tiny UNETR (no perturbation)."""
+    torch.manual_seed(0)
+    model = UNETR(**CONFIGS["tiny_cubic"])
+    stats = {k: {"mean": v.float().mean().item(), "std": v.float().std().item() if v.numel() > 1 else 0.0,
+                 "max_abs": v.abs().max().item(), "numel": v.numel()}
+             for k, v in model.state_dict().items()}
+    (out / "init_stats.json").write_text(json.dumps(stats))
+
+
 def main():
+    if sys.argv[1] == "--init-stats":
+        out = Path(sys.argv[2])
+        out.mkdir(parents=True, exist_ok=True)
+        write_init_stats(out)
+        return
     if sys.argv[1] == "--checkpoints":
         out = Path(sys.argv[2])
         out.mkdir(parents=True, exist_ok=True)
