@@ -15,6 +15,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod phantom;
+pub mod postprocess;
 pub mod preprocess;
 pub mod pretext;
 pub mod runtime;

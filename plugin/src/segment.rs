@@ -40,6 +40,11 @@ pub struct SegmentOptions {
     pub precision: Precision,
     /// Z-slices sampled per resampling step (bounds temporary memory).
     pub slab: i64,
+    /// Keep only the largest connected component of each label (26-connectivity).
+    pub largest_component: bool,
+    /// On CUDA, keep the sliding-window accumulators on the CPU when they would take more than
+    /// this many MiB of GPU memory (they also move there, with a warning event, on out-of-memory).
+    pub max_gpu_accumulator_mb: Option<u64>,
     /// Also write the network's input (after reorientation, resampling, windowing and cropping) to
     /// this volume file, on its own grid: for checking the preprocessing.
     pub save_preprocessed: Option<std::path::PathBuf>,
@@ -55,6 +60,8 @@ impl Default for SegmentOptions {
             resample: ResampleBack::Scores,
             precision: Precision::Fp32,
             slab: 32,
+            largest_component: false,
+            max_gpu_accumulator_mb: None,
             save_preprocessed: None,
         }
     }
@@ -164,10 +171,24 @@ pub fn run(pipeline: &Pipeline, volume: &Volume, opts: &SegmentOptions, progress
             report(progress, Event { stage: "infer", done: batches, total: 0, message: format!("view {} of {}", v + 1, views.len()), ..Default::default() })?;
             Ok(p)
         };
-        let p = sliding_window(&prepared.image, &wopts, device, predict)?;
+        let bytes = (pipeline.classes as u64 + 1) * prepared.image.numel() as u64 * 4;
+        let on = accumulator_device(device, bytes, opts.max_gpu_accumulator_mb);
+        let p = match sliding_window(&prepared.image, &wopts, on, predict) {
+            Err(e) if e.kind == ErrorKind::OutOfMemory && on.is_cuda() => {
+                report(progress, Event { stage: "infer", message: format!("warning: GPU out of memory for the {} MiB of accumulators; retrying with them on the CPU", bytes >> 20), ..Default::default() })?;
+                let predict = |batch: &Tensor| -> Result<Tensor> {
+                    if flip.is_empty() { (pipeline.predict)(batch) } else { Ok((pipeline.predict)(&batch.flip(flip))?.flip(flip)) }
+                };
+                sliding_window(&prepared.image, &wopts, Device::Cpu, predict)?
+            }
+            other => other?,
+        };
         probs = Some(match probs {
             None => p,
-            Some(sum) => sum + p,
+            Some(sum) => {
+                let on = sum.device();
+                sum + p.to_device(on)
+            }
         });
     }
     let probs = probs.ok_or_else(|| Error::internal("no inference view"))?;
@@ -187,9 +208,26 @@ pub fn run(pipeline: &Pipeline, volume: &Volume, opts: &SegmentOptions, progress
         slabs.push(slab.to_kind(kind).to_device(Device::Cpu));
     }
     report(progress, event("resample", 1, 1))?;
-    let labels = Tensor::f_cat(&slabs, 2)?;
+    let mut labels = Tensor::f_cat(&slabs, 2)?;
     let dtype = if kind == Kind::Uint8 { DType::U8 } else { DType::U16 };
+    if opts.largest_component {
+        let bytes = DType::U32.le_bytes_from_tensor(&labels)?;
+        let mut values: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let d = volume.dims();
+        crate::postprocess::keep_largest_components(&mut values, [d[0] as usize, d[1] as usize, d[2] as usize]);
+        let back: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        labels = DType::U32.tensor_from_le_bytes(&back, d)?.to_kind(kind);
+    }
     Volume::new(labels, volume.affine, dtype)
+}
+
+/// Where the sliding-window sums live: with the model, unless that is a GPU and they would exceed
+/// the cap.
+pub fn accumulator_device(device: Device, bytes: u64, cap_mb: Option<u64>) -> Device {
+    match cap_mb {
+        Some(cap) if device.is_cuda() && bytes > cap << 20 => Device::Cpu,
+        _ => device,
+    }
 }
 
 /// Reads `input`, segments it, writes the label map to `output` (format by extension, through a
@@ -229,4 +267,25 @@ pub fn segment_file(
         crate::io::write_atomically(std::path::Path::new(&name), text.as_bytes())?;
     }
     Ok(doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulators_leave_the_gpu_only_beyond_the_cap() {
+        let gpu = Device::Cuda(0);
+        assert_eq!(accumulator_device(gpu, 3 << 30, None), gpu);
+        assert_eq!(accumulator_device(gpu, 3 << 30, Some(4096)), gpu);
+        assert_eq!(accumulator_device(gpu, 5 << 30, Some(4096)), Device::Cpu);
+        assert_eq!(accumulator_device(Device::Cpu, 5 << 30, Some(1)), Device::Cpu);
+    }
+
+    #[test]
+    fn options_json_is_strict() {
+        assert!(SegmentOptions::from_json(r#"{"overlap": 0.25, "largest_component": true}"#).unwrap().largest_component);
+        assert!(SegmentOptions::from_json(r#"{"overlapp": 0.25}"#).unwrap_err().message.contains("overlapp"));
+        assert!(SegmentOptions::from_json(r#"{"tta_axes": [3]}"#).is_err());
+    }
 }

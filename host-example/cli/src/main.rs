@@ -125,6 +125,12 @@ enum Command {
         /// Print progress as JSON lines on stdout (for scripts) instead of bars.
         #[arg(long)]
         json: bool,
+        /// Keep only the largest connected component of each label.
+        #[arg(long)]
+        largest_component: bool,
+        /// On CUDA, keep the sliding-window sums on the CPU when they would need more GPU memory than this (MiB).
+        #[arg(long, value_name = "MIB")]
+        max_gpu_accumulator_mb: Option<u64>,
         /// Also write the network's input (reoriented, resampled, windowed, cropped) to this volume
         /// file on its own grid, to check the preprocessing (one input only).
         #[arg(long, value_name = "FILE")]
@@ -347,7 +353,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             plugin.import(&from, &options.to_string(), &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Command::Segment { model, inputs, out, overlap, blend, sw_batch, tta, resample, precision, device, threads, shard, overwrite, no_manifest, json, save_preprocessed } => {
+        Command::Segment { model, inputs, out, overlap, blend, sw_batch, tta, resample, precision, device, threads, shard, overwrite, no_manifest, json, largest_component, max_gpu_accumulator_mb, save_preprocessed } => {
             if save_preprocessed.is_some() && inputs.len() != 1 {
                 return Err(Failure::Usage("--save-preprocessed takes a single input".into()));
             }
@@ -370,7 +376,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let loaded = plugin.load_model(&model, &engine.to_string())?;
             let mut options = serde_json::json!({
                 "overlap": overlap, "blend": blend, "sw_batch": sw_batch, "resample": resample,
-                "precision": precision, "manifest": !no_manifest,
+                "precision": precision, "manifest": !no_manifest, "largest_component": largest_component,
+                "max_gpu_accumulator_mb": max_gpu_accumulator_mb,
             });
             if tta {
                 options["tta_axes"] = serde_json::json!([0, 1, 2]);
