@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RELEASE := target/release
 DEMO := out/demo
 
-.PHONY: all setup build test test-rust test-c test-python testdata demo bench header gpu-bundle gpu-check clean
+.PHONY: all setup build lint test test-rust test-c test-python testdata demo bench header gpu-bundle gpu-check clean
 
 all: build
 
@@ -49,6 +49,11 @@ demo: build
 bench: build testdata
 	$(CARGO) build --release --examples
 	$(PY) bench/run.py
+
+## lint: rustfmt and clippy, warnings as errors
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 ## header: regenerate include/lwi.h from ffi/ (commit the result)
 header: setup

@@ -2,7 +2,8 @@
 // symbol of it is referenced (else CUDA silently disappears); `-z defs` so a C++ ABI mismatch is a
 // link error, not a dlopen failure on a user's machine.
 fn main() {
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
+    let lib =
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     println!("cargo:rustc-cdylib-link-arg=-L{lib}");
     println!("cargo:rustc-cdylib-link-arg=-Wl,--no-as-needed");

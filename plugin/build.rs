@@ -2,7 +2,9 @@
 // (tch's own rpath does not propagate to dependents). Records libtorch's version, and compiles the
 // small C++ shim over libtorch APIs that tch does not expose (csrc/).
 fn main() {
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // Tests and examples of this crate must see CUDA on a GPU machine: keep libtorch_cuda linked
     // although no symbol of it is referenced (`--as-needed` would drop it).
@@ -19,7 +21,12 @@ fn main() {
             .map(|v| v.trim().to_string())
             .unwrap_or_else(|| "?".into())
     };
-    println!("cargo:rustc-env=LWI_LIBTORCH_VERSION={}.{}.{}", part("MAJOR"), part("MINOR"), part("PATCH"));
+    println!(
+        "cargo:rustc-env=LWI_LIBTORCH_VERSION={}.{}.{}",
+        part("MAJOR"),
+        part("MINOR"),
+        part("PATCH")
+    );
 
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     cc::Build::new()

@@ -92,7 +92,8 @@ pub struct LwiProgress {
 
 /// Progress callback: return 0 to go on, anything else to cancel (the call then returns
 /// `LWI_STATUS_CANCELLED` and leaves no partial output).
-pub type LwiProgressFn = Option<unsafe extern "C" fn(user: *mut c_void, progress: *const LwiProgress) -> i32>;
+pub type LwiProgressFn =
+    Option<unsafe extern "C" fn(user: *mut c_void, progress: *const LwiProgress) -> i32>;
 
 /// A volume lent by the host for the duration of one call: `data` holds dims\[0\]·dims\[1\]·dims\[2\]
 /// voxels of `dtype` (an `LwiDtype`), x fastest; `affine` maps voxel (i, j, k) to world mm in
@@ -201,7 +202,9 @@ unsafe fn text_arg<'a>(p: *const c_char, what: &str, default: &'a str) -> lwi::R
         return Ok(default);
     }
     // SAFETY: non-NULL and NUL-terminated by the caller's contract.
-    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
 }
 
 /// SAFETY (callers): `h` is NULL or a handle from `lwi_volume_read` not yet freed.
@@ -251,10 +254,18 @@ pub extern "C" fn lwi_version_json() -> *const c_char {
 /// # Safety
 /// `in_path` and `out_path` are NULL or NUL-terminated strings.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_convert(in_path: *const c_char, out_path: *const c_char) -> LwiStatus {
+pub unsafe extern "C" fn lwi_volume_convert(
+    in_path: *const c_char,
+    out_path: *const c_char,
+) -> LwiStatus {
     guard("lwi_volume_convert", || {
         // SAFETY: forwarded caller contract.
-        let (src, dst) = unsafe { (path_arg(in_path, "in_path")?, path_arg(out_path, "out_path")?) };
+        let (src, dst) = unsafe {
+            (
+                path_arg(in_path, "in_path")?,
+                path_arg(out_path, "out_path")?,
+            )
+        };
         lwi::io::write_volume(&lwi::io::read_volume(src)?, dst)
     })
 }
@@ -265,7 +276,10 @@ pub unsafe extern "C" fn lwi_volume_convert(in_path: *const c_char, out_path: *c
 /// # Safety
 /// `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_read(path: *const c_char, out: *mut *mut LwiVolumeHandle) -> LwiStatus {
+pub unsafe extern "C" fn lwi_volume_read(
+    path: *const c_char,
+    out: *mut *mut LwiVolumeHandle,
+) -> LwiStatus {
     guard("lwi_volume_read", || {
         if out.is_null() {
             return Err(null("out"));
@@ -286,7 +300,10 @@ pub unsafe extern "C" fn lwi_volume_read(path: *const c_char, out: *mut *mut Lwi
 /// # Safety
 /// `volume` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_write(volume: *const LwiVolumeHandle, path: *const c_char) -> LwiStatus {
+pub unsafe extern "C" fn lwi_volume_write(
+    volume: *const LwiVolumeHandle,
+    path: *const c_char,
+) -> LwiStatus {
     guard("lwi_volume_write", || {
         // SAFETY: forwarded caller contract.
         let (h, p) = unsafe { (handle(volume)?, path_arg(path, "path")?) };
@@ -299,7 +316,10 @@ pub unsafe extern "C" fn lwi_volume_write(volume: *const LwiVolumeHandle, path: 
 /// # Safety
 /// `volume` is NULL or a live handle; `dims` is NULL or points to 3 writable `int64_t`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_dims(volume: *const LwiVolumeHandle, dims: *mut i64) -> LwiStatus {
+pub unsafe extern "C" fn lwi_volume_dims(
+    volume: *const LwiVolumeHandle,
+    dims: *mut i64,
+) -> LwiStatus {
     guard("lwi_volume_dims", || {
         // SAFETY: forwarded caller contract.
         let h = unsafe { handle(volume)? };
@@ -332,7 +352,10 @@ fn dtype_code(d: DType) -> LwiDtype {
 /// # Safety
 /// `volume` is NULL or a live handle; `out` is NULL or writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_dtype(volume: *const LwiVolumeHandle, out: *mut LwiDtype) -> LwiStatus {
+pub unsafe extern "C" fn lwi_volume_dtype(
+    volume: *const LwiVolumeHandle,
+    out: *mut LwiDtype,
+) -> LwiStatus {
     guard("lwi_volume_dtype", || {
         // SAFETY: forwarded caller contract.
         let h = unsafe { handle(volume)? };
@@ -351,7 +374,11 @@ pub unsafe extern "C" fn lwi_volume_dtype(volume: *const LwiVolumeHandle, out: *
 /// # Safety
 /// `volume` is NULL or a live handle; `out` is NULL or points to 16 writable doubles.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_affine(volume: *const LwiVolumeHandle, space: i32, out: *mut f64) -> LwiStatus {
+pub unsafe extern "C" fn lwi_volume_affine(
+    volume: *const LwiVolumeHandle,
+    space: i32,
+    out: *mut f64,
+) -> LwiStatus {
     guard("lwi_volume_affine", || {
         // SAFETY: forwarded caller contract.
         let h = unsafe { handle(volume)? };
@@ -361,7 +388,11 @@ pub unsafe extern "C" fn lwi_volume_affine(volume: *const LwiVolumeHandle, space
         let m = match space {
             s if s == LwiSpace::Ras as i32 => h.volume.affine,
             s if s == LwiSpace::Lps as i32 => lwi::flip_lps_ras(&h.volume.affine),
-            other => return Err(Error::invalid(format!("space {other} is neither LWI_SPACE_RAS (0) nor LWI_SPACE_LPS (1)"))),
+            other => {
+                return Err(Error::invalid(format!(
+                    "space {other} is neither LWI_SPACE_RAS (0) nor LWI_SPACE_LPS (1)"
+                )));
+            }
         };
         let flat: Vec<f64> = m.iter().flatten().copied().collect();
         // SAFETY: `out` points to 16 writable doubles by the caller's contract.
@@ -376,7 +407,11 @@ pub unsafe extern "C" fn lwi_volume_affine(volume: *const LwiVolumeHandle, space
 /// # Safety
 /// `volume` is NULL or a live handle; `dst` is NULL or points to `dst_bytes` writable bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_copy_voxels(volume: *const LwiVolumeHandle, dst: *mut c_void, dst_bytes: usize) -> LwiStatus {
+pub unsafe extern "C" fn lwi_volume_copy_voxels(
+    volume: *const LwiVolumeHandle,
+    dst: *mut c_void,
+    dst_bytes: usize,
+) -> LwiStatus {
     guard("lwi_volume_copy_voxels", || {
         // SAFETY: forwarded caller contract.
         let h = unsafe { handle(volume)? };
@@ -385,7 +420,9 @@ pub unsafe extern "C" fn lwi_volume_copy_voxels(volume: *const LwiVolumeHandle, 
         }
         let need = h.volume.dims().iter().product::<i64>() as usize * h.volume.dtype.size();
         if dst_bytes != need {
-            return Err(Error::invalid(format!("dst_bytes is {dst_bytes}; this volume needs exactly {need}")));
+            return Err(Error::invalid(format!(
+                "dst_bytes is {dst_bytes}; this volume needs exactly {need}"
+            )));
         }
         let bytes = h.volume.dtype.le_bytes_from_tensor(&h.volume.data)?;
         // SAFETY: `dst` has `dst_bytes` == bytes.len() writable bytes by the caller's contract.
@@ -414,10 +451,18 @@ pub unsafe extern "C" fn lwi_volume_free(volume: *mut LwiVolumeHandle) {
 /// # Safety
 /// `out_dir` and `options_json` are NULL or NUL-terminated strings.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_phantom_dataset(out_dir: *const c_char, options_json: *const c_char) -> LwiStatus {
+pub unsafe extern "C" fn lwi_phantom_dataset(
+    out_dir: *const c_char,
+    options_json: *const c_char,
+) -> LwiStatus {
     guard("lwi_phantom_dataset", || {
         // SAFETY: forwarded caller contract.
-        let (dir, json) = unsafe { (path_arg(out_dir, "out_dir")?, text_arg(options_json, "options_json", "{}")?) };
+        let (dir, json) = unsafe {
+            (
+                path_arg(out_dir, "out_dir")?,
+                text_arg(options_json, "options_json", "{}")?,
+            )
+        };
         let opts: lwi::phantom::PhantomOptions =
             serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?;
         lwi::phantom::write_dataset(dir, &opts).map(|_| ())
@@ -431,7 +476,10 @@ pub unsafe extern "C" fn lwi_phantom_dataset(out_dir: *const c_char, options_jso
 /// # Safety
 /// `options_json` is NULL or a NUL-terminated string; `out` is NULL or writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_engine_create(options_json: *const c_char, out: *mut *mut LwiEngine) -> LwiStatus {
+pub unsafe extern "C" fn lwi_engine_create(
+    options_json: *const c_char,
+    out: *mut *mut LwiEngine,
+) -> LwiStatus {
     guard("lwi_engine_create", || {
         if out.is_null() {
             return Err(null("out"));
@@ -467,7 +515,11 @@ pub unsafe extern "C" fn lwi_engine_free(engine: *mut LwiEngine) {
 /// # Safety
 /// `engine` is NULL or live; `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_model_load(engine: *const LwiEngine, path: *const c_char, out: *mut *mut LwiModel) -> LwiStatus {
+pub unsafe extern "C" fn lwi_model_load(
+    engine: *const LwiEngine,
+    path: *const c_char,
+    out: *mut *mut LwiModel,
+) -> LwiStatus {
     guard("lwi_model_load", || {
         if out.is_null() {
             return Err(null("out"));
@@ -480,7 +532,12 @@ pub unsafe extern "C" fn lwi_model_load(engine: *const LwiEngine, path: *const c
         let path = unsafe { path_arg(path, "path")? };
         let model = lwi::bundle::Model::load(path, engine.engine.device)?;
         // SAFETY: as above.
-        unsafe { *out = Box::into_raw(Box::new(LwiModel { model, info: OnceLock::new() })) };
+        unsafe {
+            *out = Box::into_raw(Box::new(LwiModel {
+                model,
+                info: OnceLock::new(),
+            }))
+        };
         Ok(())
     })
 }
@@ -497,7 +554,10 @@ pub unsafe extern "C" fn lwi_model_info_json(model: *const LwiModel) -> *const c
     guard("lwi_model_info_json", || {
         // SAFETY: a non-NULL model is live by the caller's contract.
         let m = unsafe { model.as_ref() }.ok_or_else(|| null("model"))?;
-        out = m.info.get_or_init(|| CString::new(m.model.info_json().to_string()).unwrap_or_default()).as_ptr();
+        out = m
+            .info
+            .get_or_init(|| CString::new(m.model.info_json().to_string()).unwrap_or_default())
+            .as_ptr();
         Ok(())
     });
     out
@@ -524,11 +584,19 @@ pub unsafe extern "C" fn lwi_model_free(model: *mut LwiModel) {
 /// # Safety
 /// Each argument is NULL or a NUL-terminated string.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_model_import(checkpoint_path: *const c_char, options_json: *const c_char, out_path: *const c_char) -> LwiStatus {
+pub unsafe extern "C" fn lwi_model_import(
+    checkpoint_path: *const c_char,
+    options_json: *const c_char,
+    out_path: *const c_char,
+) -> LwiStatus {
     guard("lwi_model_import", || {
         // SAFETY: forwarded caller contract.
         let (src, json, dst) = unsafe {
-            (path_arg(checkpoint_path, "checkpoint_path")?, text_arg(options_json, "options_json", "")?, path_arg(out_path, "out_path")?)
+            (
+                path_arg(checkpoint_path, "checkpoint_path")?,
+                text_arg(options_json, "options_json", "")?,
+                path_arg(out_path, "out_path")?,
+            )
         };
         let options = lwi::import::ImportOptions::from_json(json)?;
         lwi::import::import_unetr(src, &options)?.save(dst)
@@ -582,8 +650,16 @@ unsafe fn volume_arg(v: *const LwiVolume) -> lwi::Result<Volume> {
         )));
     }
     let dtype = dtype_of(v.dtype)?;
-    if v.dims.iter().any(|&d| d < 1) || v.dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d)).is_none() {
-        return Err(Error::invalid(format!("volume dims {:?} must be positive", v.dims)));
+    if v.dims.iter().any(|&d| d < 1)
+        || v.dims
+            .iter()
+            .try_fold(1i64, |a, &d| a.checked_mul(d))
+            .is_none()
+    {
+        return Err(Error::invalid(format!(
+            "volume dims {:?} must be positive",
+            v.dims
+        )));
     }
     if v.data.is_null() {
         return Err(null("volume->data"));
@@ -592,7 +668,11 @@ unsafe fn volume_arg(v: *const LwiVolume) -> lwi::Result<Volume> {
     let affine = match v.space {
         s if s == LwiSpace::Ras as i32 => m,
         s if s == LwiSpace::Lps as i32 => lwi::flip_lps_ras(&m),
-        other => return Err(Error::invalid(format!("volume->space {other} is neither LWI_SPACE_RAS nor LWI_SPACE_LPS"))),
+        other => {
+            return Err(Error::invalid(format!(
+                "volume->space {other} is neither LWI_SPACE_RAS nor LWI_SPACE_LPS"
+            )));
+        }
     };
     let n = v.dims.iter().product::<i64>() as usize * dtype.size();
     // SAFETY: the host lends `n` readable bytes at `data` for this call.
@@ -627,27 +707,47 @@ pub unsafe extern "C" fn lwi_segment(
     guard("lwi_segment", || {
         // SAFETY: forwarded caller contract.
         let (m, input, json) = unsafe {
-            (model.as_ref().ok_or_else(|| null("model"))?, volume_arg(volume)?, text_arg(options_json, "options_json", "")?)
+            (
+                model.as_ref().ok_or_else(|| null("model"))?,
+                volume_arg(volume)?,
+                text_arg(options_json, "options_json", "")?,
+            )
         };
         let out_type = dtype_of(out_dtype)?;
         if !matches!(out_type, DType::U8 | DType::U16) {
-            return Err(Error::invalid("out_dtype must be LWI_DTYPE_UINT8 or LWI_DTYPE_UINT16"));
+            return Err(Error::invalid(
+                "out_dtype must be LWI_DTYPE_UINT8 or LWI_DTYPE_UINT16",
+            ));
         }
         let need = input.dims().iter().product::<i64>() as usize * out_type.size();
         if out_labels.is_null() {
             return Err(null("out_labels"));
         }
         if out_bytes != need {
-            return Err(Error::invalid(format!("out_bytes is {out_bytes}; the labels need exactly {need}")));
+            return Err(Error::invalid(format!(
+                "out_bytes is {out_bytes}; the labels need exactly {need}"
+            )));
         }
         if out_type == DType::U8 && m.model.meta.config.out_channels > 256 {
-            return Err(Error::invalid("the model has more than 256 classes: use LWI_DTYPE_UINT16"));
+            return Err(Error::invalid(
+                "the model has more than 256 classes: use LWI_DTYPE_UINT16",
+            ));
         }
         let opts = lwi::segment::SegmentOptions::from_json(json)?;
-        let labels = lwi::segment::segment(&m.model, &input, &opts, &mut CallbackSink { callback: progress, user })?;
+        let labels = lwi::segment::segment(
+            &m.model,
+            &input,
+            &opts,
+            &mut CallbackSink {
+                callback: progress,
+                user,
+            },
+        )?;
         let bytes = out_type.le_bytes_from_tensor(&labels.data)?;
         // SAFETY: `out_labels` has `out_bytes` == bytes.len() writable bytes.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out_labels.cast::<u8>(), bytes.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out_labels.cast::<u8>(), bytes.len())
+        };
         Ok(())
     })
 }
@@ -686,10 +786,25 @@ pub unsafe extern "C" fn lwi_segment_file(
         let manifest = match value.as_object_mut().and_then(|o| o.remove("manifest")) {
             None => true,
             Some(serde_json::Value::Bool(b)) => b,
-            Some(other) => return Err(Error::invalid(format!("options_json: manifest must be true or false, got {other}"))),
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "options_json: manifest must be true or false, got {other}"
+                )));
+            }
         };
         let opts = lwi::segment::SegmentOptions::from_json(&value.to_string())?;
-        lwi::segment::segment_file(&m.model, src, dst, &opts, manifest, &mut CallbackSink { callback: progress, user }).map(|_| ())
+        lwi::segment::segment_file(
+            &m.model,
+            src,
+            dst,
+            &opts,
+            manifest,
+            &mut CallbackSink {
+                callback: progress,
+                user,
+            },
+        )
+        .map(|_| ())
     })
 }
 
@@ -715,8 +830,13 @@ pub unsafe extern "C" fn lwi_evaluate(
         // SAFETY: `out_json` is writable by the caller's contract.
         unsafe { *out_json = std::ptr::null_mut() };
         // SAFETY: forwarded caller contract.
-        let (pred, reference, json) =
-            unsafe { (path_arg(pred_path, "pred_path")?, path_arg(ref_path, "ref_path")?, text_arg(options_json, "options_json", "{}")?) };
+        let (pred, reference, json) = unsafe {
+            (
+                path_arg(pred_path, "pred_path")?,
+                path_arg(ref_path, "ref_path")?,
+                text_arg(options_json, "options_json", "{}")?,
+            )
+        };
         #[derive(serde::Deserialize, Default)]
         #[serde(deny_unknown_fields, default)]
         struct Options {
@@ -748,7 +868,13 @@ pub unsafe extern "C" fn lwi_string_free(s: *mut c_char) {
 }
 
 /// Runs `train` for `stage` with a JSON configuration and a progress callback.
-fn train_call(stage: lwi::bundle::Stage, engine: *const LwiEngine, config_json: *const c_char, progress: LwiProgressFn, user: *mut c_void) -> lwi::Result<()> {
+fn train_call(
+    stage: lwi::bundle::Stage,
+    engine: *const LwiEngine,
+    config_json: *const c_char,
+    progress: LwiProgressFn,
+    user: *mut c_void,
+) -> lwi::Result<()> {
     // SAFETY: a non-NULL engine is live by the callers' contract.
     let engine = unsafe { engine.as_ref() }.ok_or_else(|| null("engine"))?;
     // SAFETY: forwarded caller contract of the two exports below.
@@ -757,7 +883,16 @@ fn train_call(stage: lwi::bundle::Stage, engine: *const LwiEngine, config_json: 
         return Err(null("config_json"));
     }
     let cfg = lwi::train::TrainConfig::from_json(json)?;
-    lwi::train::train(stage, &cfg, engine.engine.device, &mut CallbackSink { callback: progress, user }).map(|_| ())
+    lwi::train::train(
+        stage,
+        &cfg,
+        engine.engine.device,
+        &mut CallbackSink {
+            callback: progress,
+            user,
+        },
+    )
+    .map(|_| ())
 }
 
 /// Stage 1, learnable weight initialization: trains UNETR on the pretext task (depth-slab
@@ -771,8 +906,21 @@ fn train_call(stage: lwi::bundle::Stage, engine: *const LwiEngine, config_json: 
 /// # Safety
 /// `config_json` is NULL or a NUL-terminated string; `progress` may be NULL.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_init_train(engine: *const LwiEngine, config_json: *const c_char, progress: LwiProgressFn, user: *mut c_void) -> LwiStatus {
-    guard("lwi_init_train", || train_call(lwi::bundle::Stage::Init, engine, config_json, progress, user))
+pub unsafe extern "C" fn lwi_init_train(
+    engine: *const LwiEngine,
+    config_json: *const c_char,
+    progress: LwiProgressFn,
+    user: *mut c_void,
+) -> LwiStatus {
+    guard("lwi_init_train", || {
+        train_call(
+            lwi::bundle::Stage::Init,
+            engine,
+            config_json,
+            progress,
+            user,
+        )
+    })
 }
 
 /// Stage 2, fine-tuning for segmentation: from `init` (an init-train model: every tensor kept but
@@ -783,6 +931,19 @@ pub unsafe extern "C" fn lwi_init_train(engine: *const LwiEngine, config_json: *
 /// # Safety
 /// As [`lwi_init_train`].
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_fine_tune(engine: *const LwiEngine, config_json: *const c_char, progress: LwiProgressFn, user: *mut c_void) -> LwiStatus {
-    guard("lwi_fine_tune", || train_call(lwi::bundle::Stage::Segmentation, engine, config_json, progress, user))
+pub unsafe extern "C" fn lwi_fine_tune(
+    engine: *const LwiEngine,
+    config_json: *const c_char,
+    progress: LwiProgressFn,
+    user: *mut c_void,
+) -> LwiStatus {
+    guard("lwi_fine_tune", || {
+        train_call(
+            lwi::bundle::Stage::Segmentation,
+            engine,
+            config_json,
+            progress,
+            user,
+        )
+    })
 }

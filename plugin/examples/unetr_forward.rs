@@ -16,7 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
     }
-    let cfg = UnetrConfig { img_size: [size; 3], ..Default::default() };
+    let cfg = UnetrConfig {
+        img_size: [size; 3],
+        ..Default::default()
+    };
     let vs = nn::VarStore::new(device);
     let net = Unetr::new(&vs.root(), &cfg)?;
     let x = Tensor::randn([batch, 1, size, size, size], (Kind::Float, device));
@@ -29,7 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..reps + 2 {
         sync();
         let t = std::time::Instant::now();
-        let y = with_precision(precision, device, || tch::no_grad(|| net.forward_t(&x, false)))?;
+        let y = with_precision(precision, device, || {
+            tch::no_grad(|| net.forward_t(&x, false))
+        })?;
         sync();
         drop(y);
         if i >= 2 {

@@ -85,7 +85,12 @@ pub struct ModelMetadata {
 
 impl ModelMetadata {
     /// A fresh description of a `stage` model for `config` and `labels`.
-    pub fn new(config: UnetrConfig, labels: BTreeMap<u32, String>, preprocessing: Preprocessing, stage: Stage) -> Self {
+    pub fn new(
+        config: UnetrConfig,
+        labels: BTreeMap<u32, String>,
+        preprocessing: Preprocessing,
+        stage: Stage,
+    ) -> Self {
         ModelMetadata {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
@@ -95,7 +100,10 @@ impl ModelMetadata {
             labels,
             preprocessing,
             stage,
-            provenance: Provenance { lwi_version: env!("CARGO_PKG_VERSION").into(), ..Default::default() },
+            provenance: Provenance {
+                lwi_version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            },
         }
     }
 
@@ -109,27 +117,52 @@ impl ModelMetadata {
             ));
         }
         if self.arch != "unetr" {
-            return bad(format!("architecture '{}' is not one lwi builds (unetr)", self.arch));
+            return bad(format!(
+                "architecture '{}' is not one lwi builds (unetr)",
+                self.arch
+            ));
         }
-        self.config.validate().map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
+        self.config
+            .validate()
+            .map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
         if self.preprocessing.orientation != "RAS" {
-            return bad(format!("preprocessing orientation '{}' (lwi models work in RAS)", self.preprocessing.orientation));
+            return bad(format!(
+                "preprocessing orientation '{}' (lwi models work in RAS)",
+                self.preprocessing.orientation
+            ));
         }
         if self.preprocessing.roi_size != self.config.img_size {
-            return bad(format!("roi_size {:?} differs from the network's img_size {:?}", self.preprocessing.roi_size, self.config.img_size));
+            return bad(format!(
+                "roi_size {:?} differs from the network's img_size {:?}",
+                self.preprocessing.roi_size, self.config.img_size
+            ));
         }
         let p = &self.preprocessing;
-        if p.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) || !(p.intensity_window[0] < p.intensity_window[1]) {
-            return bad(format!("preprocessing spacing {:?} / window {:?} are not usable", p.spacing, p.intensity_window));
+        let window_ok = p.intensity_window.iter().all(|v| v.is_finite())
+            && p.intensity_window[0] < p.intensity_window[1];
+        if p.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) || !window_ok {
+            return bad(format!(
+                "preprocessing spacing {:?} / window {:?} are not usable",
+                p.spacing, p.intensity_window
+            ));
         }
         if self.stage == Stage::Segmentation {
-            if let Some((id, name)) = self.labels.iter().find(|(id, _)| i64::from(**id) >= self.config.out_channels) {
-                return bad(format!("label {id} ({name}) has no output channel: the network has {}", self.config.out_channels));
+            if let Some((id, name)) = self
+                .labels
+                .iter()
+                .find(|(id, _)| i64::from(**id) >= self.config.out_channels)
+            {
+                return bad(format!(
+                    "label {id} ({name}) has no output channel: the network has {}",
+                    self.config.out_channels
+                ));
             }
         }
         if let Some(m) = self.order_classes {
             if m < 2 {
-                return bad(format!("order_classes {m}: order prediction needs at least 2 slabs"));
+                return bad(format!(
+                    "order_classes {m}: order prediction needs at least 2 slabs"
+                ));
             }
         }
         Ok(())
@@ -148,7 +181,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("meta", &self.meta).finish_non_exhaustive()
+        f.debug_struct("Model")
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,26 +193,44 @@ impl Model {
         meta.validate()?;
         let vs = nn::VarStore::new(device);
         let net = Unetr::new(&vs.root(), &meta.config)?;
-        let order_heads = meta.order_classes.map(|m| OrderHeads::new(&vs.root(), meta.config.hidden_size, m));
-        Ok(Model { meta, file_sha256: None, vs, net, order_heads })
+        let order_heads = meta
+            .order_classes
+            .map(|m| OrderHeads::new(&vs.root(), meta.config.hidden_size, m));
+        Ok(Model {
+            meta,
+            file_sha256: None,
+            vs,
+            net,
+            order_heads,
+        })
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.vs.trainable_variables().iter().map(Tensor::numel).sum()
+        self.vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::numel)
+            .sum()
     }
 
     /// Reads a model file onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Model> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let corrupt = |e: safetensors::SafeTensorError| Error::format(path, format!("not a readable model file ({e})"));
+        let corrupt = |e: safetensors::SafeTensorError| {
+            Error::format(path, format!("not a readable model file ({e})"))
+        };
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
         let doc = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get("lwi"))
             .ok_or_else(|| Error::format(path, "safetensors file without lwi metadata (import PyTorch checkpoints with `lwi import`)"))?;
-        let meta: ModelMetadata = serde_json::from_str(doc)
-            .map_err(|e| Error::new(ErrorKind::ModelIncompatible, format!("{}: model metadata: {e}", path.display())))?;
+        let meta: ModelMetadata = serde_json::from_str(doc).map_err(|e| {
+            Error::new(
+                ErrorKind::ModelIncompatible,
+                format!("{}: model metadata: {e}", path.display()),
+            )
+        })?;
         let file = safetensors::SafeTensors::deserialize(&bytes).map_err(corrupt)?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
@@ -195,7 +248,10 @@ impl Model {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut blobs = Vec::with_capacity(vars.len());
         for (name, t) in &vars {
-            let t = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+            let t = t
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_contiguous()?;
             let mut data = vec![0u8; t.numel() * 4];
             t.f_copy_data_u8(&mut data, t.numel())?;
             let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
@@ -211,7 +267,8 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let doc = serde_json::to_string(&self.meta).map_err(|e| Error::internal(e.to_string()))?;
         let metadata = HashMap::from([("lwi".to_string(), doc)]);
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::internal(e.to_string()))?;
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| Error::internal(e.to_string()))?;
         write_atomically(path, &bytes)
     }
 
@@ -236,7 +293,15 @@ fn tensor_from_view(path: &Path, view: &safetensors::tensor::TensorView<'_>) -> 
         Dtype::F64 => Kind::Double,
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
-        other => return Err(Error::new(ErrorKind::ModelIncompatible, format!("{}: tensor dtype {other:?} is not a float type", path.display()))),
+        other => {
+            return Err(Error::new(
+                ErrorKind::ModelIncompatible,
+                format!(
+                    "{}: tensor dtype {other:?} is not a float type",
+                    path.display()
+                ),
+            ));
+        }
     };
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?)
@@ -244,7 +309,9 @@ fn tensor_from_view(path: &Path, view: &safetensors::tensor::TensorView<'_>) -> 
 
 /// The sha256 of a file, hex: provenance and manifests name model files by it.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(sha256_hex(&std::fs::read(path).map_err(|e| Error::io(path, e))?))
+    Ok(sha256_hex(
+        &std::fs::read(path).map_err(|e| Error::io(path, e))?,
+    ))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -4,7 +4,9 @@
 
 use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
-use crate::preprocess::{Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window};
+use crate::preprocess::{
+    Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -29,28 +31,45 @@ impl DatasetFile {
     /// path) and `labels`; relative paths resolve against the JSON's folder.
     pub fn read(path: &Path) -> Result<DatasetFile> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not JSON: {e}")))?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not JSON: {e}")))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |s: &str| -> PathBuf {
             let p = Path::new(s);
-            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
         };
         let list = |key: &str| -> Result<Vec<Entry>> {
-            let Some(items) = doc.get(key) else { return Ok(Vec::new()) };
-            let items = items.as_array().ok_or_else(|| Error::format(path, format!("'{key}' is not a list")))?;
+            let Some(items) = doc.get(key) else {
+                return Ok(Vec::new());
+            };
+            let items = items
+                .as_array()
+                .ok_or_else(|| Error::format(path, format!("'{key}' is not a list")))?;
             items
                 .iter()
                 .enumerate()
                 .map(|(i, item)| match item {
-                    serde_json::Value::String(s) => Ok(Entry { image: resolve(s), label: None }),
+                    serde_json::Value::String(s) => Ok(Entry {
+                        image: resolve(s),
+                        label: None,
+                    }),
                     serde_json::Value::Object(o) => {
-                        let image = o
-                            .get("image")
-                            .and_then(|v| v.as_str())
-                            .ok_or_else(|| Error::format(path, format!("{key}[{i}] has no \"image\" path")))?;
-                        Ok(Entry { image: resolve(image), label: o.get("label").and_then(|v| v.as_str()).map(resolve) })
+                        let image = o.get("image").and_then(|v| v.as_str()).ok_or_else(|| {
+                            Error::format(path, format!("{key}[{i}] has no \"image\" path"))
+                        })?;
+                        Ok(Entry {
+                            image: resolve(image),
+                            label: o.get("label").and_then(|v| v.as_str()).map(resolve),
+                        })
                     }
-                    _ => Err(Error::format(path, format!("{key}[{i}] is neither a path nor an object"))),
+                    _ => Err(Error::format(
+                        path,
+                        format!("{key}[{i}] is neither a path nor an object"),
+                    )),
                 })
                 .collect()
         };
@@ -60,13 +79,24 @@ impl DatasetFile {
                 // MSD writes {"0": "background"}; nnU-Net v2 writes {"background": 0}.
                 let (id, name) = match (k.parse::<u32>(), v) {
                     (Ok(id), serde_json::Value::String(name)) => (id, name.clone()),
-                    (Err(_), serde_json::Value::Number(n)) => (n.as_u64().unwrap_or(u64::MAX) as u32, k.clone()),
-                    _ => return Err(Error::format(path, format!("label entry {k:?}: {v} is not id → name"))),
+                    (Err(_), serde_json::Value::Number(n)) => {
+                        (n.as_u64().unwrap_or(u64::MAX) as u32, k.clone())
+                    }
+                    _ => {
+                        return Err(Error::format(
+                            path,
+                            format!("label entry {k:?}: {v} is not id → name"),
+                        ));
+                    }
                 };
                 labels.insert(id, name);
             }
         }
-        let ds = DatasetFile { training: list("training")?, validation: list("validation")?, labels };
+        let ds = DatasetFile {
+            training: list("training")?,
+            validation: list("validation")?,
+            labels,
+        };
         if ds.training.is_empty() {
             return Err(Error::format(path, "the \"training\" list is empty"));
         }
@@ -79,8 +109,17 @@ impl DatasetFile {
         let mut h = Sha256::new();
         for e in &self.training {
             for p in std::iter::once(&e.image).chain(e.label.iter()) {
-                h.update(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-                h.update(std::fs::metadata(p).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+                h.update(
+                    p.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                );
+                h.update(
+                    std::fs::metadata(p)
+                        .map(|m| m.len())
+                        .unwrap_or(0)
+                        .to_le_bytes(),
+                );
             }
         }
         format!("{:x}", h.finalize())[..16].to_string()
@@ -99,21 +138,47 @@ pub struct Case {
 /// MONAI's deterministic training prefix for one case.
 pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
     let image = crate::io::read_volume(&entry.image)?;
-    let src = Grid { affine: image.affine, dims: image.dims() };
+    let src = Grid {
+        affine: image.affine,
+        dims: image.dims(),
+    };
     let (ras, _) = reorient_to_ras(&src)?;
     let target = respace(&ras, pre.spacing)?;
     let img = image.data.to_kind(Kind::Float).unsqueeze(0);
-    let resampled = sample(&img, &image.affine, &target, 0..target.dims[2], Interp::Linear, true)?;
+    let resampled = sample(
+        &img,
+        &image.affine,
+        &target,
+        0..target.dims[2],
+        Interp::Linear,
+        true,
+    )?;
     let windowed = window(&resampled, pre.intensity_window[0], pre.intensity_window[1]);
     let label = match &entry.label {
         None => None,
         Some(p) => {
             let l = crate::io::read_volume(p)?;
             if l.dims() != image.dims() {
-                return Err(Error::invalid(format!("{}: label dims {:?} differ from the image's {:?}", p.display(), l.dims(), image.dims())));
+                return Err(Error::invalid(format!(
+                    "{}: label dims {:?} differ from the image's {:?}",
+                    p.display(),
+                    l.dims(),
+                    image.dims()
+                )));
             }
             let lt = l.data.to_kind(Kind::Float).unsqueeze(0);
-            Some(sample(&lt, &l.affine, &target, 0..target.dims[2], Interp::Nearest, true)?.round().to_kind(Kind::Uint8))
+            Some(
+                sample(
+                    &lt,
+                    &l.affine,
+                    &target,
+                    0..target.dims[2],
+                    Interp::Nearest,
+                    true,
+                )?
+                .round()
+                .to_kind(Kind::Uint8),
+            )
         }
     };
     let (start, end) = match foreground_box(&windowed) {
@@ -127,6 +192,15 @@ pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
         }
         v.contiguous()
     };
-    let name = entry.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(Case { image: crop(&windowed), label: label.as_ref().map(crop), grid: crop_grid(&target, start, end), name })
+    let name = entry
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Case {
+        image: crop(&windowed),
+        label: label.as_ref().map(crop),
+        grid: crop_grid(&target, start, end),
+        name,
+    })
 }

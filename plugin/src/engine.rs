@@ -16,7 +16,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { device: "auto".into(), threads: None }
+        EngineOptions {
+            device: "auto".into(),
+            threads: None,
+        }
     }
 }
 
@@ -35,7 +38,10 @@ impl Engine {
             }
             tch::set_num_threads(n);
         }
-        Ok(Engine { device, threads: tch::get_num_threads() })
+        Ok(Engine {
+            device,
+            threads: tch::get_num_threads(),
+        })
     }
 
     /// Parses engine options JSON (`{}` or empty text for the defaults).
@@ -43,7 +49,8 @@ impl Engine {
         let options: EngineOptions = if json.trim().is_empty() {
             EngineOptions::default()
         } else {
-            serde_json::from_str(json).map_err(|e| Error::invalid(format!("engine options: {e}")))?
+            serde_json::from_str(json)
+                .map_err(|e| Error::invalid(format!("engine options: {e}")))?
         };
         Engine::new(&options)
     }
@@ -51,18 +58,37 @@ impl Engine {
 
 /// "auto" | "cpu" | "cuda" | "cuda:N"; a GPU that is not there is `DEVICE_UNAVAILABLE`.
 pub fn parse_device(name: &str) -> Result<Device> {
-    let gpus = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+    let gpus = if tch::Cuda::is_available() {
+        tch::Cuda::device_count()
+    } else {
+        0
+    };
     let unavailable = |what: &str| {
-        Error::new(ErrorKind::DeviceUnavailable, format!("device '{what}' is not available: this machine has {gpus} CUDA device(s)"))
+        Error::new(
+            ErrorKind::DeviceUnavailable,
+            format!("device '{what}' is not available: this machine has {gpus} CUDA device(s)"),
+        )
     };
     match name {
-        "auto" => Ok(if gpus > 0 { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => Ok(if gpus > 0 {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
         "cpu" => Ok(Device::Cpu),
-        "cuda" => if gpus > 0 { Ok(Device::Cuda(0)) } else { Err(unavailable(name)) },
+        "cuda" => {
+            if gpus > 0 {
+                Ok(Device::Cuda(0))
+            } else {
+                Err(unavailable(name))
+            }
+        }
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) if (i as i64) < gpus => Ok(Device::Cuda(i)),
             Some(Ok(_)) => Err(unavailable(other)),
-            _ => Err(Error::invalid(format!("device '{other}': expected auto, cpu or cuda:N"))),
+            _ => Err(Error::invalid(format!(
+                "device '{other}': expected auto, cpu or cuda:N"
+            ))),
         },
     }
 }
@@ -74,12 +100,26 @@ mod tests {
     #[test]
     fn devices_parse_and_missing_gpus_are_named() {
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
-        assert!(matches!(parse_device("auto").unwrap(), Device::Cpu | Device::Cuda(0)));
-        assert_eq!(parse_device("gpu").unwrap_err().kind, ErrorKind::InvalidArgument);
+        assert!(matches!(
+            parse_device("auto").unwrap(),
+            Device::Cpu | Device::Cuda(0)
+        ));
+        assert_eq!(
+            parse_device("gpu").unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
         let err = parse_device("cuda:7").unwrap_err();
         assert_eq!(err.kind, ErrorKind::DeviceUnavailable);
         assert!(err.message.contains("cuda:7"));
-        assert_eq!(Engine::from_json(r#"{"threads": 0}"#).unwrap_err().kind, ErrorKind::InvalidArgument);
-        assert!(Engine::from_json(r#"{"devise": "cpu"}"#).unwrap_err().message.contains("devise"));
+        assert_eq!(
+            Engine::from_json(r#"{"threads": 0}"#).unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
+        assert!(
+            Engine::from_json(r#"{"devise": "cpu"}"#)
+                .unwrap_err()
+                .message
+                .contains("devise")
+        );
     }
 }

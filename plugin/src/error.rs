@@ -28,7 +28,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into() }
+        Error {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, message)
@@ -57,12 +60,17 @@ impl From<tch::TchError> for Error {
     fn from(err: tch::TchError) -> Self {
         let text = err.to_string();
         // libtorch reports allocation failures only in its message text.
-        let kind = if text.contains("out of memory") || text.contains("DefaultCPUAllocator: can't allocate") {
+        let kind = if text.contains("out of memory")
+            || text.contains("DefaultCPUAllocator: can't allocate")
+        {
             ErrorKind::OutOfMemory
         } else {
             ErrorKind::Internal
         };
         // The first line is the message; the rest is a C++ backtrace users need not see.
-        Self::new(kind, format!("libtorch: {}", text.lines().next().unwrap_or_default()))
+        Self::new(
+            kind,
+            format!("libtorch: {}", text.lines().next().unwrap_or_default()),
+        )
     }
 }

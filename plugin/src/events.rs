@@ -42,6 +42,9 @@ pub fn report(sink: &mut dyn Progress, event: Event) -> Result<()> {
     if sink.report(&event) {
         Ok(())
     } else {
-        Err(Error::new(ErrorKind::Cancelled, format!("cancelled by the caller during {}", event.stage)))
+        Err(Error::new(
+            ErrorKind::Cancelled,
+            format!("cancelled by the caller during {}", event.stage),
+        ))
     }
 }

@@ -50,18 +50,30 @@ fn default_window() -> [f64; 2] {
 impl ImportOptions {
     /// `{"arch": "unetr", "arch_config": {…}, "labels": {…}, "spacing": […], "window": […]}`.
     pub fn from_json(json: &str) -> Result<ImportOptions> {
-        let o: ImportOptionsJson = serde_json::from_str(json).map_err(|e| Error::invalid(format!("import options: {e}")))?;
+        let o: ImportOptionsJson = serde_json::from_str(json)
+            .map_err(|e| Error::invalid(format!("import options: {e}")))?;
         if o.arch != "unetr" {
-            return Err(Error::unsupported(format!("architecture '{}': lwi imports unetr", o.arch)));
+            return Err(Error::unsupported(format!(
+                "architecture '{}': lwi imports unetr",
+                o.arch
+            )));
         }
-        Ok(ImportOptions { config: o.arch_config, labels: o.labels, spacing: o.spacing, window: o.window })
+        Ok(ImportOptions {
+            config: o.arch_config,
+            labels: o.labels,
+            spacing: o.spacing,
+            window: o.window,
+        })
     }
 }
 
 /// Every tensor of a PyTorch checkpoint (under `state_dict` when the file nests it), by dotted name.
 pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
     let fail = |e: PytorchError| match e {
-        PytorchError::Io(io) if io.kind() != std::io::ErrorKind::InvalidData && io.kind() != std::io::ErrorKind::UnexpectedEof => {
+        PytorchError::Io(io)
+            if io.kind() != std::io::ErrorKind::InvalidData
+                && io.kind() != std::io::ErrorKind::UnexpectedEof =>
+        {
             Error::io(path, io)
         }
         other => Error::format(path, format!("not a readable PyTorch checkpoint ({other})")),
@@ -79,9 +91,16 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
             DType::F16 => Kind::Half,
             DType::BF16 => Kind::BFloat16,
             DType::I64 => Kind::Int64,
-            other => return Err(Error::format(path, format!("tensor {name} has dtype {other:?}; weights are floating point"))),
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!("tensor {name} has dtype {other:?}; weights are floating point"),
+                ));
+            }
         };
-        let bytes = t.read().map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;
+        let bytes = t
+            .read()
+            .map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;
         let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
         out.insert(name, Tensor::f_from_data_size(&bytes, &shape, kind)?);
     }
@@ -104,17 +123,36 @@ fn native_name(name: &str) -> Option<String> {
 /// Builds an lwi model from a UNETR checkpoint; every tensor the architecture needs must be in it.
 pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model> {
     let raw = read_checkpoint(checkpoint)?;
-    let mut tensors: HashMap<String, Tensor> = raw.into_iter().filter_map(|(k, v)| native_name(&k).map(|n| (n, v))).collect();
+    let mut tensors: HashMap<String, Tensor> = raw
+        .into_iter()
+        .filter_map(|(k, v)| native_name(&k).map(|n| (n, v)))
+        .collect();
 
-    let mut preprocessing = Preprocessing { spacing: options.spacing, intensity_window: options.window, ..Default::default() };
+    let mut preprocessing = Preprocessing {
+        spacing: options.spacing,
+        intensity_window: options.window,
+        ..Default::default()
+    };
     preprocessing.roi_size = options.config.img_size;
     let with_heads = tensors.get("vit.temp_head1.weight").map(|w| w.size()[0]);
-    let stage = if with_heads.is_some() && options.config.out_channels == 1 { Stage::Init } else { Stage::Segmentation };
-    let mut meta = ModelMetadata::new(options.config.clone(), options.labels.clone(), preprocessing, stage);
+    let stage = if with_heads.is_some() && options.config.out_channels == 1 {
+        Stage::Init
+    } else {
+        Stage::Segmentation
+    };
+    let mut meta = ModelMetadata::new(
+        options.config.clone(),
+        options.labels.clone(),
+        preprocessing,
+        stage,
+    );
     meta.order_classes = with_heads;
     meta.provenance.source = Some(format!(
         "imported from {} (sha256 {})",
-        checkpoint.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        checkpoint
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
         sha256_file(checkpoint)?
     ));
     let model = Model::new(meta, Device::Cpu)?;
@@ -122,18 +160,28 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
 
     // MONAI 0.7 always created a ResBlock's residual conv3 (and norm3), unused when the channel
     // count does not change; lwi, like MONAI 1.x, does not have it.
-    tensors.retain(|k, _| vars.contains_key(k) || !(k.contains(".conv3.") || k.contains(".norm3.")));
+    tensors
+        .retain(|k, _| vars.contains_key(k) || !(k.contains(".conv3.") || k.contains(".norm3.")));
     // MONAI 0.7 had no (unused) norm_cross_attn: give it LayerNorm's initial values.
     if !tensors.keys().any(|k| k.contains(".norm_cross_attn.")) {
         for (k, v) in vars.iter().filter(|(k, _)| k.contains(".norm_cross_attn.")) {
-            let fill = if k.ends_with("weight") { v.ones_like() } else { v.zeros_like() };
+            let fill = if k.ends_with("weight") {
+                v.ones_like()
+            } else {
+                v.zeros_like()
+            };
             tensors.insert(k.clone(), fill.detach());
         }
     }
     load_state_dict(&model.vs, &tensors).map_err(|e| {
         Error::new(
             ErrorKind::ModelIncompatible,
-            format!("{}: does not fit UNETR {}: {}", checkpoint.display(), serde_json::to_string(&options.config).unwrap_or_default(), e.message),
+            format!(
+                "{}: does not fit UNETR {}: {}",
+                checkpoint.display(),
+                serde_json::to_string(&options.config).unwrap_or_default(),
+                e.message
+            ),
         )
     })?;
     Ok(model)
@@ -145,10 +193,22 @@ mod tests {
 
     #[test]
     fn lwi_vms_names_map_to_monai_1x_names() {
-        assert_eq!(native_name("out.conv.weight").as_deref(), Some("out.conv.conv.weight"));
-        assert_eq!(native_name("module.vit.norm.bias").as_deref(), Some("vit.norm.bias"));
+        assert_eq!(
+            native_name("out.conv.weight").as_deref(),
+            Some("out.conv.conv.weight")
+        );
+        assert_eq!(
+            native_name("module.vit.norm.bias").as_deref(),
+            Some("vit.norm.bias")
+        );
         assert_eq!(native_name("vit.patch_embedding.cls_token"), None);
-        assert_eq!(native_name("encoder1.layer.norm1.num_batches_tracked"), None);
-        assert_eq!(native_name("vit.temp_head2.weight").as_deref(), Some("vit.temp_head2.weight"));
+        assert_eq!(
+            native_name("encoder1.layer.norm1.num_batches_tracked"),
+            None
+        );
+        assert_eq!(
+            native_name("vit.temp_head2.weight").as_deref(),
+            Some("vit.temp_head2.weight")
+        );
     }
 }

@@ -32,7 +32,9 @@ pub fn importance_map(roi: [i64; 3], blend: Blend, device: Device) -> Tensor {
                 let x = Tensor::arange(n, (Kind::Float, device)) - (n - 1) as f64 / 2.0;
                 (x.square() / (-2.0 * sigma * sigma)).exp()
             };
-            let map = axis(roi[0]).view([-1, 1, 1]) * axis(roi[1]).view([1, -1, 1]) * axis(roi[2]).view([1, 1, -1]);
+            let map = axis(roi[0]).view([-1, 1, 1])
+                * axis(roi[1]).view([1, -1, 1])
+                * axis(roi[2]).view([1, 1, -1]);
             let floor = map.min().double_value(&[]).max(1e-3);
             map.clamp_min(floor)
         }
@@ -41,9 +43,15 @@ pub fn importance_map(roi: [i64; 3], blend: Blend, device: Device) -> Tensor {
 
 /// Window start indices along one axis (MONAI `_get_scan_interval` + `dense_patch_slices`).
 pub fn window_starts(size: i64, roi: i64, overlap: f64) -> Vec<i64> {
-    let interval = if roi == size { roi } else { ((roi as f64 * (1.0 - overlap)) as i64).max(1) };
+    let interval = if roi == size {
+        roi
+    } else {
+        ((roi as f64 * (1.0 - overlap)) as i64).max(1)
+    };
     let count = (0..).find(|d| d * interval + roi >= size).unwrap_or(0) + 1;
-    (0..count).map(|i| i * interval - (i * interval + roi - size).max(0)).collect()
+    (0..count)
+        .map(|i| i * interval - (i * interval + roi - size).max(0))
+        .collect()
 }
 
 /// Runs `predict` (`[B, C, roi] → [B, K, roi]`) over `image` (`[C, X, Y, Z]`) and returns the
@@ -55,25 +63,37 @@ pub fn sliding_window(
     mut predict: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     if !(0.0..1.0).contains(&opts.overlap) {
-        return Err(Error::invalid(format!("overlap must be in [0, 1), got {}", opts.overlap)));
+        return Err(Error::invalid(format!(
+            "overlap must be in [0, 1), got {}",
+            opts.overlap
+        )));
     }
     if opts.batch < 1 {
-        return Err(Error::invalid(format!("window batch must be at least 1, got {}", opts.batch)));
+        return Err(Error::invalid(format!(
+            "window batch must be at least 1, got {}",
+            opts.batch
+        )));
     }
     let size = image.size();
     let spatial = [size[1], size[2], size[3]];
     // Pad symmetrically (extra voxel at the end) to at least the window.
-    let pads: Vec<(i64, i64)> = (0..3).map(|d| {
-        let diff = (opts.roi[d] - spatial[d]).max(0);
-        (diff / 2, diff - diff / 2)
-    }).collect();
+    let pads: Vec<(i64, i64)> = (0..3)
+        .map(|d| {
+            let diff = (opts.roi[d] - spatial[d]).max(0);
+            (diff / 2, diff - diff / 2)
+        })
+        .collect();
     let padded = if pads.iter().any(|p| p.0 + p.1 > 0) {
-        image.f_constant_pad_nd([pads[2].0, pads[2].1, pads[1].0, pads[1].1, pads[0].0, pads[0].1])?
+        image.f_constant_pad_nd([
+            pads[2].0, pads[2].1, pads[1].0, pads[1].1, pads[0].0, pads[0].1,
+        ])?
     } else {
         image.shallow_clone()
     };
     let psize: [i64; 3] = std::array::from_fn(|d| spatial[d] + pads[d].0 + pads[d].1);
-    let starts: Vec<Vec<i64>> = (0..3).map(|d| window_starts(psize[d], opts.roi[d], opts.overlap)).collect();
+    let starts: Vec<Vec<i64>> = (0..3)
+        .map(|d| window_starts(psize[d], opts.roi[d], opts.overlap))
+        .collect();
     let mut windows: Vec<[i64; 3]> = Vec::new();
     for &x in &starts[0] {
         for &y in &starts[1] {
@@ -92,9 +112,22 @@ pub fn sliding_window(
         v
     };
     for chunk in windows.chunks(opts.batch as usize) {
-        let batch = Tensor::f_stack(&chunk.iter().map(|s| crop(&padded, s, 1)).collect::<Vec<_>>(), 0)?;
-        let pred = predict(&batch)?.f_to_device(accumulate_on)?.f_to_kind(Kind::Float)?;
-        let sum = sum.get_or_insert_with(|| Tensor::zeros([pred.size()[1], psize[0], psize[1], psize[2]], (Kind::Float, accumulate_on)));
+        let batch = Tensor::f_stack(
+            &chunk
+                .iter()
+                .map(|s| crop(&padded, s, 1))
+                .collect::<Vec<_>>(),
+            0,
+        )?;
+        let pred = predict(&batch)?
+            .f_to_device(accumulate_on)?
+            .f_to_kind(Kind::Float)?;
+        let sum = sum.get_or_insert_with(|| {
+            Tensor::zeros(
+                [pred.size()[1], psize[0], psize[1], psize[2]],
+                (Kind::Float, accumulate_on),
+            )
+        });
         for (b, s) in chunk.iter().enumerate() {
             let _ = crop(sum, s, 1).f_add_(&(pred.get(b as i64) * &weight))?;
             let _ = crop(&count, s, 0).f_add_(&weight)?;
@@ -123,7 +156,12 @@ mod tests {
     #[test]
     fn identity_predictor_reconstructs_the_image() {
         let image = Tensor::randn([2, 37, 20, 50], (Kind::Float, Device::Cpu));
-        let opts = WindowOptions { roi: [16, 32, 16], overlap: 0.5, blend: Blend::Gaussian, batch: 3 };
+        let opts = WindowOptions {
+            roi: [16, 32, 16],
+            overlap: 0.5,
+            blend: Blend::Gaussian,
+            batch: 3,
+        };
         let out = sliding_window(&image, &opts, Device::Cpu, |b| Ok(b.shallow_clone())).unwrap();
         assert_eq!(out.size(), image.size());
         assert!(out.allclose(&image, 1e-5, 1e-5, false));

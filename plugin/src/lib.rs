@@ -3,6 +3,9 @@
 //! This crate holds all logic; `liblwi.so` (crate `lwi-ffi`) is a thin C skin over it.
 //! Data flows one way: file → [`Volume`] → preprocessing → model → inference → inverse → file.
 
+// Affine and lattice code indexes rows and columns by number: that reads like the maths.
+#![allow(clippy::needless_range_loop)]
+
 pub mod bundle;
 pub mod dataset;
 pub mod engine;

@@ -12,10 +12,17 @@ pub fn dice_ce(logits: &Tensor, labels: &Tensor) -> Tensor {
     let target = labels.squeeze_dim(1).to_kind(Kind::Int64);
     let probs = logits.softmax(1, Kind::Float);
     let spatial: Vec<i64> = (2..logits.dim() as i64).collect();
-    let onehot = target.one_hot(classes).permute(permutation_to_channels_first(logits.dim())).to_kind(Kind::Float);
+    let onehot = target
+        .one_hot(classes)
+        .permute(permutation_to_channels_first(logits.dim()))
+        .to_kind(Kind::Float);
     let intersection = (&probs * &onehot).sum_dim_intlist(spatial.as_slice(), false, Kind::Float);
-    let denominator = probs.square().sum_dim_intlist(spatial.as_slice(), false, Kind::Float)
-        + onehot.square().sum_dim_intlist(spatial.as_slice(), false, Kind::Float);
+    let denominator = probs
+        .square()
+        .sum_dim_intlist(spatial.as_slice(), false, Kind::Float)
+        + onehot
+            .square()
+            .sum_dim_intlist(spatial.as_slice(), false, Kind::Float);
     let ratio: Tensor = intersection * 2.0 / (denominator + 1e-6);
     let dice = ratio.neg().g_add_scalar(1.0).mean(Kind::Float);
     let ce = logits.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0);
@@ -25,5 +32,8 @@ pub fn dice_ce(logits: &Tensor, labels: &Tensor) -> Tensor {
 /// `one_hot` puts classes last: [B, X, Y, Z, C] → [B, C, X, Y, Z].
 fn permutation_to_channels_first(dims: usize) -> Vec<i64> {
     let last = dims as i64 - 1;
-    std::iter::once(0).chain(std::iter::once(last)).chain(1..last).collect()
+    std::iter::once(0)
+        .chain(std::iter::once(last))
+        .chain(1..last)
+        .collect()
 }

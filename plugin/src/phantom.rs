@@ -40,7 +40,12 @@ pub struct PhantomOptions {
 
 impl Default for PhantomOptions {
     fn default() -> Self {
-        PhantomOptions { cases: 4, seed: 0, size: [96, 96, 64], spacing: None }
+        PhantomOptions {
+            cases: 4,
+            seed: 0,
+            size: [96, 96, 64],
+            spacing: None,
+        }
     }
 }
 
@@ -55,7 +60,13 @@ struct Organ {
 
 /// Nominal organs in body-centred RAS+ mm. Order is priority where shapes overlap.
 fn nominal_organs() -> Vec<Organ> {
-    let o = |label, hu, centre, radii, tube| Organ { label, hu, centre, radii, tube };
+    let o = |label, hu, centre, radii, tube| Organ {
+        label,
+        hu,
+        centre,
+        radii,
+        tube,
+    };
     vec![
         o(8, 250.0, [-15.0, -30.0, 0.0], [12.0, 12.0, 1.0], true),
         o(2, 160.0, [65.0, -55.0, -25.0], [28.0, 25.0, 50.0], false),
@@ -77,8 +88,16 @@ impl Warp {
     fn new(rng: &mut ChaCha8Rng) -> Self {
         let waves = (0..3)
             .map(|_| {
-                let amp = [rng.random_range(-8.0..8.0), rng.random_range(-8.0..8.0), rng.random_range(-6.0..6.0)];
-                let k = [rng.random_range(-0.06..0.06), rng.random_range(-0.06..0.06), rng.random_range(-0.04..0.04)];
+                let amp = [
+                    rng.random_range(-8.0..8.0),
+                    rng.random_range(-8.0..8.0),
+                    rng.random_range(-6.0..6.0),
+                ];
+                let k = [
+                    rng.random_range(-0.06..0.06),
+                    rng.random_range(-0.06..0.06),
+                    rng.random_range(-0.04..0.04),
+                ];
                 (amp, k, rng.random_range(0.0..std::f64::consts::TAU))
             })
             .collect();
@@ -98,19 +117,39 @@ impl Warp {
 
 /// One case: the image (int16 HU) and its label map (uint8), on the same grid.
 pub fn make_case(opts: &PhantomOptions, index: usize) -> Result<(Volume, Volume)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(index as u64));
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        opts.seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(index as u64),
+    );
     let [nx, ny, nz] = opts.size;
     if opts.size.iter().any(|&n| !(8..=2048).contains(&n)) {
-        return Err(Error::invalid(format!("phantom size {:?}: each axis must be 8..2048 voxels", opts.size)));
+        return Err(Error::invalid(format!(
+            "phantom size {:?}: each axis must be 8..2048 voxels",
+            opts.size
+        )));
     }
     let spacing = match opts.spacing {
         Some(s) if s.iter().all(|v| v.is_finite() && *v > 0.0) => s,
-        Some(s) => return Err(Error::invalid(format!("phantom spacing {s:?} must be positive and finite"))),
+        Some(s) => {
+            return Err(Error::invalid(format!(
+                "phantom spacing {s:?} must be positive and finite"
+            )));
+        }
         None => [3.8, 3.8, 4.5].map(|v: f64| v * rng.random_range(0.95..1.05)),
     };
     // Orientation varies between cases as it does between scanners and exports.
-    let flips = [[1.0, 1.0, 1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, -1.0, -1.0]][rng.random_range(0..4)];
-    let centre = [rng.random_range(-10.0..10.0), rng.random_range(-10.0..10.0), rng.random_range(-10.0..10.0)];
+    let flips = [
+        [1.0, 1.0, 1.0],
+        [-1.0, -1.0, 1.0],
+        [-1.0, 1.0, 1.0],
+        [1.0, -1.0, -1.0],
+    ][rng.random_range(0..4)];
+    let centre = [
+        rng.random_range(-10.0..10.0),
+        rng.random_range(-10.0..10.0),
+        rng.random_range(-10.0..10.0),
+    ];
     let mut affine: Affine = [[0.0; 4]; 4];
     for a in 0..3 {
         affine[a][a] = flips[a] * spacing[a];
@@ -128,7 +167,10 @@ pub fn make_case(opts: &PhantomOptions, index: usize) -> Result<(Volume, Volume)
         })
         .collect();
     let warps: Vec<Warp> = organs.iter().map(|_| Warp::new(&mut rng)).collect();
-    let body = [165.0 * scale * rng.random_range(0.92..1.08), 120.0 * scale * rng.random_range(0.92..1.08)];
+    let body = [
+        165.0 * scale * rng.random_range(0.92..1.08),
+        120.0 * scale * rng.random_range(0.92..1.08),
+    ];
     let noise = Normal::new(0.0, 12.0).map_err(|e| Error::internal(e.to_string()))?;
 
     let n = (nx * ny * nz) as usize;
@@ -140,17 +182,29 @@ pub fn make_case(opts: &PhantomOptions, index: usize) -> Result<(Volume, Volume)
         for j in 0..ny {
             for i in 0..nx {
                 let v = [i as f64, j as f64, k as f64];
-                let p: [f64; 3] = std::array::from_fn(|r| affine[r][0] * v[0] + affine[r][1] * v[1] + affine[r][2] * v[2] + affine[r][3]);
+                let p: [f64; 3] = std::array::from_fn(|r| {
+                    affine[r][0] * v[0] + affine[r][1] * v[1] + affine[r][2] * v[2] + affine[r][3]
+                });
                 let (value, label) = tissue(p, body, &organs, &warps);
-                hu[idx] = (value + noise.sample(&mut rng)).round().clamp(-1024.0, 3071.0) as i16;
+                hu[idx] = (value + noise.sample(&mut rng))
+                    .round()
+                    .clamp(-1024.0, 3071.0) as i16;
                 labels[idx] = label;
                 idx += 1;
             }
         }
     }
     let le = |b: &[i16]| b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    let image = Volume::new(DType::I16.tensor_from_le_bytes(&le(&hu), opts.size)?, affine, DType::I16)?;
-    let label = Volume::new(DType::U8.tensor_from_le_bytes(&labels, opts.size)?, affine, DType::U8)?;
+    let image = Volume::new(
+        DType::I16.tensor_from_le_bytes(&le(&hu), opts.size)?,
+        affine,
+        DType::I16,
+    )?;
+    let label = Volume::new(
+        DType::U8.tensor_from_le_bytes(&labels, opts.size)?,
+        affine,
+        DType::U8,
+    )?;
     Ok((image, label))
 }
 
@@ -185,14 +239,21 @@ fn tissue(p: [f64; 3], body: [f64; 2], organs: &[Organ], warps: &[Warp]) -> (f64
 /// list holds the last fifth of the cases from three cases on). Returns the dataset.json path.
 pub fn write_dataset(out_dir: &Path, opts: &PhantomOptions) -> Result<PathBuf> {
     if opts.cases == 0 || opts.cases > 10_000 {
-        return Err(Error::invalid(format!("phantom cases must be 1..10000, got {}", opts.cases)));
+        return Err(Error::invalid(format!(
+            "phantom cases must be 1..10000, got {}",
+            opts.cases
+        )));
     }
     for sub in ["imagesTr", "labelsTr"] {
         let d = out_dir.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
     }
     // From three cases on, the last fifth (at least one) is held out as the validation list.
-    let held_out = if opts.cases >= 3 { opts.cases.div_ceil(5) } else { 0 };
+    let held_out = if opts.cases >= 3 {
+        opts.cases.div_ceil(5)
+    } else {
+        0
+    };
     let (mut training, mut validation) = (Vec::new(), Vec::new());
     for index in 0..opts.cases {
         let (image, label) = make_case(opts, index)?;
@@ -203,7 +264,11 @@ pub fn write_dataset(out_dir: &Path, opts: &PhantomOptions) -> Result<PathBuf> {
             "image": format!("./imagesTr/{name}"),
             "label": format!("./labelsTr/{name}"),
         });
-        if index < opts.cases - held_out { training.push(entry) } else { validation.push(entry) }
+        if index < opts.cases - held_out {
+            training.push(entry)
+        } else {
+            validation.push(entry)
+        }
     }
     let mut labels = serde_json::Map::new();
     labels.insert("0".into(), "background".into());
@@ -224,7 +289,8 @@ pub fn write_dataset(out_dir: &Path, opts: &PhantomOptions) -> Result<PathBuf> {
         "test": [],
     });
     let path = out_dir.join("dataset.json");
-    let text = serde_json::to_string_pretty(&dataset).map_err(|e| Error::internal(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&dataset).map_err(|e| Error::internal(e.to_string()))?;
     write_atomically(&path, text.as_bytes())?;
     Ok(path)
 }
@@ -234,7 +300,12 @@ mod tests {
     use super::*;
 
     fn small() -> PhantomOptions {
-        PhantomOptions { cases: 1, seed: 7, size: [48, 40, 32], spacing: None }
+        PhantomOptions {
+            cases: 1,
+            seed: 7,
+            size: [48, 40, 32],
+            spacing: None,
+        }
     }
 
     #[test]
@@ -249,12 +320,24 @@ mod tests {
 
     #[test]
     fn every_organ_is_present_with_plausible_intensity() {
-        let (image, label) = make_case(&PhantomOptions { seed: 7, ..Default::default() }, 0).unwrap();
+        let (image, label) = make_case(
+            &PhantomOptions {
+                seed: 7,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
         for (id, name) in LABELS {
             let mask = label.data.eq(id as i64);
             let count = mask.sum(tch::Kind::Int64).int64_value(&[]);
             assert!(count > 0, "{name} missing");
-            let mean = image.data.masked_select(&mask).to_kind(tch::Kind::Double).mean(tch::Kind::Double).double_value(&[]);
+            let mean = image
+                .data
+                .masked_select(&mask)
+                .to_kind(tch::Kind::Double)
+                .mean(tch::Kind::Double)
+                .double_value(&[]);
             assert!((-50.0..300.0).contains(&mean), "{name} mean HU {mean}");
         }
         let air = image.data.min().int64_value(&[]);

@@ -29,7 +29,12 @@ pub fn keep_largest_components(labels: &mut [u32], dims: [usize; 3]) {
                                 continue;
                             }
                             let (nx, ny, nz) = (x as i64 + dx, y as i64 + dy, z as i64 + dz);
-                            if nx < 0 || ny < 0 || nz < 0 || nx >= dims[0] as i64 || ny >= dims[1] as i64 {
+                            if nx < 0
+                                || ny < 0
+                                || nz < 0
+                                || nx >= dims[0] as i64
+                                || ny >= dims[1] as i64
+                            {
                                 continue;
                             }
                             let j = idx(nx as usize, ny as usize, nz as usize);

@@ -30,7 +30,8 @@ pub fn matmul(a: &Affine, b: &Affine) -> Affine {
 pub fn inverse(m: &Affine) -> Result<Affine> {
     check_affine(m)?;
     let a = |i: usize, j: usize| m[i][j];
-    let det = a(0, 0) * (a(1, 1) * a(2, 2) - a(1, 2) * a(2, 1)) - a(0, 1) * (a(1, 0) * a(2, 2) - a(1, 2) * a(2, 0))
+    let det = a(0, 0) * (a(1, 1) * a(2, 2) - a(1, 2) * a(2, 1))
+        - a(0, 1) * (a(1, 0) * a(2, 2) - a(1, 2) * a(2, 0))
         + a(0, 2) * (a(1, 0) * a(2, 1) - a(1, 1) * a(2, 0));
     let mut r = [[0.0; 4]; 4];
     for i in 0..3 {
@@ -74,9 +75,14 @@ pub fn io_orientation(m: &Affine) -> Result<[(usize, f64); 3]> {
     order.sort_by(|&a, &b| strength(b).total_cmp(&strength(a)));
     let mut out = [(usize::MAX, 0.0); 3];
     for c in order {
-        let (row, value) = (0..3).map(|i| (i, r[i][c])).max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap_or((0, 0.0));
+        let (row, value) = (0..3)
+            .map(|i| (i, r[i][c]))
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap_or((0, 0.0));
         if value == 0.0 {
-            return Err(Error::invalid(format!("voxel axis {c} has no direction in world space: {m:?}")));
+            return Err(Error::invalid(format!(
+                "voxel axis {c} has no direction in world space: {m:?}"
+            )));
         }
         out[c] = (row, value.signum());
         for v in &mut r[row] {
@@ -117,7 +123,8 @@ pub fn reorient_to_ras(grid: &Grid) -> Result<(Grid, Reorientation)> {
         }
     }
     for r in 0..3 {
-        affine[r][3] = grid.affine[r][3] + (0..3).map(|i| grid.affine[r][i] * start[i]).sum::<f64>();
+        affine[r][3] =
+            grid.affine[r][3] + (0..3).map(|i| grid.affine[r][i] * start[i]).sum::<f64>();
     }
     affine[3][3] = 1.0;
     let dims = [grid.dims[axes[0]], grid.dims[axes[1]], grid.dims[axes[2]]];
@@ -129,7 +136,9 @@ pub fn reorient_to_ras(grid: &Grid) -> Result<(Grid, Reorientation)> {
 /// aligned when one input corner is minimal on every output axis, centre aligned otherwise).
 pub fn respace(grid: &Grid, pixdim: [f64; 3]) -> Result<Grid> {
     if pixdim.iter().any(|p| !p.is_finite() || *p <= 0.0) {
-        return Err(Error::invalid(format!("target spacing {pixdim:?} must be positive")));
+        return Err(Error::invalid(format!(
+            "target spacing {pixdim:?} must be positive"
+        )));
     }
     let a = &grid.affine;
     // zoom_affine: rzs = rotation · zs with zs = chol(rzsᵀ rzs)ᵀ upper triangular.
@@ -143,7 +152,11 @@ pub fn respace(grid: &Grid, pixdim: [f64; 3]) -> Result<Grid> {
     for i in 0..3 {
         for j in 0..=i {
             let s: f64 = g[i][j] - (0..j).map(|k| l[i][k] * l[j][k]).sum::<f64>();
-            l[i][j] = if i == j { s.max(0.0).sqrt() } else { s / l[j][j] };
+            l[i][j] = if i == j {
+                s.max(0.0).sqrt()
+            } else {
+                s / l[j][j]
+            };
         }
     }
     let mut zs: Affine = [[0.0; 4]; 4];
@@ -169,27 +182,56 @@ pub fn respace(grid: &Grid, pixdim: [f64; 3]) -> Result<Grid> {
     // compute_shape_offset (scale_extent=False): corners (0, n-1) of the input in output indices.
     let to_out = matmul(&inverse(&new)?, a);
     let corners: Vec<[f64; 3]> = (0..8)
-        .map(|b| std::array::from_fn(|d| if b >> d & 1 == 1 { (grid.dims[d] - 1) as f64 } else { 0.0 }))
+        .map(|b| {
+            std::array::from_fn(|d| {
+                if b >> d & 1 == 1 {
+                    (grid.dims[d] - 1) as f64
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
-    let apply = |m: &Affine, p: &[f64; 3]| -> [f64; 3] { std::array::from_fn(|r| (0..3).map(|k| m[r][k] * p[k]).sum::<f64>() + m[r][3]) };
+    let apply = |m: &Affine, p: &[f64; 3]| -> [f64; 3] {
+        std::array::from_fn(|r| (0..3).map(|k| m[r][k] * p[k]).sum::<f64>() + m[r][3])
+    };
     let out: Vec<[f64; 3]> = corners.iter().map(|p| apply(&to_out, p)).collect();
     let dims: [i64; 3] = std::array::from_fn(|d| {
-        let (lo, hi) = out.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p[d]), hi.max(p[d])));
+        let (lo, hi) = out
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+                (lo.min(p[d]), hi.max(p[d]))
+            });
         (hi - lo + 1.0).round_ties_even() as i64 // numpy rounds half to even
     });
     let close = |x: f64| x.abs() <= 1e-8; // np.allclose(min_corner, 0, rtol) with its default atol
-    let offset = match (0..8).find(|&i| (0..3).all(|d| close(out.iter().map(|p| p[d] - out[i][d]).fold(f64::INFINITY, f64::min)))) {
+    let offset = match (0..8).find(|&i| {
+        (0..3).all(|d| {
+            close(
+                out.iter()
+                    .map(|p| p[d] - out[i][d])
+                    .fold(f64::INFINITY, f64::min),
+            )
+        })
+    }) {
         Some(i) => apply(a, &corners[i]),
         None => std::array::from_fn(|r| {
-            (0..3).map(|k| a[r][k] * grid.dims[k] as f64 / 2.0).sum::<f64>() + a[r][3]
-                - (0..3).map(|k| new[r][k] * dims[k] as f64 / 2.0).sum::<f64>()
+            (0..3)
+                .map(|k| a[r][k] * grid.dims[k] as f64 / 2.0)
+                .sum::<f64>()
+                + a[r][3]
+                - (0..3)
+                    .map(|k| new[r][k] * dims[k] as f64 / 2.0)
+                    .sum::<f64>()
         }),
     };
     for r in 0..3 {
         new[r][3] = offset[r];
     }
     if dims.iter().any(|&d| d < 1) {
-        return Err(Error::invalid(format!("resampling to {pixdim:?} mm leaves no voxels")));
+        return Err(Error::invalid(format!(
+            "resampling to {pixdim:?} mm leaves no voxels"
+        )));
     }
     Ok(Grid { affine: new, dims })
 }
@@ -204,7 +246,14 @@ pub enum Interp {
 /// Samples `data` (`[C, X, Y, Z]`, float, lattice `src`) at the voxel centres of `dst` restricted to
 /// z-slab `z0..z1`, giving `[C, X', Y', z1 - z0]`. Points outside `src` take the nearest border value
 /// (`border`) or 0 (`zeros`), as `grid_sample` pads.
-pub fn sample(data: &Tensor, src: &Affine, dst: &Grid, z: std::ops::Range<i64>, mode: Interp, border: bool) -> Result<Tensor> {
+pub fn sample(
+    data: &Tensor,
+    src: &Affine,
+    dst: &Grid,
+    z: std::ops::Range<i64>,
+    mode: Interp,
+    border: bool,
+) -> Result<Tensor> {
     let m = matmul(&inverse(src)?, &dst.affine); // dst index → src index
     let size = data.size();
     let device = data.device();
@@ -218,7 +267,11 @@ pub fn sample(data: &Tensor, src: &Affine, dst: &Grid, z: std::ops::Range<i64>, 
     let coord = |r: usize| -> Tensor {
         let n = size[1 + r] as f64;
         let idx = &i * m[r][0] + &j * m[r][1] + &k * m[r][2] + m[r][3];
-        if n > 1.0 { idx * (2.0 / (n - 1.0)) - 1.0 } else { idx * 0.0 }
+        if n > 1.0 {
+            idx * (2.0 / (n - 1.0)) - 1.0
+        } else {
+            idx * 0.0
+        }
     };
     let grid = Tensor::stack(&[coord(2), coord(1), coord(0)], -1).unsqueeze(0);
     let input = data.unsqueeze(0);
@@ -226,7 +279,12 @@ pub fn sample(data: &Tensor, src: &Affine, dst: &Grid, z: std::ops::Range<i64>, 
         Interp::Linear => 0,
         Interp::Nearest => 1,
     };
-    let out = input.f_grid_sampler(&grid.to_kind(input.kind()), mode, if border { 1 } else { 0 }, true)?;
+    let out = input.f_grid_sampler(
+        &grid.to_kind(input.kind()),
+        mode,
+        if border { 1 } else { 0 },
+        true,
+    )?;
     Ok(out.squeeze_dim(0))
 }
 
@@ -256,11 +314,15 @@ pub fn foreground_box(data: &Tensor) -> Option<([i64; 3], [i64; 3])> {
 pub fn crop_grid(grid: &Grid, start: [i64; 3], end: [i64; 3]) -> Grid {
     let mut affine = grid.affine;
     for r in 0..3 {
-        affine[r][3] += (0..3).map(|k| grid.affine[r][k] * start[k] as f64).sum::<f64>();
+        affine[r][3] += (0..3)
+            .map(|k| grid.affine[r][k] * start[k] as f64)
+            .sum::<f64>();
     }
-    Grid { affine, dims: std::array::from_fn(|d| end[d] - start[d]) }
+    Grid {
+        affine,
+        dims: std::array::from_fn(|d| end[d] - start[d]),
+    }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -273,7 +335,12 @@ mod tests {
 
     #[test]
     fn lps_lattice_reorients_to_ras_exactly() {
-        let lps = [[-2.0, 0.0, 0.0, 10.0], [0.0, -3.0, 0.0, 20.0], [0.0, 0.0, 4.0, 30.0], [0.0, 0.0, 0.0, 1.0]];
+        let lps = [
+            [-2.0, 0.0, 0.0, 10.0],
+            [0.0, -3.0, 0.0, 20.0],
+            [0.0, 0.0, 4.0, 30.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let (ras, how) = reorient_to_ras(&grid(lps, [5, 6, 7])).unwrap();
         assert_eq!(how.axes, [0, 1, 2]);
         assert_eq!(how.flip, [true, true, false]);
@@ -286,7 +353,12 @@ mod tests {
     #[test]
     fn permuted_axes_are_put_back_in_order() {
         // voxel axes run S, R, A
-        let m = [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+        let m = [
+            [0.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 1.0, 0.0],
+            [1.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let (ras, how) = reorient_to_ras(&grid(m, [4, 5, 6])).unwrap();
         assert_eq!(how.axes, [1, 2, 0]);
         assert_eq!(ras.dims, [5, 6, 4]);
@@ -295,7 +367,12 @@ mod tests {
 
     #[test]
     fn respacing_keeps_the_corner_and_counts_like_monai() {
-        let m = [[3.0, 0.0, 0.0, -5.0], [0.0, 3.0, 0.0, 7.0], [0.0, 0.0, 3.0, 1.0], [0.0, 0.0, 0.0, 1.0]];
+        let m = [
+            [3.0, 0.0, 0.0, -5.0],
+            [0.0, 3.0, 0.0, 7.0],
+            [0.0, 0.0, 3.0, 1.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let g = respace(&grid(m, [122, 101, 112]), [1.5, 1.5, 2.0]).unwrap();
         assert_eq!(g.dims, [243, 201, 168]); // round((n - 1) · 3 / s + 1), 167.5 → 168
         assert_eq!(g.affine[0], [1.5, 0.0, 0.0, -5.0]);
@@ -304,7 +381,12 @@ mod tests {
 
     #[test]
     fn inverse_undoes_an_oblique_affine() {
-        let m = [[0.8, -0.6, 0.1, 3.0], [0.6, 0.8, 0.0, -2.0], [0.0, 0.2, 2.5, 9.0], [0.0, 0.0, 0.0, 1.0]];
+        let m = [
+            [0.8, -0.6, 0.1, 3.0],
+            [0.6, 0.8, 0.0, -2.0],
+            [0.0, 0.2, 2.5, 9.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let id = matmul(&m, &inverse(&m).unwrap());
         for i in 0..4 {
             for j in 0..4 {
@@ -316,7 +398,12 @@ mod tests {
     #[test]
     fn sampling_on_the_same_lattice_is_the_identity() {
         let data = Tensor::randn([2, 4, 5, 6], (Kind::Float, Device::Cpu));
-        let m = [[1.5, 0.0, 0.0, 1.0], [0.0, 2.0, 0.0, 2.0], [0.0, 0.0, 2.5, 3.0], [0.0, 0.0, 0.0, 1.0]];
+        let m = [
+            [1.5, 0.0, 0.0, 1.0],
+            [0.0, 2.0, 0.0, 2.0],
+            [0.0, 0.0, 2.5, 3.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
         let out = sample(&data, &m, &grid(m, [4, 5, 6]), 0..6, Interp::Linear, true).unwrap();
         assert!(out.allclose(&data, 1e-5, 1e-5, false));
         let slab = sample(&data, &m, &grid(m, [4, 5, 6]), 2..4, Interp::Nearest, true).unwrap();

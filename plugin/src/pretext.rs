@@ -35,7 +35,15 @@ pub struct PretextConfig {
 
 impl Default for PretextConfig {
     fn default() -> Self {
-        PretextConfig { slabs: 6, mask_ratio: 0.4, cube: 16, grouping: Grouping::Slab, per_batch: false, alpha_rec: 1.0, alpha_cls: 1.0 }
+        PretextConfig {
+            slabs: 6,
+            mask_ratio: 0.4,
+            cube: 16,
+            grouping: Grouping::Slab,
+            per_batch: false,
+            alpha_rec: 1.0,
+            alpha_cls: 1.0,
+        }
     }
 }
 
@@ -43,20 +51,32 @@ impl PretextConfig {
     /// The roi and token grid must split evenly into slabs and cubes.
     pub fn validate(&self, roi: [i64; 3], tokens: [i64; 3]) -> Result<()> {
         if self.slabs < 2 || roi[2] % self.slabs != 0 {
-            return Err(Error::invalid(format!("pretext slabs {}: the roi depth {} must split into at least 2 equal slabs", self.slabs, roi[2])));
+            return Err(Error::invalid(format!(
+                "pretext slabs {}: the roi depth {} must split into at least 2 equal slabs",
+                self.slabs, roi[2]
+            )));
         }
         if self.cube < 1 || roi.iter().any(|r| r % self.cube != 0) {
-            return Err(Error::invalid(format!("pretext cube {} must divide the roi {roi:?}", self.cube)));
+            return Err(Error::invalid(format!(
+                "pretext cube {} must divide the roi {roi:?}",
+                self.cube
+            )));
         }
         if !(0.0..=1.0).contains(&self.mask_ratio) {
-            return Err(Error::invalid(format!("mask_ratio {} must be in [0, 1]", self.mask_ratio)));
+            return Err(Error::invalid(format!(
+                "mask_ratio {} must be in [0, 1]",
+                self.mask_ratio
+            )));
         }
         let ok = match self.grouping {
             Grouping::Slab => tokens[2] % self.slabs == 0,
             Grouping::Released => tokens.iter().product::<i64>() % self.slabs == 0,
         };
         if !ok {
-            return Err(Error::invalid(format!("{:?} grouping cannot split the {tokens:?} token grid into {} slabs", self.grouping, self.slabs)));
+            return Err(Error::invalid(format!(
+                "{:?} grouping cannot split the {tokens:?} token grid into {} slabs",
+                self.grouping, self.slabs
+            )));
         }
         Ok(())
     }
@@ -98,7 +118,11 @@ pub fn transform(x: &Tensor, cfg: &PretextConfig, rng: &mut impl Rng) -> Pretext
             .repeat_interleave_self_int(cfg.cube, 2, None)
             .to_device(device)
     };
-    let (shared_perm, shared_mask) = if cfg.per_batch { (Some(draw_perm(rng)), Some(draw_mask(rng))) } else { (None, None) };
+    let (shared_perm, shared_mask) = if cfg.per_batch {
+        (Some(draw_perm(rng)), Some(draw_mask(rng)))
+    } else {
+        (None, None)
+    };
     let mut targets = Vec::new();
     let mut inputs = Vec::new();
     let mut perms = Vec::new();
@@ -107,7 +131,10 @@ pub fn transform(x: &Tensor, cfg: &PretextConfig, rng: &mut impl Rng) -> Pretext
         let xi = x.get(i);
         let slabs: Vec<Tensor> = perm.iter().map(|&p| xi.narrow(3, p * len, len)).collect();
         let shuffled = Tensor::cat(&slabs, 3);
-        let mask = shared_mask.as_ref().map(Tensor::shallow_clone).unwrap_or_else(|| draw_mask(rng));
+        let mask = shared_mask
+            .as_ref()
+            .map(Tensor::shallow_clone)
+            .unwrap_or_else(|| draw_mask(rng));
         inputs.push(&shuffled * mask.to_kind(shuffled.kind()));
         targets.push(shuffled);
         perms.extend(perm);
@@ -115,12 +142,19 @@ pub fn transform(x: &Tensor, cfg: &PretextConfig, rng: &mut impl Rng) -> Pretext
     PretextBatch {
         input: Tensor::stack(&inputs, 0),
         target: Tensor::stack(&targets, 0),
-        perms: Tensor::from_slice(&perms).view([b, cfg.slabs]).to_device(device),
+        perms: Tensor::from_slice(&perms)
+            .view([b, cfg.slabs])
+            .to_device(device),
     }
 }
 
 /// Order logits `[B, m, m]` of each head from the four token features `[B, N, H]`.
-pub fn order_logits(features: &[Tensor; 4], heads: &OrderHeads, cfg: &PretextConfig, tokens: [i64; 3]) -> Vec<Tensor> {
+pub fn order_logits(
+    features: &[Tensor; 4],
+    heads: &OrderHeads,
+    cfg: &PretextConfig,
+    tokens: [i64; 3],
+) -> Vec<Tensor> {
     features
         .iter()
         .zip(&heads.heads)
@@ -129,9 +163,18 @@ pub fn order_logits(features: &[Tensor; 4], heads: &OrderHeads, cfg: &PretextCon
             let (b, h) = (s[0], s[2]);
             let pooled = match cfg.grouping {
                 Grouping::Slab => f
-                    .reshape([b, tokens[0] * tokens[1], cfg.slabs, tokens[2] / cfg.slabs, h])
+                    .reshape([
+                        b,
+                        tokens[0] * tokens[1],
+                        cfg.slabs,
+                        tokens[2] / cfg.slabs,
+                        h,
+                    ])
                     .mean_dim(&[1i64, 3][..], false, Kind::Float),
-                Grouping::Released => f.reshape([b, cfg.slabs, s[1] / cfg.slabs, h]).mean_dim(2, false, Kind::Float),
+                Grouping::Released => {
+                    f.reshape([b, cfg.slabs, s[1] / cfg.slabs, h])
+                        .mean_dim(2, false, Kind::Float)
+                }
             };
             head.forward(&pooled)
         })
@@ -139,18 +182,24 @@ pub fn order_logits(features: &[Tensor; 4], heads: &OrderHeads, cfg: &PretextCon
 }
 
 /// `α_rec · MSE(recon, target) + α_cls · Σ_heads CE(logits, perm)`; returns (total, rec, cls).
-pub fn loss(recon: &Tensor, batch: &PretextBatch, logits: &[Tensor], cfg: &PretextConfig) -> (Tensor, Tensor, Tensor) {
-    let rec = recon.to_kind(Kind::Float).mse_loss(&batch.target.to_kind(Kind::Float), tch::Reduction::Mean);
+pub fn loss(
+    recon: &Tensor,
+    batch: &PretextBatch,
+    logits: &[Tensor],
+    cfg: &PretextConfig,
+) -> (Tensor, Tensor, Tensor) {
+    let rec = recon
+        .to_kind(Kind::Float)
+        .mse_loss(&batch.target.to_kind(Kind::Float), tch::Reduction::Mean);
     let labels = batch.perms.reshape([-1]);
     let mut cls = Tensor::zeros([], (Kind::Float, recon.device()));
     for l in logits {
         let flat = l.to_kind(Kind::Float).reshape([-1, cfg.slabs]);
-        cls = cls + flat.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
+        cls += flat.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
     }
     let total = &rec * cfg.alpha_rec + &cls * cfg.alpha_cls;
     (total, rec, cls)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -162,15 +211,26 @@ mod tests {
     fn slabs_move_where_the_permutation_says_and_exactly_the_stated_cubes_are_zeroed() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         // voxel value = its z index + 1, so a slab's origin can be read off its values
-        let x = (Tensor::arange(48, (Kind::Float, Device::Cpu)) + 1.0).view([1, 1, 1, 1, 48]).expand([2, 1, 32, 32, 48], true).contiguous();
-        let cfg = PretextConfig { slabs: 6, cube: 16, mask_ratio: 0.4, ..Default::default() };
+        let x = (Tensor::arange(48, (Kind::Float, Device::Cpu)) + 1.0)
+            .view([1, 1, 1, 1, 48])
+            .expand([2, 1, 32, 32, 48], true)
+            .contiguous();
+        let cfg = PretextConfig {
+            slabs: 6,
+            cube: 16,
+            mask_ratio: 0.4,
+            ..Default::default()
+        };
         let b = transform(&x, &cfg, &mut rng);
         for i in 0..2 {
             for k in 0..6 {
                 let p = b.perms.int64_value(&[i, k]);
                 let slab = b.target.get(i).narrow(3, k * 8, 8);
                 let original = x.get(i).narrow(3, p * 8, 8);
-                assert!(slab.equal(&original), "sample {i} position {k} holds slab {p}");
+                assert!(
+                    slab.equal(&original),
+                    "sample {i} position {k} holds slab {p}"
+                );
             }
             let mut seen: Vec<i64> = (0..6).map(|k| b.perms.int64_value(&[i, k])).collect();
             seen.sort();
@@ -186,7 +246,12 @@ mod tests {
     fn per_batch_mode_shares_one_permutation() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let x = Tensor::rand([3, 1, 16, 16, 48], (Kind::Float, Device::Cpu));
-        let cfg = PretextConfig { slabs: 3, cube: 16, per_batch: true, ..Default::default() };
+        let cfg = PretextConfig {
+            slabs: 3,
+            cube: 16,
+            per_batch: true,
+            ..Default::default()
+        };
         let b = transform(&x, &cfg, &mut rng);
         assert!(b.perms.get(0).equal(&b.perms.get(1)) && b.perms.get(1).equal(&b.perms.get(2)));
         let m0 = b.input.get(0).eq(0.0);

@@ -10,7 +10,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::infer::{Blend, WindowOptions, sliding_window};
 use crate::model::{Precision, with_precision};
-use crate::preprocess::{Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window};
+use crate::preprocess::{
+    Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window,
+};
 use crate::volume::{DType, Volume};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -72,12 +74,19 @@ impl SegmentOptions {
         if json.trim().is_empty() {
             return Ok(SegmentOptions::default());
         }
-        let o: SegmentOptions = serde_json::from_str(json).map_err(|e| Error::invalid(format!("segment options: {e}")))?;
+        let o: SegmentOptions = serde_json::from_str(json)
+            .map_err(|e| Error::invalid(format!("segment options: {e}")))?;
         if o.tta_axes.iter().any(|a| !(0..3).contains(a)) {
-            return Err(Error::invalid(format!("tta_axes {:?}: axes are 0, 1, 2", o.tta_axes)));
+            return Err(Error::invalid(format!(
+                "tta_axes {:?}: axes are 0, 1, 2",
+                o.tta_axes
+            )));
         }
         if o.slab < 1 {
-            return Err(Error::invalid(format!("slab must be at least 1, got {}", o.slab)));
+            return Err(Error::invalid(format!(
+                "slab must be at least 1, got {}",
+                o.slab
+            )));
         }
         Ok(o)
     }
@@ -101,20 +110,48 @@ pub struct Prepared {
 }
 
 /// Samples `data` onto `dst` slab by slab (z), concatenating the slabs.
-fn sample_all(data: &Tensor, src: &crate::volume::Affine, dst: &Grid, mode: Interp, border: bool, slab: i64) -> Result<Tensor> {
+fn sample_all(
+    data: &Tensor,
+    src: &crate::volume::Affine,
+    dst: &Grid,
+    mode: Interp,
+    border: bool,
+    slab: i64,
+) -> Result<Tensor> {
     let parts = (0..dst.dims[2])
         .step_by(slab as usize)
-        .map(|z0| sample(data, src, dst, z0..(z0 + slab).min(dst.dims[2]), mode, border))
+        .map(|z0| {
+            sample(
+                data,
+                src,
+                dst,
+                z0..(z0 + slab).min(dst.dims[2]),
+                mode,
+                border,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::f_cat(&parts, 3)?)
 }
 
 /// RAS, target spacing (trilinear, border padding), HU window, foreground crop — MONAI's chain.
-pub fn prepare(pre: &crate::bundle::Preprocessing, volume: &Volume, device: Device, slab: i64) -> Result<Prepared> {
-    let src = Grid { affine: volume.affine, dims: volume.dims() };
+pub fn prepare(
+    pre: &crate::bundle::Preprocessing,
+    volume: &Volume,
+    device: Device,
+    slab: i64,
+) -> Result<Prepared> {
+    let src = Grid {
+        affine: volume.affine,
+        dims: volume.dims(),
+    };
     let (ras, _) = reorient_to_ras(&src)?;
     let target = respace(&ras, pre.spacing)?;
-    let image = volume.data.f_to_device(device)?.f_to_kind(Kind::Float)?.unsqueeze(0);
+    let image = volume
+        .data
+        .f_to_device(device)?
+        .f_to_kind(Kind::Float)?
+        .unsqueeze(0);
     let resampled = sample_all(&image, &volume.affine, &target, Interp::Linear, true, slab)?;
     let windowed = window(&resampled, pre.intensity_window[0], pre.intensity_window[1]);
     let (start, end) = match foreground_box(&windowed) {
@@ -125,32 +162,66 @@ pub fn prepare(pre: &crate::bundle::Preprocessing, volume: &Volume, device: Devi
     for d in 0..3 {
         cropped = cropped.narrow(1 + d as i64, start[d], end[d] - start[d]);
     }
-    Ok(Prepared { image: cropped.contiguous(), grid: crop_grid(&target, start, end) })
+    Ok(Prepared {
+        image: cropped.contiguous(),
+        grid: crop_grid(&target, start, end),
+    })
 }
 
 /// Segments `volume` with `model`: a label map (uint8, or uint16 beyond 256 classes) with the
 /// input's dims and affine.
-pub fn segment(model: &Model, volume: &Volume, opts: &SegmentOptions, progress: &mut dyn Progress) -> Result<Volume> {
+pub fn segment(
+    model: &Model,
+    volume: &Volume,
+    opts: &SegmentOptions,
+    progress: &mut dyn Progress,
+) -> Result<Volume> {
     if model.meta.stage != Stage::Segmentation {
-        return Err(Error::new(ErrorKind::ModelIncompatible, "this is an init-train model (stage init): fine-tune it before segmenting"));
+        return Err(Error::new(
+            ErrorKind::ModelIncompatible,
+            "this is an init-train model (stage init): fine-tune it before segmenting",
+        ));
     }
     let cfg = &model.meta.config;
     if cfg.in_channels != 1 {
-        return Err(Error::new(ErrorKind::ModelIncompatible, format!("the model takes {} channels; a volume has 1", cfg.in_channels)));
+        return Err(Error::new(
+            ErrorKind::ModelIncompatible,
+            format!(
+                "the model takes {} channels; a volume has 1",
+                cfg.in_channels
+            ),
+        ));
     }
     let device = model.vs.device();
     let predict = |input: &Tensor| -> Result<Tensor> {
-        let logits = with_precision(opts.precision, device, || tch::no_grad(|| model.net.forward_t(input, false)))?;
+        let logits = with_precision(opts.precision, device, || {
+            tch::no_grad(|| model.net.forward_t(input, false))
+        })?;
         Ok(logits.to_kind(Kind::Float).softmax(1, Kind::Float))
     };
-    let pipeline = Pipeline { preprocessing: &model.meta.preprocessing, classes: cfg.out_channels, device, predict: &predict };
+    let pipeline = Pipeline {
+        preprocessing: &model.meta.preprocessing,
+        classes: cfg.out_channels,
+        device,
+        predict: &predict,
+    };
     run(&pipeline, volume, opts, progress)
 }
 
 /// The segmentation pipeline around any predictor.
-pub fn run(pipeline: &Pipeline, volume: &Volume, opts: &SegmentOptions, progress: &mut dyn Progress) -> Result<Volume> {
+pub fn run(
+    pipeline: &Pipeline,
+    volume: &Volume,
+    opts: &SegmentOptions,
+    progress: &mut dyn Progress,
+) -> Result<Volume> {
     let device = pipeline.device;
-    let event = |stage, done, total| Event { stage, done, total, ..Default::default() };
+    let event = |stage, done, total| Event {
+        stage,
+        done,
+        total,
+        ..Default::default()
+    };
     report(progress, event("preprocess", 0, 1))?;
     let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
     if let Some(path) = &opts.save_preprocessed {
@@ -159,25 +230,57 @@ pub fn run(pipeline: &Pipeline, volume: &Volume, opts: &SegmentOptions, progress
     }
     report(progress, event("preprocess", 1, 1))?;
 
-    let wopts = WindowOptions { roi: pipeline.preprocessing.roi_size, overlap: opts.overlap, blend: opts.blend, batch: opts.sw_batch };
+    let wopts = WindowOptions {
+        roi: pipeline.preprocessing.roi_size,
+        overlap: opts.overlap,
+        blend: opts.blend,
+        batch: opts.sw_batch,
+    };
     let mut views: Vec<Vec<i64>> = vec![Vec::new()];
     views.extend(opts.tta_axes.iter().map(|&a| vec![2 + a]));
     let mut probs: Option<Tensor> = None;
     for (v, flip) in views.iter().enumerate() {
         let mut batches = 0u64;
         let predict = |batch: &Tensor| -> Result<Tensor> {
-            let p = if flip.is_empty() { (pipeline.predict)(batch)? } else { (pipeline.predict)(&batch.flip(flip))?.flip(flip) };
+            let p = if flip.is_empty() {
+                (pipeline.predict)(batch)?
+            } else {
+                (pipeline.predict)(&batch.flip(flip))?.flip(flip)
+            };
             batches += 1;
-            report(progress, Event { stage: "infer", done: batches, total: 0, message: format!("view {} of {}", v + 1, views.len()), ..Default::default() })?;
+            report(
+                progress,
+                Event {
+                    stage: "infer",
+                    done: batches,
+                    total: 0,
+                    message: format!("view {} of {}", v + 1, views.len()),
+                    ..Default::default()
+                },
+            )?;
             Ok(p)
         };
         let bytes = (pipeline.classes as u64 + 1) * prepared.image.numel() as u64 * 4;
         let on = accumulator_device(device, bytes, opts.max_gpu_accumulator_mb);
         let p = match sliding_window(&prepared.image, &wopts, on, predict) {
             Err(e) if e.kind == ErrorKind::OutOfMemory && on.is_cuda() => {
-                report(progress, Event { stage: "infer", message: format!("warning: GPU out of memory for the {} MiB of accumulators; retrying with them on the CPU", bytes >> 20), ..Default::default() })?;
+                report(
+                    progress,
+                    Event {
+                        stage: "infer",
+                        message: format!(
+                            "warning: GPU out of memory for the {} MiB of accumulators; retrying with them on the CPU",
+                            bytes >> 20
+                        ),
+                        ..Default::default()
+                    },
+                )?;
                 let predict = |batch: &Tensor| -> Result<Tensor> {
-                    if flip.is_empty() { (pipeline.predict)(batch) } else { Ok((pipeline.predict)(&batch.flip(flip))?.flip(flip)) }
+                    if flip.is_empty() {
+                        (pipeline.predict)(batch)
+                    } else {
+                        Ok((pipeline.predict)(&batch.flip(flip))?.flip(flip))
+                    }
                 };
                 sliding_window(&prepared.image, &wopts, Device::Cpu, predict)?
             }
@@ -194,27 +297,62 @@ pub fn run(pipeline: &Pipeline, volume: &Volume, opts: &SegmentOptions, progress
     let probs = probs.ok_or_else(|| Error::internal("no inference view"))?;
 
     report(progress, event("resample", 0, 1))?;
-    let dst = Grid { affine: volume.affine, dims: volume.dims() };
-    let kind = if pipeline.classes > 256 { Kind::Int } else { Kind::Uint8 };
+    let dst = Grid {
+        affine: volume.affine,
+        dims: volume.dims(),
+    };
+    let kind = if pipeline.classes > 256 {
+        Kind::Int
+    } else {
+        Kind::Uint8
+    };
     let mut slabs = Vec::new();
-    let labels_on_model_grid = (opts.resample == ResampleBack::Nearest).then(|| probs.argmax(0, true).to_kind(Kind::Float));
+    let labels_on_model_grid = (opts.resample == ResampleBack::Nearest)
+        .then(|| probs.argmax(0, true).to_kind(Kind::Float));
     for z0 in (0..dst.dims[2]).step_by(opts.slab as usize) {
         let z = z0..(z0 + opts.slab).min(dst.dims[2]);
         let slab = match &labels_on_model_grid {
             // Outside the crop everything is background: zero padding gives label 0 / all-zero scores.
-            Some(labels) => sample(labels, &prepared.grid.affine, &dst, z, Interp::Nearest, false)?.squeeze_dim(0).round(),
-            None => sample(&probs, &prepared.grid.affine, &dst, z, Interp::Linear, false)?.argmax(0, false),
+            Some(labels) => sample(
+                labels,
+                &prepared.grid.affine,
+                &dst,
+                z,
+                Interp::Nearest,
+                false,
+            )?
+            .squeeze_dim(0)
+            .round(),
+            None => sample(
+                &probs,
+                &prepared.grid.affine,
+                &dst,
+                z,
+                Interp::Linear,
+                false,
+            )?
+            .argmax(0, false),
         };
         slabs.push(slab.to_kind(kind).to_device(Device::Cpu));
     }
     report(progress, event("resample", 1, 1))?;
     let mut labels = Tensor::f_cat(&slabs, 2)?;
-    let dtype = if kind == Kind::Uint8 { DType::U8 } else { DType::U16 };
+    let dtype = if kind == Kind::Uint8 {
+        DType::U8
+    } else {
+        DType::U16
+    };
     if opts.largest_component {
         let bytes = DType::U32.le_bytes_from_tensor(&labels)?;
-        let mut values: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let mut values: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         let d = volume.dims();
-        crate::postprocess::keep_largest_components(&mut values, [d[0] as usize, d[1] as usize, d[2] as usize]);
+        crate::postprocess::keep_largest_components(
+            &mut values,
+            [d[0] as usize, d[1] as usize, d[2] as usize],
+        );
         let back: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         labels = DType::U32.tensor_from_le_bytes(&back, d)?.to_kind(kind);
     }
@@ -263,7 +401,8 @@ pub fn segment_file(
     if manifest {
         let mut name = output.as_os_str().to_owned();
         name.push(".json");
-        let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&doc).map_err(|e| Error::internal(e.to_string()))?;
         crate::io::write_atomically(std::path::Path::new(&name), text.as_bytes())?;
     }
     Ok(doc)
@@ -279,13 +418,25 @@ mod tests {
         assert_eq!(accumulator_device(gpu, 3 << 30, None), gpu);
         assert_eq!(accumulator_device(gpu, 3 << 30, Some(4096)), gpu);
         assert_eq!(accumulator_device(gpu, 5 << 30, Some(4096)), Device::Cpu);
-        assert_eq!(accumulator_device(Device::Cpu, 5 << 30, Some(1)), Device::Cpu);
+        assert_eq!(
+            accumulator_device(Device::Cpu, 5 << 30, Some(1)),
+            Device::Cpu
+        );
     }
 
     #[test]
     fn options_json_is_strict() {
-        assert!(SegmentOptions::from_json(r#"{"overlap": 0.25, "largest_component": true}"#).unwrap().largest_component);
-        assert!(SegmentOptions::from_json(r#"{"overlapp": 0.25}"#).unwrap_err().message.contains("overlapp"));
+        assert!(
+            SegmentOptions::from_json(r#"{"overlap": 0.25, "largest_component": true}"#)
+                .unwrap()
+                .largest_component
+        );
+        assert!(
+            SegmentOptions::from_json(r#"{"overlapp": 0.25}"#)
+                .unwrap_err()
+                .message
+                .contains("overlapp")
+        );
         assert!(SegmentOptions::from_json(r#"{"tta_axes": [3]}"#).is_err());
     }
 }

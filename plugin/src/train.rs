@@ -32,7 +32,12 @@ pub struct Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment { flip_p: 0.2, rot90_p: 0.2, scale_p: 0.1, shift_p: 0.1 }
+        Augment {
+            flip_p: 0.2,
+            rot90_p: 0.2,
+            scale_p: 0.1,
+            shift_p: 0.1,
+        }
     }
 }
 
@@ -108,15 +113,32 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn from_json(json: &str) -> Result<TrainConfig> {
-        let c: TrainConfig = serde_json::from_str(json).map_err(|e| Error::invalid(format!("training config: {e}")))?;
+        let c: TrainConfig = serde_json::from_str(json)
+            .map_err(|e| Error::invalid(format!("training config: {e}")))?;
         if c.dataset.as_os_str().is_empty() || c.out.as_os_str().is_empty() {
-            return Err(Error::invalid("training config: \"dataset\" and \"out\" are required"));
+            return Err(Error::invalid(
+                "training config: \"dataset\" and \"out\" are required",
+            ));
         }
-        if c.epochs == 0 || c.num_samples < 1 || c.sched_step_every == 0 || c.checkpoint_every == 0 || c.val_every == 0 {
-            return Err(Error::invalid("training config: epochs, num_samples, sched_step_every, checkpoint_every and val_every must be positive"));
+        if c.epochs == 0
+            || c.num_samples < 1
+            || c.sched_step_every == 0
+            || c.checkpoint_every == 0
+            || c.val_every == 0
+        {
+            return Err(Error::invalid(
+                "training config: epochs, num_samples, sched_step_every, checkpoint_every and val_every must be positive",
+            ));
         }
-        if !(c.lr > 0.0 && c.weight_decay >= 0.0 && c.pos >= 0.0 && c.neg >= 0.0 && c.pos + c.neg > 0.0) {
-            return Err(Error::invalid("training config: lr must be positive; weight_decay, pos and neg non-negative"));
+        if !(c.lr > 0.0
+            && c.weight_decay >= 0.0
+            && c.pos >= 0.0
+            && c.neg >= 0.0
+            && c.pos + c.neg > 0.0)
+        {
+            return Err(Error::invalid(
+                "training config: lr must be positive; weight_decay, pos and neg non-negative",
+            ));
         }
         Ok(c)
     }
@@ -136,11 +158,16 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// after `steps` scheduler steps.
 pub fn learning_rate(base: f64, warmup: u64, max: u64, steps: u64) -> f64 {
     if steps < warmup {
-        if warmup <= 1 { base } else { base * steps as f64 / (warmup - 1) as f64 }
+        if warmup <= 1 {
+            base
+        } else {
+            base * steps as f64 / (warmup - 1) as f64
+        }
     } else if max <= warmup {
         base
     } else {
-        0.5 * base * (1.0 + (std::f64::consts::PI * (steps - warmup) as f64 / (max - warmup) as f64).cos())
+        0.5 * base
+            * (1.0 + (std::f64::consts::PI * (steps - warmup) as f64 / (max - warmup) as f64).cos())
     }
 }
 
@@ -157,12 +184,23 @@ struct AdamW {
 
 impl AdamW {
     fn new(vs: &tch::nn::VarStore, weight_decay: f64) -> AdamW {
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let m = vars.iter().map(|(_, t)| t.zeros_like()).collect();
         let v = vars.iter().map(|(_, t)| t.zeros_like()).collect();
         let (names, params) = vars.into_iter().unzip();
-        AdamW { names, params, m, v, step: 0, weight_decay }
+        AdamW {
+            names,
+            params,
+            m,
+            v,
+            step: 0,
+            weight_decay,
+        }
     }
 
     fn zero_grad(&mut self) {
@@ -206,7 +244,10 @@ struct CheckpointState {
 fn save_checkpoint(path: &Path, model: &Model, opt: &AdamW, state: &CheckpointState) -> Result<()> {
     let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut push = |name: String, t: &Tensor| -> Result<()> {
-        let t = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let t = t
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?;
         let mut data = vec![0u8; t.numel() * 4];
         t.f_copy_data_u8(&mut data, t.numel())?;
         blobs.push((name, t.size().iter().map(|&d| d as usize).collect(), data));
@@ -229,22 +270,36 @@ fn save_checkpoint(path: &Path, model: &Model, opt: &AdamW, state: &CheckpointSt
         })
         .collect::<Result<Vec<_>>>()?;
     let doc = serde_json::to_string(state).map_err(|e| Error::internal(e.to_string()))?;
-    let bytes = safetensors::serialize(views, Some(HashMap::from([("lwi_checkpoint".to_string(), doc)])))
-        .map_err(|e| Error::internal(e.to_string()))?;
+    let bytes = safetensors::serialize(
+        views,
+        Some(HashMap::from([("lwi_checkpoint".to_string(), doc)])),
+    )
+    .map_err(|e| Error::internal(e.to_string()))?;
     crate::io::write_atomically(path, &bytes)
 }
 
-fn load_checkpoint(path: &Path, device: Device) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
+fn load_checkpoint(
+    path: &Path,
+    device: Device,
+) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |m: String| Error::format(path, format!("not a usable checkpoint ({m})"));
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let doc = header.metadata().as_ref().and_then(|m| m.get("lwi_checkpoint")).ok_or_else(|| bad("no lwi_checkpoint metadata".into()))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let doc = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lwi_checkpoint"))
+        .ok_or_else(|| bad("no lwi_checkpoint metadata".into()))?;
     let state: CheckpointState = serde_json::from_str(doc).map_err(|e| bad(e.to_string()))?;
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?.f_to_device(device)?);
+        tensors.insert(
+            name,
+            Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?.f_to_device(device)?,
+        );
     }
     Ok((state, tensors))
 }
@@ -263,32 +318,49 @@ impl Sampler {
             Some(l) => {
                 let flat = l.reshape([-1]);
                 let fg = flat.gt(0).nonzero().squeeze_dim(1);
-                let bg = flat.eq(0).logical_and(&flat_image.gt(0.0)).nonzero().squeeze_dim(1);
+                let bg = flat
+                    .eq(0)
+                    .logical_and(&flat_image.gt(0.0))
+                    .nonzero()
+                    .squeeze_dim(1);
                 Sampler { fg, bg }
             }
-            None => Sampler { fg: flat_image.gt(0.0).nonzero().squeeze_dim(1), bg: Tensor::zeros([0], (Kind::Int64, Device::Cpu)) },
+            None => Sampler {
+                fg: flat_image.gt(0.0).nonzero().squeeze_dim(1),
+                bg: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+            },
         }
     }
 
     fn centre(&self, rng: &mut ChaCha8Rng, pos: f64, neg: f64, dims: [i64; 3]) -> [i64; 3] {
         let (nf, nb) = (self.fg.size()[0], self.bg.size()[0]);
         let use_fg = nb == 0 || (nf > 0 && rng.random::<f64>() < pos / (pos + neg));
-        let (pool, n) = if use_fg { (&self.fg, nf) } else { (&self.bg, nb) };
+        let (pool, n) = if use_fg {
+            (&self.fg, nf)
+        } else {
+            (&self.bg, nb)
+        };
         if n == 0 {
             return [dims[0] / 2, dims[1] / 2, dims[2] / 2];
         }
         let flat = pool.int64_value(&[rng.random_range(0..n)]);
-        [flat / (dims[1] * dims[2]), (flat / dims[2]) % dims[1], flat % dims[2]]
+        [
+            flat / (dims[1] * dims[2]),
+            (flat / dims[2]) % dims[1],
+            flat % dims[2],
+        ]
     }
 }
 
 /// Pads `t` (`[C, X, Y, Z]`) with zeros to at least `roi` (symmetrically).
 fn pad_to(t: &Tensor, roi: [i64; 3]) -> Tensor {
     let s = t.size();
-    let p: Vec<(i64, i64)> = (0..3).map(|d| {
-        let diff = (roi[d] - s[1 + d]).max(0);
-        (diff / 2, diff - diff / 2)
-    }).collect();
+    let p: Vec<(i64, i64)> = (0..3)
+        .map(|d| {
+            let diff = (roi[d] - s[1 + d]).max(0);
+            (diff / 2, diff - diff / 2)
+        })
+        .collect();
     if p.iter().all(|x| x.0 + x.1 == 0) {
         return t.shallow_clone();
     }
@@ -301,15 +373,28 @@ struct Prepared {
     sampler: Sampler,
 }
 
-fn crops(p: &Prepared, cfg: &TrainConfig, roi: [i64; 3], rng: &mut ChaCha8Rng, device: Device) -> (Tensor, Option<Tensor>) {
+fn crops(
+    p: &Prepared,
+    cfg: &TrainConfig,
+    roi: [i64; 3],
+    rng: &mut ChaCha8Rng,
+    device: Device,
+) -> (Tensor, Option<Tensor>) {
     let s = p.image.size();
     let dims = [s[1], s[2], s[3]];
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for _ in 0..cfg.num_samples {
         let c = p.sampler.centre(rng, cfg.pos, cfg.neg, dims);
-        let start: Vec<i64> = (0..3).map(|d| (c[d] - roi[d] / 2).clamp(0, dims[d] - roi[d])).collect();
-        let cut = |t: &Tensor| t.narrow(1, start[0], roi[0]).narrow(2, start[1], roi[1]).narrow(3, start[2], roi[2]).to_device(device);
+        let start: Vec<i64> = (0..3)
+            .map(|d| (c[d] - roi[d] / 2).clamp(0, dims[d] - roi[d]))
+            .collect();
+        let cut = |t: &Tensor| {
+            t.narrow(1, start[0], roi[0])
+                .narrow(2, start[1], roi[1])
+                .narrow(3, start[2], roi[2])
+                .to_device(device)
+        };
         let (mut img, mut lab) = (cut(&p.image), p.label.as_ref().map(cut));
         // Augmentation (decisions from the run's RNG so a resumed run repeats them).
         let a = &cfg.augment;
@@ -339,37 +424,69 @@ fn crops(p: &Prepared, cfg: &TrainConfig, roi: [i64; 3], rng: &mut ChaCha8Rng, d
 
 /// Runs init-train (`stage` Init) or fine-tune (`stage` Segmentation) as `cfg` says, on `device`
 /// unless the config names one; writes the model file(s) and returns the final model.
-pub fn train(stage: Stage, cfg: &TrainConfig, device: Device, progress: &mut dyn Progress) -> Result<Model> {
+pub fn train(
+    stage: Stage,
+    cfg: &TrainConfig,
+    device: Device,
+    progress: &mut dyn Progress,
+) -> Result<Model> {
     let device = match (&cfg.device, cfg.threads) {
         (None, None) => device,
         (name, threads) => {
-            let options = EngineOptions { device: name.clone().unwrap_or_else(|| crate::bundle::device_name(device)), threads };
+            let options = EngineOptions {
+                device: name
+                    .clone()
+                    .unwrap_or_else(|| crate::bundle::device_name(device)),
+                threads,
+            };
             Engine::new(&options)?.device
         }
     };
     let ds = DatasetFile::read(&cfg.dataset)?;
-    let pre = Preprocessing { spacing: cfg.spacing, intensity_window: cfg.window, roi_size: cfg.arch.img_size, ..Default::default() };
+    let pre = Preprocessing {
+        spacing: cfg.spacing,
+        intensity_window: cfg.window,
+        roi_size: cfg.arch.img_size,
+        ..Default::default()
+    };
 
     // Output channels come from the stage: one reconstruction channel, or one per label value.
     let classes = match stage {
         Stage::Init => 1,
         Stage::Segmentation => {
             if ds.training.iter().any(|e| e.label.is_none()) {
-                return Err(Error::invalid(format!("{}: fine-tune needs a label for every training case", cfg.dataset.display())));
+                return Err(Error::invalid(format!(
+                    "{}: fine-tune needs a label for every training case",
+                    cfg.dataset.display()
+                )));
             }
             i64::from(ds.labels.keys().max().copied().unwrap_or(1)) + 1
         }
     };
     let mut arch = cfg.arch.clone();
     if arch.out_channels != classes {
-        report(progress, Event { stage: "setup", message: format!("warning: out_channels {} overridden by the stage: {classes}", arch.out_channels), ..Default::default() })?;
+        report(
+            progress,
+            Event {
+                stage: "setup",
+                message: format!(
+                    "warning: out_channels {} overridden by the stage: {classes}",
+                    arch.out_channels
+                ),
+                ..Default::default()
+            },
+        )?;
         arch.out_channels = classes;
     }
     let tokens = arch.feat_size();
     if stage == Stage::Init {
         cfg.pretext.validate(arch.img_size, tokens)?;
     }
-    let labels: BTreeMap<u32, String> = if stage == Stage::Init { BTreeMap::new() } else { ds.labels.clone() };
+    let labels: BTreeMap<u32, String> = if stage == Stage::Init {
+        BTreeMap::new()
+    } else {
+        ds.labels.clone()
+    };
     let mut meta = ModelMetadata::new(arch.clone(), labels, pre.clone(), stage);
     meta.order_classes = (stage == Stage::Init).then_some(cfg.pretext.slabs);
     meta.provenance.seed = Some(cfg.seed);
@@ -392,40 +509,85 @@ pub fn train(stage: Stage, cfg: &TrainConfig, device: Device, progress: &mut dyn
         expected.resume = cfg.resume;
         expected.epochs = cfg.epochs;
         if expected != *cfg {
-            return Err(Error::invalid(format!("{}: written by a run with another configuration; resume needs the same one (epochs may grow)", ckpt.display())));
+            return Err(Error::invalid(format!(
+                "{}: written by a run with another configuration; resume needs the same one (epochs may grow)",
+                ckpt.display()
+            )));
         }
-        let weights: HashMap<String, Tensor> =
-            tensors.iter().filter_map(|(k, v)| k.strip_prefix("model.").map(|n| (n.to_string(), v.shallow_clone()))).collect();
+        let weights: HashMap<String, Tensor> = tensors
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("model.")
+                    .map(|n| (n.to_string(), v.shallow_clone()))
+            })
+            .collect();
         load_state_dict(&model.vs, &weights)?;
         tch::no_grad(|| {
             for (i, name) in opt.names.iter().enumerate() {
-                if let (Some(m), Some(v)) = (tensors.get(&format!("adam_m.{name}")), tensors.get(&format!("adam_v.{name}"))) {
+                if let (Some(m), Some(v)) = (
+                    tensors.get(&format!("adam_m.{name}")),
+                    tensors.get(&format!("adam_v.{name}")),
+                ) {
                     opt.m[i].copy_(m);
                     opt.v[i].copy_(v);
                 }
             }
         });
         opt.step = state.adam_step;
-        rng.set_word_pos(state.rng_word_pos.parse::<u128>().map_err(|_| Error::format(&ckpt, "bad RNG position"))?);
+        rng.set_word_pos(
+            state
+                .rng_word_pos
+                .parse::<u128>()
+                .map_err(|_| Error::format(&ckpt, "bad RNG position"))?,
+        );
         first_epoch = state.epochs_done;
         best = state.best_metric;
     }
 
-    report(progress, Event { stage: "preprocess", done: 0, total: ds.training.len() as u64, ..Default::default() })?;
+    report(
+        progress,
+        Event {
+            stage: "preprocess",
+            done: 0,
+            total: ds.training.len() as u64,
+            ..Default::default()
+        },
+    )?;
     let mut cases = Vec::new();
     for (i, entry) in ds.training.iter().enumerate() {
         let case = prepare_case(entry, &pre)?;
         let image = pad_to(&case.image, arch.img_size);
         let label = case.label.as_ref().map(|l| pad_to(l, arch.img_size));
         let sampler = Sampler::new(&image, label.as_ref());
-        cases.push(Prepared { image, label, sampler });
-        report(progress, Event { stage: "preprocess", done: i as u64 + 1, total: ds.training.len() as u64, ..Default::default() })?;
+        cases.push(Prepared {
+            image,
+            label,
+            sampler,
+        });
+        report(
+            progress,
+            Event {
+                stage: "preprocess",
+                done: i as u64 + 1,
+                total: ds.training.len() as u64,
+                ..Default::default()
+            },
+        )?;
     }
 
-    let precision = if cfg.amp && device.is_cuda() { Precision::Bf16 } else { Precision::Fp32 };
+    let precision = if cfg.amp && device.is_cuda() {
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    };
     let iters = cases.len() as u64;
     for epoch in first_epoch..cfg.epochs {
-        let lr = learning_rate(cfg.lr, cfg.warmup_epochs, cfg.epochs, epoch / cfg.sched_step_every);
+        let lr = learning_rate(
+            cfg.lr,
+            cfg.warmup_epochs,
+            cfg.epochs,
+            epoch / cfg.sched_step_every,
+        );
         let mut order: Vec<usize> = (0..cases.len()).collect();
         rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
         let mut epoch_loss = 0.0;
@@ -434,17 +596,31 @@ pub fn train(stage: Stage, cfg: &TrainConfig, device: Device, progress: &mut dyn
             let (loss, parts) = match stage {
                 Stage::Init => {
                     let batch = crate::pretext::transform(&x, &cfg.pretext, &mut rng);
-                    let heads = model.order_heads.as_ref().ok_or_else(|| Error::internal("init model without order heads"))?;
+                    let heads = model
+                        .order_heads
+                        .as_ref()
+                        .ok_or_else(|| Error::internal("init model without order heads"))?;
                     let (total, rec, cls) = with_precision(precision, device, || {
                         let (recon, features) = model.net.forward_features(&batch.input, true);
-                        let logits = crate::pretext::order_logits(&features, heads, &cfg.pretext, tokens);
+                        let logits =
+                            crate::pretext::order_logits(&features, heads, &cfg.pretext, tokens);
                         crate::pretext::loss(&recon, &batch, &logits, &cfg.pretext)
                     })?;
-                    (total, format!("rec {:.4} cls {:.4}", rec.double_value(&[]), cls.double_value(&[])))
+                    (
+                        total,
+                        format!(
+                            "rec {:.4} cls {:.4}",
+                            rec.double_value(&[]),
+                            cls.double_value(&[])
+                        ),
+                    )
                 }
                 Stage::Segmentation => {
-                    let y = y.ok_or_else(|| Error::internal("segmentation batch without labels"))?;
-                    let loss = with_precision(precision, device, || crate::loss::dice_ce(&model.net.forward_t(&x, true), &y))?;
+                    let y =
+                        y.ok_or_else(|| Error::internal("segmentation batch without labels"))?;
+                    let loss = with_precision(precision, device, || {
+                        crate::loss::dice_ce(&model.net.forward_t(&x, true), &y)
+                    })?;
                     (loss, String::new())
                 }
             };
@@ -453,35 +629,75 @@ pub fn train(stage: Stage, cfg: &TrainConfig, device: Device, progress: &mut dyn
             opt.step(lr);
             let l = loss.double_value(&[]);
             if !l.is_finite() {
-                return Err(Error::internal(format!("loss became {l} at epoch {epoch}: lower the learning rate")));
+                return Err(Error::internal(format!(
+                    "loss became {l} at epoch {epoch}: lower the learning rate"
+                )));
             }
             epoch_loss += l;
-            report(progress, Event {
-                stage: "train",
-                done: epoch * iters + it as u64 + 1,
-                total: cfg.epochs * iters,
-                epoch: Some(epoch),
-                loss: Some(l),
-                message: format!("lr {lr:.3e} {parts}"),
-                ..Default::default()
-            })?;
+            report(
+                progress,
+                Event {
+                    stage: "train",
+                    done: epoch * iters + it as u64 + 1,
+                    total: cfg.epochs * iters,
+                    epoch: Some(epoch),
+                    loss: Some(l),
+                    message: format!("lr {lr:.3e} {parts}"),
+                    ..Default::default()
+                },
+            )?;
         }
         let done = epoch + 1;
         let mut metric = None;
-        if stage == Stage::Segmentation && !ds.validation.is_empty() && (done % cfg.val_every == 0 || done == cfg.epochs) {
+        if stage == Stage::Segmentation
+            && !ds.validation.is_empty()
+            && (done % cfg.val_every == 0 || done == cfg.epochs)
+        {
             let (dice, per_label) = validate(&model, &ds, progress)?;
             metric = Some(dice);
             let table: Vec<String> = per_label
                 .iter()
-                .map(|(l, d)| format!("{}:{d:.3}", model.meta.labels.get(l).cloned().unwrap_or_else(|| l.to_string())))
+                .map(|(l, d)| {
+                    format!(
+                        "{}:{d:.3}",
+                        model
+                            .meta
+                            .labels
+                            .get(l)
+                            .cloned()
+                            .unwrap_or_else(|| l.to_string())
+                    )
+                })
                 .collect();
-            report(progress, Event { stage: "validate", done: ds.validation.len() as u64, total: ds.validation.len() as u64, epoch: Some(epoch), metric: Some(dice), message: format!("Dice per label {}", table.join(" ")), ..Default::default() })?;
+            report(
+                progress,
+                Event {
+                    stage: "validate",
+                    done: ds.validation.len() as u64,
+                    total: ds.validation.len() as u64,
+                    epoch: Some(epoch),
+                    metric: Some(dice),
+                    message: format!("Dice per label {}", table.join(" ")),
+                    ..Default::default()
+                },
+            )?;
             if best.is_none_or(|b| dice > b) {
                 best = Some(dice);
                 model.save(&cfg.out.with_extension("best.safetensors"))?;
             }
         }
-        report(progress, Event { stage: "epoch", done, total: cfg.epochs, epoch: Some(epoch), loss: Some(epoch_loss / iters as f64), metric, ..Default::default() })?;
+        report(
+            progress,
+            Event {
+                stage: "epoch",
+                done,
+                total: cfg.epochs,
+                epoch: Some(epoch),
+                loss: Some(epoch_loss / iters as f64),
+                metric,
+                ..Default::default()
+            },
+        )?;
         if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
             let state = CheckpointState {
                 epochs_done: done,
@@ -503,20 +719,40 @@ pub fn train(stage: Stage, cfg: &TrainConfig, device: Device, progress: &mut dyn
 fn transfer_from_init(model: &Model, init: &Path, device: Device) -> Result<()> {
     let stage1 = Model::load(init, device)?;
     if stage1.meta.stage != Stage::Init {
-        return Err(Error::new(ErrorKind::ModelIncompatible, format!("{}: not an init-train model (stage {:?})", init.display(), stage1.meta.stage)));
+        return Err(Error::new(
+            ErrorKind::ModelIncompatible,
+            format!(
+                "{}: not an init-train model (stage {:?})",
+                init.display(),
+                stage1.meta.stage
+            ),
+        ));
     }
     let mut want = stage1.meta.config.clone();
     want.out_channels = model.meta.config.out_channels;
     if want != model.meta.config {
-        return Err(Error::new(ErrorKind::ModelIncompatible, format!(
-            "{}: its architecture {} differs from the one asked for {}",
-            init.display(),
-            serde_json::to_string(&stage1.meta.config).unwrap_or_default(),
-            serde_json::to_string(&model.meta.config).unwrap_or_default()
-        )));
+        return Err(Error::new(
+            ErrorKind::ModelIncompatible,
+            format!(
+                "{}: its architecture {} differs from the one asked for {}",
+                init.display(),
+                serde_json::to_string(&stage1.meta.config).unwrap_or_default(),
+                serde_json::to_string(&model.meta.config).unwrap_or_default()
+            ),
+        ));
     }
-    let mut tensors: HashMap<String, Tensor> = stage1.vs.variables().into_iter().filter(|(k, _)| !k.starts_with("vit.temp_head")).collect();
-    for (k, v) in model.vs.variables().into_iter().filter(|(k, _)| k.starts_with("out.conv.")) {
+    let mut tensors: HashMap<String, Tensor> = stage1
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("vit.temp_head"))
+        .collect();
+    for (k, v) in model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("out.conv."))
+    {
         tensors.insert(k, v.detach().copy());
     }
     load_state_dict(&model.vs, &tensors)
@@ -524,17 +760,32 @@ fn transfer_from_init(model: &Model, init: &Path, device: Device) -> Result<()> 
 
 /// Dice on the validation cases (sliding window on the whole volume, back on the original grid, as
 /// `segment` does): the mean over cases and labels, and the mean per label.
-fn validate(model: &Model, ds: &DatasetFile, progress: &mut dyn Progress) -> Result<(f64, BTreeMap<u32, f64>)> {
-    let opts = crate::segment::SegmentOptions { blend: crate::infer::Blend::Constant, ..Default::default() };
+fn validate(
+    model: &Model,
+    ds: &DatasetFile,
+    progress: &mut dyn Progress,
+) -> Result<(f64, BTreeMap<u32, f64>)> {
+    let opts = crate::segment::SegmentOptions {
+        blend: crate::infer::Blend::Constant,
+        ..Default::default()
+    };
     let mut sum = 0.0;
     let mut n = 0usize;
     let mut per_label: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
     for (i, entry) in ds.validation.iter().enumerate() {
-        let Some(label_path) = &entry.label else { continue };
+        let Some(label_path) = &entry.label else {
+            continue;
+        };
         let image = crate::io::read_volume(&entry.image)?;
         let reference = crate::io::read_volume(label_path)?;
         let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
-        let labels: Vec<u32> = model.meta.labels.keys().copied().filter(|&l| l != 0).collect();
+        let labels: Vec<u32> = model
+            .meta
+            .labels
+            .keys()
+            .copied()
+            .filter(|&l| l != 0)
+            .collect();
         for (l, s) in crate::metrics::score(&pred, &reference, &labels)? {
             if let Some(d) = s.dice {
                 sum += d;
@@ -544,9 +795,20 @@ fn validate(model: &Model, ds: &DatasetFile, progress: &mut dyn Progress) -> Res
                 e.1 += 1;
             }
         }
-        report(progress, Event { stage: "validate", done: i as u64 + 1, total: ds.validation.len() as u64, ..Default::default() })?;
+        report(
+            progress,
+            Event {
+                stage: "validate",
+                done: i as u64 + 1,
+                total: ds.validation.len() as u64,
+                ..Default::default()
+            },
+        )?;
     }
-    let per_label = per_label.into_iter().map(|(l, (s, k))| (l, s / k as f64)).collect();
+    let per_label = per_label
+        .into_iter()
+        .map(|(l, (s, k))| (l, s / k as f64))
+        .collect();
     Ok((if n > 0 { sum / n as f64 } else { 0.0 }, per_label))
 }
 
@@ -568,9 +830,16 @@ mod tests {
 
     #[test]
     fn unknown_config_fields_are_errors() {
-        let err = TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m.safetensors", "epoch": 3}"#).unwrap_err();
+        let err =
+            TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m.safetensors", "epoch": 3}"#)
+                .unwrap_err();
         assert!(err.message.contains("epoch"), "{}", err.message);
         assert!(TrainConfig::from_json(r#"{"dataset": "d.json"}"#).is_err());
-        assert_eq!(TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#).unwrap().lr, 1e-4);
+        assert_eq!(
+            TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#)
+                .unwrap()
+                .lr,
+            1e-4
+        );
     }
 }

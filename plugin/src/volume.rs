@@ -110,16 +110,22 @@ impl DType {
         let widened: Vec<u8>;
         let raw = match self {
             DType::U16 => {
-                widened = recode(bytes, 2, |b| i32::from(u16::from_le_bytes([b[0], b[1]])).to_le_bytes());
+                widened = recode(bytes, 2, |b| {
+                    i32::from(u16::from_le_bytes([b[0], b[1]])).to_le_bytes()
+                });
                 &widened[..]
             }
             DType::U32 => {
-                widened = recode(bytes, 4, |b| i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes());
+                widened = recode(bytes, 4, |b| {
+                    i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
+                });
                 &widened[..]
             }
             DType::U64 => {
                 if bytes.chunks_exact(8).any(|b| b[7] & 0x80 != 0) {
-                    return Err(Error::unsupported("uint64 voxel values above 2^63-1 are not supported"));
+                    return Err(Error::unsupported(
+                        "uint64 voxel values above 2^63-1 are not supported",
+                    ));
                 }
                 bytes
             }
@@ -133,12 +139,17 @@ impl DType {
     /// Encodes a `[X, Y, Z]` tensor as packed little-endian voxels of this type, x fastest.
     /// Values are converted with libtorch's cast (saturation is the caller's business).
     pub fn le_bytes_from_tensor(self, data: &Tensor) -> Result<Vec<u8>> {
-        let t = data.f_permute([2, 1, 0])?.f_to_kind(self.kind())?.f_contiguous()?;
+        let t = data
+            .f_permute([2, 1, 0])?
+            .f_to_kind(self.kind())?
+            .f_contiguous()?;
         let n = t.numel();
         let mut held = vec![0u8; n * self.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut held, n)?;
         Ok(match self {
-            DType::U16 => recode(&held, 4, |b| (i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u16).to_le_bytes()),
+            DType::U16 => recode(&held, 4, |b| {
+                (i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u16).to_le_bytes()
+            }),
             DType::U32 => recode(&held, 8, |b| {
                 (i64::from_le_bytes(b.try_into().expect("8-byte chunk")) as u32).to_le_bytes()
             }),
@@ -167,7 +178,10 @@ impl Volume {
     /// Builds a volume, checking that shape, kind and geometry agree and that the geometry is usable.
     pub fn new(data: Tensor, affine: Affine, dtype: DType) -> Result<Self> {
         if data.dim() != 3 {
-            return Err(Error::invalid(format!("a volume has 3 dimensions, got shape {:?}", data.size())));
+            return Err(Error::invalid(format!(
+                "a volume has 3 dimensions, got shape {:?}",
+                data.size()
+            )));
         }
         if data.kind() != dtype.kind() {
             return Err(Error::internal(format!(
@@ -177,7 +191,11 @@ impl Volume {
             )));
         }
         check_affine(&affine)?;
-        Ok(Volume { data, affine, dtype })
+        Ok(Volume {
+            data,
+            affine,
+            dtype,
+        })
     }
 
     /// `[X, Y, Z]`.
@@ -243,19 +261,29 @@ pub fn spacing(m: &Affine) -> [f64; 3] {
 /// a singular matrix, or a bottom row other than `0 0 0 1`.
 pub fn check_affine(m: &Affine) -> Result<()> {
     if m.iter().flatten().any(|v| !v.is_finite()) {
-        return Err(Error::invalid(format!("voxel-to-world matrix has non-finite entries: {m:?}")));
+        return Err(Error::invalid(format!(
+            "voxel-to-world matrix has non-finite entries: {m:?}"
+        )));
     }
     if m[3] != [0.0, 0.0, 0.0, 1.0] {
-        return Err(Error::invalid(format!("voxel-to-world matrix bottom row must be 0 0 0 1, got {:?}", m[3])));
+        return Err(Error::invalid(format!(
+            "voxel-to-world matrix bottom row must be 0 0 0 1, got {:?}",
+            m[3]
+        )));
     }
     let s = spacing(m);
     if s.iter().any(|&v| v <= 0.0) {
-        return Err(Error::invalid(format!("voxel spacing must be positive, got {s:?}")));
+        return Err(Error::invalid(format!(
+            "voxel spacing must be positive, got {s:?}"
+        )));
     }
-    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
     if det.abs() <= 1e-12 * s[0] * s[1] * s[2] {
-        return Err(Error::invalid(format!("voxel-to-world matrix is singular: {m:?}")));
+        return Err(Error::invalid(format!(
+            "voxel-to-world matrix is singular: {m:?}"
+        )));
     }
     Ok(())
 }
@@ -265,7 +293,12 @@ mod tests {
     use super::*;
 
     fn diag(x: f64, y: f64, z: f64) -> Affine {
-        [[x, 0., 0., 1.], [0., y, 0., 2.], [0., 0., z, 3.], [0., 0., 0., 1.]]
+        [
+            [x, 0., 0., 1.],
+            [0., y, 0., 2.],
+            [0., 0., z, 3.],
+            [0., 0., 0., 1.],
+        ]
     }
 
     #[test]
@@ -299,15 +332,19 @@ mod tests {
 
     #[test]
     fn unsigned_16_bit_values_survive_widening() {
-        let bytes = 65535u16.to_le_bytes().repeat(1);
+        let bytes = 65535u16.to_le_bytes();
         let t = DType::U16.tensor_from_le_bytes(&bytes, [1, 1, 1]).unwrap();
         assert_eq!(t.int64_value(&[0, 0, 0]), 65535);
     }
 
     #[test]
     fn geometry_views_and_orientation_codes() {
-        let v = Volume::new(Tensor::zeros([2, 2, 2], (Kind::Float, tch::Device::Cpu)), diag(-2.0, -3.0, 4.0), DType::F32)
-            .unwrap();
+        let v = Volume::new(
+            Tensor::zeros([2, 2, 2], (Kind::Float, tch::Device::Cpu)),
+            diag(-2.0, -3.0, 4.0),
+            DType::F32,
+        )
+        .unwrap();
         assert_eq!(v.spacing(), [2.0, 3.0, 4.0]);
         assert_eq!(v.orientation_code(), "LPS");
         assert_eq!(v.origin(), [1., 2., 3.]);

@@ -12,7 +12,10 @@ fn relative(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
-    assert!(tch::Cuda::is_available(), "no CUDA device visible to libtorch");
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device visible to libtorch"
+    );
     tch::manual_seed(0);
     let cfg = UnetrConfig::default();
     let cpu_vs = nn::VarStore::new(Device::Cpu);
@@ -25,11 +28,21 @@ fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
     let expected = tch::no_grad(|| cpu.forward_t(&x, false));
     let xg = x.to_device(Device::Cuda(0));
     // TF32 convolutions (libtorch's default on Ampere and newer) bound fp32 agreement near 1e-3.
-    for (precision, tolerance) in [(Precision::Fp32, 5e-3), (Precision::Bf16, 6e-2), (Precision::Fp16, 2e-2)] {
-        let out = with_precision(precision, Device::Cuda(0), || tch::no_grad(|| gpu.forward_t(&xg, false))).unwrap();
+    for (precision, tolerance) in [
+        (Precision::Fp32, 5e-3),
+        (Precision::Bf16, 6e-2),
+        (Precision::Fp16, 2e-2),
+    ] {
+        let out = with_precision(precision, Device::Cuda(0), || {
+            tch::no_grad(|| gpu.forward_t(&xg, false))
+        })
+        .unwrap();
         assert_eq!(out.size(), expected.size());
         let r = relative(&out, &expected);
-        println!("cuda {precision:?}: output kind {:?}, max|Δ|/max|ref| vs CPU fp32 = {r:.2e} (tolerance {tolerance:.0e})", out.kind());
+        println!(
+            "cuda {precision:?}: output kind {:?}, max|Δ|/max|ref| vs CPU fp32 = {r:.2e} (tolerance {tolerance:.0e})",
+            out.kind()
+        );
         assert!(r <= tolerance, "{precision:?}: {r}");
     }
 }
@@ -37,12 +50,24 @@ fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn training_step_runs_under_bf16_autocast() {
-    assert!(tch::Cuda::is_available(), "no CUDA device visible to libtorch");
-    let cfg = UnetrConfig { img_size: [64, 64, 64], ..Default::default() };
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device visible to libtorch"
+    );
+    let cfg = UnetrConfig {
+        img_size: [64, 64, 64],
+        ..Default::default()
+    };
     let vs = nn::VarStore::new(Device::Cuda(0));
     let net = Unetr::new(&vs.root(), &cfg).unwrap();
     let x = Tensor::randn([2, 1, 64, 64, 64], (Kind::Float, Device::Cuda(0)));
-    let loss = with_precision(Precision::Bf16, Device::Cuda(0), || net.forward_t(&x, true).to_kind(Kind::Float).square().mean(Kind::Float)).unwrap();
+    let loss = with_precision(Precision::Bf16, Device::Cuda(0), || {
+        net.forward_t(&x, true)
+            .to_kind(Kind::Float)
+            .square()
+            .mean(Kind::Float)
+    })
+    .unwrap();
     loss.backward();
     // Unused parameters (MONAI's norm_cross_attn) get no gradient at all.
     let grads: f64 = vs
@@ -52,6 +77,9 @@ fn training_step_runs_under_bf16_autocast() {
         .filter(Tensor::defined)
         .map(|g| g.abs().sum(Kind::Float).double_value(&[]))
         .sum();
-    println!("bf16 training step: loss {:.4}, Σ|grad| {grads:.3e}", loss.double_value(&[]));
+    println!(
+        "bf16 training step: loss {:.4}, Σ|grad| {grads:.3e}",
+        loss.double_value(&[])
+    );
     assert!(grads.is_finite() && grads > 0.0);
 }

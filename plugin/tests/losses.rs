@@ -11,9 +11,16 @@ use tch::{Kind, Tensor};
 fn references() -> HashMap<String, Tensor> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("losses.safetensors");
-    let status = Command::new(common::python()).arg(common::root().join("tests/python/loss_reference.py")).arg(&out).status().unwrap();
+    let status = Command::new(common::python())
+        .arg(common::root().join("tests/python/loss_reference.py"))
+        .arg(&out)
+        .status()
+        .unwrap();
     assert!(status.success());
-    Tensor::read_safetensors(&out).unwrap().into_iter().collect()
+    Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 #[test]
@@ -21,15 +28,37 @@ fn dice_ce_equals_monais_and_the_pretext_loss_equals_pytorchs() {
     let r = references();
     let got = lwi::loss::dice_ce(&r["logits"], &r["labels"]).double_value(&[]);
     let want = r["dice_ce"].double_value(&[0]);
-    common::report("losses", &format!("DiceCE: lwi {got:.8} MONAI {want:.8} |Δ| {:.1e}", (got - want).abs()));
+    common::report(
+        "losses",
+        &format!(
+            "DiceCE: lwi {got:.8} MONAI {want:.8} |Δ| {:.1e}",
+            (got - want).abs()
+        ),
+    );
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
 
-    let cfg = PretextConfig { slabs: 3, ..Default::default() };
-    let batch = PretextBatch { input: r["recon"].zeros_like(), target: r["target"].shallow_clone(), perms: r["perms"].to_kind(Kind::Int64) };
-    let heads: Vec<Tensor> = (0..4).map(|i| r[&format!("head{i}")].shallow_clone()).collect();
+    let cfg = PretextConfig {
+        slabs: 3,
+        ..Default::default()
+    };
+    let batch = PretextBatch {
+        input: r["recon"].zeros_like(),
+        target: r["target"].shallow_clone(),
+        perms: r["perms"].to_kind(Kind::Int64),
+    };
+    let heads: Vec<Tensor> = (0..4)
+        .map(|i| r[&format!("head{i}")].shallow_clone())
+        .collect();
     let (total, rec, cls) = loss(&r["recon"], &batch, &heads, &cfg);
     let (mse, ce) = (r["mse"].double_value(&[0]), r["ce_sum"].double_value(&[0]));
-    common::report("losses", &format!("pretext: MSE lwi {:.8} torch {mse:.8}; ΣCE lwi {:.8} torch {ce:.8}", rec.double_value(&[]), cls.double_value(&[])));
+    common::report(
+        "losses",
+        &format!(
+            "pretext: MSE lwi {:.8} torch {mse:.8}; ΣCE lwi {:.8} torch {ce:.8}",
+            rec.double_value(&[]),
+            cls.double_value(&[])
+        ),
+    );
     assert!((rec.double_value(&[]) - mse).abs() < 1e-6);
     assert!((cls.double_value(&[]) - ce).abs() < 1e-5);
     assert!((total.double_value(&[]) - (mse + ce)).abs() < 1e-5);

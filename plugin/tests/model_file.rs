@@ -13,12 +13,27 @@ use std::path::Path;
 use tch::{Device, Tensor};
 
 fn tiny() -> UnetrConfig {
-    UnetrConfig { img_size: [32, 32, 32], feature_size: 8, hidden_size: 48, mlp_dim: 96, num_heads: 4, out_channels: 3, ..Default::default() }
+    UnetrConfig {
+        img_size: [32, 32, 32],
+        feature_size: 8,
+        hidden_size: 48,
+        mlp_dim: 96,
+        num_heads: 4,
+        out_channels: 3,
+        ..Default::default()
+    }
 }
 
 fn tiny_model(order_classes: Option<i64>) -> Model {
-    let labels = BTreeMap::from([(0, "background".to_string()), (1, "spleen".into()), (2, "liver".into())]);
-    let pre = Preprocessing { roi_size: [32, 32, 32], ..Default::default() };
+    let labels = BTreeMap::from([
+        (0, "background".to_string()),
+        (1, "spleen".into()),
+        (2, "liver".into()),
+    ]);
+    let pre = Preprocessing {
+        roi_size: [32, 32, 32],
+        ..Default::default()
+    };
     let mut meta = ModelMetadata::new(tiny(), labels, pre, Stage::Segmentation);
     meta.order_classes = order_classes;
     meta.provenance.seed = Some(3);
@@ -38,24 +53,35 @@ fn save_then_load_is_bit_identical() {
     for (k, v) in &a {
         assert!(v.equal(&b[k]), "{k} changed in the round trip");
     }
-    assert!(a.keys().any(|k| k == "vit.temp_head4.weight"), "order heads are saved");
+    assert!(
+        a.keys().any(|k| k == "vit.temp_head4.weight"),
+        "order heads are saved"
+    );
     // Saving again gives the same bytes: the file is a function of the model.
     let again = dir.path().join("again.safetensors");
     back.save(&again).unwrap();
-    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
 }
 
 fn expect(path: &Path, kind: ErrorKind, words: &str) {
     let err = Model::load(path, Device::Cpu).unwrap_err();
     assert_eq!(err.kind, kind, "{}", err.message);
-    assert!(err.message.contains(words), "'{}' should say '{words}'", err.message);
+    assert!(
+        err.message.contains(words),
+        "'{}' should say '{words}'",
+        err.message
+    );
 }
 
 /// Rewrites a model file with `edit` applied to its tensors (metadata kept).
 fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
     let bytes = std::fs::read(src).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(src).unwrap().into_iter().collect();
+    let mut tensors: HashMap<String, Tensor> =
+        Tensor::read_safetensors(src).unwrap().into_iter().collect();
     edit(&mut tensors);
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -69,9 +95,19 @@ fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor
     data.sort_by(|a, b| a.0.cmp(&b.0));
     let views: Vec<_> = data
         .iter()
-        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
-    std::fs::write(dst, safetensors::serialize(views, header.metadata().clone()).unwrap()).unwrap();
+    std::fs::write(
+        dst,
+        safetensors::serialize(views, header.metadata().clone()).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -90,20 +126,42 @@ fn broken_model_files_are_refused_with_the_reason() {
 
     let misshapen = dir.path().join("misshapen.safetensors");
     rewrite(&good, &misshapen, |t| {
-        t.insert("out.conv.conv.weight".into(), Tensor::zeros([5, 8, 1, 1, 1], (tch::Kind::Float, Device::Cpu)));
+        t.insert(
+            "out.conv.conv.weight".into(),
+            Tensor::zeros([5, 8, 1, 1, 1], (tch::Kind::Float, Device::Cpu)),
+        );
     });
-    expect(&misshapen, ErrorKind::ModelIncompatible, "out.conv.conv.weight is [5, 8, 1, 1, 1], the architecture needs [3, 8, 1, 1, 1]");
+    expect(
+        &misshapen,
+        ErrorKind::ModelIncompatible,
+        "out.conv.conv.weight is [5, 8, 1, 1, 1], the architecture needs [3, 8, 1, 1, 1]",
+    );
     let missing = dir.path().join("missing.safetensors");
     rewrite(&good, &missing, |t| {
         t.remove("decoder2.conv_block.conv1.conv.weight");
     });
-    expect(&missing, ErrorKind::ModelIncompatible, "missing tensors: decoder2.conv_block.conv1.conv.weight");
+    expect(
+        &missing,
+        ErrorKind::ModelIncompatible,
+        "missing tensors: decoder2.conv_block.conv1.conv.weight",
+    );
     let extra = dir.path().join("extra.safetensors");
     rewrite(&good, &extra, |t| {
-        t.insert("vit.temp_head1.weight".into(), Tensor::zeros([6, 48], (tch::Kind::Float, Device::Cpu)));
+        t.insert(
+            "vit.temp_head1.weight".into(),
+            Tensor::zeros([6, 48], (tch::Kind::Float, Device::Cpu)),
+        );
     });
-    expect(&extra, ErrorKind::ModelIncompatible, "unexpected tensors: vit.temp_head1.weight");
-    expect(&dir.path().join("absent.safetensors"), ErrorKind::Io, "No such file");
+    expect(
+        &extra,
+        ErrorKind::ModelIncompatible,
+        "unexpected tensors: vit.temp_head1.weight",
+    );
+    expect(
+        &dir.path().join("absent.safetensors"),
+        ErrorKind::Io,
+        "No such file",
+    );
 }
 
 #[test]
@@ -112,24 +170,53 @@ fn inconsistent_metadata_is_refused() {
     meta.labels.insert(7, "stomach".into());
     let err = Model::new(meta, Device::Cpu).unwrap_err();
     assert_eq!(err.kind, ErrorKind::ModelIncompatible);
-    assert!(err.message.contains("label 7 (stomach) has no output channel"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("label 7 (stomach) has no output channel"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]
 fn imported_checkpoints_compute_what_monai_computes() {
     let dir = monai_reference(&["--checkpoints"]);
     let d = dir.path();
-    let config: UnetrConfig = serde_json::from_slice(&std::fs::read(d.join("arch.json")).unwrap()).unwrap();
-    let labels: BTreeMap<u32, String> = serde_json::from_slice(&std::fs::read(d.join("labels.json")).unwrap()).unwrap();
-    let options = ImportOptions { config, labels, spacing: [1.5, 1.5, 2.0], window: [-175.0, 250.0] };
-    let refs: HashMap<String, Tensor> = Tensor::read_safetensors(d.join("reference.safetensors")).unwrap().into_iter().collect();
+    let config: UnetrConfig =
+        serde_json::from_slice(&std::fs::read(d.join("arch.json")).unwrap()).unwrap();
+    let labels: BTreeMap<u32, String> =
+        serde_json::from_slice(&std::fs::read(d.join("labels.json")).unwrap()).unwrap();
+    let options = ImportOptions {
+        config,
+        labels,
+        spacing: [1.5, 1.5, 2.0],
+        window: [-175.0, 250.0],
+    };
+    let refs: HashMap<String, Tensor> = Tensor::read_safetensors(d.join("reference.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
     for (file, heads) in [("monai_layout.pt", None), ("lwi_vms_layout.pt", Some(6))] {
         let model = import_unetr(&d.join(file), &options).unwrap();
         assert_eq!(model.meta.order_classes, heads, "{file}");
-        assert!(model.meta.provenance.source.as_deref().unwrap_or_default().contains(file));
+        assert!(
+            model
+                .meta
+                .provenance
+                .source
+                .as_deref()
+                .unwrap_or_default()
+                .contains(file)
+        );
         let out = tch::no_grad(|| model.net.forward_t(&refs["__input__"], false));
-        let (delta, scale) = (max_abs(&(&out - &refs["__output__"])), max_abs(&refs["__output__"]));
-        report("unetr-parity", &format!("import {file:<20} max|Δ| {delta:.3e} vs MONAI (max|ref| {scale:.3e})"));
+        let (delta, scale) = (
+            max_abs(&(&out - &refs["__output__"])),
+            max_abs(&refs["__output__"]),
+        );
+        report(
+            "unetr-parity",
+            &format!("import {file:<20} max|Δ| {delta:.3e} vs MONAI (max|ref| {scale:.3e})"),
+        );
         assert!(delta <= 1e-4 * scale, "{file}: {delta}");
         // and through a model file
         let saved = d.join(format!("{file}.safetensors"));
@@ -140,8 +227,19 @@ fn imported_checkpoints_compute_what_monai_computes() {
     }
     let err = import_unetr(&d.join("unknown_keys.pt"), &options).unwrap_err();
     assert_eq!(err.kind, ErrorKind::ModelIncompatible);
-    assert!(err.message.contains("unexpected tensors: decoder9.extra.weight"), "{}", err.message);
-    let wrong_arch = ImportOptions { config: UnetrConfig { feature_size: 16, ..options.config.clone() }, ..options };
+    assert!(
+        err.message
+            .contains("unexpected tensors: decoder9.extra.weight"),
+        "{}",
+        err.message
+    );
+    let wrong_arch = ImportOptions {
+        config: UnetrConfig {
+            feature_size: 16,
+            ..options.config.clone()
+        },
+        ..options
+    };
     let err = import_unetr(&d.join("monai_layout.pt"), &wrong_arch).unwrap_err();
     assert!(err.message.contains("wrong shapes"), "{}", err.message);
 }
@@ -151,7 +249,12 @@ fn a_file_that_is_not_a_checkpoint_is_a_format_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.pt");
     std::fs::write(&p, b"PK\x03\x04 not really a zip").unwrap();
-    let options = ImportOptions { config: tiny(), labels: BTreeMap::new(), spacing: [1.5, 1.5, 2.0], window: [-175.0, 250.0] };
+    let options = ImportOptions {
+        config: tiny(),
+        labels: BTreeMap::new(),
+        spacing: [1.5, 1.5, 2.0],
+        window: [-175.0, 250.0],
+    };
     let err = import_unetr(&p, &options).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Format, "{}", err.message);
 }

@@ -13,13 +13,20 @@ pub fn release_dir() -> PathBuf {
 }
 
 pub fn plugin_path() -> PathBuf {
-    std::env::var_os("LWI_PLUGIN").map(PathBuf::from).unwrap_or_else(|| release_dir().join("liblwi.so"))
+    std::env::var_os("LWI_PLUGIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| release_dir().join("liblwi.so"))
 }
 
 /// Runs the `lwi` command with `args`.
 pub fn lwi_cli(args: &[&str]) -> Output {
-    let exe = std::env::var_os("LWI_CLI").map(PathBuf::from).unwrap_or_else(|| release_dir().join("lwi"));
-    Command::new(&exe).args(args).output().unwrap_or_else(|e| panic!("cannot run {}: {e} (run `make build`)", exe.display()))
+    let exe = std::env::var_os("LWI_CLI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| release_dir().join("lwi"));
+    Command::new(&exe)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e} (run `make build`)", exe.display()))
 }
 
 /// A failed call: the status name and the message from `lwi_last_error`.
@@ -46,7 +53,8 @@ impl Lwi {
     pub fn load() -> Lwi {
         let path = plugin_path();
         // SAFETY: liblwi.so has no unusual initialisers.
-        let lib = unsafe { Library::new(&path) }.unwrap_or_else(|e| panic!("cannot load {}: {e} (run `make build`)", path.display()));
+        let lib = unsafe { Library::new(&path) }
+            .unwrap_or_else(|e| panic!("cannot load {}: {e} (run `make build`)", path.display()));
         Lwi { lib }
     }
 
@@ -56,7 +64,10 @@ impl Lwi {
         }
         // SAFETY: signature from include/lwi.h; the string is valid until our next call.
         let message = unsafe {
-            let f = self.lib.get::<unsafe extern "C" fn() -> *const c_char>(b"lwi_last_error\0").expect("symbol");
+            let f = self
+                .lib
+                .get::<unsafe extern "C" fn() -> *const c_char>(b"lwi_last_error\0")
+                .expect("symbol");
             CStr::from_ptr(f()).to_string_lossy().into_owned()
         };
         Err(Failure { status, message })
@@ -66,10 +77,11 @@ impl Lwi {
         let (i, o) = (c(input), c(output));
         // SAFETY: signature from include/lwi.h; strings outlive the call.
         let status = unsafe {
-            self.lib.get::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(b"lwi_volume_convert\0").expect("symbol")(
-                i.as_ptr(),
-                o.as_ptr(),
-            )
+            self.lib
+                .get::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(
+                    b"lwi_volume_convert\0",
+                )
+                .expect("symbol")(i.as_ptr(), o.as_ptr())
         };
         self.result(status)
     }
@@ -81,11 +93,21 @@ impl Lwi {
         let mut dims = [0i64; 3];
         // SAFETY: signatures from include/lwi.h; the handle is freed before returning.
         unsafe {
-            let read = self.lib.get::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(b"lwi_volume_read\0").expect("symbol");
+            let read = self
+                .lib
+                .get::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(
+                    b"lwi_volume_read\0",
+                )
+                .expect("symbol");
             self.result(read(p.as_ptr(), &mut h))?;
-            let get = self.lib.get::<unsafe extern "C" fn(*mut c_void, *mut i64) -> i32>(b"lwi_volume_dims\0").expect("symbol");
+            let get = self
+                .lib
+                .get::<unsafe extern "C" fn(*mut c_void, *mut i64) -> i32>(b"lwi_volume_dims\0")
+                .expect("symbol");
             let status = get(h, dims.as_mut_ptr());
-            self.lib.get::<unsafe extern "C" fn(*mut c_void)>(b"lwi_volume_free\0").expect("symbol")(h);
+            self.lib
+                .get::<unsafe extern "C" fn(*mut c_void)>(b"lwi_volume_free\0")
+                .expect("symbol")(h);
             self.result(status)?;
         }
         Ok(dims)

@@ -6,10 +6,20 @@ use std::path::{Path, PathBuf};
 
 /// A valid little volume written by lwi itself (a phantom), as raw NIfTI bytes.
 fn valid_nii(dir: &Path) -> Vec<u8> {
-    let out = lwi_tests::lwi_cli(&["phantom", "--out", dir.join("ph").to_str().unwrap(), "--cases", "1", "--size", "16,16,12"]);
+    let out = lwi_tests::lwi_cli(&[
+        "phantom",
+        "--out",
+        dir.join("ph").to_str().unwrap(),
+        "--cases",
+        "1",
+        "--size",
+        "16,16,12",
+    ]);
     assert!(out.status.success());
     let nii = dir.join("plain.nii");
-    Lwi::load().convert(&dir.join("ph/imagesTr/phantom_000.nii.gz"), &nii).unwrap();
+    Lwi::load()
+        .convert(&dir.join("ph/imagesTr/phantom_000.nii.gz"), &nii)
+        .unwrap();
     std::fs::read(nii).unwrap()
 }
 
@@ -22,8 +32,17 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 fn expect_failure(path: &Path, status: i32, words: &str) {
     let err = Lwi::load().read_dims(path).expect_err("must be refused");
     assert_eq!(err.status, status, "{}", err.message);
-    assert!(err.message.contains(words), "'{}' should say '{words}'", err.message);
-    assert!(err.message.contains(path.file_name().unwrap().to_str().unwrap()), "names the file: {}", err.message);
+    assert!(
+        err.message.contains(words),
+        "'{}' should say '{words}'",
+        err.message
+    );
+    assert!(
+        err.message
+            .contains(path.file_name().unwrap().to_str().unwrap()),
+        "names the file: {}",
+        err.message
+    );
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -104,8 +123,16 @@ fn a_failed_conversion_leaves_no_file_behind() {
     let src = write(dir.path(), "cut.nii", &nii[..nii.len() - 1]);
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
-    assert!(Lwi::load().convert(&src, &out_dir.join("x.nii.gz")).is_err());
-    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0, "no output and no temporary file");
+    assert!(
+        Lwi::load()
+            .convert(&src, &out_dir.join("x.nii.gz"))
+            .is_err()
+    );
+    assert_eq!(
+        std::fs::read_dir(&out_dir).unwrap().count(),
+        0,
+        "no output and no temporary file"
+    );
     // An existing output is replaced whole or not at all.
     let good = write(dir.path(), "good.nii", &nii);
     let target = out_dir.join("y.nrrd");

@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "lwi", version, about = "3-D medical image segmentation with learnable weight initialization")]
+#[command(
+    name = "lwi",
+    version,
+    about = "3-D medical image segmentation with learnable weight initialization"
+)]
 struct Cli {
     /// Path of liblwi.so (default: $LWI_PLUGIN, else beside this executable).
     #[arg(long, global = true, value_name = "PATH")]
@@ -72,7 +76,11 @@ enum Command {
         #[command(flatten)]
         common: TrainArgs,
         /// The init-train model to start from.
-        #[arg(long, required_unless_present = "from_scratch", conflicts_with = "from_scratch")]
+        #[arg(
+            long,
+            required_unless_present = "from_scratch",
+            conflicts_with = "from_scratch"
+        )]
         init: Option<PathBuf>,
         /// Start from random weights instead (for comparison).
         #[arg(long)]
@@ -190,26 +198,52 @@ enum Command {
 
 /// The evaluation as a table: one row per case and label, then the means.
 fn print_evaluation(report: &serde_json::Value) {
-    let fmt = |v: &serde_json::Value, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$}"));
-    println!("{:<32} {:>6} {:>8} {:>10}", "case", "label", "dice", "hd95 mm");
+    let fmt = |v: &serde_json::Value, digits: usize| {
+        v.as_f64()
+            .map_or("-".to_string(), |x| format!("{x:.digits$}"))
+    };
+    println!(
+        "{:<32} {:>6} {:>8} {:>10}",
+        "case", "label", "dice", "hd95 mm"
+    );
     // Label keys are numbers written as JSON strings: order them as numbers.
     let by_label = |v: &serde_json::Value| {
-        let mut rows: Vec<(u64, serde_json::Value)> =
-            v.as_object().into_iter().flatten().map(|(k, s)| (k.parse().unwrap_or(u64::MAX), s.clone())).collect();
+        let mut rows: Vec<(u64, serde_json::Value)> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, s)| (k.parse().unwrap_or(u64::MAX), s.clone()))
+            .collect();
         rows.sort_by_key(|r| r.0);
         rows
     };
     for case in report["cases"].as_array().into_iter().flatten() {
         for (label, s) in by_label(&case["labels"]) {
-            println!("{:<32} {label:>6} {:>8} {:>10}", case["case"].as_str().unwrap_or(""), fmt(&s["dice"], 4), fmt(&s["hd95"], 2));
+            println!(
+                "{:<32} {label:>6} {:>8} {:>10}",
+                case["case"].as_str().unwrap_or(""),
+                fmt(&s["dice"], 4),
+                fmt(&s["hd95"], 2)
+            );
         }
     }
     for (label, s) in by_label(&report["mean"]) {
-        println!("{:<32} {label:>6} {:>8} {:>10}", "mean", fmt(&s["dice"], 4), fmt(&s["hd95"], 2));
+        println!(
+            "{:<32} {label:>6} {:>8} {:>10}",
+            "mean",
+            fmt(&s["dice"], 4),
+            fmt(&s["hd95"], 2)
+        );
     }
     if report["synapse_8_mean"].is_object() {
         let s = &report["synapse_8_mean"];
-        println!("{:<32} {:>6} {:>8} {:>10}", "Synapse 8-organ mean", "", fmt(&s["dice"], 4), fmt(&s["hd95"], 2));
+        println!(
+            "{:<32} {:>6} {:>8} {:>10}",
+            "Synapse 8-organ mean",
+            "",
+            fmt(&s["dice"], 4),
+            fmt(&s["hd95"], 2)
+        );
     }
 }
 
@@ -217,7 +251,10 @@ fn print_evaluation(report: &serde_json::Value) {
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("--shard {s}: expected I/N with 0 <= I < N, e.g. 0/4");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n) = (i.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+    let (i, n) = (
+        i.trim().parse::<usize>().map_err(|_| bad())?,
+        n.trim().parse::<usize>().map_err(|_| bad())?,
+    );
     if n == 0 || i >= n {
         return Err(bad());
     }
@@ -227,15 +264,29 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 /// An output that exists is skipped (so a rerun resumes a half-done batch), and said so.
 fn report_skip(json: bool, input: &std::path::Path, output: &std::path::Path) {
     if json {
-        println!("{}", serde_json::json!({"event": "skipped", "input": input, "output": output, "reason": "exists"}));
+        println!(
+            "{}",
+            serde_json::json!({"event": "skipped", "input": input, "output": output, "reason": "exists"})
+        );
     } else {
-        eprintln!("{}: skipped, {} exists (--overwrite replaces it)", input.display(), output.display());
+        eprintln!(
+            "{}: skipped, {} exists (--overwrite replaces it)",
+            input.display(),
+            output.display()
+        );
     }
 }
 
 /// Parses N comma-separated numbers, "a,b,c".
 fn numbers<T: std::str::FromStr, const N: usize>(s: &str) -> Result<[T; N], String> {
-    let parts: Vec<T> = s.split(',').map(|p| p.trim().parse::<T>().map_err(|_| format!("'{p}' is not a number"))).collect::<Result<_, _>>()?;
+    let parts: Vec<T> = s
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<T>()
+                .map_err(|_| format!("'{p}' is not a number"))
+        })
+        .collect::<Result<_, _>>()?;
     <[T; N]>::try_from(parts).map_err(|_| format!("expected {N} comma-separated values, got '{s}'"))
 }
 
@@ -274,24 +325,36 @@ struct TrainArgs {
 }
 
 fn read_json(p: &std::path::Path) -> Result<serde_json::Value, Failure> {
-    let text = std::fs::read_to_string(p).map_err(|e| Failure::Usage(format!("{}: {e}", p.display())))?;
-    serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
+    let text =
+        std::fs::read_to_string(p).map_err(|e| Failure::Usage(format!("{}: {e}", p.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
 }
 
 /// Runs a training stage with a progress display.
-fn train(plugin: &Plugin, fine_tune: bool, a: &TrainArgs, init: Option<&PathBuf>) -> Result<(), Failure> {
+fn train(
+    plugin: &Plugin,
+    fine_tune: bool,
+    a: &TrainArgs,
+    init: Option<&PathBuf>,
+) -> Result<(), Failure> {
     let mut config = match &a.config {
         Some(p) => read_json(p)?,
         None => serde_json::json!({}),
     };
-    let obj = config.as_object_mut().ok_or_else(|| Failure::Usage("--config must hold a JSON object".into()))?;
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| Failure::Usage("--config must hold a JSON object".into()))?;
     obj.insert("dataset".into(), serde_json::json!(a.dataset));
     obj.insert("out".into(), serde_json::json!(a.out));
     if let Some(p) = &a.arch_config {
         obj.insert("arch".into(), read_json(p)?);
     }
-    for (key, value) in [("epochs", a.epochs.map(serde_json::Value::from)), ("seed", a.seed.map(serde_json::Value::from)),
-                         ("threads", a.threads.map(serde_json::Value::from))] {
+    for (key, value) in [
+        ("epochs", a.epochs.map(serde_json::Value::from)),
+        ("seed", a.seed.map(serde_json::Value::from)),
+        ("threads", a.threads.map(serde_json::Value::from)),
+    ] {
         if let Some(v) = value {
             obj.insert(key.into(), v);
         }
@@ -304,30 +367,41 @@ fn train(plugin: &Plugin, fine_tune: bool, a: &TrainArgs, init: Option<&PathBuf>
     }
     let stage = if fine_tune { "fine-tune" } else { "init-train" };
     let bar = progress::Bar::new(a.json, format!("{stage} → {}", a.out.display()));
-    plugin.train(fine_tune, &a.device, &config.to_string(), &mut |e| bar.update(e))?;
+    plugin.train(fine_tune, &a.device, &config.to_string(), &mut |e| {
+        bar.update(e)
+    })?;
     bar.finish(&a.out);
     Ok(())
 }
 
-const DTYPES: [&str; 10] = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64"];
+const DTYPES: [&str; 10] = [
+    "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64",
+];
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let path = plugin::locate(cli.plugin.as_deref());
     let plugin = Plugin::load(&path).map_err(Failure::Plugin)?;
     match cli.command {
         Command::Info { path: None } => {
-            let json: serde_json::Value = serde_json::from_str(&plugin.version_json()?).unwrap_or_default();
+            let json: serde_json::Value =
+                serde_json::from_str(&plugin.version_json()?).unwrap_or_default();
             let mut out = json;
             out["plugin"] = plugin.path.display().to_string().into();
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         }
         Command::Info { path: Some(p) } if p.extension().is_some_and(|e| e == "safetensors") => {
-            let info: serde_json::Value = serde_json::from_str(&plugin.model_info(&p)?).unwrap_or_default();
-            println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+            let info: serde_json::Value =
+                serde_json::from_str(&plugin.model_info(&p)?).unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&info).unwrap_or_default()
+            );
         }
         Command::Info { path: Some(p) } => {
             let (dims, dtype, a) = plugin.volume_info(&p)?;
-            let spacing: Vec<f64> = (0..3).map(|c| (0..3).map(|r| a[4 * r + c].powi(2)).sum::<f64>().sqrt()).collect();
+            let spacing: Vec<f64> = (0..3)
+                .map(|c| (0..3).map(|r| a[4 * r + c].powi(2)).sum::<f64>().sqrt())
+                .collect();
             let info = serde_json::json!({
                 "path": p.display().to_string(),
                 "dims": dims,
@@ -335,13 +409,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 "spacing_mm": spacing,
                 "affine_ras": [&a[0..4], &a[4..8], &a[8..12], &a[12..16]],
             });
-            println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&info).unwrap_or_default()
+            );
         }
         Command::Convert { input, output } => plugin.convert(&input, &output)?,
-        Command::Import { from, arch, arch_config, labels, spacing, window, out } => {
+        Command::Import {
+            from,
+            arch,
+            arch_config,
+            labels,
+            spacing,
+            window,
+            out,
+        } => {
             let read = |p: &PathBuf| -> Result<serde_json::Value, Failure> {
-                let text = std::fs::read_to_string(p).map_err(|e| Failure::Usage(format!("{}: {e}", p.display())))?;
-                serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| Failure::Usage(format!("{}: {e}", p.display())))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
             };
             let options = serde_json::json!({
                 "arch": arch,
@@ -353,9 +440,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
             plugin.import(&from, &options.to_string(), &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Command::Segment { model, inputs, out, overlap, blend, sw_batch, tta, resample, precision, device, threads, shard, overwrite, no_manifest, json, largest_component, max_gpu_accumulator_mb, save_preprocessed } => {
+        Command::Segment {
+            model,
+            inputs,
+            out,
+            overlap,
+            blend,
+            sw_batch,
+            tta,
+            resample,
+            precision,
+            device,
+            threads,
+            shard,
+            overwrite,
+            no_manifest,
+            json,
+            largest_component,
+            max_gpu_accumulator_mb,
+            save_preprocessed,
+        } => {
             if save_preprocessed.is_some() && inputs.len() != 1 {
-                return Err(Failure::Usage("--save-preprocessed takes a single input".into()));
+                return Err(Failure::Usage(
+                    "--save-preprocessed takes a single input".into(),
+                ));
             }
             let (index, count) = match shard.as_deref() {
                 None => (0, 1),
@@ -363,11 +471,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let volume_ext = |p: &std::path::Path| {
                 let n = p.to_string_lossy().to_lowercase();
-                [".nii", ".nii.gz", ".nrrd", ".nhdr"].iter().any(|e| n.ends_with(e))
+                [".nii", ".nii.gz", ".nrrd", ".nhdr"]
+                    .iter()
+                    .any(|e| n.ends_with(e))
             };
             let single_file = inputs.len() == 1 && volume_ext(&out) && !out.is_dir();
             if !single_file {
-                std::fs::create_dir_all(&out).map_err(|e| Failure::Usage(format!("{}: {e}", out.display())))?;
+                std::fs::create_dir_all(&out)
+                    .map_err(|e| Failure::Usage(format!("{}: {e}", out.display())))?;
             }
             let mut engine = serde_json::json!({ "device": device });
             if let Some(t) = threads {
@@ -385,47 +496,89 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(p) = &save_preprocessed {
                 options["save_preprocessed"] = serde_json::json!(p);
             }
-            let mine: Vec<&PathBuf> = inputs.iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, p)| p).collect();
+            let mine: Vec<&PathBuf> = inputs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % count == index)
+                .map(|(_, p)| p)
+                .collect();
             let total = mine.len();
             for (n, input) in mine.into_iter().enumerate() {
-                let target = if single_file { out.clone() } else { out.join(input.file_name().unwrap_or_default()) };
+                let target = if single_file {
+                    out.clone()
+                } else {
+                    out.join(input.file_name().unwrap_or_default())
+                };
                 if target.exists() && !overwrite {
                     report_skip(json, input, &target);
                     continue;
                 }
-                let bar = progress::Bar::new(json, format!("[{}/{total}] {}", n + 1, input.display()));
-                loaded.segment_file(input, &target, &options.to_string(), &mut |e| bar.update(e))?;
+                let bar =
+                    progress::Bar::new(json, format!("[{}/{total}] {}", n + 1, input.display()));
+                loaded
+                    .segment_file(input, &target, &options.to_string(), &mut |e| bar.update(e))?;
                 bar.finish(&target);
             }
         }
-        Command::Render { image, labels, window, slices, out } => {
+        Command::Render {
+            image,
+            labels,
+            window,
+            slices,
+            out,
+        } => {
             let (dims, _, voxels) = plugin.volume_f32(&image)?;
             let label_voxels = match &labels {
                 Some(p) => {
                     let (ldims, _, l) = plugin.volume_f32(p)?;
                     if ldims != dims {
-                        return Err(Failure::Usage(format!("{} has dims {ldims:?}, the image {dims:?}", p.display())));
+                        return Err(Failure::Usage(format!(
+                            "{} has dims {ldims:?}, the image {dims:?}",
+                            p.display()
+                        )));
                     }
                     Some(l)
                 }
                 None => None,
             };
-            render::render(dims, &voxels, label_voxels.as_deref(), window, slices.max(1), &out).map_err(Failure::Usage)?;
+            render::render(
+                dims,
+                &voxels,
+                label_voxels.as_deref(),
+                window,
+                slices.max(1),
+                &out,
+            )
+            .map_err(Failure::Usage)?;
             eprintln!("wrote {}", out.display());
         }
         Command::InitTrain { common } => train(&plugin, false, &common, None)?,
         Command::FineTune { common, init, .. } => train(&plugin, true, &common, init.as_ref())?,
-        Command::Evaluate { pred, reference, labels, json } => {
+        Command::Evaluate {
+            pred,
+            reference,
+            labels,
+            json,
+        } => {
             let options = serde_json::json!({ "labels": labels });
             let text = plugin.evaluate(&pred, &reference, &options.to_string())?;
             let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
             print_evaluation(&report);
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default())
-                    .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+                std::fs::write(
+                    &path,
+                    serde_json::to_string_pretty(&report).unwrap_or_default(),
+                )
+                .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
             }
         }
-        Command::Phantom { out, cases, seed, size, spacing } => {
+        Command::Phantom {
+            out,
+            cases,
+            seed,
+            size,
+            spacing,
+        } => {
             let mut opts = serde_json::json!({ "cases": cases, "seed": seed });
             if let Some(s) = size {
                 opts["size"] = serde_json::json!(s);
@@ -434,7 +587,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 opts["spacing"] = serde_json::json!(s);
             }
             plugin.phantom(&out, &opts.to_string())?;
-            eprintln!("wrote {cases} phantom cases and {}", out.join("dataset.json").display());
+            eprintln!(
+                "wrote {cases} phantom cases and {}",
+                out.join("dataset.json").display()
+            );
         }
     }
     Ok(())

@@ -21,6 +21,12 @@ const fn parse_u32(s: &str) -> u32 {
 /// Bytes per voxel of each `LwiDtype`, in enum order.
 const DTYPE_SIZES: [usize; 10] = [1, 1, 2, 2, 4, 4, 8, 8, 4, 8];
 
+/// A volume's dims, RAS affine and voxels as f32.
+pub type VoxelsF32 = ([i64; 3], [f64; 16], Vec<f32>);
+
+/// A volume through the C ABI: dims, dtype code, RAS affine, voxel bytes.
+type VolumeParts = ([i64; 3], i32, [f64; 16], Vec<u8>);
+
 /// Opaque `LwiVolumeHandle*`.
 pub type VolumeHandle = *mut c_void;
 
@@ -50,7 +56,10 @@ pub fn locate(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = std::env::var_os("LWI_PLUGIN") {
         return PathBuf::from(p);
     }
-    let exe_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default();
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
     exe_dir.join("liblwi.so")
 }
 
@@ -62,10 +71,15 @@ impl Plugin {
     /// Loads the library and refuses it unless its ABI version is the one this CLI was built for.
     pub fn load(path: &Path) -> Result<Plugin, String> {
         // SAFETY: loading runs the library's initialisers; liblwi.so has no unusual ones.
-        let lib = unsafe { Library::new(path) }.map_err(|e| format!("cannot load the lwi plugin {}: {e}", path.display()))?;
-        let plugin = Plugin { lib, path: path.to_path_buf() };
+        let lib = unsafe { Library::new(path) }
+            .map_err(|e| format!("cannot load the lwi plugin {}: {e}", path.display()))?;
+        let plugin = Plugin {
+            lib,
+            path: path.to_path_buf(),
+        };
         // SAFETY: lwi_abi_version has this signature in every ABI version.
-        let abi = unsafe { plugin.sym::<unsafe extern "C" fn() -> u32>(b"lwi_abi_version\0") }.map(|f| unsafe { f() });
+        let abi = unsafe { plugin.sym::<unsafe extern "C" fn() -> u32>(b"lwi_abi_version\0") }
+            .map(|f| unsafe { f() });
         match abi {
             Ok(v) if v == EXPECTED_ABI => Ok(plugin),
             Ok(v) => Err(format!(
@@ -79,8 +93,12 @@ impl Plugin {
     /// SAFETY: `T` must be the symbol's true type.
     unsafe fn sym<T>(&self, name: &[u8]) -> Result<Symbol<'_, T>, String> {
         // SAFETY: forwarded.
-        unsafe { self.lib.get::<T>(name) }
-            .map_err(|e| format!("symbol {} missing: {e}", String::from_utf8_lossy(&name[..name.len() - 1])))
+        unsafe { self.lib.get::<T>(name) }.map_err(|e| {
+            format!(
+                "symbol {} missing: {e}",
+                String::from_utf8_lossy(&name[..name.len() - 1])
+            )
+        })
     }
 
     fn last_error(&self) -> String {
@@ -94,20 +112,35 @@ impl Plugin {
     }
 
     fn check(&self, status: i32) -> Result<(), PluginError> {
-        if status == 0 { Ok(()) } else { Err(PluginError { status, message: self.last_error() }) }
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(PluginError {
+                status,
+                message: self.last_error(),
+            })
+        }
     }
 
     fn missing(e: String) -> PluginError {
-        PluginError { status: 9, message: e }
+        PluginError {
+            status: 9,
+            message: e,
+        }
     }
 
     pub fn version_json(&self) -> Result<String, PluginError> {
         // SAFETY: signature from include/lwi.h; the string is owned by the library.
         unsafe {
-            let f = self.sym::<unsafe extern "C" fn() -> *const c_char>(b"lwi_version_json\0").map_err(Self::missing)?;
+            let f = self
+                .sym::<unsafe extern "C" fn() -> *const c_char>(b"lwi_version_json\0")
+                .map_err(Self::missing)?;
             let p = f();
             if p.is_null() {
-                return Err(PluginError { status: 9, message: self.last_error() });
+                return Err(PluginError {
+                    status: 9,
+                    message: self.last_error(),
+                });
             }
             Ok(CStr::from_ptr(p).to_string_lossy().into_owned())
         }
@@ -118,7 +151,9 @@ impl Plugin {
         // SAFETY: signature from include/lwi.h; both strings outlive the call.
         let status = unsafe {
             let f = self
-                .sym::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(b"lwi_volume_convert\0")
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(
+                    b"lwi_volume_convert\0",
+                )
                 .map_err(Self::missing)?;
             f(i.as_ptr(), o.as_ptr())
         };
@@ -126,11 +161,16 @@ impl Plugin {
     }
 
     pub fn phantom(&self, out_dir: &Path, options_json: &str) -> Result<(), PluginError> {
-        let (d, j) = (cstring(out_dir), CString::new(options_json).unwrap_or_default());
+        let (d, j) = (
+            cstring(out_dir),
+            CString::new(options_json).unwrap_or_default(),
+        );
         // SAFETY: signature from include/lwi.h; both strings outlive the call.
         let status = unsafe {
             let f = self
-                .sym::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(b"lwi_phantom_dataset\0")
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char) -> i32>(
+                    b"lwi_phantom_dataset\0",
+                )
                 .map_err(Self::missing)?;
             f(d.as_ptr(), j.as_ptr())
         };
@@ -138,7 +178,7 @@ impl Plugin {
     }
 
     /// Reads a volume's voxels as f32 (x fastest) with its dims and RAS affine.
-    pub fn volume_f32(&self, path: &Path) -> Result<([i64; 3], [f64; 16], Vec<f32>), PluginError> {
+    pub fn volume_f32(&self, path: &Path) -> Result<VoxelsF32, PluginError> {
         let (dims, dtype, affine, bytes) = self.volume(path, true)?;
         let size = DTYPE_SIZES[dtype as usize];
         let value = |b: &[u8]| -> f32 {
@@ -165,7 +205,7 @@ impl Plugin {
     }
 
     /// Reads a volume through the C ABI: dims, dtype code, RAS affine and (if asked) the voxel bytes.
-    fn volume(&self, path: &Path, voxels: bool) -> Result<([i64; 3], i32, [f64; 16], Vec<u8>), PluginError> {
+    fn volume(&self, path: &Path, voxels: bool) -> Result<VolumeParts, PluginError> {
         let p = cstring(path);
         let mut h: VolumeHandle = std::ptr::null_mut();
         let (mut dims, mut dtype, mut affine) = ([0i64; 3], 0i32, [0f64; 16]);
@@ -173,13 +213,21 @@ impl Plugin {
         // the handle is freed before returning.
         unsafe {
             let read = self
-                .sym::<unsafe extern "C" fn(*const c_char, *mut VolumeHandle) -> i32>(b"lwi_volume_read\0")
+                .sym::<unsafe extern "C" fn(*const c_char, *mut VolumeHandle) -> i32>(
+                    b"lwi_volume_read\0",
+                )
                 .map_err(Self::missing)?;
             self.check(read(p.as_ptr(), &mut h))?;
-            let dims_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut i64) -> i32>(b"lwi_volume_dims\0");
-            let dtype_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut i32) -> i32>(b"lwi_volume_dtype\0");
-            let aff_f = self.sym::<unsafe extern "C" fn(VolumeHandle, i32, *mut f64) -> i32>(b"lwi_volume_affine\0");
-            let copy_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut c_void, usize) -> i32>(b"lwi_volume_copy_voxels\0");
+            let dims_f = self
+                .sym::<unsafe extern "C" fn(VolumeHandle, *mut i64) -> i32>(b"lwi_volume_dims\0");
+            let dtype_f = self
+                .sym::<unsafe extern "C" fn(VolumeHandle, *mut i32) -> i32>(b"lwi_volume_dtype\0");
+            let aff_f = self.sym::<unsafe extern "C" fn(VolumeHandle, i32, *mut f64) -> i32>(
+                b"lwi_volume_affine\0",
+            );
+            let copy_f = self.sym::<unsafe extern "C" fn(VolumeHandle, *mut c_void, usize) -> i32>(
+                b"lwi_volume_copy_voxels\0",
+            );
             let free = self.sym::<unsafe extern "C" fn(VolumeHandle)>(b"lwi_volume_free\0");
             let mut bytes = Vec::new();
             let result = (|| {
@@ -189,7 +237,11 @@ impl Plugin {
                 if voxels {
                     let size = DTYPE_SIZES.get(dtype as usize).copied().unwrap_or(1);
                     bytes = vec![0u8; dims.iter().product::<i64>() as usize * size];
-                    self.check(copy_f.map_err(Self::missing)?(h, bytes.as_mut_ptr().cast(), bytes.len()))?;
+                    self.check(copy_f.map_err(Self::missing)?(
+                        h,
+                        bytes.as_mut_ptr().cast(),
+                        bytes.len(),
+                    ))?;
                 }
                 Ok(())
             })();
@@ -202,12 +254,23 @@ impl Plugin {
     }
 
     /// `lwi_model_import(checkpoint, options_json, out)`.
-    pub fn import(&self, checkpoint: &Path, options_json: &str, out: &Path) -> Result<(), PluginError> {
-        let (c, j, o) = (cstring(checkpoint), CString::new(options_json).unwrap_or_default(), cstring(out));
+    pub fn import(
+        &self,
+        checkpoint: &Path,
+        options_json: &str,
+        out: &Path,
+    ) -> Result<(), PluginError> {
+        let (c, j, o) = (
+            cstring(checkpoint),
+            CString::new(options_json).unwrap_or_default(),
+            cstring(out),
+        );
         // SAFETY: signature from include/lwi.h; the strings outlive the call.
         let status = unsafe {
             let f = self
-                .sym::<unsafe extern "C" fn(*const c_char, *const c_char, *const c_char) -> i32>(b"lwi_model_import\0")
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char, *const c_char) -> i32>(
+                    b"lwi_model_import\0",
+                )
                 .map_err(Self::missing)?;
             f(c.as_ptr(), j.as_ptr(), o.as_ptr())
         };
@@ -220,13 +283,27 @@ impl Plugin {
     }
 
     /// `lwi_evaluate`: the JSON report.
-    pub fn evaluate(&self, pred: &Path, reference: &Path, options_json: &str) -> Result<String, PluginError> {
-        let (p, r, j) = (cstring(pred), cstring(reference), CString::new(options_json).unwrap_or_default());
+    pub fn evaluate(
+        &self,
+        pred: &Path,
+        reference: &Path,
+        options_json: &str,
+    ) -> Result<String, PluginError> {
+        let (p, r, j) = (
+            cstring(pred),
+            cstring(reference),
+            CString::new(options_json).unwrap_or_default(),
+        );
         let mut out: *mut c_char = std::ptr::null_mut();
         // SAFETY: signatures from include/lwi.h; the returned string is copied, then freed by lwi.
         unsafe {
             let f = self
-                .sym::<unsafe extern "C" fn(*const c_char, *const c_char, *const c_char, *mut *mut c_char) -> i32>(b"lwi_evaluate\0")
+                .sym::<unsafe extern "C" fn(
+                    *const c_char,
+                    *const c_char,
+                    *const c_char,
+                    *mut *mut c_char,
+                ) -> i32>(b"lwi_evaluate\0")
                 .map_err(Self::missing)?;
             self.check(f(p.as_ptr(), r.as_ptr(), j.as_ptr(), &mut out))?;
             let text = CStr::from_ptr(out).to_string_lossy().into_owned();
@@ -238,22 +315,41 @@ impl Plugin {
     }
 
     /// `lwi_init_train` (stage "init") or `lwi_fine_tune` through a fresh engine on `device`.
-    pub fn train(&self, fine_tune: bool, device: &str, config_json: &str, mut on_progress: &mut dyn FnMut(&ProgressEvent) -> bool) -> Result<(), PluginError> {
-        let options = CString::new(serde_json::json!({ "device": device }).to_string()).unwrap_or_default();
+    pub fn train(
+        &self,
+        fine_tune: bool,
+        device: &str,
+        config_json: &str,
+        mut on_progress: &mut dyn FnMut(&ProgressEvent) -> bool,
+    ) -> Result<(), PluginError> {
+        let options =
+            CString::new(serde_json::json!({ "device": device }).to_string()).unwrap_or_default();
         let config = CString::new(config_json).unwrap_or_default();
-        let name: &[u8] = if fine_tune { b"lwi_fine_tune\0" } else { b"lwi_init_train\0" };
+        let name: &[u8] = if fine_tune {
+            b"lwi_fine_tune\0"
+        } else {
+            b"lwi_init_train\0"
+        };
         let mut engine: *mut c_void = std::ptr::null_mut();
         // SAFETY: signatures from include/lwi.h; the engine is freed before returning; the callback
         // state outlives the call.
         unsafe {
             let create = self
-                .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(b"lwi_engine_create\0")
+                .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(
+                    b"lwi_engine_create\0",
+                )
                 .map_err(Self::missing)?;
             self.check(create(options.as_ptr(), &mut engine))?;
             let f = self
-                .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, Option<ProgressCallback>, *mut c_void) -> i32>(name)
+                .sym::<unsafe extern "C" fn(
+                    *mut c_void,
+                    *const c_char,
+                    Option<ProgressCallback>,
+                    *mut c_void,
+                ) -> i32>(name)
                 .map_err(Self::missing)?;
-            let user = &mut on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void;
+            let user =
+                &mut on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void;
             let status = f(engine, config.as_ptr(), Some(forward_progress), user);
             if let Ok(free) = self.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0") {
                 free(engine);
@@ -263,18 +359,30 @@ impl Plugin {
     }
 
     /// Creates an engine and loads a model through it; both are freed when the result drops.
-    pub fn load_model(&self, path: &Path, engine_options: &str) -> Result<LoadedModel<'_>, PluginError> {
+    pub fn load_model(
+        &self,
+        path: &Path,
+        engine_options: &str,
+    ) -> Result<LoadedModel<'_>, PluginError> {
         let p = cstring(path);
         let options = CString::new(engine_options).unwrap_or_default();
-        let mut loaded = LoadedModel { plugin: self, engine: std::ptr::null_mut(), model: std::ptr::null_mut() };
+        let mut loaded = LoadedModel {
+            plugin: self,
+            engine: std::ptr::null_mut(),
+            model: std::ptr::null_mut(),
+        };
         // SAFETY: signatures from include/lwi.h; out pointers are valid; LoadedModel frees both.
         unsafe {
             let create = self
-                .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(b"lwi_engine_create\0")
+                .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_void) -> i32>(
+                    b"lwi_engine_create\0",
+                )
                 .map_err(Self::missing)?;
             self.check(create(options.as_ptr(), &mut loaded.engine))?;
             let load = self
-                .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, *mut *mut c_void) -> i32>(b"lwi_model_load\0")
+                .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, *mut *mut c_void) -> i32>(
+                    b"lwi_model_load\0",
+                )
                 .map_err(Self::missing)?;
             self.check(load(loaded.engine, p.as_ptr(), &mut loaded.model))?;
         }
@@ -321,7 +429,13 @@ unsafe extern "C" fn forward_progress(user: *mut c_void, p: *const Progress) -> 
     unsafe {
         let f = &mut *(user as *mut &mut dyn FnMut(&ProgressEvent) -> bool);
         let p = &*p;
-        let text = |s: *const c_char| if s.is_null() { "" } else { CStr::from_ptr(s).to_str().unwrap_or("") };
+        let text = |s: *const c_char| {
+            if s.is_null() {
+                ""
+            } else {
+                CStr::from_ptr(s).to_str().unwrap_or("")
+            }
+        };
         let finite = |v: f64| v.is_finite().then_some(v);
         let event = ProgressEvent {
             stage: text(p.stage),
@@ -341,10 +455,16 @@ impl LoadedModel<'_> {
     pub fn info_json(&self) -> Result<String, PluginError> {
         // SAFETY: signature from include/lwi.h; the string lives as long as the model.
         unsafe {
-            let f = self.plugin.sym::<unsafe extern "C" fn(*mut c_void) -> *const c_char>(b"lwi_model_info_json\0").map_err(Plugin::missing)?;
+            let f = self
+                .plugin
+                .sym::<unsafe extern "C" fn(*mut c_void) -> *const c_char>(b"lwi_model_info_json\0")
+                .map_err(Plugin::missing)?;
             let text = f(self.model);
             if text.is_null() {
-                return Err(PluginError { status: 9, message: self.plugin.last_error() });
+                return Err(PluginError {
+                    status: 9,
+                    message: self.plugin.last_error(),
+                });
             }
             Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
         }
@@ -358,17 +478,34 @@ impl LoadedModel<'_> {
         options_json: &str,
         mut on_progress: &mut dyn FnMut(&ProgressEvent) -> bool,
     ) -> Result<(), PluginError> {
-        let (i, o, j) = (cstring(input), cstring(output), CString::new(options_json).unwrap_or_default());
+        let (i, o, j) = (
+            cstring(input),
+            cstring(output),
+            CString::new(options_json).unwrap_or_default(),
+        );
         // SAFETY: signature from include/lwi.h; the strings and the callback state outlive the call.
         let status = unsafe {
             let f = self
                 .plugin
-                .sym::<unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char, *const c_char, Option<ProgressCallback>, *mut c_void) -> i32>(
-                    b"lwi_segment_file\0",
-                )
+                .sym::<unsafe extern "C" fn(
+                    *mut c_void,
+                    *const c_char,
+                    *const c_char,
+                    *const c_char,
+                    Option<ProgressCallback>,
+                    *mut c_void,
+                ) -> i32>(b"lwi_segment_file\0")
                 .map_err(Plugin::missing)?;
-            let user = &mut on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void;
-            f(self.model, i.as_ptr(), o.as_ptr(), j.as_ptr(), Some(forward_progress), user)
+            let user =
+                &mut on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void;
+            f(
+                self.model,
+                i.as_ptr(),
+                o.as_ptr(),
+                j.as_ptr(),
+                Some(forward_progress),
+                user,
+            )
         };
         self.plugin.check(status)
     }
@@ -378,10 +515,16 @@ impl Drop for LoadedModel<'_> {
     fn drop(&mut self) {
         // SAFETY: handles made by this plugin (or NULL, which the frees accept), freed once.
         unsafe {
-            if let Ok(f) = self.plugin.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_model_free\0") {
+            if let Ok(f) = self
+                .plugin
+                .sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_model_free\0")
+            {
                 f(self.model);
             }
-            if let Ok(f) = self.plugin.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0") {
+            if let Ok(f) = self
+                .plugin
+                .sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0")
+            {
                 f(self.engine);
             }
         }

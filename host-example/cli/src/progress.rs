@@ -14,7 +14,10 @@ impl Bar {
     pub fn new(json: bool, label: String) -> Bar {
         let bar = (!json && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new_spinner();
-            b.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             b.set_message(label.clone());
             b
         });
@@ -34,7 +37,17 @@ impl Bar {
             );
             return true;
         }
-        let mut text = format!("{} — {} {}{}", self.label, e.stage, e.done, if e.total > 0 { format!("/{}", e.total) } else { String::new() });
+        let mut text = format!(
+            "{} — {} {}{}",
+            self.label,
+            e.stage,
+            e.done,
+            if e.total > 0 {
+                format!("/{}", e.total)
+            } else {
+                String::new()
+            }
+        );
         if let Some(epoch) = e.epoch {
             text += &format!(" epoch {epoch}");
         }
@@ -50,7 +63,10 @@ impl Bar {
         if let Some(b) = &self.bar {
             b.set_message(text);
             b.tick();
-        } else if matches!(e.stage, "epoch" | "preprocess" | "resample" | "validate" | "setup") {
+        } else if matches!(
+            e.stage,
+            "epoch" | "preprocess" | "resample" | "validate" | "setup"
+        ) {
             eprintln!("{text}");
         }
         true
@@ -58,7 +74,10 @@ impl Bar {
 
     pub fn finish(&self, output: &std::path::Path) {
         if self.json {
-            println!("{}", serde_json::json!({"event": "done", "case": self.label, "output": output}));
+            println!(
+                "{}",
+                serde_json::json!({"event": "done", "case": self.label, "output": output})
+            );
         } else if let Some(b) = &self.bar {
             b.finish_with_message(format!("{} → {}", self.label, output.display()));
         } else {

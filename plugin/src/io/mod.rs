@@ -21,7 +21,11 @@ pub enum Format {
 
 impl Format {
     pub fn from_path(path: &Path) -> Result<Format> {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         if name.ends_with(".nii.gz") {
             Ok(Format::Nifti { gzip: true })
         } else if name.ends_with(".nii") {
@@ -63,7 +67,10 @@ pub(crate) fn inflate(path: &Path, gz: &[u8], limit: u64) -> Result<Vec<u8>> {
         .read_to_end(&mut out)
         .map_err(|e| Error::format(path, format!("gzip data is corrupt or truncated ({e})")))?;
     if out.len() as u64 > limit {
-        return Err(Error::format(path, format!("gzip data inflates to more than the {limit} bytes expected")));
+        return Err(Error::format(
+            path,
+            format!("gzip data inflates to more than the {limit} bytes expected"),
+        ));
     }
     Ok(out)
 }
@@ -80,7 +87,10 @@ pub(crate) fn read_gzip_prefix(path: &Path, gz: &[u8], n: usize) -> Result<Vec<u
 
 /// Gzip-compresses `data` at a speed-oriented level (label maps and CT compress well at 1).
 pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::new(1));
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4),
+        flate2::Compression::new(1),
+    );
     enc.write_all(data).expect("writing to a Vec cannot fail");
     enc.finish().expect("writing to a Vec cannot fail")
 }
@@ -92,8 +102,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -103,7 +119,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         let err = Error::io(path, e);
-        if err.kind == ErrorKind::Io { Error::new(ErrorKind::Io, format!("cannot write {}", err.message)) } else { err }
+        if err.kind == ErrorKind::Io {
+            Error::new(ErrorKind::Io, format!("cannot write {}", err.message))
+        } else {
+            err
+        }
     })
 }
 

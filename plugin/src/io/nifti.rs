@@ -45,7 +45,11 @@ struct Header {
 pub fn read(path: &Path) -> Result<Volume> {
     let file = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let gzip = file.starts_with(&[0x1f, 0x8b]);
-    let head = if gzip { read_gzip_prefix(path, &file, NIFTI2_HEADER)? } else { file[..file.len().min(NIFTI2_HEADER)].to_vec() };
+    let head = if gzip {
+        read_gzip_prefix(path, &file, NIFTI2_HEADER)?
+    } else {
+        file[..file.len().min(NIFTI2_HEADER)].to_vec()
+    };
     let hdr = parse_header(path, &head)?;
     let (dtype, dims) = voxel_layout(path, &hdr)?;
 
@@ -53,19 +57,37 @@ pub fn read(path: &Path) -> Result<Volume> {
     let nbytes = dims.iter().map(|&d| d as u64).product::<u64>() * dtype.size() as u64;
     let needed = offset + nbytes;
     // Refuse before allocating: the file must be able to hold what the header promises.
-    let could_hold = if gzip { file.len() as u64 * MAX_GZIP_RATIO } else { file.len() as u64 };
+    let could_hold = if gzip {
+        file.len() as u64 * MAX_GZIP_RATIO
+    } else {
+        file.len() as u64
+    };
     if needed > could_hold {
-        let what = if gzip { "gzip data could hold at most" } else { "file is truncated: it has" };
+        let what = if gzip {
+            "gzip data could hold at most"
+        } else {
+            "file is truncated: it has"
+        };
         return Err(Error::format(
             path,
-            format!("header promises {dims:?} {} voxels ({needed} bytes from offset {offset}) but the {what} {could_hold}", dtype.name()),
+            format!(
+                "header promises {dims:?} {} voxels ({needed} bytes from offset {offset}) but the {what} {could_hold}",
+                dtype.name()
+            ),
         ));
     }
-    let bytes = if gzip { inflate(path, &file, needed)? } else { file };
+    let bytes = if gzip {
+        inflate(path, &file, needed)?
+    } else {
+        file
+    };
     if (bytes.len() as u64) < needed {
         return Err(Error::format(
             path,
-            format!("file is truncated: voxel data needs {needed} bytes, the file has {}", bytes.len()),
+            format!(
+                "file is truncated: voxel data needs {needed} bytes, the file has {}",
+                bytes.len()
+            ),
         ));
     }
     let mut raw = std::borrow::Cow::Borrowed(&bytes[offset as usize..needed as usize]);
@@ -80,14 +102,22 @@ pub fn read(path: &Path) -> Result<Volume> {
 
 fn parse_header(path: &Path, head: &[u8]) -> Result<Header> {
     if head.len() < 4 {
-        return Err(Error::format(path, "not a NIfTI file: shorter than a header"));
+        return Err(Error::format(
+            path,
+            "not a NIfTI file: shorter than a header",
+        ));
     }
     let le = i32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     let be = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
     let hdr = match (le, be) {
         (348, _) | (_, 348) => parse_nifti1(path, head)?,
         (540, _) | (_, 540) => parse_nifti2(path, head, be == 540)?,
-        _ => return Err(Error::format(path, format!("not a NIfTI file: sizeof_hdr is {le}, expected 348 or 540"))),
+        _ => {
+            return Err(Error::format(
+                path,
+                format!("not a NIfTI file: sizeof_hdr is {le}, expected 348 or 540"),
+            ));
+        }
     };
     match &hdr.magic[..3] {
         b"n+1" | b"n+2" => Ok(hdr),
@@ -96,13 +126,19 @@ fn parse_header(path: &Path, head: &[u8]) -> Result<Header> {
             path.display(),
             String::from_utf8_lossy(&hdr.magic[..3])
         ))),
-        m => Err(Error::format(path, format!("not a NIfTI file: magic {:?}", String::from_utf8_lossy(m)))),
+        m => Err(Error::format(
+            path,
+            format!("not a NIfTI file: magic {:?}", String::from_utf8_lossy(m)),
+        )),
     }
 }
 
 fn parse_nifti1(path: &Path, head: &[u8]) -> Result<Header> {
     if head.len() < NIFTI1_HEADER {
-        return Err(Error::format(path, format!("file is truncated inside the {NIFTI1_HEADER}-byte NIfTI-1 header")));
+        return Err(Error::format(
+            path,
+            format!("file is truncated inside the {NIFTI1_HEADER}-byte NIfTI-1 header"),
+        ));
     }
     let h = nifti::NiftiHeader::from_reader(&head[..NIFTI1_HEADER])
         .map_err(|e| Error::format(path, format!("bad NIfTI-1 header: {e}")))?;
@@ -121,7 +157,15 @@ fn parse_nifti1(path: &Path, head: &[u8]) -> Result<Header> {
         scl_inter: f(h.scl_inter),
         qform_code: h.qform_code.into(),
         sform_code: h.sform_code.into(),
-        quatern: [h.quatern_b, h.quatern_c, h.quatern_d, h.quatern_x, h.quatern_y, h.quatern_z].map(f),
+        quatern: [
+            h.quatern_b,
+            h.quatern_c,
+            h.quatern_d,
+            h.quatern_x,
+            h.quatern_y,
+            h.quatern_z,
+        ]
+        .map(f),
         srow: [h.srow_x.map(f), h.srow_y.map(f), h.srow_z.map(f)],
         big_endian: h.endianness == nifti::Endianness::Big,
     })
@@ -130,7 +174,10 @@ fn parse_nifti1(path: &Path, head: &[u8]) -> Result<Header> {
 /// The NIfTI-2 header (540 bytes; field offsets from nifti2.h).
 fn parse_nifti2(path: &Path, head: &[u8], big_endian: bool) -> Result<Header> {
     if head.len() < NIFTI2_HEADER {
-        return Err(Error::format(path, format!("file is truncated inside the {NIFTI2_HEADER}-byte NIfTI-2 header")));
+        return Err(Error::format(
+            path,
+            format!("file is truncated inside the {NIFTI2_HEADER}-byte NIfTI-2 header"),
+        ));
     }
     let bytes = |at: usize, n: usize| -> Vec<u8> {
         let mut b = head[at..at + n].to_vec();
@@ -163,11 +210,21 @@ fn parse_nifti2(path: &Path, head: &[u8], big_endian: bool) -> Result<Header> {
 
 fn dims_from(path: &Path, ndim: i64, dim: impl Fn(usize) -> i64) -> Result<Vec<i64>> {
     if !(1..=7).contains(&ndim) {
-        return Err(Error::format(path, format!("dim[0] is {ndim}; a NIfTI file has 1 to 7 dimensions")));
+        return Err(Error::format(
+            path,
+            format!("dim[0] is {ndim}; a NIfTI file has 1 to 7 dimensions"),
+        ));
     }
     let dims: Vec<i64> = (1..=ndim as usize).map(dim).collect();
     if let Some(i) = dims.iter().position(|&d| d < 1) {
-        return Err(Error::format(path, format!("dim[{}] is {}; every dimension must be at least 1", i + 1, dims[i])));
+        return Err(Error::format(
+            path,
+            format!(
+                "dim[{}] is {}; every dimension must be at least 1",
+                i + 1,
+                dims[i]
+            ),
+        ));
     }
     Ok(dims)
 }
@@ -193,7 +250,12 @@ fn voxel_layout(path: &Path, hdr: &Header) -> Result<(DType, [i64; 3])> {
                 hdr.datatype
             )));
         }
-        None => return Err(Error::format(path, format!("unknown NIfTI datatype code {}", hdr.datatype))),
+        None => {
+            return Err(Error::format(
+                path,
+                format!("unknown NIfTI datatype code {}", hdr.datatype),
+            ));
+        }
     };
     let extra: Vec<i64> = hdr.dims.iter().skip(3).copied().collect();
     if extra.iter().any(|&d| d > 1) {
@@ -216,7 +278,10 @@ fn voxel_layout(path: &Path, hdr: &Header) -> Result<(DType, [i64; 3])> {
 
 /// `NiftiType` from a code, without pulling in `num-traits` for `FromPrimitive`.
 fn num_traits_free_type(code: i16) -> Option<NiftiType> {
-    let hdr = nifti::NiftiHeader { datatype: code, ..Default::default() };
+    let hdr = nifti::NiftiHeader {
+        datatype: code,
+        ..Default::default()
+    };
     hdr.data_type().ok()
 }
 
@@ -241,7 +306,11 @@ fn best_affine(path: &Path, hdr: &Header) -> Result<Affine> {
     aff[3][3] = 1.0;
     for i in 0..3 {
         let n = hdr.dims.get(i).copied().unwrap_or(1) as f64;
-        let zoom = if i < hdr.dims.len() { pixdim[i + 1] } else { 1.0 } * if i == 0 { -1.0 } else { 1.0 };
+        let zoom = if i < hdr.dims.len() {
+            pixdim[i + 1]
+        } else {
+            1.0
+        } * if i == 0 { -1.0 } else { 1.0 };
         aff[i][i] = zoom;
         aff[i][3] = -(n - 1.0) / 2.0 * zoom;
     }
@@ -251,12 +320,19 @@ fn best_affine(path: &Path, hdr: &Header) -> Result<Affine> {
 fn qform_affine(path: &Path, hdr: &Header, pixdim: &[f64; 8]) -> Result<Affine> {
     let [b, c, d, x, y, z] = hdr.quatern;
     // nibabel's fillpositive, with the threshold of the header's float width.
-    let threshold = if hdr.version == 1 { 3.0 * f32::EPSILON as f64 } else { 3.0 * f64::EPSILON };
+    let threshold = if hdr.version == 1 {
+        3.0 * f32::EPSILON as f64
+    } else {
+        3.0 * f64::EPSILON
+    };
     let w2 = 1.0 - (b * b + c * c + d * d);
     let w = if w2.abs() < threshold {
         0.0
     } else if w2 < 0.0 {
-        return Err(Error::format(path, format!("qform quaternion (b, c, d) = ({b}, {c}, {d}) is not a unit quaternion")));
+        return Err(Error::format(
+            path,
+            format!("qform quaternion (b, c, d) = ({b}, {c}, {d}) is not a unit quaternion"),
+        ));
     } else {
         w2.sqrt()
     };
@@ -285,7 +361,11 @@ fn quat_to_matrix(w: f64, x: f64, y: f64, z: f64) -> [[f64; 3]; 3] {
     let (wx, wy, wz) = (w * xs, w * ys, w * zs);
     let (xx, xy, xz) = (x * xs, x * ys, x * zs);
     let (yy, yz, zz) = (y * ys, y * zs, z * zs);
-    [[1.0 - (yy + zz), xy - wz, xz + wy], [xy + wz, 1.0 - (xx + zz), yz - wx], [xz - wy, yz + wx, 1.0 - (xx + yy)]]
+    [
+        [1.0 - (yy + zz), xy - wz, xz + wy],
+        [xy + wz, 1.0 - (xx + zz), yz - wx],
+        [xz - wy, yz + wx, 1.0 - (xx + yy)],
+    ]
 }
 
 /// Unit quaternion (w ≥ 0) of a rotation matrix (Shepperd's method).
@@ -293,35 +373,71 @@ fn matrix_to_quat(m: &[[f64; 3]; 3]) -> [f64; 4] {
     let trace = m[0][0] + m[1][1] + m[2][2];
     let q = if trace > 0.0 {
         let s = (trace + 1.0).sqrt() * 2.0;
-        [0.25 * s, (m[2][1] - m[1][2]) / s, (m[0][2] - m[2][0]) / s, (m[1][0] - m[0][1]) / s]
+        [
+            0.25 * s,
+            (m[2][1] - m[1][2]) / s,
+            (m[0][2] - m[2][0]) / s,
+            (m[1][0] - m[0][1]) / s,
+        ]
     } else if m[0][0] > m[1][1] && m[0][0] > m[2][2] {
         let s = (1.0 + m[0][0] - m[1][1] - m[2][2]).sqrt() * 2.0;
-        [(m[2][1] - m[1][2]) / s, 0.25 * s, (m[0][1] + m[1][0]) / s, (m[0][2] + m[2][0]) / s]
+        [
+            (m[2][1] - m[1][2]) / s,
+            0.25 * s,
+            (m[0][1] + m[1][0]) / s,
+            (m[0][2] + m[2][0]) / s,
+        ]
     } else if m[1][1] > m[2][2] {
         let s = (1.0 + m[1][1] - m[0][0] - m[2][2]).sqrt() * 2.0;
-        [(m[0][2] - m[2][0]) / s, (m[0][1] + m[1][0]) / s, 0.25 * s, (m[1][2] + m[2][1]) / s]
+        [
+            (m[0][2] - m[2][0]) / s,
+            (m[0][1] + m[1][0]) / s,
+            0.25 * s,
+            (m[1][2] + m[2][1]) / s,
+        ]
     } else {
         let s = (1.0 + m[2][2] - m[0][0] - m[1][1]).sqrt() * 2.0;
-        [(m[1][0] - m[0][1]) / s, (m[0][2] + m[2][0]) / s, (m[1][2] + m[2][1]) / s, 0.25 * s]
+        [
+            (m[1][0] - m[0][1]) / s,
+            (m[0][2] + m[2][0]) / s,
+            (m[1][2] + m[2][1]) / s,
+            0.25 * s,
+        ]
     };
     let norm = q.iter().map(|v| v * v).sum::<f64>().sqrt();
     let sign = if q[0] < 0.0 { -1.0 } else { 1.0 };
     q.map(|v| sign * v / norm)
 }
 
-fn apply_scaling(path: &Path, hdr: &Header, data: tch::Tensor, dtype: DType) -> Result<(tch::Tensor, DType)> {
+fn apply_scaling(
+    path: &Path,
+    hdr: &Header,
+    data: tch::Tensor,
+    dtype: DType,
+) -> Result<(tch::Tensor, DType)> {
     let (slope, inter) = (hdr.scl_slope, hdr.scl_inter);
     if slope == 0.0 || !slope.is_finite() {
         return Ok((data, dtype));
     }
     if !inter.is_finite() {
-        return Err(Error::format(path, format!("scl_slope is {slope} but scl_inter is {inter}")));
+        return Err(Error::format(
+            path,
+            format!("scl_slope is {slope} but scl_inter is {inter}"),
+        ));
     }
     if slope == 1.0 && inter == 0.0 {
         return Ok((data, dtype));
     }
-    let out = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-    let scaled = data.f_to_kind(tch::Kind::Double)?.f_mul_scalar(slope)?.f_add_scalar(inter)?.f_to_kind(out.kind())?;
+    let out = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let scaled = data
+        .f_to_kind(tch::Kind::Double)?
+        .f_mul_scalar(slope)?
+        .f_add_scalar(inter)?
+        .f_to_kind(out.kind())?;
     Ok((scaled, out))
 }
 
@@ -365,7 +481,8 @@ fn header_bytes(volume: &Volume) -> Vec<u8> {
     let zooms = volume.spacing();
     // qform: rotation from the normalised columns; a negative determinant goes into qfac.
     let mut r = volume.direction();
-    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
         + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
     let qfac = if det > 0.0 { 1.0 } else { -1.0 };
     if qfac < 0.0 {
@@ -400,7 +517,10 @@ fn header_bytes(volume: &Volume) -> Vec<u8> {
     put(148, descrip.as_bytes());
     put(252, &1i16.to_le_bytes()); // qform_code: scanner
     put(254, &2i16.to_le_bytes()); // sform_code: aligned
-    for (i, v) in [q[1], q[2], q[3], a[0][3], a[1][3], a[2][3]].iter().enumerate() {
+    for (i, v) in [q[1], q[2], q[3], a[0][3], a[1][3], a[2][3]]
+        .iter()
+        .enumerate()
+    {
         put(256 + 4 * i, &(*v as f32).to_le_bytes());
     }
     for (r, row) in a.iter().take(3).enumerate() {

@@ -37,18 +37,34 @@ pub fn read(path: &Path) -> Result<Volume> {
     let file = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (fields, header_len) = parse_header(path, &file)?;
     let get = |k: &str| fields.get(k).map(String::as_str);
-    let need = |k: &str| get(k).ok_or_else(|| Error::format(path, format!("NRRD header lacks the required field '{k}'")));
+    let need = |k: &str| {
+        get(k).ok_or_else(|| {
+            Error::format(path, format!("NRRD header lacks the required field '{k}'"))
+        })
+    };
 
     let dtype = parse_type(path, need("type")?)?;
-    let dimension: usize = need("dimension")?
-        .parse()
-        .map_err(|_| Error::format(path, format!("bad 'dimension: {}'", need("dimension").unwrap_or_default())))?;
+    let dimension: usize = need("dimension")?.parse().map_err(|_| {
+        Error::format(
+            path,
+            format!("bad 'dimension: {}'", need("dimension").unwrap_or_default()),
+        )
+    })?;
     if !(1..=16).contains(&dimension) {
-        return Err(Error::format(path, format!("'dimension: {dimension}' is outside 1..16")));
+        return Err(Error::format(
+            path,
+            format!("'dimension: {dimension}' is outside 1..16"),
+        ));
     }
     let sizes = parse_numbers::<i64>(path, "sizes", need("sizes")?)?;
     if sizes.len() != dimension || sizes.iter().any(|&s| s < 1) {
-        return Err(Error::format(path, format!("'sizes: {:?}' does not give {dimension} sizes of at least 1", sizes)));
+        return Err(Error::format(
+            path,
+            format!(
+                "'sizes: {:?}' does not give {dimension} sizes of at least 1",
+                sizes
+            ),
+        ));
     }
     let encoding = match need("encoding")? {
         "raw" => Encoding::Raw,
@@ -68,7 +84,9 @@ pub fn read(path: &Path) -> Result<Volume> {
     };
     let (axes, affine) = geometry(path, &fields, &sizes)?;
 
-    let n = sizes.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s as u64));
+    let n = sizes
+        .iter()
+        .try_fold(1u64, |acc, &s| acc.checked_mul(s as u64));
     let nbytes = n
         .and_then(|n| n.checked_mul(dtype.size() as u64))
         .ok_or_else(|| Error::format(path, format!("absurd sizes {sizes:?}")))?;
@@ -77,7 +95,8 @@ pub fn read(path: &Path) -> Result<Volume> {
     // The data: after the header's blank line, or in the named data file.
     let (data_path, source, start) = match get("data file").or(get("datafile")) {
         Some(name) => {
-            if name.starts_with("LIST") || name.contains('%') || name.split_whitespace().count() > 1 {
+            if name.starts_with("LIST") || name.contains('%') || name.split_whitespace().count() > 1
+            {
                 return Err(Error::unsupported(format!(
                     "{}: multi-file NRRD data ('data file: {name}') is not supported",
                     path.display()
@@ -89,27 +108,48 @@ pub fn read(path: &Path) -> Result<Volume> {
         }
         None => {
             if header_len >= file.len() && n > 0 {
-                return Err(Error::format(path, "NRRD header is not followed by data (and names no 'data file')"));
+                return Err(Error::format(
+                    path,
+                    "NRRD header is not followed by data (and names no 'data file')",
+                ));
             }
             (path.to_path_buf(), file, header_len)
         }
     };
-    let start = skip_lines(&data_path, &source, start, get("line skip").or(get("lineskip")))?;
+    let start = skip_lines(
+        &data_path,
+        &source,
+        start,
+        get("line skip").or(get("lineskip")),
+    )?;
     let source = &source[start..];
     let byte_skip: i64 = match get("byte skip").or(get("byteskip")) {
-        Some(v) => v.parse().map_err(|_| Error::format(path, format!("bad 'byte skip: {v}'")))?,
+        Some(v) => v
+            .parse()
+            .map_err(|_| Error::format(path, format!("bad 'byte skip: {v}'")))?,
         None => 0,
     };
 
     let data: Cow<[u8]> = match encoding {
         Encoding::Ascii => Cow::Owned(ascii_values(&data_path, source, n as usize, dtype)?),
         Encoding::Raw | Encoding::Gzip => {
-            let could_hold = if encoding == Encoding::Gzip { source.len() as u64 * MAX_GZIP_RATIO } else { source.len() as u64 };
+            let could_hold = if encoding == Encoding::Gzip {
+                source.len() as u64 * MAX_GZIP_RATIO
+            } else {
+                source.len() as u64
+            };
             if nbytes > could_hold {
-                let has = if encoding == Encoding::Gzip { "could hold at most" } else { "is truncated: it has" };
+                let has = if encoding == Encoding::Gzip {
+                    "could hold at most"
+                } else {
+                    "is truncated: it has"
+                };
                 return Err(Error::format(
                     &data_path,
-                    format!("NRRD sizes {sizes:?} need {nbytes} bytes of {} data; the data {has} {could_hold}", dtype.name()),
+                    format!(
+                        "NRRD sizes {sizes:?} need {nbytes} bytes of {} data; the data {has} {could_hold}",
+                        dtype.name()
+                    ),
                 ));
             }
             let mut plain = if encoding == Encoding::Gzip {
@@ -118,13 +158,20 @@ pub fn read(path: &Path) -> Result<Volume> {
                 out.drain(..(skip as usize).min(out.len()));
                 Cow::Owned(out)
             } else {
-                let skip = if byte_skip == -1 { source.len() as u64 - nbytes } else { byte_skip.max(0) as u64 };
+                let skip = if byte_skip == -1 {
+                    source.len() as u64 - nbytes
+                } else {
+                    byte_skip.max(0) as u64
+                };
                 Cow::Borrowed(&source[(skip as usize).min(source.len())..])
             };
             if (plain.len() as u64) < nbytes {
                 return Err(Error::format(
                     &data_path,
-                    format!("NRRD data is truncated: {nbytes} bytes expected, {} found", plain.len()),
+                    format!(
+                        "NRRD data is truncated: {nbytes} bytes expected, {} found",
+                        plain.len()
+                    ),
                 ));
             }
             match &mut plain {
@@ -146,13 +193,19 @@ pub fn read(path: &Path) -> Result<Volume> {
 /// Splits the header into fields. Returns the fields and the offset of the first data byte.
 fn parse_header(path: &Path, file: &[u8]) -> Result<(HashMap<String, String>, usize)> {
     if !file.starts_with(b"NRRD000") {
-        return Err(Error::format(path, "not a NRRD file: it does not start with 'NRRD000'"));
+        return Err(Error::format(
+            path,
+            "not a NRRD file: it does not start with 'NRRD000'",
+        ));
     }
     let mut fields = HashMap::new();
     let mut pos = 0;
     let mut first = true;
     while pos < file.len() {
-        let end = file[pos..].iter().position(|&b| b == b'\n').map_or(file.len(), |e| pos + e);
+        let end = file[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(file.len(), |e| pos + e);
         let line = std::str::from_utf8(&file[pos..end])
             .map_err(|_| Error::format(path, "NRRD header is not text"))?
             .trim_end_matches('\r');
@@ -167,8 +220,9 @@ fn parse_header(path: &Path, file: &[u8]) -> Result<(HashMap<String, String>, us
         if line.starts_with('#') || line.contains(":=") {
             continue; // comments and key/value metadata
         }
-        let (key, value) =
-            line.split_once(": ").ok_or_else(|| Error::format(path, format!("bad NRRD header line '{line}'")))?;
+        let (key, value) = line
+            .split_once(": ")
+            .ok_or_else(|| Error::format(path, format!("bad NRRD header line '{line}'")))?;
         fields.insert(key.trim().to_ascii_lowercase(), value.trim().to_string());
         if fields.len() > 256 {
             return Err(Error::format(path, "NRRD header has too many fields"));
@@ -181,17 +235,29 @@ fn parse_type(path: &Path, t: &str) -> Result<DType> {
     Ok(match t {
         "signed char" | "int8" | "int8_t" => DType::I8,
         "uchar" | "unsigned char" | "uint8" | "uint8_t" => DType::U8,
-        "short" | "short int" | "signed short" | "signed short int" | "int16" | "int16_t" => DType::I16,
+        "short" | "short int" | "signed short" | "signed short int" | "int16" | "int16_t" => {
+            DType::I16
+        }
         "ushort" | "unsigned short" | "unsigned short int" | "uint16" | "uint16_t" => DType::U16,
         "int" | "signed int" | "int32" | "int32_t" => DType::I32,
         "uint" | "unsigned int" | "uint32" | "uint32_t" => DType::U32,
-        "longlong" | "long long" | "long long int" | "signed long long" | "signed long long int" | "int64"
+        "longlong"
+        | "long long"
+        | "long long int"
+        | "signed long long"
+        | "signed long long int"
+        | "int64"
         | "int64_t" => DType::I64,
-        "ulonglong" | "unsigned long long" | "unsigned long long int" | "uint64" | "uint64_t" => DType::U64,
+        "ulonglong" | "unsigned long long" | "unsigned long long int" | "uint64" | "uint64_t" => {
+            DType::U64
+        }
         "float" => DType::F32,
         "double" => DType::F64,
         other => {
-            return Err(Error::unsupported(format!("{}: NRRD type '{other}' is not a scalar voxel type", path.display())));
+            return Err(Error::unsupported(format!(
+                "{}: NRRD type '{other}' is not a scalar voxel type",
+                path.display()
+            )));
         }
     })
 }
@@ -199,7 +265,10 @@ fn parse_type(path: &Path, t: &str) -> Result<DType> {
 fn parse_numbers<T: std::str::FromStr>(path: &Path, key: &str, value: &str) -> Result<Vec<T>> {
     value
         .split_whitespace()
-        .map(|v| v.parse::<T>().map_err(|_| Error::format(path, format!("bad number '{v}' in '{key}: {value}'"))))
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| Error::format(path, format!("bad number '{v}' in '{key}: {value}'")))
+        })
         .collect()
 }
 
@@ -211,13 +280,21 @@ fn parse_vector(path: &Path, key: &str, v: &str) -> Result<Vec<f64>> {
         .ok_or_else(|| Error::format(path, format!("bad vector '{v}' in '{key}'")))?;
     inner
         .split(',')
-        .map(|x| x.trim().parse::<f64>().map_err(|_| Error::format(path, format!("bad number '{x}' in '{key}'"))))
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .map_err(|_| Error::format(path, format!("bad number '{x}' in '{key}'")))
+        })
         .collect()
 }
 
 /// The spatial axes (index into `sizes`, size) and the voxel→RAS affine. Non-spatial axes must have
 /// size 1; with exactly two spatial axes the volume is one slice thick.
-fn geometry(path: &Path, fields: &HashMap<String, String>, sizes: &[i64]) -> Result<(Vec<(usize, i64)>, Affine)> {
+fn geometry(
+    path: &Path,
+    fields: &HashMap<String, String>,
+    sizes: &[i64],
+) -> Result<(Vec<(usize, i64)>, Affine)> {
     let space = match fields.get("space").map(|s| s.to_ascii_lowercase()) {
         None => Space::Lps,
         Some(s) => match s.as_str() {
@@ -235,19 +312,35 @@ fn geometry(path: &Path, fields: &HashMap<String, String>, sizes: &[i64]) -> Res
     let mut columns: Vec<Option<Vec<f64>>> = match fields.get("space directions") {
         Some(dirs) => dirs
             .split_whitespace()
-            .map(|d| if d == "none" { Ok(None) } else { parse_vector(path, "space directions", d).map(Some) })
+            .map(|d| {
+                if d == "none" {
+                    Ok(None)
+                } else {
+                    parse_vector(path, "space directions", d).map(Some)
+                }
+            })
             .collect::<Result<_>>()?,
         None => {
             let spacings = match fields.get("spacings") {
                 Some(s) => s
                     .split_whitespace()
-                    .map(|v| if v.eq_ignore_ascii_case("nan") { Ok(f64::NAN) } else { v.parse::<f64>() })
+                    .map(|v| {
+                        if v.eq_ignore_ascii_case("nan") {
+                            Ok(f64::NAN)
+                        } else {
+                            v.parse::<f64>()
+                        }
+                    })
                     .collect::<std::result::Result<Vec<f64>, _>>()
                     .map_err(|_| Error::format(path, format!("bad 'spacings: {s}'")))?,
                 None => vec![1.0; sizes.len()],
             };
             // Without directions, every axis of size > 1 (or all, for a plain 3-D file) is spatial.
-            let spatial: Vec<bool> = if sizes.len() <= 3 { vec![true; sizes.len()] } else { sizes.iter().map(|&s| s > 1).collect() };
+            let spatial: Vec<bool> = if sizes.len() <= 3 {
+                vec![true; sizes.len()]
+            } else {
+                sizes.iter().map(|&s| s > 1).collect()
+            };
             let mut k = 0;
             spacings
                 .iter()
@@ -266,7 +359,14 @@ fn geometry(path: &Path, fields: &HashMap<String, String>, sizes: &[i64]) -> Res
         }
     };
     if columns.len() != sizes.len() {
-        return Err(Error::format(path, format!("'space directions' has {} entries for {} axes", columns.len(), sizes.len())));
+        return Err(Error::format(
+            path,
+            format!(
+                "'space directions' has {} entries for {} axes",
+                columns.len(),
+                sizes.len()
+            ),
+        ));
     }
     let spatial: Vec<usize> = (0..sizes.len()).filter(|&i| columns[i].is_some()).collect();
     if let Some(i) = (0..sizes.len()).find(|&i| columns[i].is_none() && sizes[i] > 1) {
@@ -277,12 +377,19 @@ fn geometry(path: &Path, fields: &HashMap<String, String>, sizes: &[i64]) -> Res
         )));
     }
     if !(2..=3).contains(&spatial.len()) {
-        return Err(Error::unsupported(format!("{}: {} spatial axes; lwi reads 3-D volumes", path.display(), spatial.len())));
+        return Err(Error::unsupported(format!(
+            "{}: {} spatial axes; lwi reads 3-D volumes",
+            path.display(),
+            spatial.len()
+        )));
     }
     for &i in &spatial {
         let c = columns[i].as_ref().expect("spatial");
         if c.len() != 3 || c.iter().any(|v| !v.is_finite()) {
-            return Err(Error::format(path, format!("axis {i} direction {c:?} is not a finite 3-vector (non-finite spacing?)")));
+            return Err(Error::format(
+                path,
+                format!("axis {i} direction {c:?} is not a finite 3-vector (non-finite spacing?)"),
+            ));
         }
     }
     let origin = match fields.get("space origin") {
@@ -290,15 +397,29 @@ fn geometry(path: &Path, fields: &HashMap<String, String>, sizes: &[i64]) -> Res
         None => vec![0.0; 3],
     };
     if origin.len() != 3 || origin.iter().any(|v| !v.is_finite()) {
-        return Err(Error::format(path, format!("'space origin' {origin:?} is not a finite 3-vector")));
+        return Err(Error::format(
+            path,
+            format!("'space origin' {origin:?} is not a finite 3-vector"),
+        ));
     }
     let mut axes: Vec<(usize, i64)> = spatial.iter().map(|&i| (i, sizes[i])).collect();
     if axes.len() == 2 {
         // A single slice: the third axis is the unit normal of the first two.
-        let (a, b) = (columns[spatial[0]].clone().expect("spatial"), columns[spatial[1]].clone().expect("spatial"));
-        let n = [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]];
+        let (a, b) = (
+            columns[spatial[0]].clone().expect("spatial"),
+            columns[spatial[1]].clone().expect("spatial"),
+        );
+        let n = [
+            a[1] * b[2] - a[2] * b[1],
+            a[2] * b[0] - a[0] * b[2],
+            a[0] * b[1] - a[1] * b[0],
+        ];
         let len = n.iter().map(|v| v * v).sum::<f64>().sqrt();
-        columns.push(Some(if len > 0.0 { n.iter().map(|v| v / len).collect() } else { vec![0.0, 0.0, 1.0] }));
+        columns.push(Some(if len > 0.0 {
+            n.iter().map(|v| v / len).collect()
+        } else {
+            vec![0.0, 0.0, 1.0]
+        }));
         axes.push((columns.len() - 1, 1));
     }
     let mut m: Affine = [[0.0; 4]; 4];
@@ -327,25 +448,39 @@ fn geometry(path: &Path, fields: &HashMap<String, String>, sizes: &[i64]) -> Res
 /// The offset after skipping `lines` lines from `start`.
 fn skip_lines(path: &Path, data: &[u8], start: usize, lines: Option<&str>) -> Result<usize> {
     let Some(v) = lines else { return Ok(start) };
-    let n: usize = v.parse().map_err(|_| Error::format(path, format!("bad 'line skip: {v}'")))?;
+    let n: usize = v
+        .parse()
+        .map_err(|_| Error::format(path, format!("bad 'line skip: {v}'")))?;
     let mut pos = start;
     for _ in 0..n {
         pos = data[pos..]
             .iter()
             .position(|&b| b == b'\n')
             .map(|p| pos + p + 1)
-            .ok_or_else(|| Error::format(path, format!("cannot skip {n} lines: the data has fewer")))?;
+            .ok_or_else(|| {
+                Error::format(path, format!("cannot skip {n} lines: the data has fewer"))
+            })?;
     }
     Ok(pos)
 }
 
 /// Parses whitespace-separated values into packed little-endian bytes of `dtype`.
 fn ascii_values(path: &Path, data: &[u8], n: usize, dtype: DType) -> Result<Vec<u8>> {
-    let text = std::str::from_utf8(data).map_err(|_| Error::format(path, "ascii NRRD data is not text"))?;
+    let text = std::str::from_utf8(data)
+        .map_err(|_| Error::format(path, "ascii NRRD data is not text"))?;
     let mut out = Vec::with_capacity(n.min(1 << 28) * dtype.size());
     let mut count = 0;
-    for tok in text.split(|c: char| c.is_whitespace() || c == ',').filter(|t| !t.is_empty()).take(n) {
-        let bad = || Error::format(path, format!("bad {} value '{tok}' in ascii NRRD data", dtype.name()));
+    for tok in text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|t| !t.is_empty())
+        .take(n)
+    {
+        let bad = || {
+            Error::format(
+                path,
+                format!("bad {} value '{tok}' in ascii NRRD data", dtype.name()),
+            )
+        };
         match dtype {
             DType::U8 => out.extend(tok.parse::<u8>().map_err(|_| bad())?.to_le_bytes()),
             DType::I8 => out.extend(tok.parse::<i8>().map_err(|_| bad())?.to_le_bytes()),
@@ -361,7 +496,10 @@ fn ascii_values(path: &Path, data: &[u8], n: usize, dtype: DType) -> Result<Vec<
         count += 1;
     }
     if count < n {
-        return Err(Error::format(path, format!("ascii NRRD data has {count} values, {n} expected")));
+        return Err(Error::format(
+            path,
+            format!("ascii NRRD data has {count} values, {n} expected"),
+        ));
     }
     Ok(out)
 }
@@ -403,7 +541,11 @@ pub fn write(volume: &Volume, path: &Path, detached: bool) -> Result<()> {
     let data = super::deflate(&volume.dtype.le_bytes_from_tensor(&volume.data)?);
     if detached {
         let data_path: PathBuf = path.with_extension("raw.gz");
-        let name = data_path.file_name().expect("a file name").to_string_lossy().to_string();
+        let name = data_path
+            .file_name()
+            .expect("a file name")
+            .to_string_lossy()
+            .to_string();
         write_atomically(&data_path, &data)?;
         header.push_str(&format!("data file: {name}\n"));
         write_atomically(path, header.as_bytes())

@@ -7,7 +7,14 @@ use tch::{Tensor, nn};
 /// (kaiming_uniform with a = √5 gives exactly this bound).
 pub(crate) fn default_uniform(p: &nn::Path, name: &str, dims: &[i64], fan_in: i64) -> Tensor {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    p.var(name, dims, nn::Init::Uniform { lo: -bound, up: bound })
+    p.var(
+        name,
+        dims,
+        nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )
 }
 
 /// `trunc_normal_(mean 0, std, a = -2, b = 2)` as PyTorch draws it: uniform on the normal's CDF
@@ -49,7 +56,10 @@ impl Linear {
     }
     /// MONAI's `PatchEmbeddingBlock._init_weights`: trunc_normal(std 0.02) weights, zero bias.
     pub fn new_trunc_normal(p: &nn::Path, inp: i64, out: i64) -> Self {
-        Linear { weight: trunc_normal(p, "weight", &[out, inp], 0.02), bias: Some(p.zeros("bias", &[out])) }
+        Linear {
+            weight: trunc_normal(p, "weight", &[out, inp], 0.02),
+            bias: Some(p.zeros("bias", &[out])),
+        }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
@@ -65,7 +75,10 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(p: &nn::Path, size: i64) -> Self {
-        LayerNorm { weight: p.ones("weight", &[size]), bias: p.zeros("bias", &[size]) }
+        LayerNorm {
+            weight: p.ones("weight", &[size]),
+            bias: p.zeros("bias", &[size]),
+        }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let n = self.weight.size()[0];
@@ -132,7 +145,12 @@ pub enum NormKind {
 #[derive(Debug)]
 pub enum Norm {
     Instance,
-    Batch { weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor },
+    Batch {
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+    },
 }
 
 impl Norm {
@@ -149,10 +167,31 @@ impl Norm {
     }
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         match self {
-            Norm::Instance => x.instance_norm(None::<Tensor>, None::<Tensor>, None::<Tensor>, None::<Tensor>, true, 0.1, 1e-5, true),
-            Norm::Batch { weight, bias, running_mean, running_var } => {
-                x.batch_norm(Some(weight), Some(bias), Some(running_mean), Some(running_var), train, 0.1, 1e-5, true)
-            }
+            Norm::Instance => x.instance_norm(
+                None::<Tensor>,
+                None::<Tensor>,
+                None::<Tensor>,
+                None::<Tensor>,
+                true,
+                0.1,
+                1e-5,
+                true,
+            ),
+            Norm::Batch {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+            } => x.batch_norm(
+                Some(weight),
+                Some(bias),
+                Some(running_mean),
+                Some(running_var),
+                train,
+                0.1,
+                1e-5,
+                true,
+            ),
         }
     }
 }
@@ -177,12 +216,19 @@ impl ConvBlock {
             conv2: Conv::new(&(p / "conv2"), out, out, 3, 1, false),
             norm2: Norm::new(&(p / "norm2"), norm, out),
             residual,
-            shortcut: (residual && inp != out)
-                .then(|| (Conv::new(&(p / "conv3"), inp, out, 1, 1, false), Norm::new(&(p / "norm3"), norm, out))),
+            shortcut: (residual && inp != out).then(|| {
+                (
+                    Conv::new(&(p / "conv3"), inp, out, 1, 1, false),
+                    Norm::new(&(p / "norm3"), norm, out),
+                )
+            }),
         }
     }
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = self.norm1.forward_t(&self.conv1.forward(x), train).leaky_relu();
+        let out = self
+            .norm1
+            .forward_t(&self.conv1.forward(x), train)
+            .leaky_relu();
         let out = self.norm2.forward_t(&self.conv2.forward(&out), train);
         if !self.residual {
             return out.leaky_relu();

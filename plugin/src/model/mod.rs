@@ -23,7 +23,13 @@ pub fn load_state_dict(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>) -> 
         .iter()
         .filter_map(|(k, v)| {
             let t = tensors.get(k)?;
-            (t.size() != v.size()).then(|| format!("{k} is {:?}, the architecture needs {:?}", t.size(), v.size()))
+            (t.size() != v.size()).then(|| {
+                format!(
+                    "{k} is {:?}, the architecture needs {:?}",
+                    t.size(),
+                    v.size()
+                )
+            })
         })
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() || !misshapen.is_empty() {
@@ -37,10 +43,16 @@ pub fn load_state_dict(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>) -> 
         };
         let mut parts = Vec::new();
         if !missing.is_empty() {
-            parts.push(format!("missing tensors: {}", list(missing.into_iter().cloned().collect())));
+            parts.push(format!(
+                "missing tensors: {}",
+                list(missing.into_iter().cloned().collect())
+            ));
         }
         if !unexpected.is_empty() {
-            parts.push(format!("unexpected tensors: {}", list(unexpected.into_iter().cloned().collect())));
+            parts.push(format!(
+                "unexpected tensors: {}",
+                list(unexpected.into_iter().cloned().collect())
+            ));
         }
         if !misshapen.is_empty() {
             parts.push(format!("wrong shapes: {}", list(misshapen)));

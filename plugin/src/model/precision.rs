@@ -28,7 +28,9 @@ pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() 
         Precision::Fp16 => 0,
     };
     if !device.is_cuda() {
-        return Err(Error::invalid(format!("precision {precision:?} needs a CUDA device (autocast); the CPU runs fp32")));
+        return Err(Error::invalid(format!(
+            "precision {precision:?} needs a CUDA device (autocast); the CPU runs fp32"
+        )));
     }
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
     // SAFETY: the shim only reads and writes libtorch's thread-local autocast state and the two ints.
@@ -55,6 +57,9 @@ mod tests {
     fn autocast_on_the_cpu_is_refused_not_ignored() {
         let err = with_precision(Precision::Bf16, Device::Cpu, || ()).unwrap_err();
         assert!(err.message.contains("CUDA"), "{}", err.message);
-        assert_eq!(with_precision(Precision::Fp32, Device::Cpu, || 7).unwrap(), 7);
+        assert_eq!(
+            with_precision(Precision::Fp32, Device::Cpu, || 7).unwrap(),
+            7
+        );
     }
 }

@@ -86,10 +86,15 @@ impl UnetrConfig {
             ("num_heads", self.num_heads),
         ];
         if let Some((name, v)) = positive.iter().find(|(_, v)| *v < 1) {
-            return Err(Error::invalid(format!("UNETR {name} must be positive, got {v}")));
+            return Err(Error::invalid(format!(
+                "UNETR {name} must be positive, got {v}"
+            )));
         }
         if self.num_layers < 4 {
-            return Err(Error::invalid(format!("UNETR num_layers must be at least 4, got {}", self.num_layers)));
+            return Err(Error::invalid(format!(
+                "UNETR num_layers must be at least 4, got {}",
+                self.num_layers
+            )));
         }
         if self.hidden_size % self.num_heads != 0 {
             return Err(Error::invalid(format!(
@@ -97,11 +102,21 @@ impl UnetrConfig {
                 self.hidden_size, self.num_heads
             )));
         }
-        if self.img_size.iter().any(|&s| s < Self::PATCH || s % Self::PATCH != 0) {
-            return Err(Error::invalid(format!("img_size {:?}: each size must be a positive multiple of 16", self.img_size)));
+        if self
+            .img_size
+            .iter()
+            .any(|&s| s < Self::PATCH || s % Self::PATCH != 0)
+        {
+            return Err(Error::invalid(format!(
+                "img_size {:?}: each size must be a positive multiple of 16",
+                self.img_size
+            )));
         }
         if !(0.0..=1.0).contains(&self.dropout_rate) {
-            return Err(Error::invalid(format!("dropout_rate should be between 0 and 1, got {}", self.dropout_rate)));
+            return Err(Error::invalid(format!(
+                "dropout_rate should be between 0 and 1, got {}",
+                self.dropout_rate
+            )));
         }
         Ok(())
     }
@@ -125,7 +140,13 @@ impl PrUpBlock {
                     if cfg.conv_block {
                         (
                             Conv::transposed(&(&b / "0"), out, out, 2),
-                            Some(ConvBlock::new(&(&b / "1"), out, out, cfg.norm_name, cfg.res_block)),
+                            Some(ConvBlock::new(
+                                &(&b / "1"),
+                                out,
+                                out,
+                                cfg.norm_name,
+                                cfg.res_block,
+                            )),
                         )
                     } else {
                         (Conv::transposed(&b, out, out, 2), None)
@@ -157,12 +178,19 @@ impl UpBlock {
     fn new(p: &nn::Path, cfg: &UnetrConfig, inp: i64, out: i64) -> Self {
         UpBlock {
             transp_conv: Conv::transposed(&(p / "transp_conv"), inp, out, 2),
-            conv_block: ConvBlock::new(&(p / "conv_block"), 2 * out, out, cfg.norm_name, cfg.res_block),
+            conv_block: ConvBlock::new(
+                &(p / "conv_block"),
+                2 * out,
+                out,
+                cfg.norm_name,
+                cfg.res_block,
+            ),
         }
     }
     fn forward_t(&self, x: &Tensor, skip: &Tensor, train: bool) -> Tensor {
         let up = self.transp_conv.forward(x);
-        self.conv_block.forward_t(&Tensor::cat(&[&up, skip], 1), train)
+        self.conv_block
+            .forward_t(&Tensor::cat(&[&up, skip], 1), train)
     }
 }
 
@@ -177,7 +205,16 @@ impl OrderHeads {
     /// `p` is the model root; the heads live under `vit.`.
     pub fn new(p: &nn::Path, hidden: i64, classes: i64) -> Self {
         let vit = p / "vit";
-        OrderHeads { heads: std::array::from_fn(|i| Linear::new(&(&vit / format!("temp_head{}", i + 1)), hidden, classes, true)) }
+        OrderHeads {
+            heads: std::array::from_fn(|i| {
+                Linear::new(
+                    &(&vit / format!("temp_head{}", i + 1)),
+                    hidden,
+                    classes,
+                    true,
+                )
+            }),
+        }
     }
 }
 
@@ -206,7 +243,13 @@ impl Unetr {
             config: cfg.clone(),
             vit: Vit::new(&(p / "vit"), cfg),
             // UnetrBasicBlock holds its block under `.layer`.
-            encoder1: ConvBlock::new(&(p / "encoder1" / "layer"), cfg.in_channels, f, cfg.norm_name, cfg.res_block),
+            encoder1: ConvBlock::new(
+                &(p / "encoder1" / "layer"),
+                cfg.in_channels,
+                f,
+                cfg.norm_name,
+                cfg.res_block,
+            ),
             encoder2: PrUpBlock::new(&(p / "encoder2"), cfg, 2 * f, 2),
             encoder3: PrUpBlock::new(&(p / "encoder3"), cfg, 4 * f, 1),
             encoder4: PrUpBlock::new(&(p / "encoder4"), cfg, 8 * f, 0),
@@ -222,7 +265,9 @@ impl Unetr {
     fn proj_feat(&self, x: &Tensor) -> Tensor {
         let [h, w, d] = self.config.feat_size();
         let b = x.size()[0];
-        x.view([b, h, w, d, self.config.hidden_size]).permute([0, 4, 1, 2, 3]).contiguous()
+        x.view([b, h, w, d, self.config.hidden_size])
+            .permute([0, 4, 1, 2, 3])
+            .contiguous()
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
@@ -237,12 +282,19 @@ impl Unetr {
         let enc2 = self.encoder2.forward_t(&self.proj_feat(&hidden[t2]), train);
         let enc3 = self.encoder3.forward_t(&self.proj_feat(&hidden[t3]), train);
         let enc4 = self.encoder4.forward_t(&self.proj_feat(&hidden[t4]), train);
-        let dec3 = self.decoder5.forward_t(&self.proj_feat(&tokens), &enc4, train);
+        let dec3 = self
+            .decoder5
+            .forward_t(&self.proj_feat(&tokens), &enc4, train);
         let dec2 = self.decoder4.forward_t(&dec3, &enc3, train);
         let dec1 = self.decoder3.forward_t(&dec2, &enc2, train);
         let out = self.decoder2.forward_t(&dec1, &enc1, train);
         let logits = self.out.forward(&out);
-        let features = [hidden[t2].shallow_clone(), hidden[t3].shallow_clone(), hidden[t4].shallow_clone(), tokens];
+        let features = [
+            hidden[t2].shallow_clone(),
+            hidden[t3].shallow_clone(),
+            hidden[t4].shallow_clone(),
+            tokens,
+        ];
         (logits, features)
     }
 }

@@ -27,15 +27,29 @@ impl PatchEmbedding {
         let patch_dim = cfg.in_channels * patch * patch * patch;
         let pe = p / "patch_embeddings";
         let proj = match cfg.proj_type {
-            ProjType::Perceptron => PatchProjection::Perceptron(Linear::new_trunc_normal(&(&pe / "1"), patch_dim, cfg.hidden_size)),
+            ProjType::Perceptron => PatchProjection::Perceptron(Linear::new_trunc_normal(
+                &(&pe / "1"),
+                patch_dim,
+                cfg.hidden_size,
+            )),
             ProjType::Conv => PatchProjection::Conv {
-                weight: super::blocks::default_uniform(&pe, "weight", &[cfg.hidden_size, cfg.in_channels, patch, patch, patch], patch_dim),
+                weight: super::blocks::default_uniform(
+                    &pe,
+                    "weight",
+                    &[cfg.hidden_size, cfg.in_channels, patch, patch, patch],
+                    patch_dim,
+                ),
                 bias: super::blocks::default_uniform(&pe, "bias", &[cfg.hidden_size], patch_dim),
             },
         };
         PatchEmbedding {
             proj,
-            position_embeddings: trunc_normal(p, "position_embeddings", &[1, cfg.n_patches(), cfg.hidden_size], 0.02),
+            position_embeddings: trunc_normal(
+                p,
+                "position_embeddings",
+                &[1, cfg.n_patches(), cfg.hidden_size],
+                0.02,
+            ),
             patch,
             dropout: cfg.dropout_rate,
         }
@@ -55,7 +69,9 @@ impl PatchEmbedding {
             }
             PatchProjection::Conv { weight, bias } => {
                 let s = [self.patch; 3];
-                x.conv3d(weight, Some(bias), s, [0; 3], [1; 3], 1).flatten(2, -1).transpose(-1, -2)
+                x.conv3d(weight, Some(bias), s, [0; 3], [1; 3], 1)
+                    .flatten(2, -1)
+                    .transpose(-1, -2)
             }
         };
         (tokens + &self.position_embeddings).dropout(self.dropout, train)
@@ -76,10 +92,23 @@ impl SelfAttention {
         let s = x.size();
         let (b, n, hidden) = (s[0], s[1], s[2]);
         let dh = hidden / self.heads;
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, self.heads, dh])
+            .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let p = if train { self.dropout } else { 0.0 };
-        let att = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, p, false, (dh as f64).powf(-0.5), false);
+        let att = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            p,
+            false,
+            (dh as f64).powf(-0.5),
+            false,
+        );
         let merged = att.permute([0, 2, 1, 3]).reshape([b, n, hidden]);
         self.out_proj.forward(&merged).dropout(self.dropout, train)
     }
@@ -122,7 +151,11 @@ impl TransformerBlock {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let x = x + self.attn.forward_t(&self.norm1.forward(x), train);
-        let mlp = self.linear1.forward(&self.norm2.forward(&x)).gelu("none").dropout(self.dropout, train);
+        let mlp = self
+            .linear1
+            .forward(&self.norm2.forward(&x))
+            .gelu("none")
+            .dropout(self.dropout, train);
         &x + self.linear2.forward(&mlp).dropout(self.dropout, train)
     }
 }
@@ -140,7 +173,9 @@ impl Vit {
         let blocks = p / "blocks";
         Vit {
             patch_embedding: PatchEmbedding::new(&(p / "patch_embedding"), cfg),
-            blocks: (0..cfg.num_layers).map(|i| TransformerBlock::new(&(&blocks / i), cfg)).collect(),
+            blocks: (0..cfg.num_layers)
+                .map(|i| TransformerBlock::new(&(&blocks / i), cfg))
+                .collect(),
             norm: LayerNorm::new(&(p / "norm"), cfg.hidden_size),
         }
     }

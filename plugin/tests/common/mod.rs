@@ -10,7 +10,9 @@ pub fn root() -> PathBuf {
 }
 
 pub fn python() -> PathBuf {
-    std::env::var_os("LWI_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
+    std::env::var_os("LWI_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"))
 }
 
 /// Runs tests/python/monai_unetr_reference.py with `args` after a fresh output folder.
@@ -23,7 +25,9 @@ pub fn monai_reference(args: &[&str]) -> tempfile::TempDir {
         Some((&flag, rest)) if flag.starts_with("--") => cmd.arg(flag).arg(dir.path()).args(rest),
         _ => cmd.arg(dir.path()).args(args),
     };
-    let status = cmd.status().expect("run the MONAI reference (make setup installs it)");
+    let status = cmd
+        .status()
+        .expect("run the MONAI reference (make setup installs it)");
     assert!(status.success(), "MONAI reference failed");
     dir
 }
@@ -33,7 +37,11 @@ pub fn report(name: &str, line: &str) {
     use std::io::Write;
     let dir = root().join("target/test-reports");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.txt"))).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.txt")))
+        .unwrap();
     writeln!(f, "{line}").unwrap();
 }
 
