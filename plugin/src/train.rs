@@ -460,7 +460,10 @@ pub fn train(
                     cfg.dataset.display()
                 )));
             }
-            i64::from(ds.labels.keys().max().copied().unwrap_or(1)) + 1
+            let largest = ds.labels.keys().max().copied().ok_or_else(|| {
+                Error::invalid(format!("{}: fine-tune needs the \"labels\" map (value → name) to know the classes", cfg.dataset.display()))
+            })?;
+            i64::from(largest) + 1
         }
     };
     let mut arch = cfg.arch.clone();
