@@ -461,7 +461,10 @@ pub fn train(
                 )));
             }
             let largest = ds.labels.keys().max().copied().ok_or_else(|| {
-                Error::invalid(format!("{}: fine-tune needs the \"labels\" map (value → name) to know the classes", cfg.dataset.display()))
+                Error::invalid(format!(
+                    "{}: fine-tune needs the \"labels\" map (value → name) to know the classes",
+                    cfg.dataset.display()
+                ))
             })?;
             i64::from(largest) + 1
         }
