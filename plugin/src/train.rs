@@ -692,6 +692,18 @@ pub fn train(
                 model.save(&cfg.out.with_extension("best.safetensors"))?;
             }
         }
+        // Checkpoint first, so that an "epoch" event means its checkpoint is on disk.
+        if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
+            let state = CheckpointState {
+                epochs_done: done,
+                adam_step: opt.step,
+                rng_word_pos: rng.get_word_pos().to_string(),
+                best_metric: best,
+                config: cfg.clone(),
+                model: model.meta.clone(),
+            };
+            save_checkpoint(&ckpt, &model, &opt, &state)?;
+        }
         report(
             progress,
             Event {
@@ -704,17 +716,6 @@ pub fn train(
                 ..Default::default()
             },
         )?;
-        if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
-            let state = CheckpointState {
-                epochs_done: done,
-                adam_step: opt.step,
-                rng_word_pos: rng.get_word_pos().to_string(),
-                best_metric: best,
-                config: cfg.clone(),
-                model: model.meta.clone(),
-            };
-            save_checkpoint(&ckpt, &model, &opt, &state)?;
-        }
     }
     model.save(&cfg.out)?;
     Ok(model)

@@ -1,0 +1,132 @@
+"""The hosts as their users run them: the C++ example host (init-train → fine-tune → segment, Ctrl-C), the 3D
+Slicer CLI module LwiSegment called with Slicer's conventions, and the installed CMake / pkg-config package."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lwi_ctypes import ROOT, cli_path
+
+XSD = ROOT.parent / "shared" / "slicer" / "ModuleDescription.xsd"
+TS = "totalsegmentator/totalsegmentator-2.18.0/tests/reference_files"
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """host-example/cpp configured, built and installed with CMake."""
+    d = tmp_path_factory.mktemp("cpp")
+    run = lambda *cmd: subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True)
+    run("cmake", "-S", ROOT / "host-example" / "cpp", "-B", d / "build", f"-DLWI_ROOT={ROOT}", "-DCMAKE_BUILD_TYPE=Release")
+    run("cmake", "--build", d / "build", "-j2")
+    run("cmake", "--install", d / "build", "--prefix", d / "install")
+    return d
+
+
+def schema_for_libxml2(tmp_path):
+    """Slicer's schema declares enumerationType's `hidden` attribute a second time, after its complexContent:
+    invalid XSD 1.0 that libxml2 rejects (the base paramType already declares it). The copy drops that one
+    redundant declaration; nothing else changes."""
+    text = XSD.read_text()
+    fixed, n = re.subn(r'(</xsd:complexContent>)\s*<xsd:attribute name="hidden" type="xsd:boolean"/>', r"\1", text)
+    assert n == 1
+    p = tmp_path / "ModuleDescription.xsd"
+    p.write_text(fixed)
+    return p
+
+
+def test_descriptor_validates_against_slicers_schema(hosts, tmp_path):
+    xml = subprocess.run([str(hosts / "build" / "LwiSegment"), "--xml"], capture_output=True, text=True, check=True).stdout
+    (tmp_path / "d.xml").write_text(xml)
+    original = subprocess.run(["xmllint", "--noout", "--schema", str(XSD), str(tmp_path / "d.xml")], capture_output=True, text=True)
+    assert "failed to compile" in original.stderr, "if Slicer's schema compiles as-is, drop the workaround"
+    r = subprocess.run(["xmllint", "--noout", "--schema", str(schema_for_libxml2(tmp_path)), str(tmp_path / "d.xml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '<image type="label" reference="inputVolume"' in xml
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".nii.gz"])
+def test_slicer_runs_the_module_on_an_lps_volume(hosts, tiny_model, testdata, tmp_path, ext):
+    # Slicer writes the input with ITK: LPS, its own geometry fields.
+    image = sitk.ReadImage(str(testdata / TS / "example_ct_sm.nii.gz"))
+    inp, out = tmp_path / f"input{ext}", tmp_path / f"output{ext}"
+    sitk.WriteImage(image, str(inp))
+    r = subprocess.run([str(hosts / "install" / "bin" / "LwiSegment"), "--device", "cpu", "--overlap", "0.5",
+                        str(inp), str(out), str(tiny_model)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "<filter-start>" in r.stdout and "<filter-progress>1.000</filter-progress>" in r.stdout
+    labels = sitk.ReadImage(str(out))
+    assert labels.GetSize() == image.GetSize()
+    np.testing.assert_allclose(labels.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(labels.GetSpacing(), image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(labels.GetDirection(), image.GetDirection(), atol=1e-6)
+    # the same labels as the lwi command gives on the same file
+    ref = tmp_path / f"cli{ext}"
+    subprocess.run([str(cli_path()), "segment", "--model", str(tiny_model), str(inp), "--out", str(ref), "--device", "cpu",
+                    "--no-manifest"], check=True, capture_output=True)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(sitk.ReadImage(str(ref))))
+
+
+def test_module_errors_go_to_stderr_with_a_non_zero_exit(hosts, tmp_path):
+    r = subprocess.run([str(hosts / "build" / "LwiSegment"), "--device", "cpu", str(tmp_path / "missing.nrrd"),
+                        str(tmp_path / "out.nrrd"), str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 1 and "missing.safetensors" in r.stderr
+    assert not (tmp_path / "out.nrrd").exists()
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    d = tmp_path_factory.mktemp("host-data")
+    subprocess.run([str(cli_path()), "phantom", "--out", str(d / "data"), "--cases", "4", "--size", "48,48,32",
+                    "--spacing", "6,6,8"], check=True, capture_output=True)
+    (d / "arch.json").write_text(json.dumps({"img_size": [32, 32, 32], "feature_size": 8, "hidden_size": 48, "mlp_dim": 96,
+                                             "num_heads": 4}))
+    (d / "init.json").write_text(json.dumps({"spacing": [8, 8, 8], "num_samples": 2, "pretext": {"slabs": 2}}))
+    (d / "tune.json").write_text(json.dumps({"spacing": [8, 8, 8], "num_samples": 2, "val_every": 2}))
+    return d
+
+
+def host_cmd(hosts, d, work, epochs):
+    return [str(hosts / "install" / "bin" / "lwi_host"), "--dataset", str(d / "data" / "dataset.json"), "--arch",
+            str(d / "arch.json"), "--init-config", str(d / "init.json"), "--tune-config", str(d / "tune.json"),
+            "--work", str(work), "--init-epochs", str(epochs), "--tune-epochs", str(epochs), "--device", "cpu",
+            str(d / "data" / "imagesTr" / "phantom_003.nii.gz")]
+
+
+def test_cpp_host_runs_init_train_fine_tune_segment(hosts, phantoms, tmp_path):
+    r = subprocess.run(host_cmd(hosts, phantoms, tmp_path, 2), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("epoch ") >= 4 and "dice" in r.stdout
+    assert (tmp_path / "phantom_003.nii.gz").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_cpp_host_cancels_on_ctrl_c(hosts, phantoms, tmp_path):
+    p = subprocess.Popen(host_cmd(hosts, phantoms, tmp_path, 500), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "epoch 1/" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == 130, p.stderr.read()
+    assert not (tmp_path / "init.safetensors").exists(), "no model file from a cancelled run"
+    assert (tmp_path / "init.safetensors.ckpt").exists(), "its last complete checkpoint stays"
+
+
+def test_installed_package_serves_cmake_and_pkg_config_hosts(hosts, tmp_path):
+    prefix = hosts / "install"
+    run = lambda *cmd, **kw: subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
+    run("cmake", "-S", ROOT / "tests" / "cmake-consumer", "-B", tmp_path / "b", f"-DCMAKE_PREFIX_PATH={prefix}")
+    run("cmake", "--build", tmp_path / "b")
+    out = run(tmp_path / "b" / "consumer").stdout
+    assert out.startswith("abi 1") and '"libtorch_version":"2.11.0"' in out
+    env = dict(os.environ, PKG_CONFIG_PATH=str(prefix / "lib" / "pkgconfig"))
+    flags = run("pkg-config", "--cflags", "--libs", "lwi", env=env).stdout.split()
+    run("c++", "-std=c++17", ROOT / "tests" / "cmake-consumer" / "main.cpp", "-o", tmp_path / "pc", *flags)
+    assert run(tmp_path / "pc").stdout.startswith("abi 1")
