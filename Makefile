@@ -33,10 +33,13 @@ test-rust:
 
 test-c: build
 	@mkdir -p $(RELEASE)/c-tests
-	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o $(RELEASE)/c-tests/abi_misuse
-	$(RELEASE)/lwi phantom --out $(RELEASE)/c-tests/data --cases 1 --size 24,24,16 >/dev/null 2>&1
-	rm -rf $(RELEASE)/c-tests/scratch && mkdir -p $(RELEASE)/c-tests/scratch
-	$(RELEASE)/c-tests/abi_misuse $(RELEASE)/liblwi.so $(RELEASE)/c-tests/data/imagesTr/phantom_000.nii.gz $(RELEASE)/c-tests/scratch | tail -n 1
+	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -lpthread -lm -o $(RELEASE)/c-tests/abi_misuse
+	rm -rf $(RELEASE)/c-tests/data $(RELEASE)/c-tests/scratch && mkdir -p $(RELEASE)/c-tests/scratch
+	$(RELEASE)/lwi phantom --out $(RELEASE)/c-tests/data --cases 3 --size 24,24,16 --spacing 8,8,8 >/dev/null 2>&1
+	$(RELEASE)/lwi fine-tune --from-scratch --dataset $(RELEASE)/c-tests/data/dataset.json --arch-config tests/c/arch.json \
+	  --config tests/c/train.json --epochs 1 --device cpu --out $(RELEASE)/c-tests/model.safetensors >/dev/null 2>&1
+	$(RELEASE)/c-tests/abi_misuse $(RELEASE)/liblwi.so $(RELEASE)/c-tests/data/imagesTr/phantom_000.nii.gz \
+	  $(RELEASE)/c-tests/scratch $(RELEASE)/c-tests/model.safetensors | tail -n 1
 
 test-python: build testdata
 	$(PY) -m pytest -q tests/python

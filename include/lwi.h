@@ -62,6 +62,8 @@ typedef enum LwiSpace {
 typedef struct LwiEngine LwiEngine;
 
 // A model loaded from a model file. Create with [`lwi_model_load`], free with [`lwi_model_free`].
+// Segmenting reads the model only: several threads may segment with one model at once (tested
+// with two threads, shared and separate models); freeing it while a call runs is the host's bug.
 typedef struct LwiModel LwiModel;
 
 // A volume read by lwi and owned by the library: voxels plus their place in the world.

@@ -116,6 +116,8 @@ pub struct LwiEngine {
 }
 
 /// A model loaded from a model file. Create with [`lwi_model_load`], free with [`lwi_model_free`].
+/// Segmenting reads the model only: several threads may segment with one model at once (tested
+/// with two threads, shared and separate models); freeing it while a call runs is the host's bug.
 pub struct LwiModel {
     model: lwi::bundle::Model,
     /// `lwi_model_info_json`'s text, made on first request and owned by the model.

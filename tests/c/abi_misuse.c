@@ -1,7 +1,10 @@
 /* A C host that dlopens liblwi.so, checks the ABI version, reads a volume, and calls every entry
  * point with NULL and invalid arguments: each must answer with a status code and a message, never
- * a crash. Usage: abi_misuse LIBLWI.so VOLUME.nii.gz SCRATCH_DIR */
+ * a crash. With a segmentation model it also abuses lwi_segment and segments from two threads.
+ * Usage: abi_misuse LIBLWI.so VOLUME.nii.gz SCRATCH_DIR [MODEL.safetensors] */
 #include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +49,8 @@ static struct {
   LwiStatus (*segment_file)(const LwiModel *, const char *, const char *, const char *, LwiProgressFn, void *);
   LwiStatus (*evaluate)(const char *, const char *, const char *, char **);
   void (*string_free)(char *);
+  LwiStatus (*init_train)(const LwiEngine *, const char *, LwiProgressFn, void *);
+  LwiStatus (*fine_tune)(const LwiEngine *, const char *, LwiProgressFn, void *);
 } lwi;
 
 static void *need(void *lib, const char *name) {
@@ -65,9 +70,102 @@ static void expect(LwiStatus got, LwiStatus want, const char *what) {
         msg ? msg : "(null)");
 }
 
+/* A small volume lent to lwi_segment: a bright box in soft tissue, 4 mm voxels, RAS. */
+enum { NX = 20, NY = 18, NZ = 12 };
+static float voxels_lent[NX * NY * NZ];
+
+static LwiVolume lent_volume(void) {
+  for (int i = 0; i < NX * NY * NZ; i++) voxels_lent[i] = (i % NX > 6 && i % NX < 14) ? 300.0f : 0.0f;
+  LwiVolume v = {sizeof(LwiVolume), LWI_DTYPE_FLOAT32, {NX, NY, NZ}, voxels_lent,
+                 {4, 0, 0, -40, 0, 4, 0, -36, 0, 0, 4, -24, 0, 0, 0, 1}, LWI_SPACE_RAS};
+  return v;
+}
+
+struct job {
+  const LwiModel *model;
+  uint8_t labels[NX * NY * NZ];
+  LwiStatus status;
+  int own_error_kept;
+};
+
+/* Segments the lent volume; first makes a failing call and checks, after segmenting, that this
+ * thread's last error was not disturbed by the other thread. */
+static void *segment_job(void *arg) {
+  struct job *j = arg;
+  LwiVolume v = lent_volume();
+  LwiVolumeHandle *h = NULL;
+  lwi.volume_read("/nonexistent/thread.nii", &h);
+  char mine[256];
+  snprintf(mine, sizeof mine, "%s", lwi.last_error());
+  j->status = lwi.segment(j->model, &v, j->labels, LWI_DTYPE_UINT8, sizeof j->labels, "{\"overlap\": 0.25}", NULL, NULL);
+  j->own_error_kept = j->status == LWI_STATUS_OK && strlen(lwi.last_error()) == 0 && strstr(mine, "thread.nii") != NULL;
+  return NULL;
+}
+
+static void with_model(const char *model_path, const char *scratch) {
+  LwiEngine *engine = NULL;
+  expect(lwi.engine_create("{\"device\": \"cpu\"}", &engine), LWI_STATUS_OK, "engine_create");
+  LwiModel *model = NULL, *second = NULL;
+  expect(lwi.model_load(engine, model_path, &model), LWI_STATUS_OK, "model_load(segmentation model)");
+  expect(lwi.model_load(engine, model_path, &second), LWI_STATUS_OK, "model_load(second copy)");
+  if (!model || !second) return;
+
+  uint8_t labels[NX * NY * NZ];
+  LwiVolume v = lent_volume();
+  expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_OK, "segment(lent volume)");
+  LwiVolume bad = lent_volume();
+  bad.struct_size = 12;
+  expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(struct_size 12)");
+  bad = lent_volume();
+  bad.dims[1] = 0;
+  expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(zero dim)");
+  bad = lent_volume();
+  bad.dims[0] = bad.dims[1] = bad.dims[2] = (int64_t)1 << 40;
+  expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(huge dims)");
+  bad = lent_volume();
+  bad.affine[0] = NAN;
+  expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(NaN spacing)");
+  bad = lent_volume();
+  bad.dtype = 42;
+  expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(dtype 42)");
+  expect(lwi.segment(model, &v, labels, LWI_DTYPE_FLOAT32, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(float labels)");
+  expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels - 1, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(short buffer)");
+  expect(lwi.segment(model, &v, NULL, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(NULL labels)");
+  expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels, "{\"overlap\": 2}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(overlap 2)");
+  expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels, "{\"ovrlap\": 0.5}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(unknown option)");
+
+  /* A segmentation model is no init-train model: fine-tuning from it is refused, naming why. */
+  char config[2048];
+  snprintf(config, sizeof config, "{\"dataset\": \"/nonexistent/dataset.json\", \"out\": \"%s/x.safetensors\", \"init\": \"%s\"}", scratch, model_path);
+  expect(lwi.fine_tune(engine, config, NULL, NULL), LWI_STATUS_IO, "fine_tune(missing dataset)");
+  expect(lwi.fine_tune(engine, "{\"dataset\": \"d.json\"}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "fine_tune(no out)");
+  expect(lwi.init_train(engine, "{\"dataset\": \"d.json\", \"out\": \"o\", \"epochs\": 0}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "init_train(epochs 0)");
+  expect(lwi.init_train(NULL, "{}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "init_train(NULL engine)");
+
+  /* Two threads on one shared model, then on two models: every call succeeds, results equal the
+   * single-threaded ones, and each thread keeps its own last error. */
+  uint8_t alone[NX * NY * NZ];
+  expect(lwi.segment(model, &v, alone, LWI_DTYPE_UINT8, sizeof alone, "{\"overlap\": 0.25}", NULL, NULL), LWI_STATUS_OK, "segment(reference)");
+  for (int shared = 1; shared >= 0; shared--) {
+    struct job a = {model, {0}, LWI_STATUS_INTERNAL, 0}, b = {shared ? model : second, {0}, LWI_STATUS_INTERNAL, 0};
+    pthread_t ta, tb;
+    pthread_create(&ta, NULL, segment_job, &a);
+    pthread_create(&tb, NULL, segment_job, &b);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    CHECK(a.status == LWI_STATUS_OK && b.status == LWI_STATUS_OK, "%s model: statuses %d %d", shared ? "shared" : "separate", a.status, b.status);
+    CHECK(memcmp(a.labels, alone, sizeof alone) == 0 && memcmp(b.labels, alone, sizeof alone) == 0,
+          "%s model: threads give the single-threaded labels", shared ? "shared" : "separate");
+    CHECK(a.own_error_kept && b.own_error_kept, "lwi_last_error is per thread");
+  }
+  lwi.model_free(model);
+  lwi.model_free(second);
+  lwi.engine_free(engine);
+}
+
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s LIBLWI.so VOLUME SCRATCH_DIR\n", argv[0]);
+  if (argc != 4 && argc != 5) {
+    fprintf(stderr, "usage: %s LIBLWI.so VOLUME SCRATCH_DIR [MODEL]\n", argv[0]);
     return 2;
   }
   void *lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
@@ -99,6 +197,8 @@ int main(int argc, char **argv) {
       (LwiStatus(*)(const LwiModel *, const char *, const char *, const char *, LwiProgressFn, void *))need(lib, "lwi_segment_file");
   lwi.evaluate = (LwiStatus(*)(const char *, const char *, const char *, char **))need(lib, "lwi_evaluate");
   lwi.string_free = (void (*)(char *))need(lib, "lwi_string_free");
+  lwi.init_train = (LwiStatus(*)(const LwiEngine *, const char *, LwiProgressFn, void *))need(lib, "lwi_init_train");
+  lwi.fine_tune = (LwiStatus(*)(const LwiEngine *, const char *, LwiProgressFn, void *))need(lib, "lwi_fine_tune");
 
   CHECK(lwi.abi_version() == LWI_ABI_VERSION, "ABI %u, header %u", lwi.abi_version(), LWI_ABI_VERSION);
   const char *json = lwi.version_json();
@@ -240,6 +340,8 @@ int main(int argc, char **argv) {
   CHECK(report && strstr(report, "\"dice\""), "evaluate report: %s", report ? report : "(null)");
   lwi.string_free(report);
   lwi.string_free(NULL);
+
+  if (argc == 5) with_model(argv[4], argv[3]);
 
   printf("abi_misuse: %d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
