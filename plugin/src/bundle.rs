@@ -244,32 +244,12 @@ impl Model {
 
     /// Writes the model file (through a temporary name). Tensors are stored as float32, sorted by name.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut blobs = Vec::with_capacity(vars.len());
-        for (name, t) in &vars {
-            let t = t
-                .f_to_device(Device::Cpu)?
-                .f_to_kind(Kind::Float)?
-                .f_contiguous()?;
-            let mut data = vec![0u8; t.numel() * 4];
-            t.f_copy_data_u8(&mut data, t.numel())?;
-            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-            blobs.push((name.clone(), shape, data));
-        }
-        let views = blobs
-            .iter()
-            .map(|(name, shape, data)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| Error::internal(format!("tensor {name}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let doc = serde_json::to_string(&self.meta).map_err(|e| Error::internal(e.to_string()))?;
-        let metadata = HashMap::from([("lwi".to_string(), doc)]);
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| Error::internal(e.to_string()))?;
-        write_atomically(path, &bytes)
+        write_safetensors(
+            path,
+            self.vs.variables().into_iter().collect(),
+            HashMap::from([("lwi".to_string(), doc)]),
+        )
     }
 
     /// What `lwi info MODEL` and `lwi_model_info_json` show.
@@ -282,11 +262,47 @@ impl Model {
     }
 }
 
+/// Writes named tensors as float32 safetensors, sorted by name, with `metadata`, through a
+/// temporary name: the same tensors give the same bytes.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    mut named: Vec<(String, Tensor)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut blobs = Vec::with_capacity(named.len());
+    for (name, t) in &named {
+        let t = t
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?;
+        let mut data = vec![0u8; t.numel() * 4];
+        t.f_copy_data_u8(&mut data, t.numel())?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        blobs.push((name.clone(), shape, data));
+    }
+    let views = blobs
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::internal(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::internal(e.to_string()))?;
+    write_atomically(path, &bytes)
+}
+
 fn in_file(path: &Path, e: Error) -> Error {
     Error::new(e.kind, format!("{}: {}", path.display(), e.message))
 }
 
-fn tensor_from_view(path: &Path, view: &safetensors::tensor::TensorView<'_>) -> Result<Tensor> {
+/// A float tensor of a safetensors file, as float32.
+pub(crate) fn tensor_from_view(
+    path: &Path,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<Tensor> {
     use safetensors::Dtype;
     let kind = match view.dtype() {
         Dtype::F32 => Kind::Float,

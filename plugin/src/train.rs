@@ -242,40 +242,22 @@ struct CheckpointState {
 }
 
 fn save_checkpoint(path: &Path, model: &Model, opt: &AdamW, state: &CheckpointState) -> Result<()> {
-    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut push = |name: String, t: &Tensor| -> Result<()> {
-        let t = t
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Float)?
-            .f_contiguous()?;
-        let mut data = vec![0u8; t.numel() * 4];
-        t.f_copy_data_u8(&mut data, t.numel())?;
-        blobs.push((name, t.size().iter().map(|&d| d as usize).collect(), data));
-        Ok(())
-    };
-    for (name, t) in model.vs.variables() {
-        push(format!("model.{name}"), &t)?;
-    }
+    let mut named: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (format!("model.{n}"), t))
+        .collect();
     for (i, name) in opt.names.iter().enumerate() {
-        push(format!("adam_m.{name}"), &opt.m[i])?;
-        push(format!("adam_v.{name}"), &opt.v[i])?;
+        named.push((format!("adam_m.{name}"), opt.m[i].shallow_clone()));
+        named.push((format!("adam_v.{name}"), opt.v[i].shallow_clone()));
     }
-    blobs.sort_by(|a, b| a.0.cmp(&b.0));
-    let views = blobs
-        .iter()
-        .map(|(n, s, d)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::internal(e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let doc = serde_json::to_string(state).map_err(|e| Error::internal(e.to_string()))?;
-    let bytes = safetensors::serialize(
-        views,
-        Some(HashMap::from([("lwi_checkpoint".to_string(), doc)])),
+    crate::bundle::write_safetensors(
+        path,
+        named,
+        HashMap::from([("lwi_checkpoint".to_string(), doc)]),
     )
-    .map_err(|e| Error::internal(e.to_string()))?;
-    crate::io::write_atomically(path, &bytes)
 }
 
 fn load_checkpoint(
@@ -295,10 +277,9 @@ fn load_checkpoint(
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         tensors.insert(
             name,
-            Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?.f_to_device(device)?,
+            crate::bundle::tensor_from_view(path, &view)?.f_to_device(device)?,
         );
     }
     Ok((state, tensors))
