@@ -4,12 +4,10 @@
 
 use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
-use crate::preprocess::{
-    Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window,
-};
+use crate::preprocess::{Grid, Interp, crop_box, prepare, sample_all};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// One entry of a list: an image, with a label map when there is one.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,25 +133,12 @@ pub struct Case {
     pub name: String,
 }
 
-/// MONAI's deterministic training prefix for one case.
+/// MONAI's deterministic training prefix for one case: the image as `segment` prepares it, the
+/// label sampled (nearest) onto the same lattice and cropped with the same box.
 pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
+    const SLAB: i64 = 32;
     let image = crate::io::read_volume(&entry.image)?;
-    let src = Grid {
-        affine: image.affine,
-        dims: image.dims(),
-    };
-    let (ras, _) = reorient_to_ras(&src)?;
-    let target = respace(&ras, pre.spacing)?;
-    let img = image.data.to_kind(Kind::Float).unsqueeze(0);
-    let resampled = sample(
-        &img,
-        &image.affine,
-        &target,
-        0..target.dims[2],
-        Interp::Linear,
-        true,
-    )?;
-    let windowed = window(&resampled, pre.intensity_window[0], pre.intensity_window[1]);
+    let prepared = prepare(pre, &image, Device::Cpu, SLAB)?;
     let label = match &entry.label {
         None => None,
         Some(p) => {
@@ -166,31 +151,22 @@ pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
                     image.dims()
                 )));
             }
-            let lt = l.data.to_kind(Kind::Float).unsqueeze(0);
-            Some(
-                sample(
-                    &lt,
-                    &l.affine,
-                    &target,
-                    0..target.dims[2],
-                    Interp::Nearest,
-                    true,
-                )?
-                .round()
-                .to_kind(Kind::Uint8),
-            )
+            let values = l.data.to_kind(Kind::Float).unsqueeze(0);
+            let on_target = sample_all(
+                &values,
+                &l.affine,
+                &prepared.target,
+                Interp::Nearest,
+                true,
+                SLAB,
+            )?;
+            let (start, end) = prepared.crop;
+            Some(crop_box(
+                &on_target.round().to_kind(Kind::Uint8),
+                start,
+                end,
+            ))
         }
-    };
-    let (start, end) = match foreground_box(&windowed) {
-        Some(b) if pre.crop_foreground => b,
-        _ => ([0; 3], target.dims),
-    };
-    let crop = |t: &Tensor| {
-        let mut v = t.shallow_clone();
-        for d in 0..3 {
-            v = v.narrow(1 + d as i64, start[d], end[d] - start[d]);
-        }
-        v.contiguous()
     };
     let name = entry
         .image
@@ -198,9 +174,9 @@ pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     Ok(Case {
-        image: crop(&windowed),
-        label: label.as_ref().map(crop),
-        grid: crop_grid(&target, start, end),
+        image: prepared.image,
+        label,
+        grid: prepared.grid,
         name,
     })
 }

@@ -76,20 +76,7 @@ pub fn sliding_window(
     }
     let size = image.size();
     let spatial = [size[1], size[2], size[3]];
-    // Pad symmetrically (extra voxel at the end) to at least the window.
-    let pads: Vec<(i64, i64)> = (0..3)
-        .map(|d| {
-            let diff = (opts.roi[d] - spatial[d]).max(0);
-            (diff / 2, diff - diff / 2)
-        })
-        .collect();
-    let padded = if pads.iter().any(|p| p.0 + p.1 > 0) {
-        image.f_constant_pad_nd([
-            pads[2].0, pads[2].1, pads[1].0, pads[1].1, pads[0].0, pads[0].1,
-        ])?
-    } else {
-        image.shallow_clone()
-    };
+    let (padded, pads) = crate::preprocess::pad_to_roi(image, opts.roi)?;
     let psize: [i64; 3] = std::array::from_fn(|d| spatial[d] + pads[d].0 + pads[d].1);
     let starts: Vec<Vec<i64>> = (0..3)
         .map(|d| window_starts(psize[d], opts.roi[d], opts.overlap))

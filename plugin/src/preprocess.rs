@@ -5,9 +5,10 @@
 //! computes it; the voxels are then sampled once, from the input, at the new lattice's points.
 //! Every step is a grid, so the inverse is the same sampler pointed the other way.
 
+use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
-use crate::volume::{Affine, check_affine};
-use tch::{Kind, Tensor};
+use crate::volume::{Affine, Volume, check_affine};
+use tch::{Device, Kind, Tensor};
 
 /// A voxel lattice in RAS world space: `dims` voxels, voxel index → mm by `affine`.
 #[derive(Debug, Clone, PartialEq)]
@@ -324,10 +325,104 @@ pub fn crop_grid(grid: &Grid, start: [i64; 3], end: [i64; 3]) -> Grid {
     }
 }
 
+/// Zero padding, split evenly (the odd voxel at the end), that brings `[C, X, Y, Z]` up to at least
+/// `roi`, and the padded tensor (MONAI's `SpatialPad` and the sliding window's padding).
+pub fn pad_to_roi(t: &Tensor, roi: [i64; 3]) -> Result<(Tensor, [(i64, i64); 3])> {
+    let s = t.size();
+    let pads: [(i64, i64); 3] = std::array::from_fn(|d| {
+        let diff = (roi[d] - s[1 + d]).max(0);
+        (diff / 2, diff - diff / 2)
+    });
+    if pads.iter().all(|p| p.0 + p.1 == 0) {
+        return Ok((t.shallow_clone(), pads));
+    }
+    let padded = t.f_constant_pad_nd([
+        pads[2].0, pads[2].1, pads[1].0, pads[1].1, pads[0].0, pads[0].1,
+    ])?;
+    Ok((padded, pads))
+}
+
+/// The box `start..end` of `[C, X, Y, Z]`, contiguous.
+pub fn crop_box(t: &Tensor, start: [i64; 3], end: [i64; 3]) -> Tensor {
+    let mut v = t.shallow_clone();
+    for d in 0..3 {
+        v = v.narrow(1 + d as i64, start[d], end[d] - start[d]);
+    }
+    v.contiguous()
+}
+
+/// The network's view of a volume: the preprocessed image and where it lies.
+pub struct Prepared {
+    /// `[1, X, Y, Z]` float, windowed to [0, 1], cropped to the foreground.
+    pub image: Tensor,
+    /// The lattice of `image`.
+    pub grid: Grid,
+    /// The model-spacing lattice before the crop, and the crop box on it (labels follow the image).
+    pub target: Grid,
+    pub crop: ([i64; 3], [i64; 3]),
+}
+
+/// Samples `data` onto `dst` slab by slab (z), concatenating the slabs: bounds the sampling grid's memory.
+pub fn sample_all(
+    data: &Tensor,
+    src: &Affine,
+    dst: &Grid,
+    mode: Interp,
+    border: bool,
+    slab: i64,
+) -> Result<Tensor> {
+    let parts = (0..dst.dims[2])
+        .step_by(slab as usize)
+        .map(|z0| {
+            sample(
+                data,
+                src,
+                dst,
+                z0..(z0 + slab).min(dst.dims[2]),
+                mode,
+                border,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_cat(&parts, 3)?)
+}
+
+/// RAS, target spacing (trilinear, border padding), HU window, foreground crop — MONAI's chain,
+/// shared by `segment` and training.
+pub fn prepare(
+    pre: &Preprocessing,
+    volume: &Volume,
+    device: Device,
+    slab: i64,
+) -> Result<Prepared> {
+    let src = Grid {
+        affine: volume.affine,
+        dims: volume.dims(),
+    };
+    let (ras, _) = reorient_to_ras(&src)?;
+    let target = respace(&ras, pre.spacing)?;
+    let image = volume
+        .data
+        .f_to_device(device)?
+        .f_to_kind(Kind::Float)?
+        .unsqueeze(0);
+    let resampled = sample_all(&image, &volume.affine, &target, Interp::Linear, true, slab)?;
+    let windowed = window(&resampled, pre.intensity_window[0], pre.intensity_window[1]);
+    let (start, end) = match foreground_box(&windowed) {
+        Some(b) if pre.crop_foreground => b,
+        _ => ([0; 3], target.dims),
+    };
+    Ok(Prepared {
+        image: crop_box(&windowed, start, end),
+        grid: crop_grid(&target, start, end),
+        target,
+        crop: (start, end),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     fn grid(affine: Affine, dims: [i64; 3]) -> Grid {
         Grid { affine, dims }

@@ -10,9 +10,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::infer::{Blend, WindowOptions, sliding_window};
 use crate::model::{Precision, with_precision};
-use crate::preprocess::{
-    Grid, Interp, crop_grid, foreground_box, reorient_to_ras, respace, sample, window,
-};
+use crate::preprocess::{Grid, Interp, prepare, sample};
 use crate::volume::{DType, Volume};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -101,73 +99,6 @@ pub struct Pipeline<'a> {
     pub predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
 }
 
-/// The network's view of a volume: the preprocessed image and where it lies.
-pub struct Prepared {
-    /// `[1, X, Y, Z]` float, windowed to [0, 1], cropped to the foreground.
-    pub image: Tensor,
-    /// The lattice of `image`.
-    pub grid: Grid,
-}
-
-/// Samples `data` onto `dst` slab by slab (z), concatenating the slabs.
-fn sample_all(
-    data: &Tensor,
-    src: &crate::volume::Affine,
-    dst: &Grid,
-    mode: Interp,
-    border: bool,
-    slab: i64,
-) -> Result<Tensor> {
-    let parts = (0..dst.dims[2])
-        .step_by(slab as usize)
-        .map(|z0| {
-            sample(
-                data,
-                src,
-                dst,
-                z0..(z0 + slab).min(dst.dims[2]),
-                mode,
-                border,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::f_cat(&parts, 3)?)
-}
-
-/// RAS, target spacing (trilinear, border padding), HU window, foreground crop — MONAI's chain.
-pub fn prepare(
-    pre: &crate::bundle::Preprocessing,
-    volume: &Volume,
-    device: Device,
-    slab: i64,
-) -> Result<Prepared> {
-    let src = Grid {
-        affine: volume.affine,
-        dims: volume.dims(),
-    };
-    let (ras, _) = reorient_to_ras(&src)?;
-    let target = respace(&ras, pre.spacing)?;
-    let image = volume
-        .data
-        .f_to_device(device)?
-        .f_to_kind(Kind::Float)?
-        .unsqueeze(0);
-    let resampled = sample_all(&image, &volume.affine, &target, Interp::Linear, true, slab)?;
-    let windowed = window(&resampled, pre.intensity_window[0], pre.intensity_window[1]);
-    let (start, end) = match foreground_box(&windowed) {
-        Some(b) if pre.crop_foreground => b,
-        _ => ([0; 3], target.dims),
-    };
-    let mut cropped = windowed;
-    for d in 0..3 {
-        cropped = cropped.narrow(1 + d as i64, start[d], end[d] - start[d]);
-    }
-    Ok(Prepared {
-        image: cropped.contiguous(),
-        grid: crop_grid(&target, start, end),
-    })
-}
-
 /// Segments `volume` with `model`: a label map (uint8, or uint16 beyond 256 classes) with the
 /// input's dims and affine.
 pub fn segment(
@@ -238,10 +169,15 @@ pub fn run(
     };
     let mut views: Vec<Vec<i64>> = vec![Vec::new()];
     views.extend(opts.tta_axes.iter().map(|&a| vec![2 + a]));
+    // The sums need (classes + 1) float maps of the preprocessed volume.
+    let bytes = (pipeline.classes as u64 + 1) * prepared.image.numel() as u64 * 4;
+    let on = accumulator_device(device, bytes, opts.max_gpu_accumulator_mb);
     let mut probs: Option<Tensor> = None;
+    // The predictor and the out-of-memory warning both report progress.
+    let sink = std::cell::RefCell::new(&mut *progress);
     for (v, flip) in views.iter().enumerate() {
         let mut batches = 0u64;
-        let predict = |batch: &Tensor| -> Result<Tensor> {
+        let mut predict = |batch: &Tensor| -> Result<Tensor> {
             let p = if flip.is_empty() {
                 (pipeline.predict)(batch)?
             } else {
@@ -249,7 +185,7 @@ pub fn run(
             };
             batches += 1;
             report(
-                progress,
+                &mut **sink.borrow_mut(),
                 Event {
                     stage: "infer",
                     done: batches,
@@ -260,12 +196,10 @@ pub fn run(
             )?;
             Ok(p)
         };
-        let bytes = (pipeline.classes as u64 + 1) * prepared.image.numel() as u64 * 4;
-        let on = accumulator_device(device, bytes, opts.max_gpu_accumulator_mb);
-        let p = match sliding_window(&prepared.image, &wopts, on, predict) {
+        let p = match sliding_window(&prepared.image, &wopts, on, &mut predict) {
             Err(e) if e.kind == ErrorKind::OutOfMemory && on.is_cuda() => {
                 report(
-                    progress,
+                    &mut **sink.borrow_mut(),
                     Event {
                         stage: "infer",
                         message: format!(
@@ -275,14 +209,7 @@ pub fn run(
                         ..Default::default()
                     },
                 )?;
-                let predict = |batch: &Tensor| -> Result<Tensor> {
-                    if flip.is_empty() {
-                        (pipeline.predict)(batch)
-                    } else {
-                        Ok((pipeline.predict)(&batch.flip(flip))?.flip(flip))
-                    }
-                };
-                sliding_window(&prepared.image, &wopts, Device::Cpu, predict)?
+                sliding_window(&prepared.image, &wopts, Device::Cpu, &mut predict)?
             }
             other => other?,
         };

@@ -8,6 +8,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::model::{Precision, UnetrConfig, load_state_dict, with_precision};
+use crate::preprocess::pad_to_roi;
 use crate::pretext::PretextConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -333,21 +334,6 @@ impl Sampler {
     }
 }
 
-/// Pads `t` (`[C, X, Y, Z]`) with zeros to at least `roi` (symmetrically).
-fn pad_to(t: &Tensor, roi: [i64; 3]) -> Tensor {
-    let s = t.size();
-    let p: Vec<(i64, i64)> = (0..3)
-        .map(|d| {
-            let diff = (roi[d] - s[1 + d]).max(0);
-            (diff / 2, diff - diff / 2)
-        })
-        .collect();
-    if p.iter().all(|x| x.0 + x.1 == 0) {
-        return t.shallow_clone();
-    }
-    t.constant_pad_nd([p[2].0, p[2].1, p[1].0, p[1].1, p[0].0, p[0].1])
-}
-
 struct Prepared {
     image: Tensor,
     label: Option<Tensor>,
@@ -543,8 +529,13 @@ pub fn train(
     let mut cases = Vec::new();
     for (i, entry) in ds.training.iter().enumerate() {
         let case = prepare_case(entry, &pre)?;
-        let image = pad_to(&case.image, arch.img_size);
-        let label = case.label.as_ref().map(|l| pad_to(l, arch.img_size));
+        let image = pad_to_roi(&case.image, arch.img_size)?.0;
+        let label = case
+            .label
+            .as_ref()
+            .map(|l| pad_to_roi(l, arch.img_size))
+            .transpose()?
+            .map(|p| p.0);
         let sampler = Sampler::new(&image, label.as_ref());
         cases.push(Prepared {
             image,

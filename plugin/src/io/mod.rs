@@ -118,12 +118,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        let err = Error::io(path, e);
+        let mut err = Error::io(path, e);
         if err.kind == ErrorKind::Io {
-            Error::new(ErrorKind::Io, format!("cannot write {}", err.message))
-        } else {
-            err
+            err.message = format!("cannot write {}", err.message);
         }
+        err
     })
 }
 
