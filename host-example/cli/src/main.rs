@@ -424,16 +424,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             window,
             out,
         } => {
-            let read = |p: &PathBuf| -> Result<serde_json::Value, Failure> {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| Failure::Usage(format!("{}: {e}", p.display())))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
-            };
             let options = serde_json::json!({
                 "arch": arch,
-                "arch_config": read(&arch_config)?,
-                "labels": read(&labels)?,
+                "arch_config": read_json(&arch_config)?,
+                "labels": read_json(&labels)?,
                 "spacing": spacing,
                 "window": window,
             });
