@@ -153,14 +153,14 @@ enum LwiStatus lwi_volume_dims(const struct LwiVolumeHandle *volume, int64_t *di
 // The voxel type (scaled NIfTI data reads as float32, or float64 for float64 files).
 //
 // # Safety
-// `volume` is NULL or a live handle; `out` is NULL or writable.
+// `out` is NULL or writable.
 enum LwiStatus lwi_volume_dtype(const struct LwiVolumeHandle *volume, enum LwiDtype *out);
 
 // The 4×4 voxel-to-world matrix, row-major, in millimetres: `world = M · (i, j, k, 1)`, with world
 // in RAS (`space` = `LWI_SPACE_RAS`) or LPS (`LWI_SPACE_LPS`).
 //
 // # Safety
-// `volume` is NULL or a live handle; `out` is NULL or points to 16 writable doubles.
+// `out` is NULL or points to 16 writable doubles.
 enum LwiStatus lwi_volume_affine(const struct LwiVolumeHandle *volume,
                                  int32_t space,
                                  double *out);
@@ -169,15 +169,14 @@ enum LwiStatus lwi_volume_affine(const struct LwiVolumeHandle *volume,
 // NIfTI, ITK and VTK buffers). `dst_bytes` must equal dims\[0\]·dims\[1\]·dims\[2\]·sizeof(dtype).
 //
 // # Safety
-// `volume` is NULL or a live handle; `dst` is NULL or points to `dst_bytes` writable bytes.
+// `dst` is NULL or points to `dst_bytes` writable bytes.
 enum LwiStatus lwi_volume_copy_voxels(const struct LwiVolumeHandle *volume,
                                       void *dst,
                                       size_t dst_bytes);
 
 // Frees a handle from [`lwi_volume_read`]. NULL is a no-op.
 //
-// # Safety
-// `volume` is NULL or a live handle, not used again afterwards.
+// A pointer that is not a live volume (freed already) is left alone and sets [`lwi_last_error`].
 void lwi_volume_free(struct LwiVolumeHandle *volume);
 
 // Writes a synthetic CT dataset (MSD / nnU-Net layout: `imagesTr/`, `labelsTr/`, `dataset.json`)
@@ -200,8 +199,7 @@ enum LwiStatus lwi_engine_create(const char *options_json, struct LwiEngine **ou
 
 // Frees an engine. NULL is a no-op. Models loaded through it stay valid.
 //
-// # Safety
-// `engine` is NULL or a live engine, not used again afterwards.
+// A pointer that is not a live engine is left alone and sets [`lwi_last_error`].
 void lwi_engine_free(struct LwiEngine *engine);
 
 // Loads a model file onto the engine's device. The file's metadata decides the architecture;
@@ -210,7 +208,7 @@ void lwi_engine_free(struct LwiEngine *engine);
 // is `LWI_STATUS_FORMAT`.
 //
 // # Safety
-// `engine` is NULL or live; `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
+// `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
 enum LwiStatus lwi_model_load(const struct LwiEngine *engine,
                               const char *path,
                               struct LwiModel **out);
@@ -219,14 +217,12 @@ enum LwiStatus lwi_model_load(const struct LwiEngine *engine,
 // (value → name), `preprocessing`, `stage`, `provenance`, `parameters`, `device`. Owned by the
 // model, valid until [`lwi_model_free`]. NULL (with [`lwi_last_error`] set) if `model` is NULL.
 //
-// # Safety
-// `model` is NULL or a live model.
 const char *lwi_model_info_json(const struct LwiModel *model);
 
 // Frees a model. NULL is a no-op.
 //
-// # Safety
-// `model` is NULL or a live model, not used again afterwards.
+// A pointer that is not a live model is left alone and sets [`lwi_last_error`]. A call still
+// using the model on another thread keeps it until that call returns.
 void lwi_model_free(struct LwiModel *model);
 
 // Converts a PyTorch UNETR checkpoint (`.pt`; MONAI 1.6.1 or LWI-VMS key layout, plain or under
@@ -251,7 +247,7 @@ enum LwiStatus lwi_model_import(const char *checkpoint_path,
 // `progress` may be NULL. The library keeps no pointer after returning.
 //
 // # Safety
-// `model` is NULL or live; `volume` is NULL or valid as documented on `LwiVolume`; `out_labels`
+// `volume` is NULL or valid as documented on `LwiVolume`; `out_labels`
 // is NULL or holds `out_bytes` writable bytes; `options_json` is NULL or a NUL-terminated string.
 enum LwiStatus lwi_segment(const struct LwiModel *model,
                            const struct LwiVolume *volume,
@@ -268,7 +264,7 @@ enum LwiStatus lwi_segment(const struct LwiModel *model,
 // `options_json` has `"manifest": false`. Other options as [`lwi_segment`].
 //
 // # Safety
-// `model` is NULL or live; the strings are NULL or NUL-terminated.
+// The strings are NULL or NUL-terminated.
 enum LwiStatus lwi_segment_file(const struct LwiModel *model,
                                 const char *in_path,
                                 const char *out_path,

@@ -4,7 +4,10 @@
 //! - every fallible call returns an [`LwiStatus`]; the message is read with [`lwi_last_error`];
 //! - no panic crosses the boundary: each export runs inside [`guard`];
 //! - NULL where a pointer is required is `LWI_STATUS_INVALID_ARGUMENT`, never a crash;
-//! - handles are created with an out pointer and freed by `*_free`, which accepts NULL.
+//! - handles are created with an out pointer and freed by `*_free`, which accepts NULL; a freed
+//!   or foreign handle is refused, never read ([`handles`]).
+
+mod handles;
 
 use lwi::{DType, Error, ErrorKind, Volume};
 use std::cell::RefCell;
@@ -130,6 +133,13 @@ pub struct LwiVolumeHandle {
     volume: Volume,
 }
 
+// SAFETY: hosts may use one handle from several threads (the C ABI allows it). Every call only
+// reads a handle's tensors and modules, and libtorch supports concurrent reads of a tensor; the one
+// lazily written field, `LwiModel::info`, is a `OnceLock`.
+unsafe impl Sync for LwiEngine {}
+unsafe impl Sync for LwiModel {}
+unsafe impl Sync for LwiVolumeHandle {}
+
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
@@ -209,10 +219,11 @@ unsafe fn text_arg<'a>(p: *const c_char, what: &str, default: &'a str) -> lwi::R
         .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
 }
 
-/// SAFETY (callers): `h` is NULL or a handle from `lwi_volume_read` not yet freed.
-unsafe fn handle<'a>(h: *const LwiVolumeHandle) -> lwi::Result<&'a LwiVolumeHandle> {
-    // SAFETY: by the caller's contract a non-NULL `h` is a live handle.
-    unsafe { h.as_ref() }.ok_or_else(|| null("volume"))
+/// Frees a handle through the registry; NULL is a no-op, anything not live sets the last error.
+fn free_handle<T: std::any::Any + Send + Sync>(name: &str, ptr: *const T, what: &str) {
+    if !ptr.is_null() {
+        guard(name, || handles::release(ptr, what));
+    }
 }
 
 /// The ABI version this library implements; equal to `LWI_ABI_VERSION` of the header the host
@@ -290,7 +301,7 @@ pub unsafe extern "C" fn lwi_volume_read(
         unsafe { *out = std::ptr::null_mut() };
         // SAFETY: forwarded caller contract.
         let volume = lwi::io::read_volume(unsafe { path_arg(path, "path")? })?;
-        let h = Box::into_raw(Box::new(LwiVolumeHandle { volume }));
+        let h = handles::hand_out(LwiVolumeHandle { volume });
         // SAFETY: as above.
         unsafe { *out = h };
         Ok(())
@@ -307,8 +318,9 @@ pub unsafe extern "C" fn lwi_volume_write(
     path: *const c_char,
 ) -> LwiStatus {
     guard("lwi_volume_write", || {
+        let h = handles::borrow(volume, "volume")?;
         // SAFETY: forwarded caller contract.
-        let (h, p) = unsafe { (handle(volume)?, path_arg(path, "path")?) };
+        let p = unsafe { path_arg(path, "path")? };
         lwi::io::write_volume(&h.volume, p)
     })
 }
@@ -323,8 +335,7 @@ pub unsafe extern "C" fn lwi_volume_dims(
     dims: *mut i64,
 ) -> LwiStatus {
     guard("lwi_volume_dims", || {
-        // SAFETY: forwarded caller contract.
-        let h = unsafe { handle(volume)? };
+        let h = handles::borrow(volume, "volume")?;
         if dims.is_null() {
             return Err(null("dims"));
         }
@@ -352,15 +363,14 @@ fn dtype_code(d: DType) -> LwiDtype {
 /// The voxel type (scaled NIfTI data reads as float32, or float64 for float64 files).
 ///
 /// # Safety
-/// `volume` is NULL or a live handle; `out` is NULL or writable.
+/// `out` is NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lwi_volume_dtype(
     volume: *const LwiVolumeHandle,
     out: *mut LwiDtype,
 ) -> LwiStatus {
     guard("lwi_volume_dtype", || {
-        // SAFETY: forwarded caller contract.
-        let h = unsafe { handle(volume)? };
+        let h = handles::borrow(volume, "volume")?;
         if out.is_null() {
             return Err(null("out"));
         }
@@ -374,7 +384,7 @@ pub unsafe extern "C" fn lwi_volume_dtype(
 /// in RAS (`space` = `LWI_SPACE_RAS`) or LPS (`LWI_SPACE_LPS`).
 ///
 /// # Safety
-/// `volume` is NULL or a live handle; `out` is NULL or points to 16 writable doubles.
+/// `out` is NULL or points to 16 writable doubles.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lwi_volume_affine(
     volume: *const LwiVolumeHandle,
@@ -382,8 +392,7 @@ pub unsafe extern "C" fn lwi_volume_affine(
     out: *mut f64,
 ) -> LwiStatus {
     guard("lwi_volume_affine", || {
-        // SAFETY: forwarded caller contract.
-        let h = unsafe { handle(volume)? };
+        let h = handles::borrow(volume, "volume")?;
         if out.is_null() {
             return Err(null("out"));
         }
@@ -407,7 +416,7 @@ pub unsafe extern "C" fn lwi_volume_affine(
 /// NIfTI, ITK and VTK buffers). `dst_bytes` must equal dims\[0\]·dims\[1\]·dims\[2\]·sizeof(dtype).
 ///
 /// # Safety
-/// `volume` is NULL or a live handle; `dst` is NULL or points to `dst_bytes` writable bytes.
+/// `dst` is NULL or points to `dst_bytes` writable bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lwi_volume_copy_voxels(
     volume: *const LwiVolumeHandle,
@@ -415,8 +424,7 @@ pub unsafe extern "C" fn lwi_volume_copy_voxels(
     dst_bytes: usize,
 ) -> LwiStatus {
     guard("lwi_volume_copy_voxels", || {
-        // SAFETY: forwarded caller contract.
-        let h = unsafe { handle(volume)? };
+        let h = handles::borrow(volume, "volume")?;
         if dst.is_null() {
             return Err(null("dst"));
         }
@@ -435,14 +443,10 @@ pub unsafe extern "C" fn lwi_volume_copy_voxels(
 
 /// Frees a handle from [`lwi_volume_read`]. NULL is a no-op.
 ///
-/// # Safety
-/// `volume` is NULL or a live handle, not used again afterwards.
+/// A pointer that is not a live volume (freed already) is left alone and sets [`lwi_last_error`].
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_volume_free(volume: *mut LwiVolumeHandle) {
-    if !volume.is_null() {
-        // SAFETY: a live handle made by Box::into_raw in lwi_volume_read, freed once.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(volume) })));
-    }
+pub extern "C" fn lwi_volume_free(volume: *mut LwiVolumeHandle) {
+    free_handle("lwi_volume_free", volume, "volume");
 }
 
 /// Writes a synthetic CT dataset (MSD / nnU-Net layout: `imagesTr/`, `labelsTr/`, `dataset.json`)
@@ -492,21 +496,17 @@ pub unsafe extern "C" fn lwi_engine_create(
         let json = unsafe { text_arg(options_json, "options_json", "")? };
         let engine = lwi::engine::Engine::from_json(json)?;
         // SAFETY: as above.
-        unsafe { *out = Box::into_raw(Box::new(LwiEngine { engine })) };
+        unsafe { *out = handles::hand_out(LwiEngine { engine }) };
         Ok(())
     })
 }
 
 /// Frees an engine. NULL is a no-op. Models loaded through it stay valid.
 ///
-/// # Safety
-/// `engine` is NULL or a live engine, not used again afterwards.
+/// A pointer that is not a live engine is left alone and sets [`lwi_last_error`].
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_engine_free(engine: *mut LwiEngine) {
-    if !engine.is_null() {
-        // SAFETY: made by Box::into_raw in lwi_engine_create, freed once.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(engine) })));
-    }
+pub extern "C" fn lwi_engine_free(engine: *mut LwiEngine) {
+    free_handle("lwi_engine_free", engine, "engine");
 }
 
 /// Loads a model file onto the engine's device. The file's metadata decides the architecture;
@@ -515,7 +515,7 @@ pub unsafe extern "C" fn lwi_engine_free(engine: *mut LwiEngine) {
 /// is `LWI_STATUS_FORMAT`.
 ///
 /// # Safety
-/// `engine` is NULL or live; `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lwi_model_load(
     engine: *const LwiEngine,
@@ -528,17 +528,16 @@ pub unsafe extern "C" fn lwi_model_load(
         }
         // SAFETY: `out` is writable by the caller's contract.
         unsafe { *out = std::ptr::null_mut() };
-        // SAFETY: a non-NULL engine is live by the caller's contract.
-        let engine = unsafe { engine.as_ref() }.ok_or_else(|| null("engine"))?;
+        let engine = handles::borrow(engine, "engine")?;
         // SAFETY: forwarded caller contract.
         let path = unsafe { path_arg(path, "path")? };
         let model = lwi::bundle::Model::load(path, engine.engine.device)?;
         // SAFETY: as above.
         unsafe {
-            *out = Box::into_raw(Box::new(LwiModel {
+            *out = handles::hand_out(LwiModel {
                 model,
                 info: OnceLock::new(),
-            }))
+            })
         };
         Ok(())
     })
@@ -548,14 +547,11 @@ pub unsafe extern "C" fn lwi_model_load(
 /// (value → name), `preprocessing`, `stage`, `provenance`, `parameters`, `device`. Owned by the
 /// model, valid until [`lwi_model_free`]. NULL (with [`lwi_last_error`] set) if `model` is NULL.
 ///
-/// # Safety
-/// `model` is NULL or a live model.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_model_info_json(model: *const LwiModel) -> *const c_char {
+pub extern "C" fn lwi_model_info_json(model: *const LwiModel) -> *const c_char {
     let mut out = std::ptr::null();
     guard("lwi_model_info_json", || {
-        // SAFETY: a non-NULL model is live by the caller's contract.
-        let m = unsafe { model.as_ref() }.ok_or_else(|| null("model"))?;
+        let m = handles::borrow(model, "model")?;
         out = m
             .info
             .get_or_init(|| CString::new(m.model.info_json().to_string()).unwrap_or_default())
@@ -567,14 +563,11 @@ pub unsafe extern "C" fn lwi_model_info_json(model: *const LwiModel) -> *const c
 
 /// Frees a model. NULL is a no-op.
 ///
-/// # Safety
-/// `model` is NULL or a live model, not used again afterwards.
+/// A pointer that is not a live model is left alone and sets [`lwi_last_error`]. A call still
+/// using the model on another thread keeps it until that call returns.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn lwi_model_free(model: *mut LwiModel) {
-    if !model.is_null() {
-        // SAFETY: made by Box::into_raw in lwi_model_load, freed once.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(model) })));
-    }
+pub extern "C" fn lwi_model_free(model: *mut LwiModel) {
+    free_handle("lwi_model_free", model, "model");
 }
 
 /// Converts a PyTorch UNETR checkpoint (`.pt`; MONAI 1.6.1 or LWI-VMS key layout, plain or under
@@ -693,7 +686,7 @@ unsafe fn volume_arg(v: *const LwiVolume) -> lwi::Result<Volume> {
 /// `progress` may be NULL. The library keeps no pointer after returning.
 ///
 /// # Safety
-/// `model` is NULL or live; `volume` is NULL or valid as documented on `LwiVolume`; `out_labels`
+/// `volume` is NULL or valid as documented on `LwiVolume`; `out_labels`
 /// is NULL or holds `out_bytes` writable bytes; `options_json` is NULL or a NUL-terminated string.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lwi_segment(
@@ -707,10 +700,10 @@ pub unsafe extern "C" fn lwi_segment(
     user: *mut c_void,
 ) -> LwiStatus {
     guard("lwi_segment", || {
+        let m = handles::borrow(model, "model")?;
         // SAFETY: forwarded caller contract.
-        let (m, input, json) = unsafe {
+        let (input, json) = unsafe {
             (
-                model.as_ref().ok_or_else(|| null("model"))?,
                 volume_arg(volume)?,
                 text_arg(options_json, "options_json", "")?,
             )
@@ -760,7 +753,7 @@ pub unsafe extern "C" fn lwi_segment(
 /// `options_json` has `"manifest": false`. Other options as [`lwi_segment`].
 ///
 /// # Safety
-/// `model` is NULL or live; the strings are NULL or NUL-terminated.
+/// The strings are NULL or NUL-terminated.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn lwi_segment_file(
     model: *const LwiModel,
@@ -771,10 +764,10 @@ pub unsafe extern "C" fn lwi_segment_file(
     user: *mut c_void,
 ) -> LwiStatus {
     guard("lwi_segment_file", || {
+        let m = handles::borrow(model, "model")?;
         // SAFETY: forwarded caller contract.
-        let (m, src, dst, json) = unsafe {
+        let (src, dst, json) = unsafe {
             (
-                model.as_ref().ok_or_else(|| null("model"))?,
                 path_arg(in_path, "in_path")?,
                 path_arg(out_path, "out_path")?,
                 text_arg(options_json, "options_json", "")?,
@@ -877,8 +870,7 @@ fn train_call(
     progress: LwiProgressFn,
     user: *mut c_void,
 ) -> lwi::Result<()> {
-    // SAFETY: a non-NULL engine is live by the callers' contract.
-    let engine = unsafe { engine.as_ref() }.ok_or_else(|| null("engine"))?;
+    let engine = handles::borrow(engine, "engine")?;
     // SAFETY: forwarded caller contract of the two exports below.
     let json = unsafe { text_arg(config_json, "config_json", "")? };
     if json.trim().is_empty() {

@@ -2,12 +2,14 @@
  * point with NULL and invalid arguments: each must answer with a status code and a message, never
  * a crash. With a segmentation model it also abuses lwi_segment and segments from two threads.
  * Usage: abi_misuse LIBLWI.so VOLUME.nii.gz SCRATCH_DIR [MODEL.safetensors] */
+#define _POSIX_C_SOURCE 200809L
 #include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "lwi.h"
 
@@ -102,6 +104,29 @@ static void *segment_job(void *arg) {
   return NULL;
 }
 
+/* Freeing a model while another thread segments with it: the call in flight keeps the model until
+ * it returns. The callback holds the segmenting thread until the main thread has freed the model. */
+static volatile int in_flight, freed;
+
+static int32_t hold_until_freed(void *user, const struct LwiProgress *p) {
+  (void)user;
+  (void)p;
+  in_flight = 1;
+  while (!freed) {
+    struct timespec ms = {0, 1000000};
+    nanosleep(&ms, NULL);
+  }
+  return 0;
+}
+
+static void *segment_while_freed(void *arg) {
+  struct job *j = arg;
+  LwiVolume v = lent_volume();
+  j->status = lwi.segment(j->model, &v, j->labels, LWI_DTYPE_UINT8, sizeof j->labels, "{\"overlap\": 0.25}",
+                          hold_until_freed, NULL);
+  return NULL;
+}
+
 static void with_model(const char *model_path, const char *scratch) {
   LwiEngine *engine = NULL;
   expect(lwi.engine_create("{\"device\": \"cpu\"}", &engine), LWI_STATUS_OK, "engine_create");
@@ -158,8 +183,23 @@ static void with_model(const char *model_path, const char *scratch) {
           "%s model: threads give the single-threaded labels", shared ? "shared" : "separate");
     CHECK(a.own_error_kept && b.own_error_kept, "lwi_last_error is per thread");
   }
-  lwi.model_free(model);
+  struct job late = {second, {0}, LWI_STATUS_INTERNAL, 0};
+  pthread_t tl;
+  pthread_create(&tl, NULL, segment_while_freed, &late);
+  while (!in_flight) {
+    struct timespec ms = {0, 1000000};
+    nanosleep(&ms, NULL);
+  }
   lwi.model_free(second);
+  freed = 1;
+  pthread_join(tl, NULL);
+  CHECK(late.status == LWI_STATUS_OK && memcmp(late.labels, alone, sizeof alone) == 0,
+        "a model freed during a call on another thread serves that call to its end (status %d)", late.status);
+  expect(lwi.segment(second, &v, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT,
+         "segment(freed model)");
+  CHECK(lwi.model_info_json(second) == NULL && strstr(lwi.last_error(), "not a live handle"),
+        "model_info_json(freed model) is NULL with a message: %s", lwi.last_error());
+  lwi.model_free(model);
   lwi.engine_free(engine);
 }
 
@@ -280,7 +320,20 @@ int main(int argc, char **argv) {
   free(buf);
   free(buf2);
   lwi.volume_free(h2);
+
+  /* Handles used after their free, freed twice, of the wrong kind, or never made by lwi. */
+  LwiEngine *volume_as_engine = (LwiEngine *)h;
+  LwiModel *wrong_kind = NULL;
+  expect(lwi.model_load(volume_as_engine, argv[2], &wrong_kind), LWI_STATUS_INVALID_ARGUMENT, "model_load(a volume as engine)");
+  CHECK(strstr(lwi.last_error(), "another kind") != NULL, "wrong kind is named: %s", lwi.last_error());
   lwi.volume_free(h);
+  expect(lwi.volume_dims(h, dims), LWI_STATUS_INVALID_ARGUMENT, "volume_dims(freed handle)");
+  CHECK(strstr(lwi.last_error(), "not a live handle") != NULL, "use after free is named: %s", lwi.last_error());
+  expect(lwi.volume_write(h, path), LWI_STATUS_INVALID_ARGUMENT, "volume_write(freed handle)");
+  lwi.volume_free(h);
+  CHECK(strstr(lwi.last_error(), "freed twice") != NULL, "double free is refused and named: %s", lwi.last_error());
+  int64_t not_a_handle[8] = {0};
+  expect(lwi.volume_dims((LwiVolumeHandle *)not_a_handle, dims), LWI_STATUS_INVALID_ARGUMENT, "volume_dims(stack memory)");
 
   /* Options JSON that is malformed, of the wrong shape, or names unknown keys. */
   snprintf(path, sizeof path, "%s/phantom", argv[3]);
@@ -323,6 +376,9 @@ int main(int argc, char **argv) {
   expect(lwi.model_import(argv[2], "{\"arch\": \"swin\", \"arch_config\": {}, \"labels\": {}}", "m.safetensors"),
          LWI_STATUS_UNSUPPORTED, "model_import(arch swin)");
   lwi.engine_free(engine);
+  expect(lwi.model_load(engine, argv[2], &model), LWI_STATUS_INVALID_ARGUMENT, "model_load(freed engine)");
+  lwi.engine_free(engine);
+  CHECK(strstr(lwi.last_error(), "freed twice") != NULL, "engine double free is named: %s", lwi.last_error());
 
   /* Segmentation and evaluation arguments (a model is needed for the rest: the Python suite). */
   uint8_t labels[8];
