@@ -43,7 +43,11 @@ struct Header {
 
 /// Reads a `.nii` / `.nii.gz` file into a [`Volume`].
 pub fn read(path: &Path) -> Result<Volume> {
-    let file = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    from_bytes(path, std::fs::read(path).map_err(|e| Error::io(path, e))?)
+}
+
+/// Decodes the bytes of a `.nii` / `.nii.gz` file; `path` only names it in messages.
+pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
     let gzip = file.starts_with(&[0x1f, 0x8b]);
     let head = if gzip {
         read_gzip_prefix(path, &file, NIFTI2_HEADER)?

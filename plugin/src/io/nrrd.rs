@@ -34,7 +34,12 @@ enum Encoding {
 
 /// Reads a `.nrrd` or `.nhdr` file into a [`Volume`].
 pub fn read(path: &Path) -> Result<Volume> {
-    let file = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    from_bytes(path, std::fs::read(path).map_err(|e| Error::io(path, e))?)
+}
+
+/// Decodes the bytes of a `.nrrd` / `.nhdr` file; `path` names it in messages and locates
+/// detached data files.
+pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
     let (fields, header_len) = parse_header(path, &file)?;
     let get = |k: &str| fields.get(k).map(String::as_str);
     let need = |k: &str| {
