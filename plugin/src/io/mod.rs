@@ -1,6 +1,8 @@
 //! Reading and writing volumes. The format is chosen by the path's extension; every writer goes
 //! through [`write_atomically`] so a reader never sees half a file.
 
+pub mod dicom;
+pub mod dicom_seg;
 pub mod nifti;
 pub mod nrrd;
 
@@ -43,8 +45,22 @@ impl Format {
     }
 }
 
-/// Reads a volume, choosing the reader by extension.
+/// Reads a volume: a DICOM folder, DICOMDIR or file (the largest CT/MR series), else by extension.
 pub fn read_volume(path: &Path) -> Result<Volume> {
+    read_volume_series(path, None)
+}
+
+/// As [`read_volume`], choosing the DICOM series by its Series Instance UID.
+pub fn read_volume_series(path: &Path, series_uid: Option<&str>) -> Result<Volume> {
+    if dicom::is_dicom(path) {
+        return dicom::read(path, series_uid).map(|s| s.volume);
+    }
+    if let Some(uid) = series_uid {
+        return Err(Error::invalid(format!(
+            "{}: a series UID ({uid}) applies to DICOM input only",
+            path.display()
+        )));
+    }
     match Format::from_path(path)? {
         Format::Nifti { .. } => nifti::read(path),
         Format::Nrrd { .. } => nrrd::read(path),

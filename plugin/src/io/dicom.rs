@@ -1,0 +1,746 @@
+//! DICOM in: CT/MR series from a folder (searched recursively), a DICOMDIR's folder, or one file.
+//!
+//! Files are grouped into series by SeriesInstanceUID and, within one, by orientation and frame
+//! size. Slices (classic single-frame files or the frames of an Enhanced multi-frame object, each
+//! with its per-frame position, orientation and rescale) are sorted by their position along the
+//! slice normal — never by InstanceNumber — and the spacing comes from those positions
+//! (SliceThickness is not spacing). The voxels are the modality values (stored value × Rescale
+//! Slope + Intercept: Hounsfield units for CT); MONOCHROME1 only changes how a viewer shows them,
+//! so the values are not inverted. A series that is not a regular grid (missing slices, uneven
+//! spacing, gantry tilt) is refused with what is wrong and where.
+//!
+//! DICOM patient space is LPS; the volume's affine is RAS like every lwi volume.
+
+use crate::error::{Error, Result};
+use crate::volume::{Affine, DType, Volume, flip_lps_ras};
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_pixeldata::PixelDecoder;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Positions may stray this far (mm) from a regular grid before a series is refused.
+const GRID_TOLERANCE_MM: f64 = 0.01;
+/// … or this fraction of the slice spacing, whichever is larger (scanners round positions).
+const GRID_TOLERANCE_REL: f64 = 0.01;
+
+/// What a DICOM SEG needs to point back at the images it was made from.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    /// Patient and study attributes copied into derived objects: (tag, value).
+    pub patient_study: Vec<(dicom_core::Tag, String)>,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub frame_of_reference_uid: String,
+    pub modality: String,
+    /// One per slice of the volume, in the volume's z order: (SOP Class UID, SOP Instance UID,
+    /// frame number (1-based) for multi-frame sources).
+    pub slices: Vec<(String, String, Option<u32>)>,
+}
+
+/// A volume read from DICOM with the references back to its source images.
+#[derive(Debug)]
+pub struct Series {
+    pub volume: Volume,
+    pub source: Source,
+}
+
+/// One series (or one orientation/size group of a series) found under a path.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SeriesSummary {
+    pub series_uid: String,
+    pub modality: String,
+    pub description: String,
+    pub rows: u32,
+    pub columns: u32,
+    pub slices: usize,
+    pub files: usize,
+}
+
+/// One 2-D image: a single-frame file or one frame of a multi-frame file.
+#[derive(Debug, Clone)]
+struct Slice {
+    file: PathBuf,
+    /// 0-based frame within the file.
+    frame: u32,
+    multi_frame: bool,
+    position: [f64; 3],
+    /// Row direction (along a row: increasing column index), column direction (increasing row).
+    orientation: [f64; 6],
+    pixel_spacing: [f64; 2],
+    slope: f64,
+    intercept: f64,
+    sop_class: String,
+    sop_instance: String,
+}
+
+/// Everything of one file that grouping needs.
+#[derive(Debug, Clone)]
+struct Header {
+    series_uid: String,
+    modality: String,
+    description: String,
+    rows: u32,
+    columns: u32,
+    source: Source,
+    slices: Vec<Slice>,
+    /// SpacingBetweenSlices or SliceThickness: only used for a series of one slice.
+    thickness: Option<f64>,
+}
+
+/// Does this path name DICOM input (a folder, a DICOMDIR, a `.dcm` file, or a file with the
+/// DICOM preamble)?
+pub fn is_dicom(path: &Path) -> bool {
+    if path.is_dir() {
+        return true;
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if name == "dicomdir" || name.ends_with(".dcm") || name.ends_with(".dicom") {
+        return true;
+    }
+    let mut head = [0u8; 132];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && &head[128..] == b"DICM"
+}
+
+/// Reads the series `series_uid` (or, by default, the largest CT/MR series) under `path`.
+pub fn read(path: &Path, series_uid: Option<&str>) -> Result<Series> {
+    let (groups, skipped) = scan(path)?;
+    let group = choose(path, &groups, series_uid, &skipped)?;
+    assemble(path, group)
+}
+
+/// The series under `path`, largest first, and the files skipped with the reason for each.
+pub fn list(path: &Path) -> Result<(Vec<SeriesSummary>, Vec<(PathBuf, String)>)> {
+    let (groups, skipped) = scan(path)?;
+    Ok((groups.iter().map(summary).collect(), skipped))
+}
+
+fn summary(g: &Vec<Header>) -> SeriesSummary {
+    let h = &g[0];
+    SeriesSummary {
+        series_uid: h.series_uid.clone(),
+        modality: h.modality.clone(),
+        description: h.description.clone(),
+        rows: h.rows,
+        columns: h.columns,
+        slices: g.iter().map(|h| h.slices.len()).sum(),
+        files: g.len(),
+    }
+}
+
+/// The files under `path`: a folder recursively, a DICOMDIR's folder, or the one file.
+fn files_under(path: &Path) -> Result<Vec<PathBuf>> {
+    let is_dicomdir = path
+        .file_name()
+        .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"));
+    let root = match (path.is_dir(), is_dicomdir) {
+        (true, _) => path.to_path_buf(),
+        (false, true) => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        (false, false) => {
+            std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+            return Ok(vec![path.to_path_buf()]);
+        }
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        for entry in entries {
+            let p = entry.map_err(|e| Error::io(&dir, e))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p
+                .file_name()
+                .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
+            {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+type Groups = Vec<Vec<Header>>;
+
+/// Reads every file's header and groups the images: by series, orientation and frame size.
+fn scan(path: &Path) -> Result<(Groups, Vec<(PathBuf, String)>)> {
+    let mut groups: BTreeMap<String, Vec<Header>> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for file in files_under(path)? {
+        let header = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|obj| header(&file, &obj));
+        match header {
+            Ok(h) => {
+                let o = h.slices[0].orientation;
+                let key = format!(
+                    "{}|{:?}|{}x{}",
+                    h.series_uid,
+                    o.map(|v| (v * 1e4).round() as i64),
+                    h.rows,
+                    h.columns
+                );
+                groups.entry(key).or_default().push(h);
+            }
+            Err(why) => skipped.push((file, why)),
+        }
+    }
+    let mut groups: Groups = groups.into_values().collect();
+    groups.sort_by_key(|g| std::cmp::Reverse(g.iter().map(|h| h.slices.len()).sum::<usize>()));
+    Ok((groups, skipped))
+}
+
+fn choose<'a>(
+    path: &Path,
+    groups: &'a Groups,
+    series_uid: Option<&str>,
+    skipped: &[(PathBuf, String)],
+) -> Result<&'a Vec<Header>> {
+    let listing = || {
+        groups
+            .iter()
+            .map(|g| {
+                let s = summary(g);
+                format!(
+                    "  {} {} {}x{} ×{} \"{}\"",
+                    s.series_uid, s.modality, s.columns, s.rows, s.slices, s.description
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if groups.is_empty() {
+        let why = skipped
+            .iter()
+            .take(5)
+            .map(|(f, why)| format!("  {}: {why}", f.display()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(Error::format(
+            path,
+            format!(
+                "no readable DICOM image found ({} files skipped)\n{why}",
+                skipped.len()
+            ),
+        ));
+    }
+    let candidates: Vec<&Vec<Header>> = match series_uid {
+        Some(uid) => groups.iter().filter(|g| g[0].series_uid == uid).collect(),
+        None => groups
+            .iter()
+            .filter(|g| matches!(g[0].modality.as_str(), "CT" | "MR"))
+            .collect(),
+    };
+    let size = |g: &Vec<Header>| g.iter().map(|h| h.slices.len()).sum::<usize>();
+    match candidates.as_slice() {
+        [] if series_uid.is_some() => Err(Error::invalid(format!(
+            "{}: no series {} here; found:\n{}",
+            path.display(),
+            series_uid.unwrap_or_default(),
+            listing()
+        ))),
+        [] if groups.len() == 1 => Ok(&groups[0]),
+        [] => Err(Error::invalid(format!(
+            "{}: no CT or MR series and several others: choose one with its series UID:\n{}",
+            path.display(),
+            listing()
+        ))),
+        [one] => Ok(one),
+        [first, second, ..] if size(first) == size(second) => Err(Error::invalid(format!(
+            "{}: several series of {} slices{}: choose one with its series UID:\n{}",
+            path.display(),
+            size(first),
+            if series_uid.is_some() {
+                " (one series UID, several orientations or sizes)"
+            } else {
+                ""
+            },
+            listing()
+        ))),
+        [first, ..] => Ok(first),
+    }
+}
+
+fn text(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
+    obj.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn numbers(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<Vec<f64>> {
+    obj.get(tag).and_then(|e| e.to_multi_float64().ok())
+}
+
+fn number(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<f64> {
+    numbers(obj, tag).and_then(|v| v.first().copied())
+}
+
+/// The first item of a sequence.
+fn item(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<&InMemDicomObject> {
+    obj.get(tag).and_then(|e| e.items()).and_then(|i| i.first())
+}
+
+/// An attribute of an Enhanced object's frame: from its per-frame functional group, else from the
+/// shared one, else from the top level (classic objects have it there).
+fn frame_attr<T>(
+    obj: &InMemDicomObject,
+    per_frame: Option<&InMemDicomObject>,
+    group: dicom_core::Tag,
+    get: impl Fn(&InMemDicomObject) -> Option<T>,
+) -> Option<T> {
+    let shared = item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE);
+    per_frame
+        .and_then(|f| item(f, group))
+        .and_then(&get)
+        .or_else(|| shared.and_then(|s| item(s, group)).and_then(&get))
+        .or_else(|| get(obj))
+}
+
+fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, String> {
+    let rows = number(obj, tags::ROWS).ok_or("not an image (no Rows)")? as u32;
+    let columns = number(obj, tags::COLUMNS).ok_or("not an image (no Columns)")? as u32;
+    if obj.get(tags::PIXEL_DATA).is_none() && !has_pixel_data_after(obj) {
+        return Err("not an image (no Pixel Data)".into());
+    }
+    let samples = number(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1.0);
+    if samples != 1.0 {
+        return Err(format!(
+            "colour image ({} samples per pixel, {}): lwi reads grey-level CT/MR",
+            samples,
+            text(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default()
+        ));
+    }
+    let frames = text(obj, tags::NUMBER_OF_FRAMES)
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1);
+    let per_frame: Vec<&InMemDicomObject> = obj
+        .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .and_then(|e| e.items())
+        .map(|items| items.iter().collect())
+        .unwrap_or_default();
+    if !per_frame.is_empty() && per_frame.len() != frames as usize {
+        return Err(format!(
+            "{} per-frame functional groups for {frames} frames",
+            per_frame.len()
+        ));
+    }
+    let modality = text(obj, tags::MODALITY).unwrap_or_default();
+    // Some writers leave the SOP UIDs to the file meta group only.
+    let meta_uid = |uid: &str| Some(uid.trim_end_matches('\0').to_string()).filter(|u| !u.is_empty());
+    let sop_class = text(obj, tags::SOP_CLASS_UID)
+        .or_else(|| meta_uid(obj.meta().media_storage_sop_class_uid()))
+        .ok_or("no SOP Class UID")?;
+    let sop_instance = text(obj, tags::SOP_INSTANCE_UID)
+        .or_else(|| meta_uid(obj.meta().media_storage_sop_instance_uid()))
+        .ok_or("no SOP Instance UID")?;
+    let mut slices = Vec::with_capacity(frames as usize);
+    for f in 0..frames {
+        let pf = per_frame.get(f as usize).copied();
+        let position = frame_attr(obj, pf, tags::PLANE_POSITION_SEQUENCE, |o| {
+            numbers(o, tags::IMAGE_POSITION_PATIENT)
+        });
+        let orientation = frame_attr(obj, pf, tags::PLANE_ORIENTATION_SEQUENCE, |o| {
+            numbers(o, tags::IMAGE_ORIENTATION_PATIENT)
+        });
+        let (Some(position), Some(orientation)) = (position, orientation) else {
+            return Err(format!(
+                "no Image Position/Orientation (Patient) (modality {modality}): not a cross-sectional image"
+            ));
+        };
+        let pixel_spacing = frame_attr(obj, pf, tags::PIXEL_MEASURES_SEQUENCE, |o| {
+            numbers(o, tags::PIXEL_SPACING)
+        })
+        .ok_or("no Pixel Spacing")?;
+        let rescale = |o: &InMemDicomObject| {
+            number(o, tags::RESCALE_SLOPE)
+                .map(|s| (s, number(o, tags::RESCALE_INTERCEPT).unwrap_or(0.0)))
+        };
+        let (slope, intercept) = frame_attr(
+            obj,
+            pf,
+            tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+            rescale,
+        )
+        .unwrap_or((1.0, 0.0));
+        let (position, orientation, pixel_spacing) = match (
+            <[f64; 3]>::try_from(position.as_slice()),
+            <[f64; 6]>::try_from(orientation.as_slice()),
+            <[f64; 2]>::try_from(pixel_spacing.as_slice()),
+        ) {
+            (Ok(p), Ok(o), Ok(s)) => (p, o, s),
+            _ => return Err("Image Position/Orientation or Pixel Spacing has the wrong number of values".into()),
+        };
+        let values = position.iter().chain(&orientation).chain(&pixel_spacing);
+        if values.into_iter().any(|v| !v.is_finite())
+            || pixel_spacing.iter().any(|&s| s <= 0.0)
+            || !(slope.is_finite() && intercept.is_finite() && slope != 0.0)
+        {
+            return Err(
+                "non-finite or non-positive geometry or rescale (position, orientation, spacing, slope)".into(),
+            );
+        }
+        let (r, c) = (unit(&orientation[..3]), unit(&orientation[3..]));
+        if r.is_none() || c.is_none() || dot(&r.unwrap_or_default(), &c.unwrap_or_default()).abs() > 1e-3 {
+            return Err(format!(
+                "Image Orientation (Patient) {orientation:?} is not two orthogonal directions"
+            ));
+        }
+        slices.push(Slice {
+            file: file.to_path_buf(),
+            frame: f,
+            multi_frame: frames > 1,
+            position,
+            orientation,
+            pixel_spacing,
+            slope,
+            intercept,
+            sop_class: sop_class.clone(),
+            sop_instance: sop_instance.clone(),
+        });
+    }
+    let patient_study = [
+        tags::PATIENT_NAME,
+        tags::PATIENT_ID,
+        tags::PATIENT_BIRTH_DATE,
+        tags::PATIENT_SEX,
+        tags::STUDY_DATE,
+        tags::STUDY_TIME,
+        tags::STUDY_ID,
+        tags::ACCESSION_NUMBER,
+        tags::REFERRING_PHYSICIAN_NAME,
+    ]
+    .into_iter()
+    .filter_map(|t| text(obj, t).map(|v| (t, v)))
+    .collect();
+    // Anonymisers may blank the study and series UIDs: such files group as one unnamed series.
+    let series_uid = text(obj, tags::SERIES_INSTANCE_UID).unwrap_or_default();
+    Ok(Header {
+        source: Source {
+            patient_study,
+            study_uid: text(obj, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
+            series_uid: series_uid.clone(),
+            frame_of_reference_uid: text(obj, tags::FRAME_OF_REFERENCE_UID).unwrap_or_default(),
+            modality: modality.clone(),
+            slices: Vec::new(),
+        },
+        series_uid,
+        modality,
+        description: text(obj, tags::SERIES_DESCRIPTION).unwrap_or_default(),
+        rows,
+        columns,
+        slices,
+        thickness: number(obj, tags::SPACING_BETWEEN_SLICES)
+            .or_else(|| number(obj, tags::SLICE_THICKNESS))
+            .filter(|t| t.is_finite() && *t > 0.0),
+    })
+}
+
+/// `read_until(PIXEL_DATA)` stops before the pixel data, so its presence is told by the
+/// attributes that describe it.
+fn has_pixel_data_after(obj: &InMemDicomObject) -> bool {
+    obj.get(tags::BITS_ALLOCATED).is_some()
+}
+
+fn unit(v: &[f64]) -> Option<[f64; 3]> {
+    let n = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+    (n > 1e-6).then(|| [v[0] / n, v[1] / n, v[2] / n])
+}
+
+fn dot(a: &[f64; 3], b: &[f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+fn cross(a: &[f64; 3], b: &[f64; 3]) -> [f64; 3] {
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
+}
+
+/// Sorts the group's slices along the normal, checks they form a regular grid, decodes them.
+fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
+    let first = &group[0];
+    let mut slices: Vec<Slice> = group.iter().flat_map(|h| h.slices.clone()).collect();
+    let o = slices[0].orientation;
+    let (r, c) = (
+        unit(&o[..3]).unwrap_or_default(),
+        unit(&o[3..]).unwrap_or_default(),
+    );
+    let n = cross(&r, &c);
+    let spacing_xy = slices[0].pixel_spacing;
+    for s in &slices {
+        if s.pixel_spacing
+            .iter()
+            .zip(&spacing_xy)
+            .any(|(a, b)| (a - b).abs() > 1e-4)
+        {
+            return Err(Error::unsupported(format!(
+                "{}: mixed pixel spacings in one series ({:?} in {} vs {:?})",
+                path.display(),
+                s.pixel_spacing,
+                s.file.display(),
+                spacing_xy
+            )));
+        }
+    }
+    slices.sort_by(|a, b| dot(&a.position, &n).total_cmp(&dot(&b.position, &n)));
+    let dz = grid_spacing(path, &slices, &n)?.or(first.thickness).unwrap_or(1.0);
+
+    // LPS affine: columns are the voxel axes (x along a row, y down the columns, z along n).
+    let p0 = slices[0].position;
+    let (sx, sy) = (spacing_xy[1], spacing_xy[0]);
+    let mut lps: Affine = [[0.0; 4], [0.0; 4], [0.0; 4], [0.0, 0.0, 0.0, 1.0]];
+    for i in 0..3 {
+        lps[i] = [r[i] * sx, c[i] * sy, n[i] * dz, p0[i]];
+    }
+    let affine = flip_lps_ras(&lps);
+
+    let (rows, columns) = (first.rows as usize, first.columns as usize);
+    let plane = rows * columns;
+    let mut values = vec![0f64; plane * slices.len()];
+    // Decode file by file (a multi-frame file once), placing each frame at its sorted index.
+    let mut by_file: BTreeMap<&Path, Vec<(usize, &Slice)>> = BTreeMap::new();
+    for (z, s) in slices.iter().enumerate() {
+        by_file.entry(&s.file).or_default().push((z, s));
+    }
+    for (file, frames) in by_file {
+        let obj = OpenFileOptions::new()
+            .open_file(file)
+            .map_err(|e| Error::format(file, e))?;
+        let decoded = obj
+            .decode_pixel_data()
+            .map_err(|e| Error::format(file, format!("pixel data: {e}")))?;
+        if decoded.rows() as usize != rows || decoded.columns() as usize != columns {
+            return Err(Error::format(file, "Rows/Columns differ from the pixel data"));
+        }
+        let bits = Bits {
+            allocated: decoded.bits_allocated(),
+            stored: decoded.bits_stored(),
+            high: decoded.high_bit(),
+            signed: decoded.pixel_representation()
+                == dicom_pixeldata::PixelRepresentation::Signed,
+        };
+        for (z, s) in frames {
+            let raw = decoded
+                .frame_data(s.frame)
+                .map_err(|e| Error::format(file, format!("frame {}: {e}", s.frame + 1)))?;
+            let out = &mut values[z * plane..(z + 1) * plane];
+            bits.modality_values(file, raw, s.slope, s.intercept, out)?;
+        }
+    }
+    let (dtype, bytes) = narrowest(&values);
+    let data = dtype.tensor_from_le_bytes(&bytes, [columns as i64, rows as i64, slices.len() as i64])?;
+    let volume = Volume::new(data, affine, dtype).map_err(|e| Error::format(path, e.message))?;
+    let mut source = first.source.clone();
+    source.slices = slices
+        .iter()
+        .map(|s| {
+            (
+                s.sop_class.clone(),
+                s.sop_instance.clone(),
+                s.multi_frame.then_some(s.frame + 1),
+            )
+        })
+        .collect();
+    Ok(Series { volume, source })
+}
+
+/// The slice spacing from the sorted positions, or `None` for one slice. Refuses duplicates,
+/// gaps, uneven steps and positions that move within the slice plane (gantry tilt).
+fn grid_spacing(path: &Path, slices: &[Slice], n: &[f64; 3]) -> Result<Option<f64>> {
+    if slices.len() < 2 {
+        return Ok(None);
+    }
+    let d: Vec<f64> = slices.iter().map(|s| dot(&s.position, n)).collect();
+    let steps: Vec<f64> = d.windows(2).map(|w| w[1] - w[0]).collect();
+    let spacing = (d[d.len() - 1] - d[0]) / (d.len() - 1) as f64;
+    let tol = GRID_TOLERANCE_MM.max(GRID_TOLERANCE_REL * spacing);
+    if let Some(i) = steps.iter().position(|&s| s < tol) {
+        return Err(Error::unsupported(format!(
+            "{}: two images at the same position {:.3} mm along the slice normal ({} and {}): a repeated acquisition or mixed series; choose the files",
+            path.display(),
+            d[i],
+            slices[i].file.display(),
+            slices[i + 1].file.display()
+        )));
+    }
+    if let Some(i) = steps.iter().position(|&s| (s - spacing).abs() > tol) {
+        return Err(Error::unsupported(format!(
+            "{}: not a regular grid: slice {} → {} steps {:.4} mm where the series averages {:.4} mm (missing slice or uneven spacing; {} then {})",
+            path.display(),
+            i,
+            i + 1,
+            steps[i],
+            spacing,
+            slices[i].file.display(),
+            slices[i + 1].file.display()
+        )));
+    }
+    let p0 = slices[0].position;
+    for (k, s) in slices.iter().enumerate() {
+        let expected: Vec<f64> = (0..3).map(|i| p0[i] + n[i] * spacing * k as f64).collect();
+        let off = (0..3)
+            .map(|i| (s.position[i] - expected[i]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if off > tol.max(1e-3 * spacing * k as f64) {
+            return Err(Error::unsupported(format!(
+                "{}: slice positions leave the slice normal by {off:.3} mm at slice {k} ({}): gantry tilt or sheared series, which lwi does not resample",
+                path.display(),
+                s.file.display()
+            )));
+        }
+    }
+    Ok(Some(spacing))
+}
+
+/// How stored values are packed.
+struct Bits {
+    allocated: u16,
+    stored: u16,
+    high: u16,
+    signed: bool,
+}
+
+impl Bits {
+    /// Unpacks one frame (little-endian as decoded) into modality values.
+    fn modality_values(
+        &self,
+        file: &Path,
+        raw: &[u8],
+        slope: f64,
+        intercept: f64,
+        out: &mut [f64],
+    ) -> Result<()> {
+        let size = match self.allocated {
+            8 => 1,
+            16 => 2,
+            32 => 4,
+            other => {
+                return Err(Error::unsupported(format!(
+                    "{}: {other} bits allocated (8, 16 or 32 are read)",
+                    file.display()
+                )));
+            }
+        };
+        if raw.len() < out.len() * size || self.stored == 0 || self.stored > self.allocated {
+            return Err(Error::format(
+                file,
+                format!(
+                    "frame has {} bytes for {} pixels of {} bits ({} stored)",
+                    raw.len(),
+                    out.len(),
+                    self.allocated,
+                    self.stored
+                ),
+            ));
+        }
+        // The stored bits end at HighBit; anything above them (overlays, padding) is dropped.
+        let shift = (self.high + 1).saturating_sub(self.stored) as u32;
+        let mask: u64 = if self.stored >= 64 { u64::MAX } else { (1u64 << self.stored) - 1 };
+        for (i, v) in out.iter_mut().enumerate() {
+            let b = &raw[i * size..(i + 1) * size];
+            let word = match size {
+                1 => b[0] as u64,
+                2 => u16::from_le_bytes([b[0], b[1]]) as u64,
+                _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64,
+            };
+            let bits = (word >> shift) & mask;
+            let stored = if self.signed && bits >> (self.stored - 1) & 1 == 1 {
+                bits as i64 - (1i64 << self.stored)
+            } else {
+                bits as i64
+            };
+            *v = stored as f64 * slope + intercept;
+        }
+        Ok(())
+    }
+}
+
+/// The narrowest type holding every value exactly (int16, int32, else float32) and its bytes.
+fn narrowest(values: &[f64]) -> (DType, Vec<u8>) {
+    let integral = values.iter().all(|v| v.fract() == 0.0);
+    let (lo, hi) = values
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if integral && lo >= i16::MIN as f64 && hi <= i16::MAX as f64 {
+        (DType::I16, values.iter().flat_map(|&v| (v as i16).to_le_bytes()).collect())
+    } else if integral && lo >= i32::MIN as f64 && hi <= i32::MAX as f64 {
+        (DType::I32, values.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect())
+    } else {
+        (DType::F32, values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice_at(z: f64, x: f64) -> Slice {
+        Slice {
+            file: PathBuf::from(format!("s{z}.dcm")),
+            frame: 0,
+            multi_frame: false,
+            position: [x, 0.0, z],
+            orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            pixel_spacing: [0.5, 0.5],
+            slope: 1.0,
+            intercept: 0.0,
+            sop_class: String::new(),
+            sop_instance: String::new(),
+        }
+    }
+
+    #[test]
+    fn spacing_comes_from_positions_and_irregular_grids_are_refused() {
+        let n = [0.0, 0.0, 1.0];
+        let p = Path::new("series");
+        let even: Vec<Slice> = (0..5).map(|k| slice_at(2.5 * k as f64, 0.0)).collect();
+        assert_eq!(grid_spacing(p, &even, &n).unwrap(), Some(2.5));
+        let mut gap = even.clone();
+        gap.remove(2);
+        assert!(grid_spacing(p, &gap, &n).unwrap_err().message.contains("not a regular grid"));
+        let mut dup = even.clone();
+        dup.insert(1, slice_at(0.0, 0.0));
+        assert!(grid_spacing(p, &dup, &n).unwrap_err().message.contains("same position"));
+        let tilted: Vec<Slice> = (0..5).map(|k| slice_at(2.5 * k as f64, 0.4 * k as f64)).collect();
+        assert!(grid_spacing(p, &tilted, &n).unwrap_err().message.contains("gantry tilt"));
+        assert_eq!(grid_spacing(p, &even[..1], &n).unwrap(), None);
+    }
+
+    #[test]
+    fn stored_bits_are_masked_and_sign_extended() {
+        // 12 bits stored in 16, high bit 11, signed: 0x0FFF is -1; bits above 11 are dropped.
+        let bits = Bits { allocated: 16, stored: 12, high: 11, signed: true };
+        let raw: Vec<u8> = [0x0FFFu16, 0xF7FF, 0x0800, 0x0005]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut out = [0.0; 4];
+        bits.modality_values(Path::new("f"), &raw, 2.0, -1024.0, &mut out).unwrap();
+        assert_eq!(out, [-1026.0, 2047.0 * 2.0 - 1024.0, -2048.0 * 2.0 - 1024.0, -1014.0]);
+        let unsigned = Bits { allocated: 8, stored: 8, high: 7, signed: false };
+        let mut one = [0.0];
+        unsigned.modality_values(Path::new("f"), &[200], 1.0, 0.0, &mut one).unwrap();
+        assert_eq!(one, [200.0]);
+    }
+
+    #[test]
+    fn values_take_the_narrowest_exact_type() {
+        assert_eq!(narrowest(&[-1024.0, 3071.0]).0, DType::I16);
+        assert_eq!(narrowest(&[-1024.0, 70000.0]).0, DType::I32);
+        assert_eq!(narrowest(&[0.5]).0, DType::F32);
+    }
+}
