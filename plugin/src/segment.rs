@@ -48,6 +48,9 @@ pub struct SegmentOptions {
     /// Also write the network's input (after reorientation, resampling, windowing and cropping) to
     /// this volume file, on its own grid: for checking the preprocessing.
     pub save_preprocessed: Option<std::path::PathBuf>,
+    /// For DICOM input with several series: the Series Instance UID to segment (default: the
+    /// largest CT/MR series).
+    pub series: Option<String>,
 }
 
 impl Default for SegmentOptions {
@@ -63,6 +66,7 @@ impl Default for SegmentOptions {
             largest_component: false,
             max_gpu_accumulator_mb: None,
             save_preprocessed: None,
+            series: None,
         }
     }
 }
@@ -307,11 +311,27 @@ pub fn segment_file(
     progress: &mut dyn Progress,
 ) -> Result<serde_json::Value> {
     let t0 = std::time::Instant::now();
-    let volume = crate::io::read_volume(input)?;
+    let dicom_seg = crate::io::dicom_seg::is_seg_path(output);
+    let (volume, source) = if dicom_seg {
+        if !crate::io::dicom::is_dicom(input) {
+            return Err(Error::invalid(format!(
+                "{}: a DICOM SEG output needs DICOM input (it references the source images); {} is not DICOM",
+                output.display(),
+                input.display()
+            )));
+        }
+        let series = crate::io::dicom::read(input, opts.series.as_deref())?;
+        (series.volume, Some(series.source))
+    } else {
+        (crate::io::read_volume_series(input, opts.series.as_deref())?, None)
+    };
     let t1 = std::time::Instant::now();
     let labels = segment(model, &volume, opts, progress)?;
     let t2 = std::time::Instant::now();
-    crate::io::write_volume(&labels, output)?;
+    match &source {
+        Some(source) => crate::io::dicom_seg::write(&labels, source, &model.meta.labels, output)?,
+        None => crate::io::write_volume(&labels, output)?,
+    }
     let t3 = std::time::Instant::now();
     let doc = serde_json::json!({
         "lwi_version": env!("CARGO_PKG_VERSION"),

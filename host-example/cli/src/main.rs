@@ -465,7 +465,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let volume_ext = |p: &std::path::Path| {
                 let n = p.to_string_lossy().to_lowercase();
-                [".nii", ".nii.gz", ".nrrd", ".nhdr"]
+                [".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm"]
                     .iter()
                     .any(|e| n.ends_with(e))
             };
