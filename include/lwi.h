@@ -138,6 +138,23 @@ enum LwiStatus lwi_volume_convert(const char *in_path, const char *out_path);
 // `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
 enum LwiStatus lwi_volume_read(const char *path, struct LwiVolumeHandle **out);
 
+// As [`lwi_volume_read`], choosing the DICOM series of a folder by its Series Instance UID
+// (NULL or "" for the default: the largest CT/MR series). A UID with non-DICOM input is refused.
+//
+// # Safety
+// `path` and `series_uid` are NULL or NUL-terminated strings; `out` is NULL or writable.
+enum LwiStatus lwi_volume_read_series(const char *path,
+                                      const char *series_uid,
+                                      struct LwiVolumeHandle **out);
+
+// The DICOM series under `path` (a folder searched recursively, a DICOMDIR or a file) as JSON:
+// `{"series": [{"series_uid", "modality", "description", "rows", "columns", "slices", "files"}…],
+// "skipped": [{"file", "reason"}…]}`, largest series first. Free with [`lwi_string_free`].
+//
+// # Safety
+// `path` is NULL or a NUL-terminated string; `out_json` is NULL or writable.
+enum LwiStatus lwi_dicom_series_json(const char *path, char **out_json);
+
 // Writes the volume to `path` (format by extension), through a temporary name.
 //
 // # Safety

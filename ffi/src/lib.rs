@@ -308,6 +308,70 @@ pub unsafe extern "C" fn lwi_volume_read(
     })
 }
 
+/// As [`lwi_volume_read`], choosing the DICOM series of a folder by its Series Instance UID
+/// (NULL or "" for the default: the largest CT/MR series). A UID with non-DICOM input is refused.
+///
+/// # Safety
+/// `path` and `series_uid` are NULL or NUL-terminated strings; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_read_series(
+    path: *const c_char,
+    series_uid: *const c_char,
+    out: *mut *mut LwiVolumeHandle,
+) -> LwiStatus {
+    guard("lwi_volume_read_series", || {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: `out` is non-NULL and writable by the caller's contract.
+        unsafe { *out = std::ptr::null_mut() };
+        // SAFETY: forwarded caller contract.
+        let (path, uid) = unsafe {
+            (
+                path_arg(path, "path")?,
+                text_arg(series_uid, "series_uid", "")?,
+            )
+        };
+        let uid = Some(uid).filter(|u| !u.is_empty());
+        let volume = lwi::io::read_volume_series(path, uid)?;
+        // SAFETY: as above.
+        unsafe { *out = handles::hand_out(LwiVolumeHandle { volume }) };
+        Ok(())
+    })
+}
+
+/// The DICOM series under `path` (a folder searched recursively, a DICOMDIR or a file) as JSON:
+/// `{"series": [{"series_uid", "modality", "description", "rows", "columns", "slices", "files"}…],
+/// "skipped": [{"file", "reason"}…]}`, largest series first. Free with [`lwi_string_free`].
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out_json` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_dicom_series_json(
+    path: *const c_char,
+    out_json: *mut *mut c_char,
+) -> LwiStatus {
+    guard("lwi_dicom_series_json", || {
+        if out_json.is_null() {
+            return Err(null("out_json"));
+        }
+        // SAFETY: `out_json` is writable by the caller's contract.
+        unsafe { *out_json = std::ptr::null_mut() };
+        // SAFETY: forwarded caller contract.
+        let path = unsafe { path_arg(path, "path")? };
+        let (series, skipped) = lwi::io::dicom::list(path)?;
+        let skipped: Vec<_> = skipped
+            .iter()
+            .map(|(f, why)| serde_json::json!({"file": f.display().to_string(), "reason": why}))
+            .collect();
+        let doc = serde_json::json!({"series": series, "skipped": skipped});
+        let text = CString::new(doc.to_string()).map_err(|e| Error::internal(e.to_string()))?;
+        // SAFETY: as above.
+        unsafe { *out_json = text.into_raw() };
+        Ok(())
+    })
+}
+
 /// Writes the volume to `path` (format by extension), through a temporary name.
 ///
 /// # Safety

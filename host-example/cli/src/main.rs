@@ -61,10 +61,13 @@ enum Command {
     },
     /// Convert a volume between formats (by extension), keeping its world geometry exactly.
     Convert {
-        /// Input volume (.nii, .nii.gz, .nrrd, .nhdr).
+        /// Input volume (.nii, .nii.gz, .nrrd, .nhdr) or DICOM (a folder, DICOMDIR or .dcm file).
         input: PathBuf,
         /// Output volume; the extension picks the format.
         output: PathBuf,
+        /// The DICOM series to convert (Series Instance UID; default: the largest CT/MR series).
+        #[arg(long, value_name = "UID")]
+        series: Option<String>,
     },
     /// Stage 1: learn the initial weights from the training volumes (self-supervised pretext task).
     InitTrain {
@@ -143,6 +146,14 @@ enum Command {
         /// file on its own grid, to check the preprocessing (one input only).
         #[arg(long, value_name = "FILE")]
         save_preprocessed: Option<PathBuf>,
+        /// For DICOM inputs: the series to segment (Series Instance UID; default: the largest CT/MR series).
+        #[arg(long, value_name = "UID")]
+        series: Option<String>,
+        /// Output format in an output folder: auto (the input's own; NIfTI for DICOM input), nifti, nrrd,
+        /// or dicom-seg (a DICOM Segmentation referencing the DICOM input). A single output file's
+        /// extension decides by itself (.dcm for DICOM SEG).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "nifti", "nrrd", "dicom-seg"])]
+        output_type: String,
     },
     /// Dice and HD95 (mm) of predictions against references, per case and label.
     Evaluate {
@@ -248,6 +259,31 @@ fn print_evaluation(report: &serde_json::Value) {
 }
 
 /// Parses "I/N" with 0 ≤ I < N.
+/// DICOM input: a folder, a DICOMDIR or a `.dcm` file.
+fn is_dicom_path(p: &std::path::Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+    p.is_dir() || name == "dicomdir" || name.ends_with(".dcm")
+}
+
+/// The output name for `input` in an output folder: its file name with the extension of
+/// `output_type` (a DICOM folder's name gets one; `auto` keeps a volume file's own).
+fn output_name(input: &std::path::Path, output_type: &str) -> std::path::PathBuf {
+    let name = input.file_name().and_then(|n| n.to_str()).unwrap_or("output").to_string();
+    let stem = [".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"]
+        .iter()
+        .find_map(|e| name.strip_suffix(e))
+        .unwrap_or(&name)
+        .to_string();
+    let ext = match output_type {
+        "dicom-seg" => ".dcm",
+        "nifti" => ".nii.gz",
+        "nrrd" => ".nrrd",
+        _ if is_dicom_path(input) => ".nii.gz",
+        _ => return name.into(),
+    };
+    format!("{stem}{ext}").into()
+}
+
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("--shard {s}: expected I/N with 0 <= I < N, e.g. 0/4");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
@@ -397,6 +433,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 serde_json::to_string_pretty(&info).unwrap_or_default()
             );
         }
+        Command::Info { path: Some(p) } if is_dicom_path(&p) => {
+            let doc: serde_json::Value =
+                serde_json::from_str(&plugin.dicom_series(&p)?).unwrap_or_default();
+            for s in doc["series"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {}  {}x{}  {} slices  ({} files)  {}",
+                    s["series_uid"].as_str().filter(|u| !u.is_empty()).unwrap_or("(no series UID)"),
+                    s["modality"].as_str().unwrap_or("?"),
+                    s["columns"],
+                    s["rows"],
+                    s["slices"],
+                    s["files"],
+                    s["description"]
+                );
+            }
+            for f in doc["skipped"].as_array().into_iter().flatten() {
+                println!("skipped {}: {}", f["file"].as_str().unwrap_or("?"), f["reason"].as_str().unwrap_or("?"));
+            }
+        }
         Command::Info { path: Some(p) } => {
             let (dims, dtype, a) = plugin.volume_info(&p)?;
             let spacing: Vec<f64> = (0..3)
@@ -414,7 +469,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 serde_json::to_string_pretty(&info).unwrap_or_default()
             );
         }
-        Command::Convert { input, output } => plugin.convert(&input, &output)?,
+        Command::Convert {
+            input,
+            output,
+            series: None,
+        } => plugin.convert(&input, &output)?,
+        Command::Convert {
+            input,
+            output,
+            series: Some(uid),
+        } => plugin.convert_series(&input, &uid, &output)?,
         Command::Import {
             from,
             arch,
@@ -453,6 +517,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             largest_component,
             max_gpu_accumulator_mb,
             save_preprocessed,
+            series,
+            output_type,
         } => {
             if save_preprocessed.is_some() && inputs.len() != 1 {
                 return Err(Failure::Usage(
@@ -490,6 +556,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(p) = &save_preprocessed {
                 options["save_preprocessed"] = serde_json::json!(p);
             }
+            if let Some(uid) = &series {
+                options["series"] = serde_json::json!(uid);
+            }
             let mine: Vec<&PathBuf> = inputs
                 .iter()
                 .enumerate()
@@ -501,7 +570,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let target = if single_file {
                     out.clone()
                 } else {
-                    out.join(input.file_name().unwrap_or_default())
+                    out.join(output_name(input, &output_type))
                 };
                 if target.exists() && !overwrite {
                     report_skip(json, input, &target);

@@ -306,11 +306,60 @@ impl Plugin {
                 ) -> i32>(b"lwi_evaluate\0")
                 .map_err(Self::missing)?;
             self.check(f(p.as_ptr(), r.as_ptr(), j.as_ptr(), &mut out))?;
-            let text = CStr::from_ptr(out).to_string_lossy().into_owned();
-            if let Ok(free) = self.sym::<unsafe extern "C" fn(*mut c_char)>(b"lwi_string_free\0") {
-                free(out);
-            }
-            Ok(text)
+            Ok(self.take_string(out))
+        }
+    }
+
+    /// Copies a string the library handed over, then gives it back to `lwi_string_free`.
+    ///
+    /// SAFETY (callers): `s` is a non-NULL string returned by this library and not yet freed.
+    unsafe fn take_string(&self, s: *mut c_char) -> String {
+        // SAFETY: by the caller's contract.
+        let text = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
+        if let Ok(free) = unsafe { self.sym::<unsafe extern "C" fn(*mut c_char)>(b"lwi_string_free\0") } {
+            // SAFETY: a string from this library, freed once.
+            unsafe { free(s) };
+        }
+        text
+    }
+
+    /// The DICOM series under `path`, as `lwi_dicom_series_json` describes them.
+    pub fn dicom_series(&self, path: &Path) -> Result<String, PluginError> {
+        let p = cstring(path);
+        let mut out: *mut c_char = std::ptr::null_mut();
+        // SAFETY: signature from include/lwi.h; the returned string is copied, then freed by lwi.
+        unsafe {
+            let f = self
+                .sym::<unsafe extern "C" fn(*const c_char, *mut *mut c_char) -> i32>(
+                    b"lwi_dicom_series_json\0",
+                )
+                .map_err(Self::missing)?;
+            self.check(f(p.as_ptr(), &mut out))?;
+            Ok(self.take_string(out))
+        }
+    }
+
+    /// Converts one DICOM series of `input` (by Series Instance UID) to `output`.
+    pub fn convert_series(&self, input: &Path, series_uid: &str, output: &Path) -> Result<(), PluginError> {
+        let (i, u, o) = (cstring(input), CString::new(series_uid).unwrap_or_default(), cstring(output));
+        let mut h: VolumeHandle = std::ptr::null_mut();
+        // SAFETY: signatures from include/lwi.h; the handle is freed before returning.
+        unsafe {
+            let read = self
+                .sym::<unsafe extern "C" fn(*const c_char, *const c_char, *mut VolumeHandle) -> i32>(
+                    b"lwi_volume_read_series\0",
+                )
+                .map_err(Self::missing)?;
+            let write = self
+                .sym::<unsafe extern "C" fn(VolumeHandle, *const c_char) -> i32>(b"lwi_volume_write\0")
+                .map_err(Self::missing)?;
+            let free = self
+                .sym::<unsafe extern "C" fn(VolumeHandle)>(b"lwi_volume_free\0")
+                .map_err(Self::missing)?;
+            self.check(read(i.as_ptr(), u.as_ptr(), &mut h))?;
+            let written = self.check(write(h, o.as_ptr()));
+            free(h);
+            written
         }
     }
 

@@ -19,6 +19,8 @@ use dicom_pixeldata::PixelDecoder;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
+
 /// Positions may stray this far (mm) from a regular grid before a series is refused.
 const GRID_TOLERANCE_MM: f64 = 0.01;
 /// … or this fraction of the slice spacing, whichever is larger (scanners round positions).
@@ -532,10 +534,22 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
             signed: decoded.pixel_representation()
                 == dicom_pixeldata::PixelRepresentation::Signed,
         };
+        // Explicit VR Big Endian 32-bit pixels in an OW element come back as 16-bit words, each
+        // swapped to little-endian but still in big-endian order: swap the words back.
+        let word_swapped = obj.meta().transfer_syntax() == EXPLICIT_VR_BIG_ENDIAN
+            && bits.allocated == 32
+            && obj.get(tags::PIXEL_DATA).is_some_and(|e| e.vr() == dicom_core::VR::OW);
         for (z, s) in frames {
             let raw = decoded
                 .frame_data(s.frame)
                 .map_err(|e| Error::format(file, format!("frame {}: {e}", s.frame + 1)))?;
+            let fixed: Vec<u8>;
+            let raw = if word_swapped {
+                fixed = raw.chunks_exact(4).flat_map(|b| [b[2], b[3], b[0], b[1]]).collect();
+                &fixed[..]
+            } else {
+                raw
+            };
             let out = &mut values[z * plane..(z + 1) * plane];
             bits.modality_values(file, raw, s.slope, s.intercept, out)?;
         }
