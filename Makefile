@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RELEASE := target/release
 DEMO := out/demo
 
-.PHONY: all setup build lint test test-rust test-c test-python testdata demo bench header gpu-bundle gpu-check clean
+.PHONY: fuzz all setup build lint test test-rust test-c test-python testdata demo bench header gpu-bundle gpu-check clean
 
 all: build
 
@@ -43,6 +43,11 @@ test-c: build
 
 test-python: build testdata
 	$(PY) -m pytest -q tests/python
+
+## fuzz: cargo-fuzz (nightly Rust) on the NIfTI, NRRD and options readers, FUZZ_SECONDS each (default 60)
+FUZZ_SECONDS ?= 60
+fuzz: testdata
+	./scripts/fuzz $(FUZZ_SECONDS)
 
 ## demo: phantoms → init-train → fine-tune → segment → evaluate → PNGs, on the CPU (scripts/demo/run)
 demo: build

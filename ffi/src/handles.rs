@@ -39,9 +39,9 @@ pub(crate) fn borrow<T: Any + Send + Sync>(ptr: *const T, what: &str) -> lwi::Re
         None => Err(Error::invalid(format!(
             "{what} is not a live handle (already freed, or not made by lwi)"
         ))),
-        Some(any) => any.downcast::<T>().map_err(|_| {
-            Error::invalid(format!("{what} is a handle of another kind"))
-        }),
+        Some(any) => any
+            .downcast::<T>()
+            .map_err(|_| Error::invalid(format!("{what} is a handle of another kind"))),
     }
 }
 
@@ -53,9 +53,9 @@ pub(crate) fn release<T: Any + Send + Sync>(ptr: *const T, what: &str) -> lwi::R
         None => Err(Error::invalid(format!(
             "{what} is not a live handle (freed twice, or not made by lwi)"
         ))),
-        Some(any) if !any.is::<T>() => {
-            Err(Error::invalid(format!("{what} is a handle of another kind")))
-        }
+        Some(any) if !any.is::<T>() => Err(Error::invalid(format!(
+            "{what} is a handle of another kind"
+        ))),
         Some(_) => {
             let value = map.remove(&(ptr as usize));
             drop(map); // drop the value (possibly a large model) outside the lock
@@ -74,10 +74,20 @@ mod tests {
         let a = hand_out(7u32);
         assert_eq!(*borrow(a, "a").unwrap(), 7);
         let wrong = a as *const u64;
-        assert!(borrow(wrong, "a").unwrap_err().message.contains("another kind"));
+        assert!(
+            borrow(wrong, "a")
+                .unwrap_err()
+                .message
+                .contains("another kind")
+        );
         assert!(release(wrong, "a").is_err());
         release(a, "a").unwrap();
-        assert!(borrow(a, "a").unwrap_err().message.contains("not a live handle"));
+        assert!(
+            borrow(a, "a")
+                .unwrap_err()
+                .message
+                .contains("not a live handle")
+        );
         assert!(release(a, "a").unwrap_err().message.contains("freed twice"));
         let stack = 5u32;
         assert!(borrow(&stack as *const u32, "s").is_err());

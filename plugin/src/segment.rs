@@ -323,7 +323,10 @@ pub fn segment_file(
         let series = crate::io::dicom::read(input, opts.series.as_deref())?;
         (series.volume, Some(series.source))
     } else {
-        (crate::io::read_volume_series(input, opts.series.as_deref())?, None)
+        (
+            crate::io::read_volume_series(input, opts.series.as_deref())?,
+            None,
+        )
     };
     let t1 = std::time::Instant::now();
     let labels = segment(model, &volume, opts, progress)?;

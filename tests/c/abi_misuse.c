@@ -34,6 +34,8 @@ static struct {
   const char *(*version_json)(void);
   LwiStatus (*volume_convert)(const char *, const char *);
   LwiStatus (*volume_read)(const char *, LwiVolumeHandle **);
+  LwiStatus (*volume_read_series)(const char *, const char *, LwiVolumeHandle **);
+  LwiStatus (*dicom_series_json)(const char *, char **);
   LwiStatus (*volume_write)(const LwiVolumeHandle *, const char *);
   LwiStatus (*volume_dims)(const LwiVolumeHandle *, int64_t *);
   LwiStatus (*volume_dtype)(const LwiVolumeHandle *, LwiDtype *);
@@ -224,6 +226,8 @@ int main(int argc, char **argv) {
   lwi.volume_affine = (LwiStatus(*)(const LwiVolumeHandle *, int32_t, double *))need(lib, "lwi_volume_affine");
   lwi.volume_copy_voxels = (LwiStatus(*)(const LwiVolumeHandle *, void *, size_t))need(lib, "lwi_volume_copy_voxels");
   lwi.volume_free = (void (*)(LwiVolumeHandle *))need(lib, "lwi_volume_free");
+  lwi.volume_read_series = (LwiStatus(*)(const char *, const char *, LwiVolumeHandle **))need(lib, "lwi_volume_read_series");
+  lwi.dicom_series_json = (LwiStatus(*)(const char *, char **))need(lib, "lwi_dicom_series_json");
   lwi.phantom_dataset = (LwiStatus(*)(const char *, const char *))need(lib, "lwi_phantom_dataset");
   lwi.engine_create = (LwiStatus(*)(const char *, LwiEngine **))need(lib, "lwi_engine_create");
   lwi.engine_free = (void (*)(LwiEngine *))need(lib, "lwi_engine_free");
@@ -334,6 +338,22 @@ int main(int argc, char **argv) {
   CHECK(strstr(lwi.last_error(), "freed twice") != NULL, "double free is refused and named: %s", lwi.last_error());
   int64_t not_a_handle[8] = {0};
   expect(lwi.volume_dims((LwiVolumeHandle *)not_a_handle, dims), LWI_STATUS_INVALID_ARGUMENT, "volume_dims(stack memory)");
+
+  /* DICOM entry points: NULLs, a series UID on a NIfTI file, a folder without DICOM images. */
+  LwiVolumeHandle *series = (LwiVolumeHandle *)0x1;
+  expect(lwi.volume_read_series(NULL, NULL, &series), LWI_STATUS_INVALID_ARGUMENT, "volume_read_series(NULL path)");
+  CHECK(series == NULL, "a failed series read sets *out to NULL");
+  expect(lwi.volume_read_series(argv[2], "1.2.3", NULL), LWI_STATUS_INVALID_ARGUMENT, "volume_read_series(NULL out)");
+  expect(lwi.volume_read_series(argv[2], "1.2.3", &series), LWI_STATUS_INVALID_ARGUMENT, "volume_read_series(UID on NIfTI)");
+  expect(lwi.volume_read_series(argv[3], NULL, &series), LWI_STATUS_FORMAT, "volume_read_series(folder without DICOM)");
+  char *listing = (char *)0x1;
+  expect(lwi.dicom_series_json(NULL, &listing), LWI_STATUS_INVALID_ARGUMENT, "dicom_series_json(NULL path)");
+  CHECK(listing == NULL, "a failed listing sets *out_json to NULL");
+  expect(lwi.dicom_series_json(argv[3], NULL), LWI_STATUS_INVALID_ARGUMENT, "dicom_series_json(NULL out)");
+  expect(lwi.dicom_series_json("/nonexistent/dicom", &listing), LWI_STATUS_IO, "dicom_series_json(missing folder)");
+  expect(lwi.dicom_series_json(argv[3], &listing), LWI_STATUS_OK, "dicom_series_json(folder of NIfTI)");
+  CHECK(listing && strstr(listing, "\"series\":[]") && strstr(listing, "\"skipped\""), "listing: %s", listing ? listing : "(null)");
+  lwi.string_free(listing);
 
   /* Options JSON that is malformed, of the wrong shape, or names unknown keys. */
   snprintf(path, sizeof path, "%s/phantom", argv[3]);

@@ -157,3 +157,18 @@ def test_cpp_host_is_clean_under_valgrind(hosts, tmp_path):
     (ROOT / "target" / "test-reports").mkdir(parents=True, exist_ok=True)
     (ROOT / "target" / "test-reports" / "valgrind.txt").write_text(
         "C++ host (init-train → fine-tune → segment) under valgrind memcheck:\n" + "\n".join(summary) + "\n")
+
+
+def test_slicer_module_takes_a_dicom_folder(hosts, tiny_model, testdata, tmp_path):
+    """Run from the command line on a DICOM folder, the module writes labels on the series' grid (as SimpleITK reads it)."""
+    folder = testdata / TS / "example_ct_dicom"
+    out = tmp_path / "labels.nrrd"
+    r = subprocess.run([str(hosts / "install" / "bin" / "LwiSegment"), "--device", "cpu", str(folder), str(out),
+                        str(tiny_model)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    image, labels = reader.Execute(), sitk.ReadImage(str(out))
+    assert labels.GetSize() == image.GetSize()
+    np.testing.assert_allclose(labels.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(labels.GetDirection(), image.GetDirection(), atol=1e-6)

@@ -261,14 +261,22 @@ fn print_evaluation(report: &serde_json::Value) {
 /// Parses "I/N" with 0 ≤ I < N.
 /// DICOM input: a folder, a DICOMDIR or a `.dcm` file.
 fn is_dicom_path(p: &std::path::Path) -> bool {
-    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+    let name = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     p.is_dir() || name == "dicomdir" || name.ends_with(".dcm")
 }
 
 /// The output name for `input` in an output folder: its file name with the extension of
 /// `output_type` (a DICOM folder's name gets one; `auto` keeps a volume file's own).
 fn output_name(input: &std::path::Path, output_type: &str) -> std::path::PathBuf {
-    let name = input.file_name().and_then(|n| n.to_str()).unwrap_or("output").to_string();
+    let name = input
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("output")
+        .to_string();
     let stem = [".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"]
         .iter()
         .find_map(|e| name.strip_suffix(e))
@@ -439,7 +447,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             for s in doc["series"].as_array().into_iter().flatten() {
                 println!(
                     "{}  {}  {}x{}  {} slices  ({} files)  {}",
-                    s["series_uid"].as_str().filter(|u| !u.is_empty()).unwrap_or("(no series UID)"),
+                    s["series_uid"]
+                        .as_str()
+                        .filter(|u| !u.is_empty())
+                        .unwrap_or("(no series UID)"),
                     s["modality"].as_str().unwrap_or("?"),
                     s["columns"],
                     s["rows"],
@@ -449,7 +460,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
             for f in doc["skipped"].as_array().into_iter().flatten() {
-                println!("skipped {}: {}", f["file"].as_str().unwrap_or("?"), f["reason"].as_str().unwrap_or("?"));
+                println!(
+                    "skipped {}: {}",
+                    f["file"].as_str().unwrap_or("?"),
+                    f["reason"].as_str().unwrap_or("?")
+                );
             }
         }
         Command::Info { path: Some(p) } => {

@@ -316,7 +316,9 @@ impl Plugin {
     unsafe fn take_string(&self, s: *mut c_char) -> String {
         // SAFETY: by the caller's contract.
         let text = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
-        if let Ok(free) = unsafe { self.sym::<unsafe extern "C" fn(*mut c_char)>(b"lwi_string_free\0") } {
+        if let Ok(free) =
+            unsafe { self.sym::<unsafe extern "C" fn(*mut c_char)>(b"lwi_string_free\0") }
+        {
             // SAFETY: a string from this library, freed once.
             unsafe { free(s) };
         }
@@ -340,8 +342,17 @@ impl Plugin {
     }
 
     /// Converts one DICOM series of `input` (by Series Instance UID) to `output`.
-    pub fn convert_series(&self, input: &Path, series_uid: &str, output: &Path) -> Result<(), PluginError> {
-        let (i, u, o) = (cstring(input), CString::new(series_uid).unwrap_or_default(), cstring(output));
+    pub fn convert_series(
+        &self,
+        input: &Path,
+        series_uid: &str,
+        output: &Path,
+    ) -> Result<(), PluginError> {
+        let (i, u, o) = (
+            cstring(input),
+            CString::new(series_uid).unwrap_or_default(),
+            cstring(output),
+        );
         let mut h: VolumeHandle = std::ptr::null_mut();
         // SAFETY: signatures from include/lwi.h; the handle is freed before returning.
         unsafe {
@@ -351,7 +362,9 @@ impl Plugin {
                 )
                 .map_err(Self::missing)?;
             let write = self
-                .sym::<unsafe extern "C" fn(VolumeHandle, *const c_char) -> i32>(b"lwi_volume_write\0")
+                .sym::<unsafe extern "C" fn(VolumeHandle, *const c_char) -> i32>(
+                    b"lwi_volume_write\0",
+                )
                 .map_err(Self::missing)?;
             let free = self
                 .sym::<unsafe extern "C" fn(VolumeHandle)>(b"lwi_volume_free\0")

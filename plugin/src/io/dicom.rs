@@ -276,7 +276,10 @@ fn choose<'a>(
 fn text(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
     obj.get(tag)
         .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string())
+        .map(|s| {
+            s.trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                .to_string()
+        })
         .filter(|s| !s.is_empty())
 }
 
@@ -339,7 +342,8 @@ fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, 
     }
     let modality = text(obj, tags::MODALITY).unwrap_or_default();
     // Some writers leave the SOP UIDs to the file meta group only.
-    let meta_uid = |uid: &str| Some(uid.trim_end_matches('\0').to_string()).filter(|u| !u.is_empty());
+    let meta_uid =
+        |uid: &str| Some(uid.trim_end_matches('\0').to_string()).filter(|u| !u.is_empty());
     let sop_class = text(obj, tags::SOP_CLASS_UID)
         .or_else(|| meta_uid(obj.meta().media_storage_sop_class_uid()))
         .ok_or("no SOP Class UID")?;
@@ -368,21 +372,21 @@ fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, 
             number(o, tags::RESCALE_SLOPE)
                 .map(|s| (s, number(o, tags::RESCALE_INTERCEPT).unwrap_or(0.0)))
         };
-        let (slope, intercept) = frame_attr(
-            obj,
-            pf,
-            tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
-            rescale,
-        )
-        .unwrap_or((1.0, 0.0));
-        let (position, orientation, pixel_spacing) = match (
-            <[f64; 3]>::try_from(position.as_slice()),
-            <[f64; 6]>::try_from(orientation.as_slice()),
-            <[f64; 2]>::try_from(pixel_spacing.as_slice()),
-        ) {
-            (Ok(p), Ok(o), Ok(s)) => (p, o, s),
-            _ => return Err("Image Position/Orientation or Pixel Spacing has the wrong number of values".into()),
-        };
+        let (slope, intercept) =
+            frame_attr(obj, pf, tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, rescale)
+                .unwrap_or((1.0, 0.0));
+        let (position, orientation, pixel_spacing) =
+            match (
+                <[f64; 3]>::try_from(position.as_slice()),
+                <[f64; 6]>::try_from(orientation.as_slice()),
+                <[f64; 2]>::try_from(pixel_spacing.as_slice()),
+            ) {
+                (Ok(p), Ok(o), Ok(s)) => (p, o, s),
+                _ => return Err(
+                    "Image Position/Orientation or Pixel Spacing has the wrong number of values"
+                        .into(),
+                ),
+            };
         let values = position.iter().chain(&orientation).chain(&pixel_spacing);
         if values.into_iter().any(|v| !v.is_finite())
             || pixel_spacing.iter().any(|&s| s <= 0.0)
@@ -393,7 +397,10 @@ fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, 
             );
         }
         let (r, c) = (unit(&orientation[..3]), unit(&orientation[3..]));
-        if r.is_none() || c.is_none() || dot(&r.unwrap_or_default(), &c.unwrap_or_default()).abs() > 1e-3 {
+        if r.is_none()
+            || c.is_none()
+            || dot(&r.unwrap_or_default(), &c.unwrap_or_default()).abs() > 1e-3
+        {
             return Err(format!(
                 "Image Orientation (Patient) {orientation:?} is not two orthogonal directions"
             ));
@@ -498,7 +505,9 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
         }
     }
     slices.sort_by(|a, b| dot(&a.position, &n).total_cmp(&dot(&b.position, &n)));
-    let dz = grid_spacing(path, &slices, &n)?.or(first.thickness).unwrap_or(1.0);
+    let dz = grid_spacing(path, &slices, &n)?
+        .or(first.thickness)
+        .unwrap_or(1.0);
 
     // LPS affine: columns are the voxel axes (x along a row, y down the columns, z along n).
     let p0 = slices[0].position;
@@ -525,27 +534,34 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
             .decode_pixel_data()
             .map_err(|e| Error::format(file, format!("pixel data: {e}")))?;
         if decoded.rows() as usize != rows || decoded.columns() as usize != columns {
-            return Err(Error::format(file, "Rows/Columns differ from the pixel data"));
+            return Err(Error::format(
+                file,
+                "Rows/Columns differ from the pixel data",
+            ));
         }
         let bits = Bits {
             allocated: decoded.bits_allocated(),
             stored: decoded.bits_stored(),
             high: decoded.high_bit(),
-            signed: decoded.pixel_representation()
-                == dicom_pixeldata::PixelRepresentation::Signed,
+            signed: decoded.pixel_representation() == dicom_pixeldata::PixelRepresentation::Signed,
         };
         // Explicit VR Big Endian 32-bit pixels in an OW element come back as 16-bit words, each
         // swapped to little-endian but still in big-endian order: swap the words back.
         let word_swapped = obj.meta().transfer_syntax() == EXPLICIT_VR_BIG_ENDIAN
             && bits.allocated == 32
-            && obj.get(tags::PIXEL_DATA).is_some_and(|e| e.vr() == dicom_core::VR::OW);
+            && obj
+                .get(tags::PIXEL_DATA)
+                .is_some_and(|e| e.vr() == dicom_core::VR::OW);
         for (z, s) in frames {
             let raw = decoded
                 .frame_data(s.frame)
                 .map_err(|e| Error::format(file, format!("frame {}: {e}", s.frame + 1)))?;
             let fixed: Vec<u8>;
             let raw = if word_swapped {
-                fixed = raw.chunks_exact(4).flat_map(|b| [b[2], b[3], b[0], b[1]]).collect();
+                fixed = raw
+                    .chunks_exact(4)
+                    .flat_map(|b| [b[2], b[3], b[0], b[1]])
+                    .collect();
                 &fixed[..]
             } else {
                 raw
@@ -555,7 +571,8 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
         }
     }
     let (dtype, bytes) = narrowest(&values);
-    let data = dtype.tensor_from_le_bytes(&bytes, [columns as i64, rows as i64, slices.len() as i64])?;
+    let data =
+        dtype.tensor_from_le_bytes(&bytes, [columns as i64, rows as i64, slices.len() as i64])?;
     let volume = Volume::new(data, affine, dtype).map_err(|e| Error::format(path, e.message))?;
     let mut source = first.source.clone();
     source.slices = slices
@@ -663,7 +680,11 @@ impl Bits {
         }
         // The stored bits end at HighBit; anything above them (overlays, padding) is dropped.
         let shift = (self.high + 1).saturating_sub(self.stored) as u32;
-        let mask: u64 = if self.stored >= 64 { u64::MAX } else { (1u64 << self.stored) - 1 };
+        let mask: u64 = if self.stored >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.stored) - 1
+        };
         for (i, v) in out.iter_mut().enumerate() {
             let b = &raw[i * size..(i + 1) * size];
             let word = match size {
@@ -690,11 +711,29 @@ fn narrowest(values: &[f64]) -> (DType, Vec<u8>) {
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     if integral && lo >= i16::MIN as f64 && hi <= i16::MAX as f64 {
-        (DType::I16, values.iter().flat_map(|&v| (v as i16).to_le_bytes()).collect())
+        (
+            DType::I16,
+            values
+                .iter()
+                .flat_map(|&v| (v as i16).to_le_bytes())
+                .collect(),
+        )
     } else if integral && lo >= i32::MIN as f64 && hi <= i32::MAX as f64 {
-        (DType::I32, values.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect())
+        (
+            DType::I32,
+            values
+                .iter()
+                .flat_map(|&v| (v as i32).to_le_bytes())
+                .collect(),
+        )
     } else {
-        (DType::F32, values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect())
+        (
+            DType::F32,
+            values
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect(),
+        )
     }
 }
 
@@ -725,29 +764,67 @@ mod tests {
         assert_eq!(grid_spacing(p, &even, &n).unwrap(), Some(2.5));
         let mut gap = even.clone();
         gap.remove(2);
-        assert!(grid_spacing(p, &gap, &n).unwrap_err().message.contains("not a regular grid"));
+        assert!(
+            grid_spacing(p, &gap, &n)
+                .unwrap_err()
+                .message
+                .contains("not a regular grid")
+        );
         let mut dup = even.clone();
         dup.insert(1, slice_at(0.0, 0.0));
-        assert!(grid_spacing(p, &dup, &n).unwrap_err().message.contains("same position"));
-        let tilted: Vec<Slice> = (0..5).map(|k| slice_at(2.5 * k as f64, 0.4 * k as f64)).collect();
-        assert!(grid_spacing(p, &tilted, &n).unwrap_err().message.contains("gantry tilt"));
+        assert!(
+            grid_spacing(p, &dup, &n)
+                .unwrap_err()
+                .message
+                .contains("same position")
+        );
+        let tilted: Vec<Slice> = (0..5)
+            .map(|k| slice_at(2.5 * k as f64, 0.4 * k as f64))
+            .collect();
+        assert!(
+            grid_spacing(p, &tilted, &n)
+                .unwrap_err()
+                .message
+                .contains("gantry tilt")
+        );
         assert_eq!(grid_spacing(p, &even[..1], &n).unwrap(), None);
     }
 
     #[test]
     fn stored_bits_are_masked_and_sign_extended() {
         // 12 bits stored in 16, high bit 11, signed: 0x0FFF is -1; bits above 11 are dropped.
-        let bits = Bits { allocated: 16, stored: 12, high: 11, signed: true };
+        let bits = Bits {
+            allocated: 16,
+            stored: 12,
+            high: 11,
+            signed: true,
+        };
         let raw: Vec<u8> = [0x0FFFu16, 0xF7FF, 0x0800, 0x0005]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
         let mut out = [0.0; 4];
-        bits.modality_values(Path::new("f"), &raw, 2.0, -1024.0, &mut out).unwrap();
-        assert_eq!(out, [-1026.0, 2047.0 * 2.0 - 1024.0, -2048.0 * 2.0 - 1024.0, -1014.0]);
-        let unsigned = Bits { allocated: 8, stored: 8, high: 7, signed: false };
+        bits.modality_values(Path::new("f"), &raw, 2.0, -1024.0, &mut out)
+            .unwrap();
+        assert_eq!(
+            out,
+            [
+                -1026.0,
+                2047.0 * 2.0 - 1024.0,
+                -2048.0 * 2.0 - 1024.0,
+                -1014.0
+            ]
+        );
+        let unsigned = Bits {
+            allocated: 8,
+            stored: 8,
+            high: 7,
+            signed: false,
+        };
         let mut one = [0.0];
-        unsigned.modality_values(Path::new("f"), &[200], 1.0, 0.0, &mut one).unwrap();
+        unsigned
+            .modality_values(Path::new("f"), &[200], 1.0, 0.0, &mut one)
+            .unwrap();
         assert_eq!(one, [200.0]);
     }
 

@@ -70,7 +70,8 @@ fn same_words(a: &str, b: &str) -> bool {
 
 /// Is `path` a DICOM SEG output name (`.dcm`)?
 pub fn is_seg_path(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("dcm"))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("dcm"))
 }
 
 /// A new UID under the UUID root 2.25 (PS3.5 §B.2).
@@ -151,11 +152,15 @@ pub fn write(
 
     let lps = flip_lps_ras(&labels.affine);
     let spacing = labels.spacing();
-    let col = |c: usize| [lps[0][c] / spacing[c], lps[1][c] / spacing[c], lps[2][c] / spacing[c]];
-    let (row_dir, col_dir) = (col(0), col(1));
-    let position = |z: usize| -> [f64; 3] {
-        [0, 1, 2].map(|r| lps[r][3] + lps[r][2] * z as f64)
+    let col = |c: usize| {
+        [
+            lps[0][c] / spacing[c],
+            lps[1][c] / spacing[c],
+            lps[2][c] / spacing[c],
+        ]
     };
+    let (row_dir, col_dir) = (col(0), col(1));
+    let position = |z: usize| -> [f64; 3] { [0, 1, 2].map(|r| lps[r][3] + lps[r][2] * z as f64) };
 
     let series_uid = new_uid();
     let instance_uid = new_uid();
@@ -175,22 +180,35 @@ pub fn write(
         .iter()
         .enumerate()
         .map(|(i, &v)| {
-            let name = names.get(&(v as u32)).cloned().unwrap_or_else(|| format!("label {v}"));
+            let name = names
+                .get(&(v as u32))
+                .cloned()
+                .unwrap_or_else(|| format!("label {v}"));
             let known = ORGANS.iter().find(|(n, _, _)| same_words(n, &name));
             let (category, kind) = match known {
                 Some((_, c, meaning)) => (
                     code("123037004", "SCT", "Anatomical Structure"),
                     code(c, "SCT", meaning),
                 ),
-                None => (code("85756007", "SCT", "Tissue"), code("85756007", "SCT", "Tissue")),
+                None => (
+                    code("85756007", "SCT", "Tissue"),
+                    code("85756007", "SCT", "Tissue"),
+                ),
             };
             obj(vec![
                 el(tags::SEGMENT_NUMBER, VR::US, (i + 1) as u16),
                 el(tags::SEGMENT_LABEL, VR::LO, name.as_str()),
-                el(tags::SEGMENT_DESCRIPTION, VR::ST, format!("label value {v}").as_str()),
+                el(
+                    tags::SEGMENT_DESCRIPTION,
+                    VR::ST,
+                    format!("label value {v}").as_str(),
+                ),
                 el(tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC"),
                 el(tags::SEGMENT_ALGORITHM_NAME, VR::LO, "lwi UNETR"),
-                seq(tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE, vec![category]),
+                seq(
+                    tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE,
+                    vec![category],
+                ),
                 seq(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![kind]),
             ])
         })
@@ -218,16 +236,28 @@ pub fn write(
             let (sop_class, sop_instance, frame) = &source.slices[z];
             let mut reference = vec![
                 el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, sop_class.as_str()),
-                el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, sop_instance.as_str()),
+                el(
+                    tags::REFERENCED_SOP_INSTANCE_UID,
+                    VR::UI,
+                    sop_instance.as_str(),
+                ),
                 // The label map is on the source grid: each frame covers its source image exactly.
                 el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"),
             ];
             if let Some(f) = frame {
-                reference.push(el(tags::REFERENCED_FRAME_NUMBER, VR::IS, f.to_string().as_str()));
+                reference.push(el(
+                    tags::REFERENCED_FRAME_NUMBER,
+                    VR::IS,
+                    f.to_string().as_str(),
+                ));
             }
             reference.push(seq(
                 tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-                vec![code("121322", "DCM", "Source image for image processing operation")],
+                vec![code(
+                    "121322",
+                    "DCM",
+                    "Source image for image processing operation",
+                )],
             ));
             frames.push(obj(vec![
                 seq(
@@ -250,11 +280,19 @@ pub fn write(
                 ),
                 seq(
                     tags::PLANE_POSITION_SEQUENCE,
-                    vec![obj(vec![el(tags::IMAGE_POSITION_PATIENT, VR::DS, ds(&position(z)))])],
+                    vec![obj(vec![el(
+                        tags::IMAGE_POSITION_PATIENT,
+                        VR::DS,
+                        ds(&position(z)),
+                    )])],
                 ),
                 seq(
                     tags::SEGMENT_IDENTIFICATION_SEQUENCE,
-                    vec![obj(vec![el(tags::REFERENCED_SEGMENT_NUMBER, VR::US, (i + 1) as u16)])],
+                    vec![obj(vec![el(
+                        tags::REFERENCED_SEGMENT_NUMBER,
+                        VR::US,
+                        (i + 1) as u16,
+                    )])],
                 ),
             ]));
         }
@@ -267,19 +305,38 @@ pub fn write(
     let dimension_uid = new_uid();
     let dimension = |pointer: Tag, group: Tag, label: &str| {
         obj(vec![
-            el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dimension_uid.as_str()),
-            el(tags::DIMENSION_INDEX_POINTER, VR::AT, PrimitiveValue::Tags((&[pointer][..]).into())),
-            el(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, PrimitiveValue::Tags((&[group][..]).into())),
+            el(
+                tags::DIMENSION_ORGANIZATION_UID,
+                VR::UI,
+                dimension_uid.as_str(),
+            ),
+            el(
+                tags::DIMENSION_INDEX_POINTER,
+                VR::AT,
+                PrimitiveValue::Tags((&[pointer][..]).into()),
+            ),
+            el(
+                tags::FUNCTIONAL_GROUP_POINTER,
+                VR::AT,
+                PrimitiveValue::Tags((&[group][..]).into()),
+            ),
             el(tags::DIMENSION_DESCRIPTION_LABEL, VR::LO, label),
         ])
     };
-    let mut referenced: Vec<(String, String)> =
-        source.slices.iter().map(|(c, i, _)| (c.clone(), i.clone())).collect();
+    let mut referenced: Vec<(String, String)> = source
+        .slices
+        .iter()
+        .map(|(c, i, _)| (c.clone(), i.clone()))
+        .collect();
     referenced.dedup();
 
     let mut elements = vec![
         el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"),
-        el(tags::IMAGE_TYPE, VR::CS, dicom_value!(Strs, ["DERIVED", "PRIMARY"])),
+        el(
+            tags::IMAGE_TYPE,
+            VR::CS,
+            dicom_value!(Strs, ["DERIVED", "PRIMARY"]),
+        ),
         el(tags::SOP_CLASS_UID, VR::UI, SEGMENTATION_STORAGE),
         el(tags::SOP_INSTANCE_UID, VR::UI, instance_uid.as_str()),
         el(tags::SERIES_DATE, VR::DA, date.as_str()),
@@ -296,11 +353,19 @@ pub fn write(
         el(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str()),
         el(tags::SERIES_NUMBER, VR::IS, "9901"),
         el(tags::INSTANCE_NUMBER, VR::IS, "1"),
-        el(tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_of_reference.as_str()),
+        el(
+            tags::FRAME_OF_REFERENCE_UID,
+            VR::UI,
+            frame_of_reference.as_str(),
+        ),
         el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
         el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
         el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
-        el(tags::NUMBER_OF_FRAMES, VR::IS, n_frames.to_string().as_str()),
+        el(
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            n_frames.to_string().as_str(),
+        ),
         el(tags::ROWS, VR::US, ny as u16),
         el(tags::COLUMNS, VR::US, nx as u16),
         el(tags::BITS_ALLOCATED, VR::US, 1u16),
@@ -309,13 +374,21 @@ pub fn write(
         el(tags::PIXEL_REPRESENTATION, VR::US, 0u16),
         el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
         el(tags::CONTENT_LABEL, VR::CS, "LWI"),
-        el(tags::CONTENT_DESCRIPTION, VR::LO, "lwi automatic segmentation"),
+        el(
+            tags::CONTENT_DESCRIPTION,
+            VR::LO,
+            "lwi automatic segmentation",
+        ),
         el(tags::CONTENT_CREATOR_NAME, VR::PN, ""),
         el(tags::SEGMENTATION_TYPE, VR::CS, "BINARY"),
         seq(tags::SEGMENT_SEQUENCE, segments),
         seq(
             tags::DIMENSION_ORGANIZATION_SEQUENCE,
-            vec![obj(vec![el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dimension_uid.as_str())])],
+            vec![obj(vec![el(
+                tags::DIMENSION_ORGANIZATION_UID,
+                VR::UI,
+                dimension_uid.as_str(),
+            )])],
         ),
         seq(
             tags::DIMENSION_INDEX_SEQUENCE,
@@ -357,7 +430,11 @@ pub fn write(
         seq(
             tags::REFERENCED_SERIES_SEQUENCE,
             vec![obj(vec![
-                el(tags::SERIES_INSTANCE_UID, VR::UI, source.series_uid.as_str()),
+                el(
+                    tags::SERIES_INSTANCE_UID,
+                    VR::UI,
+                    source.series_uid.as_str(),
+                ),
                 seq(
                     tags::REFERENCED_INSTANCE_SEQUENCE,
                     referenced
@@ -432,6 +509,8 @@ mod tests {
     #[test]
     fn uids_are_short_and_numeric() {
         let u = new_uid();
-        assert!(u.len() <= 64 && u.starts_with("2.25.") && u[5..].chars().all(|c| c.is_ascii_digit()));
+        assert!(
+            u.len() <= 64 && u.starts_with("2.25.") && u[5..].chars().all(|c| c.is_ascii_digit())
+        );
     }
 }

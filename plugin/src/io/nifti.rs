@@ -57,9 +57,25 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
     let hdr = parse_header(path, &head)?;
     let (dtype, dims) = voxel_layout(path, &hdr)?;
 
+    // vox_offset is a float in NIfTI-1: refuse what cannot be a byte offset into this file.
+    if !(hdr.vox_offset.is_finite() && hdr.vox_offset >= 0.0 && hdr.vox_offset < 1e15) {
+        return Err(Error::format(
+            path,
+            format!("vox_offset {} is not a byte offset", hdr.vox_offset),
+        ));
+    }
     let offset = hdr.vox_offset as u64;
-    let nbytes = dims.iter().map(|&d| d as u64).product::<u64>() * dtype.size() as u64;
-    let needed = offset + nbytes;
+    let nbytes = dims
+        .iter()
+        .try_fold(dtype.size() as u64, |n, &d| n.checked_mul(d as u64));
+    let Some(needed) = nbytes.and_then(|n| n.checked_add(offset)) else {
+        return Err(Error::format(
+            path,
+            format!(
+                "header promises {dims:?} voxels from offset {offset}: more bytes than can exist"
+            ),
+        ));
+    };
     // Refuse before allocating: the file must be able to hold what the header promises.
     let could_hold = if gzip {
         file.len() as u64 * MAX_GZIP_RATIO

@@ -4,5 +4,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = lwi::io::nrrd::from_bytes(std::path::Path::new("/nonexistent/fuzz.nrrd"), data.to_vec());
+    let _ = lwi::io::nrrd::from_bytes(
+        std::path::Path::new("/nonexistent/fuzz.nrrd"),
+        data.to_vec(),
+    );
 });
