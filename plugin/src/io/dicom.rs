@@ -118,13 +118,16 @@ pub fn read(path: &Path, series_uid: Option<&str>) -> Result<Series> {
     assemble(path, group)
 }
 
-/// The series under `path`, largest first, and the files skipped with the reason for each.
-pub fn list(path: &Path) -> Result<(Vec<SeriesSummary>, Vec<(PathBuf, String)>)> {
+/// Files passed over while scanning, with the reason for each.
+pub type Skipped = Vec<(PathBuf, String)>;
+
+/// The series under `path`, largest first, and the files skipped.
+pub fn list(path: &Path) -> Result<(Vec<SeriesSummary>, Skipped)> {
     let (groups, skipped) = scan(path)?;
-    Ok((groups.iter().map(summary).collect(), skipped))
+    Ok((groups.iter().map(|g| summary(g)).collect(), skipped))
 }
 
-fn summary(g: &Vec<Header>) -> SeriesSummary {
+fn summary(g: &[Header]) -> SeriesSummary {
     let h = &g[0];
     SeriesSummary {
         series_uid: h.series_uid.clone(),
@@ -173,7 +176,7 @@ fn files_under(path: &Path) -> Result<Vec<PathBuf>> {
 type Groups = Vec<Vec<Header>>;
 
 /// Reads every file's header and groups the images: by series, orientation and frame size.
-fn scan(path: &Path) -> Result<(Groups, Vec<(PathBuf, String)>)> {
+fn scan(path: &Path) -> Result<(Groups, Skipped)> {
     let mut groups: BTreeMap<String, Vec<Header>> = BTreeMap::new();
     let mut skipped = Vec::new();
     for file in files_under(path)? {
