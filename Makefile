@@ -71,12 +71,13 @@ header: setup
 gpu-bundle: build
 	$(CARGO) build --release --examples
 	$(CARGO) test --release -p lwi --test cuda --no-run
-	rm -rf target/gpu-bundle && mkdir -p target/gpu-bundle/bin target/gpu-bundle/py
-	cp $(RELEASE)/liblwi.so $(RELEASE)/lwi $(RELEASE)/examples/unetr_forward target/gpu-bundle/bin/
+	rm -rf target/gpu-bundle && mkdir -p target/gpu-bundle/bin target/gpu-bundle/py target/gpu-bundle/data
+	cp $(RELEASE)/liblwi.so $(RELEASE)/lwi $(RELEASE)/examples/unetr_forward $(RELEASE)/examples/train_step target/gpu-bundle/bin/
+	cp "$$(scripts/fetch-test-data)/totalsegmentator/totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz" target/gpu-bundle/data/
 	cp "$$(ls -t $(RELEASE)/deps/cuda-* | grep -v '\.d$$' | head -n 1)" target/gpu-bundle/bin/cuda-tests
 	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o target/gpu-bundle/bin/abi_misuse
 	$(RELEASE)/lwi phantom --out target/gpu-bundle/data --cases 1 --size 24,24,16 >/dev/null 2>&1
-	tar -C .venv/lib/python3*/site-packages --exclude=__pycache__ -cf - monai einops | tar -C target/gpu-bundle/py -xf -
+	tar -C .venv/lib/python3*/site-packages --exclude=__pycache__ -cf - monai einops nibabel | tar -C target/gpu-bundle/py -xf -
 	du -sh target/gpu-bundle
 
 ## gpu-check: CUDA tests and GPU benchmarks, on a GPU machine with target/gpu-bundle (scripts/gpu-check.sh)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Benchmark programs (plugin/examples); on a GPU machine, the carried bundle's bin/.
+BIN = Path(os.environ.get("LWI_BENCH_BIN", ROOT / "target" / "release" / "examples"))
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 
 import nibabel as nib  # noqa: E402
@@ -77,7 +79,7 @@ def bench_cold_start(work, reps):
 def bench_unetr_forward(device, batch, precision, rounds=3, reps=3):
     """Full-size UNETR (92.8 M parameters, 96^3) forward, no grad: lwi vs MONAI 1.6.1, each side in
     its own process, alternated `rounds` times; each process reports the median of `reps` passes."""
-    lwi_cmd = [str(ROOT / "target" / "release" / "examples" / "unetr_forward"), device, str(batch), precision, str(reps)]
+    lwi_cmd = [str(BIN / "unetr_forward"), device, str(batch), precision, str(reps)]
     ref_cmd = [sys.executable, str(ROOT / "bench" / "monai_unetr_forward.py"), device, str(batch), precision, str(reps)]
     run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     a, b = [], []
@@ -89,7 +91,93 @@ def bench_unetr_forward(device, batch, precision, rounds=3, reps=3):
     print(f"{name:<44} lwi {ma:9.1f} ms   {'MONAI':<10} {mb:9.1f} ms   ratio {ma / mb:5.2f}", flush=True)
 
 
-BENCHES = {"volume-read", "cold-start", "unetr-forward"}
+TINY = dict(size=64, feature=16, hidden=192, mlp=768, heads=4)
+FULL = dict(size=96, feature=16, hidden=768, mlp=3072, heads=12)
+
+
+def bench_train_step(device, batch, precision, shape, rounds=3, reps=3):
+    """A segmentation training step (forward, DiceCE, backward, AdamW): lwi
+    (plugin/examples/train_step.rs) vs a PyTorch loop with MONAI's UNETR and DiceCELoss
+    (bench/monai_train_step.py), each in its own process, alternated `rounds` times."""
+    tail = [device, str(batch), precision, str(reps), *(str(shape[k]) for k in ("size", "feature", "hidden", "mlp", "heads"))]
+    lwi_cmd = [str(BIN / "train_step"), *tail]
+    ref_cmd = [sys.executable, str(ROOT / "bench" / "monai_train_step.py"), *tail]
+    run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(run(lwi_cmd)["median_ms"])
+        b.append(run(ref_cmd)["median_ms"])
+    ma, mb = statistics.median(a), statistics.median(b)
+    name = f"  train step {device} batch {batch} {shape['size']}^3 {precision}"
+    ref = "MONAI+AMP" if precision != "fp32" else "MONAI"
+    print(f"{name:<44} lwi {ma:9.1f} ms   {ref:<10} {mb:9.1f} ms   ratio {ma / mb:5.2f}", flush=True)
+
+
+def run_measured(cmd):
+    """Wall time (s) and peak resident memory (MB) of one child process."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(p.pid, 0)
+    elapsed = time.perf_counter() - t
+    out, err = p.stdout.read(), p.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
+    return elapsed, usage.ru_maxrss / 1024, out
+
+
+def segment_model(work, shape):
+    """Seeded MONAI UNETR weights, and the same weights imported as an lwi model (1.5x1.5x2 mm, HU -175..250)."""
+    import torch
+    from monai.networks.nets import UNETR
+    d = work / f"segment-model-{shape['size']}-{shape['hidden']}"
+    if not (d / "model.safetensors").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = dict(in_channels=1, out_channels=14, img_size=[shape["size"]] * 3, feature_size=shape["feature"],
+                   hidden_size=shape["hidden"], mlp_dim=shape["mlp"], num_heads=shape["heads"], proj_type="perceptron")
+        torch.manual_seed(3)
+        torch.save(UNETR(**cfg).state_dict(), d / "unetr.pt")
+        (d / "arch.json").write_text(json.dumps(cfg))
+        (d / "labels.json").write_text(json.dumps({str(i): f"class {i}" for i in range(14)}))
+        subprocess.run([str(cli_path()), "import", "--from", str(d / "unetr.pt"), "--arch-config", str(d / "arch.json"),
+                        "--labels", str(d / "labels.json"), "--spacing", "1.5,1.5,2", "--window=-175,250",
+                        "--out", str(d / "model.safetensors")], check=True, capture_output=True)
+    return d
+
+
+def bench_segment(work, device, shape, sw_batch, precision, reps):
+    """File in -> label file out: `lwi segment` vs MONAI's pipeline (bench/monai_segment.py), same weights,
+    overlap 0.5, gaussian, each a fresh process (library and model load included), interleaved."""
+    d = segment_model(work, shape)
+    ct = work / "ct" / "imagesTr" / "phantom_000.nii.gz"
+    if not ct.exists():
+        subprocess.run([str(cli_path()), "phantom", "--out", str(work / "ct"), "--cases", "1", "--size", "512,512,200",
+                        "--spacing", "0.8,0.8,2.5"], check=True)
+    real = os.environ.get("LWI_BENCH_REAL_CT")  # set where there is no network (the GPU bundle carries it)
+    if real is None:
+        data = Path(subprocess.run([str(ROOT / "scripts" / "fetch-test-data")], check=True, capture_output=True,
+                                   text=True).stdout.strip())
+        real = data / "totalsegmentator" / "totalsegmentator-2.18.0" / "tests" / "reference_files" / "example_ct.nii.gz"
+    for name, image in (("real CT 122x101x112 @3 mm", real), ("CT phantom 512x512x200 @0.8x0.8x2.5", ct)):
+        lwi_cmd = [str(cli_path()), "segment", "--model", str(d / "model.safetensors"), str(image), "--out",
+                   str(work / "lwi_labels.nii.gz"), "--device", device, "--sw-batch", str(sw_batch), "--precision",
+                   precision, "--overwrite", "--no-manifest"]
+        ref_cmd = [sys.executable, str(ROOT / "bench" / "monai_segment.py"), str(image), str(d / "unetr.pt"),
+                   str(d / "arch.json"), "1.5,1.5,2", "-175,250", str(work / "monai_labels.nii.gz"), device,
+                   str(sw_batch), precision]
+        a, b, ra, rb = [], [], [], []
+        for _ in range(reps):
+            t, rss, _ = run_measured(lwi_cmd)
+            a.append(t), ra.append(rss)
+            t, rss, out = run_measured(ref_cmd)
+            b.append(t), rb.append(rss)
+        ma, mb = statistics.median(a), statistics.median(b)
+        same = (np.asarray(nib.load(str(work / "lwi_labels.nii.gz")).dataobj)
+                == np.asarray(nib.load(str(work / "monai_labels.nii.gz")).dataobj)).mean()
+        print(f"  segment {device} {name:<36} lwi {ma:6.2f} s {max(ra):6.0f} MB   MONAI {mb:6.2f} s {max(rb):6.0f} MB"
+              f"   ratio {ma / mb:5.2f}   labels agree {same:.2%}   (MONAI stages {out.strip()})", flush=True)
+
+
+BENCHES = {"volume-read", "cold-start", "unetr-forward", "train-step", "segment"}
 
 
 def main():
@@ -112,6 +200,14 @@ def main():
     if args.only in (None, "unetr-forward"):
         print("UNETR forward: full size, 96^3, random weights, no grad")
         bench_unetr_forward(args.device, args.batch, args.precision)
+    if args.only in (None, "train-step"):
+        shape = FULL if args.device != "cpu" else TINY
+        print(f"training step (DiceCE + AdamW), UNETR {shape}")
+        bench_train_step(args.device, args.batch if args.device != "cpu" else 2, args.precision, shape)
+    if args.only in (None, "segment"):
+        shape = FULL if args.device != "cpu" else dict(TINY, size=96)
+        print(f"end-to-end segmentation, file in -> label file out, UNETR {shape}, overlap 0.5, peak RSS")
+        bench_segment(work, args.device, shape, args.batch, args.precision, max(1, args.reps // 2))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,19 @@ for dtype in (None, torch.bfloat16):
 PY
 fi
 
+step "GPU benchmarks: training step, full UNETR, batch 4 (lwi vs MONAI + DiceCELoss + AdamW; AMP for bf16/fp16)"
+if [ "$have_monai" = 1 ]; then
+  for precision in fp32 bf16 fp16; do
+    LWI_BENCH_BIN=$B/bin "$PY" bench/run.py --only train-step --device cuda --batch 4 --precision $precision || failed=1
+  done
+  step "GPU benchmarks: end-to-end segmentation, file in -> label file out, full UNETR, window batch 4"
+  for precision in fp32 bf16; do
+    LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W/bench \
+      LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz "$PY" bench/run.py --only segment --device cuda:0 --batch 4 \
+      --precision $precision --reps 4 || failed=1
+  done
+fi
+
 echo
 if [ $failed = 0 ]; then echo "gpu-check: all passed"; else echo "gpu-check: FAILED"; fi
 exit $failed

@@ -173,8 +173,8 @@ pub fn learning_rate(base: f64, warmup: u64, max: u64, steps: u64) -> f64 {
 }
 
 /// AdamW exactly as `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8, decoupled weight decay), with
-/// its state in plain tensors so checkpoints hold it.
-struct AdamW {
+/// its state in plain tensors so checkpoints hold it. Public for the training-step benchmark.
+pub struct AdamW {
     names: Vec<String>,
     params: Vec<Tensor>,
     m: Vec<Tensor>,
@@ -184,7 +184,7 @@ struct AdamW {
 }
 
 impl AdamW {
-    fn new(vs: &tch::nn::VarStore, weight_decay: f64) -> AdamW {
+    pub fn new(vs: &tch::nn::VarStore, weight_decay: f64) -> AdamW {
         let mut vars: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
@@ -204,13 +204,13 @@ impl AdamW {
         }
     }
 
-    fn zero_grad(&mut self) {
+    pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             p.zero_grad();
         }
     }
 
-    fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64) {
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
         self.step += 1;
         let t = self.step as i32;
