@@ -6,6 +6,7 @@
 #include <atomic>
 #include <csignal>
 #include <filesystem>
+#include <malloc.h>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -83,6 +84,11 @@ int main(int argc, char **argv) {
                  "--work DIR [--init-epochs N] [--tune-epochs N] [--device D] IMAGE...\n";
     return 2;
   }
+  // Keep freed memory in the heap: glibc otherwise unmaps every large block on free and the next
+  // window's activations fault in fresh zeroed pages (a third of CPU segmentation time, measured in
+  // docs/performance.md). A host decides this for its own process; lwi never changes it.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   std::signal(SIGINT, [](int) { interrupted = true; });
   try {
     lwi::require_abi();

@@ -1,5 +1,5 @@
 //! Times UNETR forward passes (inference, no grad) for the benchmarks in bench/.
-//! Usage: unetr_forward DEVICE BATCH PRECISION REPS [SIZE]   e.g. `cuda 4 bf16 20 96`
+//! Usage: unetr_forward DEVICE BATCH PRECISION REPS [SIZE [FEATURE HIDDEN MLP HEADS]]   e.g. `cuda 4 bf16 20 96`
 //! Prints one JSON line: {"median_ms", "min_ms", "batch", "device", "precision"}.
 
 use lwi::model::{Precision, Unetr, UnetrConfig, with_precision};
@@ -16,9 +16,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
     }
+    let default = UnetrConfig::default();
+    let num = |i: usize, d: i64| -> Result<i64, std::num::ParseIntError> { arg(i, &d.to_string()).parse() };
     let cfg = UnetrConfig {
         img_size: [size; 3],
-        ..Default::default()
+        feature_size: num(6, default.feature_size)?,
+        hidden_size: num(7, default.hidden_size)?,
+        mlp_dim: num(8, default.mlp_dim)?,
+        num_heads: num(9, default.num_heads)?,
+        ..default
     };
     let vs = nn::VarStore::new(device);
     let net = Unetr::new(&vs.root(), &cfg)?;

@@ -686,7 +686,27 @@ impl From<PluginError> for Failure {
     }
 }
 
+/// Keeps freed memory in this process's heap instead of handing it back to the kernel. glibc maps
+/// every block above its mmap threshold (at most 32 MiB by default) afresh and unmaps it on free, so
+/// each sliding window's activations (tens of MiB) were page-faulted and zeroed again: on 2 CPU cores
+/// that was a third of `lwi segment`'s wall time, as kernel time (docs/performance.md). The `lwi`
+/// process is ours to tune; a host embedding liblwi.so decides for its own process (the same effect
+/// comes from MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in its environment).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    const ONE_GIB: libc::c_int = 1 << 30;
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, ONE_GIB);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

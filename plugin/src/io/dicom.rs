@@ -318,8 +318,9 @@ fn frame_attr<T>(
 fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, String> {
     let rows = number(obj, tags::ROWS).ok_or("not an image (no Rows)")? as u32;
     let columns = number(obj, tags::COLUMNS).ok_or("not an image (no Columns)")? as u32;
-    if obj.get(tags::PIXEL_DATA).is_none() && !has_pixel_data_after(obj) {
-        return Err("not an image (no Pixel Data)".into());
+    // The header read stops before Pixel Data; the attributes describing it tell an image.
+    if obj.get(tags::BITS_ALLOCATED).is_none() {
+        return Err("not an image (no Bits Allocated)".into());
     }
     let samples = number(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1.0);
     if samples != 1.0 {
@@ -456,12 +457,6 @@ fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, 
             .or_else(|| number(obj, tags::SLICE_THICKNESS))
             .filter(|t| t.is_finite() && *t > 0.0),
     })
-}
-
-/// `read_until(PIXEL_DATA)` stops before the pixel data, so its presence is told by the
-/// attributes that describe it.
-fn has_pixel_data_after(obj: &InMemDicomObject) -> bool {
-    obj.get(tags::BITS_ALLOCATED).is_some()
 }
 
 fn unit(v: &[f64]) -> Option<[f64; 3]> {
