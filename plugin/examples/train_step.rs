@@ -39,7 +39,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let net = Unetr::new(&vs.root(), &cfg)?;
     let mut opt = AdamW::new(&vs, 1e-5);
     let x = Tensor::randn([batch, 1, size, size, size], (Kind::Float, device));
-    let y = Tensor::randint(cfg.out_channels, [batch, 1, size, size, size], (Kind::Int64, device));
+    let y = Tensor::randint(
+        cfg.out_channels,
+        [batch, 1, size, size, size],
+        (Kind::Int64, device),
+    );
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     for i in 0..reps + 2 {
         sync(device);

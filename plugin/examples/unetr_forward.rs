@@ -17,7 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tch::Cuda::cudnn_set_benchmark(true);
     }
     let default = UnetrConfig::default();
-    let num = |i: usize, d: i64| -> Result<i64, std::num::ParseIntError> { arg(i, &d.to_string()).parse() };
+    let num = |i: usize, d: i64| -> Result<i64, std::num::ParseIntError> {
+        arg(i, &d.to_string()).parse()
+    };
     let cfg = UnetrConfig {
         img_size: [size; 3],
         feature_size: num(6, default.feature_size)?,
