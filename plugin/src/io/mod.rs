@@ -77,6 +77,16 @@ pub fn write_volume(volume: &Volume, path: &Path) -> Result<()> {
 
 /// Inflates gzip data (all members), refusing more than `limit` bytes.
 pub(crate) fn inflate(path: &Path, gz: &[u8], limit: u64) -> Result<Vec<u8>> {
+    // Fast path: one gzip member inflated by libdeflate straight into a buffer of the size the
+    // header promises. Anything else (several members, trailing bytes, too much data, corruption)
+    // goes through flate2's streaming decoder, which also words the errors.
+    if let Ok(size) = usize::try_from(limit) {
+        let mut out = vec![0u8; size];
+        if let Ok(n) = libdeflater::Decompressor::new().gzip_decompress(gz, &mut out) {
+            out.truncate(n);
+            return Ok(out);
+        }
+    }
     let mut out = Vec::new();
     let mut decoder = flate2::read::MultiGzDecoder::new(gz).take(limit.saturating_add(1));
     decoder
