@@ -124,14 +124,16 @@ const char *lwi_last_error(void);
 const char *lwi_version_json(void);
 
 // Reads the volume at `in_path` and writes it to `out_path`, formats chosen by extension
-// (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`). World geometry is kept exactly; the output is written
+// (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`); `in_path` may also be DICOM (a folder, a DICOMDIR or a
+// `.dcm` file: the largest CT/MR series). World geometry is kept exactly; the output is written
 // to a temporary name and renamed, so a failure leaves no partial file.
 //
 // # Safety
 // `in_path` and `out_path` are NULL or NUL-terminated strings.
 enum LwiStatus lwi_volume_convert(const char *in_path, const char *out_path);
 
-// Reads a volume into a new handle stored in `*out` (set to NULL on failure). Free it with
+// Reads a volume (NIfTI, NRRD, or DICOM: a folder, a DICOMDIR or a `.dcm` file, the largest
+// CT/MR series) into a new handle stored in `*out` (set to NULL on failure). Free it with
 // [`lwi_volume_free`].
 //
 // # Safety
@@ -275,8 +277,10 @@ enum LwiStatus lwi_segment(const struct LwiModel *model,
                            LwiProgressFn progress,
                            void *user);
 
-// Segments the volume file `in_path` (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`) into the label file
-// `out_path` (format by extension) on the input's grid, written through a temporary name, plus
+// Segments the volume file `in_path` (`.nii`, `.nii.gz`, `.nrrd`, `.nhdr`, or DICOM: a folder, a
+// DICOMDIR or a `.dcm` file; `"series"` in the options picks a series) into the label file
+// `out_path` (format by extension; `.dcm` writes a DICOM Segmentation referencing a DICOM input)
+// on the input's grid, written through a temporary name, plus
 // `OUT_PATH.json` (lwi version, model hash, device, precision, options, timings) unless
 // `options_json` has `"manifest": false`. Other options as [`lwi_segment`].
 //
