@@ -518,7 +518,11 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
 
     let (rows, columns) = (first.rows as usize, first.columns as usize);
     let plane = rows * columns;
-    let mut values = vec![0f64; plane * slices.len()];
+    let integral = slices
+        .iter()
+        .all(|s| s.slope.fract() == 0.0 && s.intercept.fract() == 0.0);
+    let mut voxels = Voxels::new(plane * slices.len(), integral);
+    let mut values = vec![0f64; plane];
     // Decode file by file (a multi-frame file once), placing each frame at its sorted index.
     let mut by_file: BTreeMap<&Path, Vec<(usize, &Slice)>> = BTreeMap::new();
     for (z, s) in slices.iter().enumerate() {
@@ -564,11 +568,11 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
             } else {
                 raw
             };
-            let out = &mut values[z * plane..(z + 1) * plane];
-            bits.modality_values(file, raw, s.slope, s.intercept, out)?;
+            bits.modality_values(file, raw, s.slope, s.intercept, &mut values)?;
+            voxels.put(z * plane, &values);
         }
     }
-    let (dtype, bytes) = narrowest(&values);
+    let (dtype, bytes) = voxels.into_bytes();
     let data =
         dtype.tensor_from_le_bytes(&bytes, [columns as i64, rows as i64, slices.len() as i64])?;
     let volume = Volume::new(data, affine, dtype).map_err(|e| Error::format(path, e.message))?;
@@ -702,36 +706,67 @@ impl Bits {
     }
 }
 
-/// The narrowest type holding every value exactly (int16, int32, else float32) and its bytes.
-fn narrowest(values: &[f64]) -> (DType, Vec<u8>) {
-    let integral = values.iter().all(|v| v.fract() == 0.0);
-    let (lo, hi) = values
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    if integral && lo >= i16::MIN as f64 && hi <= i16::MAX as f64 {
-        (
-            DType::I16,
-            values
+/// The volume's modality values, four bytes a voxel: integers while every rescale is integral (and
+/// the values fit), float32 otherwise.
+enum Voxels {
+    Int(Vec<i32>),
+    Float(Vec<f32>),
+}
+
+impl Voxels {
+    fn new(n: usize, integral: bool) -> Voxels {
+        if integral {
+            Voxels::Int(vec![0; n])
+        } else {
+            Voxels::Float(vec![0.0; n])
+        }
+    }
+
+    /// Stores one plane at voxel offset `at`; integers beyond int32 turn the store to float32.
+    fn put(&mut self, at: usize, plane: &[f64]) {
+        if let Voxels::Int(v) = self {
+            let fits = plane
                 .iter()
-                .flat_map(|&v| (v as i16).to_le_bytes())
-                .collect(),
-        )
-    } else if integral && lo >= i32::MIN as f64 && hi <= i32::MAX as f64 {
-        (
-            DType::I32,
-            values
-                .iter()
-                .flat_map(|&v| (v as i32).to_le_bytes())
-                .collect(),
-        )
-    } else {
-        (
-            DType::F32,
-            values
-                .iter()
-                .flat_map(|&v| (v as f32).to_le_bytes())
-                .collect(),
-        )
+                .all(|&x| (i32::MIN as f64..=i32::MAX as f64).contains(&x));
+            if fits {
+                for (d, &x) in v[at..at + plane.len()].iter_mut().zip(plane) {
+                    *d = x as i32;
+                }
+                return;
+            }
+            *self = Voxels::Float(v.iter().map(|&x| x as f32).collect());
+        }
+        if let Voxels::Float(v) = self {
+            for (d, &x) in v[at..at + plane.len()].iter_mut().zip(plane) {
+                *d = x as f32;
+            }
+        }
+    }
+
+    /// The narrowest exact type (int16, int32, else float32) and the little-endian voxels.
+    fn into_bytes(self) -> (DType, Vec<u8>) {
+        match self {
+            Voxels::Int(v) => {
+                let small = v
+                    .iter()
+                    .all(|&x| (i16::MIN as i32..=i16::MAX as i32).contains(&x));
+                if small {
+                    (
+                        DType::I16,
+                        v.iter().flat_map(|&x| (x as i16).to_le_bytes()).collect(),
+                    )
+                } else {
+                    (
+                        DType::I32,
+                        v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+                    )
+                }
+            }
+            Voxels::Float(v) => (
+                DType::F32,
+                v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+            ),
+        }
     }
 }
 
@@ -828,8 +863,14 @@ mod tests {
 
     #[test]
     fn values_take_the_narrowest_exact_type() {
-        assert_eq!(narrowest(&[-1024.0, 3071.0]).0, DType::I16);
-        assert_eq!(narrowest(&[-1024.0, 70000.0]).0, DType::I32);
-        assert_eq!(narrowest(&[0.5]).0, DType::F32);
+        let typed = |integral: bool, plane: &[f64]| {
+            let mut v = Voxels::new(plane.len(), integral);
+            v.put(0, plane);
+            v.into_bytes().0
+        };
+        assert_eq!(typed(true, &[-1024.0, 3071.0]), DType::I16);
+        assert_eq!(typed(true, &[-1024.0, 70000.0]), DType::I32);
+        assert_eq!(typed(true, &[4e9]), DType::F32);
+        assert_eq!(typed(false, &[0.5]), DType::F32);
     }
 }
