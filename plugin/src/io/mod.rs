@@ -52,6 +52,7 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
 
 /// As [`read_volume`], choosing the DICOM series by its Series Instance UID.
 pub fn read_volume_series(path: &Path, series_uid: Option<&str>) -> Result<Volume> {
+    std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if dicom::is_dicom(path) {
         return dicom::read(path, series_uid).map(|s| s.volume);
     }
