@@ -279,7 +279,11 @@ int main(int argc, char **argv) {
   fclose(f);
   expect(lwi.volume_read(path, &h), LWI_STATUS_FORMAT, "read(garbage)");
   CHECK(strstr(lwi.last_error(), "garbage.nii") != NULL, "the message names the file: %s", lwi.last_error());
-  expect(lwi.volume_read("volume.png", &h), LWI_STATUS_UNSUPPORTED, "read(.png)");
+  snprintf(path, sizeof path, "%s/volume.png", argv[3]);
+  f = fopen(path, "wb");
+  fputs("\x89PNG\r\n\x1a\n not a volume format lwi reads", f);
+  fclose(f);
+  expect(lwi.volume_read(path, &h), LWI_STATUS_UNSUPPORTED, "read(.png)");
   snprintf(path, sizeof path, "%s/out.png", argv[3]);
   expect(lwi.volume_convert(argv[2], path), LWI_STATUS_UNSUPPORTED, "convert(-> .png)");
   expect(lwi.volume_convert(argv[2], "/nonexistent/dir/out.nii.gz"), LWI_STATUS_IO, "convert(-> missing dir)");
