@@ -149,6 +149,19 @@ enum LwiStatus lwi_volume_read_series(const char *path,
                                       const char *series_uid,
                                       struct LwiVolumeHandle **out);
 
+// Reads one DICOM series from a list of `count` files (as a PACS export or a host's own file
+// selection gives them; order does not matter), choosing by Series Instance UID as
+// [`lwi_volume_read_series`] does. Files that are not readable images are passed over; none left is
+// `LWI_STATUS_FORMAT` naming them.
+//
+// # Safety
+// `paths` is NULL or points to `count` pointers, each NULL or a NUL-terminated string; `series_uid`
+// is NULL or a NUL-terminated string; `out` is NULL or writable.
+enum LwiStatus lwi_volume_read_dicom_files(const char *const *paths,
+                                           size_t count,
+                                           const char *series_uid,
+                                           struct LwiVolumeHandle **out);
+
 // The DICOM series under `path` (a folder searched recursively, a DICOMDIR or a file) as JSON:
 // `{"series": [{"series_uid", "modality", "description", "rows", "columns", "slices", "files"}…],
 // "skipped": [{"file", "reason"}…]}`, largest series first. Free with [`lwi_string_free`].

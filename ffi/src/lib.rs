@@ -342,6 +342,51 @@ pub unsafe extern "C" fn lwi_volume_read_series(
     })
 }
 
+/// Reads one DICOM series from a list of `count` files (as a PACS export or a host's own file
+/// selection gives them; order does not matter), choosing by Series Instance UID as
+/// [`lwi_volume_read_series`] does. Files that are not readable images are passed over; none left is
+/// `LWI_STATUS_FORMAT` naming them.
+///
+/// # Safety
+/// `paths` is NULL or points to `count` pointers, each NULL or a NUL-terminated string; `series_uid`
+/// is NULL or a NUL-terminated string; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_read_dicom_files(
+    paths: *const *const c_char,
+    count: usize,
+    series_uid: *const c_char,
+    out: *mut *mut LwiVolumeHandle,
+) -> LwiStatus {
+    guard("lwi_volume_read_dicom_files", || {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: `out` is non-NULL and writable by the caller's contract.
+        unsafe { *out = std::ptr::null_mut() };
+        if paths.is_null() {
+            return Err(null("paths"));
+        }
+        if count == 0 {
+            return Err(Error::invalid("count is 0: no files given"));
+        }
+        // SAFETY: `paths` holds `count` pointers by the caller's contract.
+        let list = unsafe { std::slice::from_raw_parts(paths, count) };
+        let files = list
+            .iter()
+            .enumerate()
+            // SAFETY: each entry is NULL or a NUL-terminated string by the caller's contract.
+            .map(|(i, &p)| unsafe { path_arg(p, &format!("paths[{i}]")) }.map(Path::to_path_buf))
+            .collect::<lwi::Result<Vec<_>>>()?;
+        // SAFETY: forwarded caller contract.
+        let uid = unsafe { text_arg(series_uid, "series_uid", "")? };
+        let uid = Some(uid).filter(|u| !u.is_empty());
+        let volume = lwi::io::dicom::read_files(&files, uid)?.volume;
+        // SAFETY: as above.
+        unsafe { *out = handles::hand_out(LwiVolumeHandle { volume }) };
+        Ok(())
+    })
+}
+
 /// The DICOM series under `path` (a folder searched recursively, a DICOMDIR or a file) as JSON:
 /// `{"series": [{"series_uid", "modality", "description", "rows", "columns", "slices", "files"}…],
 /// "skipped": [{"file", "reason"}…]}`, largest series first. Free with [`lwi_string_free`].

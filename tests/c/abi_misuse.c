@@ -36,6 +36,7 @@ static struct {
   LwiStatus (*volume_read)(const char *, LwiVolumeHandle **);
   LwiStatus (*volume_read_series)(const char *, const char *, LwiVolumeHandle **);
   LwiStatus (*dicom_series_json)(const char *, char **);
+  LwiStatus (*volume_read_dicom_files)(const char *const *, size_t, const char *, LwiVolumeHandle **);
   LwiStatus (*volume_write)(const LwiVolumeHandle *, const char *);
   LwiStatus (*volume_dims)(const LwiVolumeHandle *, int64_t *);
   LwiStatus (*volume_dtype)(const LwiVolumeHandle *, LwiDtype *);
@@ -228,6 +229,8 @@ int main(int argc, char **argv) {
   lwi.volume_free = (void (*)(LwiVolumeHandle *))need(lib, "lwi_volume_free");
   lwi.volume_read_series = (LwiStatus(*)(const char *, const char *, LwiVolumeHandle **))need(lib, "lwi_volume_read_series");
   lwi.dicom_series_json = (LwiStatus(*)(const char *, char **))need(lib, "lwi_dicom_series_json");
+  lwi.volume_read_dicom_files =
+      (LwiStatus(*)(const char *const *, size_t, const char *, LwiVolumeHandle **))need(lib, "lwi_volume_read_dicom_files");
   lwi.phantom_dataset = (LwiStatus(*)(const char *, const char *))need(lib, "lwi_phantom_dataset");
   lwi.engine_create = (LwiStatus(*)(const char *, LwiEngine **))need(lib, "lwi_engine_create");
   lwi.engine_free = (void (*)(LwiEngine *))need(lib, "lwi_engine_free");
@@ -350,6 +353,13 @@ int main(int argc, char **argv) {
   expect(lwi.volume_read_series(argv[2], "1.2.3", NULL), LWI_STATUS_INVALID_ARGUMENT, "volume_read_series(NULL out)");
   expect(lwi.volume_read_series(argv[2], "1.2.3", &series), LWI_STATUS_INVALID_ARGUMENT, "volume_read_series(UID on NIfTI)");
   expect(lwi.volume_read_series(argv[3], NULL, &series), LWI_STATUS_FORMAT, "volume_read_series(folder without DICOM)");
+  const char *files[2] = {argv[2], NULL};
+  expect(lwi.volume_read_dicom_files(NULL, 1, NULL, &series), LWI_STATUS_INVALID_ARGUMENT, "read_dicom_files(NULL paths)");
+  expect(lwi.volume_read_dicom_files(files, 0, NULL, &series), LWI_STATUS_INVALID_ARGUMENT, "read_dicom_files(count 0)");
+  expect(lwi.volume_read_dicom_files(files, 2, NULL, &series), LWI_STATUS_INVALID_ARGUMENT, "read_dicom_files(NULL entry)");
+  CHECK(strstr(lwi.last_error(), "paths[1]") != NULL, "the NULL entry is named: %s", lwi.last_error());
+  expect(lwi.volume_read_dicom_files(files, 1, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "read_dicom_files(NULL out)");
+  expect(lwi.volume_read_dicom_files(files, 1, NULL, &series), LWI_STATUS_FORMAT, "read_dicom_files(a NIfTI file)");
   char *listing = (char *)0x1;
   expect(lwi.dicom_series_json(NULL, &listing), LWI_STATUS_INVALID_ARGUMENT, "dicom_series_json(NULL path)");
   CHECK(listing == NULL, "a failed listing sets *out_json to NULL");

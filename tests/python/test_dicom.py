@@ -121,6 +121,19 @@ def test_series_choice_and_listing(ct_series, testdata, tmp_path):
     assert nib.load(default).shape == (512, 512, 20), "the largest CT/MR series by default"
 
 
+def test_a_list_of_files_reads_like_their_folder(ct_series, testdata, tmp_path):
+    files = sorted(ct_series.iterdir(), reverse=True)
+    stray = testdata / "pydicom" / "pydicom" / "data" / "test_files" / "MR_truncated.dcm"
+    run = lambda *paths: subprocess.run([str(cli_path()), "convert", *map(str, paths)], capture_output=True, text=True)
+    assert run(*files, stray, tmp_path / "files.nii.gz").returncode == 0
+    assert run(ct_series, tmp_path / "folder.nii.gz").returncode == 0
+    a, b = nib.load(tmp_path / "files.nii.gz"), nib.load(tmp_path / "folder.nii.gz")
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    np.testing.assert_array_equal(a.affine, b.affine)
+    r = run(*files[:5], *files[6:], tmp_path / "gap.nii.gz")  # a slice left out of the list
+    assert r.returncode == 1 and "not a regular grid" in r.stderr
+
+
 def test_dicomdir_is_accepted(lwi, testdata):
     d = testdata / "pydicom" / "pydicom" / "data" / "test_files" / "dicomdirtests"
     voxels, _ = lwi.read(d / "DICOMDIR")

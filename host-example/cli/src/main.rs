@@ -61,10 +61,10 @@ enum Command {
     },
     /// Convert a volume between formats (by extension), keeping its world geometry exactly.
     Convert {
-        /// Input volume (.nii, .nii.gz, .nrrd, .nhdr) or DICOM (a folder, DICOMDIR or .dcm file).
-        input: PathBuf,
-        /// Output volume; the extension picks the format.
-        output: PathBuf,
+        /// INPUT OUTPUT: the input volume (.nii, .nii.gz, .nrrd, .nhdr) or DICOM (a folder, DICOMDIR or
+        /// .dcm file), or several DICOM files making one series; the output's extension picks its format.
+        #[arg(num_args = 2.., required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
         /// The DICOM series to convert (Series Instance UID; default: the largest CT/MR series).
         #[arg(long, value_name = "UID")]
         series: Option<String>,
@@ -484,16 +484,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 serde_json::to_string_pretty(&info).unwrap_or_default()
             );
         }
-        Command::Convert {
-            input,
-            output,
-            series: None,
-        } => plugin.convert(&input, &output)?,
-        Command::Convert {
-            input,
-            output,
-            series: Some(uid),
-        } => plugin.convert_series(&input, &uid, &output)?,
+        Command::Convert { mut paths, series } => {
+            let output = paths.pop().unwrap_or_default();
+            match (paths.as_slice(), series) {
+                ([input], None) => plugin.convert(input, &output)?,
+                (inputs, uid) => {
+                    plugin.convert_dicom(inputs, uid.as_deref().unwrap_or(""), &output)?
+                }
+            }
+        }
         Command::Import {
             from,
             arch,

@@ -341,26 +341,44 @@ impl Plugin {
         }
     }
 
-    /// Converts one DICOM series of `input` (by Series Instance UID) to `output`.
-    pub fn convert_series(
+    /// Converts one DICOM series to `output`: from one path (a folder, DICOMDIR or file) or from a
+    /// list of files, chosen by Series Instance UID (empty: the largest CT/MR series).
+    pub fn convert_dicom(
         &self,
-        input: &Path,
+        inputs: &[std::path::PathBuf],
         series_uid: &str,
         output: &Path,
     ) -> Result<(), PluginError> {
-        let (i, u, o) = (
-            cstring(input),
+        let paths: Vec<CString> = inputs.iter().map(|p| cstring(p)).collect();
+        let pointers: Vec<*const c_char> = paths.iter().map(|p| p.as_ptr()).collect();
+        let (u, o) = (
             CString::new(series_uid).unwrap_or_default(),
             cstring(output),
         );
         let mut h: VolumeHandle = std::ptr::null_mut();
-        // SAFETY: signatures from include/lwi.h; the handle is freed before returning.
+        // SAFETY: signatures from include/lwi.h; the strings outlive the calls; the handle is freed
+        // before returning.
         unsafe {
-            let read = self
-                .sym::<unsafe extern "C" fn(*const c_char, *const c_char, *mut VolumeHandle) -> i32>(
-                    b"lwi_volume_read_series\0",
-                )
-                .map_err(Self::missing)?;
+            let status = if let [one] = pointers.as_slice() {
+                let read =
+                    self.sym::<unsafe extern "C" fn(
+                        *const c_char,
+                        *const c_char,
+                        *mut VolumeHandle,
+                    ) -> i32>(b"lwi_volume_read_series\0")
+                        .map_err(Self::missing)?;
+                read(*one, u.as_ptr(), &mut h)
+            } else {
+                let read = self
+                    .sym::<unsafe extern "C" fn(
+                        *const *const c_char,
+                        usize,
+                        *const c_char,
+                        *mut VolumeHandle,
+                    ) -> i32>(b"lwi_volume_read_dicom_files\0")
+                    .map_err(Self::missing)?;
+                read(pointers.as_ptr(), pointers.len(), u.as_ptr(), &mut h)
+            };
             let write = self
                 .sym::<unsafe extern "C" fn(VolumeHandle, *const c_char) -> i32>(
                     b"lwi_volume_write\0",
@@ -369,7 +387,7 @@ impl Plugin {
             let free = self
                 .sym::<unsafe extern "C" fn(VolumeHandle)>(b"lwi_volume_free\0")
                 .map_err(Self::missing)?;
-            self.check(read(i.as_ptr(), u.as_ptr(), &mut h))?;
+            self.check(status)?;
             let written = self.check(write(h, o.as_ptr()));
             free(h);
             written

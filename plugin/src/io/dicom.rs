@@ -113,9 +113,22 @@ pub fn is_dicom(path: &Path) -> bool {
 
 /// Reads the series `series_uid` (or, by default, the largest CT/MR series) under `path`.
 pub fn read(path: &Path, series_uid: Option<&str>) -> Result<Series> {
-    let (groups, skipped) = scan(path)?;
+    let (groups, skipped) = scan(files_under(path)?);
     let group = choose(path, &groups, series_uid, &skipped)?;
     assemble(path, group)
+}
+
+/// As [`read`], over the given files (messages name the first as the series' place).
+pub fn read_files(files: &[PathBuf], series_uid: Option<&str>) -> Result<Series> {
+    let first = files
+        .first()
+        .ok_or_else(|| Error::invalid("no DICOM files given"))?;
+    for f in files {
+        std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+    }
+    let (groups, skipped) = scan(files.to_vec());
+    let group = choose(first, &groups, series_uid, &skipped)?;
+    assemble(first, group)
 }
 
 /// Files passed over while scanning, with the reason for each.
@@ -123,7 +136,7 @@ pub type Skipped = Vec<(PathBuf, String)>;
 
 /// The series under `path`, largest first, and the files skipped.
 pub fn list(path: &Path) -> Result<(Vec<SeriesSummary>, Skipped)> {
-    let (groups, skipped) = scan(path)?;
+    let (groups, skipped) = scan(files_under(path)?);
     Ok((groups.iter().map(|g| summary(g)).collect(), skipped))
 }
 
@@ -176,10 +189,10 @@ fn files_under(path: &Path) -> Result<Vec<PathBuf>> {
 type Groups = Vec<Vec<Header>>;
 
 /// Reads every file's header and groups the images: by series, orientation and frame size.
-fn scan(path: &Path) -> Result<(Groups, Skipped)> {
+fn scan(files: Vec<PathBuf>) -> (Groups, Skipped) {
     let mut groups: BTreeMap<String, Vec<Header>> = BTreeMap::new();
     let mut skipped = Vec::new();
-    for file in files_under(path)? {
+    for file in files {
         let header = OpenFileOptions::new()
             .read_until(tags::PIXEL_DATA)
             .open_file(&file)
@@ -202,7 +215,7 @@ fn scan(path: &Path) -> Result<(Groups, Skipped)> {
     }
     let mut groups: Groups = groups.into_values().collect();
     groups.sort_by_key(|g| std::cmp::Reverse(g.iter().map(|h| h.slices.len()).sum::<usize>()));
-    Ok((groups, skipped))
+    (groups, skipped)
 }
 
 fn choose<'a>(
