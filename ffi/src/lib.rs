@@ -219,6 +219,51 @@ unsafe fn text_arg<'a>(p: *const c_char, what: &str, default: &'a str) -> lwi::R
         .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
 }
 
+/// Clears `*out`, runs `read`, and hands the volume to the host through `*out`.
+///
+/// SAFETY (callers): `out` is NULL or writable.
+unsafe fn volume_out(
+    out: *mut *mut LwiVolumeHandle,
+    read: impl FnOnce() -> lwi::Result<Volume>,
+) -> lwi::Result<()> {
+    if out.is_null() {
+        return Err(null("out"));
+    }
+    // SAFETY: `out` is non-NULL and writable by the caller's contract.
+    unsafe { *out = std::ptr::null_mut() };
+    let volume = read()?;
+    // SAFETY: as above.
+    unsafe { *out = handles::hand_out(LwiVolumeHandle { volume }) };
+    Ok(())
+}
+
+/// Clears `*out_json`, runs `make`, and hands its text to the host (freed by `lwi_string_free`).
+///
+/// SAFETY (callers): `out_json` is NULL or writable.
+unsafe fn string_out(
+    out_json: *mut *mut c_char,
+    make: impl FnOnce() -> lwi::Result<String>,
+) -> lwi::Result<()> {
+    if out_json.is_null() {
+        return Err(null("out_json"));
+    }
+    // SAFETY: `out_json` is non-NULL and writable by the caller's contract.
+    unsafe { *out_json = std::ptr::null_mut() };
+    let text = CString::new(make()?).map_err(|e| Error::internal(e.to_string()))?;
+    // SAFETY: as above.
+    unsafe { *out_json = text.into_raw() };
+    Ok(())
+}
+
+/// A series UID argument: NULL or "" means the default series.
+///
+/// SAFETY (callers): `uid` is NULL or a NUL-terminated string.
+unsafe fn series_arg<'a>(uid: *const c_char) -> lwi::Result<Option<&'a str>> {
+    // SAFETY: forwarded caller contract.
+    let uid = unsafe { text_arg(uid, "series_uid", "")? };
+    Ok(Some(uid).filter(|u| !u.is_empty()))
+}
+
 /// Frees a handle through the registry; NULL is a no-op, anything not live sets the last error.
 fn free_handle<T: std::any::Any + Send + Sync>(name: &str, ptr: *const T, what: &str) {
     if !ptr.is_null() {
@@ -296,17 +341,8 @@ pub unsafe extern "C" fn lwi_volume_read(
     out: *mut *mut LwiVolumeHandle,
 ) -> LwiStatus {
     guard("lwi_volume_read", || {
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        // SAFETY: `out` is non-NULL and writable by the caller's contract.
-        unsafe { *out = std::ptr::null_mut() };
         // SAFETY: forwarded caller contract.
-        let volume = lwi::io::read_volume(unsafe { path_arg(path, "path")? })?;
-        let h = handles::hand_out(LwiVolumeHandle { volume });
-        // SAFETY: as above.
-        unsafe { *out = h };
-        Ok(())
+        unsafe { volume_out(out, || lwi::io::read_volume(path_arg(path, "path")?)) }
     })
 }
 
@@ -322,23 +358,12 @@ pub unsafe extern "C" fn lwi_volume_read_series(
     out: *mut *mut LwiVolumeHandle,
 ) -> LwiStatus {
     guard("lwi_volume_read_series", || {
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        // SAFETY: `out` is non-NULL and writable by the caller's contract.
-        unsafe { *out = std::ptr::null_mut() };
         // SAFETY: forwarded caller contract.
-        let (path, uid) = unsafe {
-            (
-                path_arg(path, "path")?,
-                text_arg(series_uid, "series_uid", "")?,
-            )
-        };
-        let uid = Some(uid).filter(|u| !u.is_empty());
-        let volume = lwi::io::read_volume_series(path, uid)?;
-        // SAFETY: as above.
-        unsafe { *out = handles::hand_out(LwiVolumeHandle { volume }) };
-        Ok(())
+        unsafe {
+            volume_out(out, || {
+                lwi::io::read_volume_series(path_arg(path, "path")?, series_arg(series_uid)?)
+            })
+        }
     })
 }
 
@@ -358,32 +383,29 @@ pub unsafe extern "C" fn lwi_volume_read_dicom_files(
     out: *mut *mut LwiVolumeHandle,
 ) -> LwiStatus {
     guard("lwi_volume_read_dicom_files", || {
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        // SAFETY: `out` is non-NULL and writable by the caller's contract.
-        unsafe { *out = std::ptr::null_mut() };
-        if paths.is_null() {
-            return Err(null("paths"));
-        }
-        if count == 0 {
-            return Err(Error::invalid("count is 0: no files given"));
-        }
-        // SAFETY: `paths` holds `count` pointers by the caller's contract.
-        let list = unsafe { std::slice::from_raw_parts(paths, count) };
-        let files = list
-            .iter()
-            .enumerate()
-            // SAFETY: each entry is NULL or a NUL-terminated string by the caller's contract.
-            .map(|(i, &p)| unsafe { path_arg(p, &format!("paths[{i}]")) }.map(Path::to_path_buf))
-            .collect::<lwi::Result<Vec<_>>>()?;
+        let read = || {
+            if paths.is_null() {
+                return Err(null("paths"));
+            }
+            if count == 0 {
+                return Err(Error::invalid("count is 0: no files given"));
+            }
+            // SAFETY: `paths` holds `count` pointers by the caller's contract.
+            let list = unsafe { std::slice::from_raw_parts(paths, count) };
+            let files = list
+                .iter()
+                .enumerate()
+                // SAFETY: each entry is NULL or a NUL-terminated string by the caller's contract.
+                .map(|(i, &p)| {
+                    unsafe { path_arg(p, &format!("paths[{i}]")) }.map(Path::to_path_buf)
+                })
+                .collect::<lwi::Result<Vec<_>>>()?;
+            // SAFETY: forwarded caller contract.
+            let uid = unsafe { series_arg(series_uid)? };
+            Ok(lwi::io::dicom::read_files(&files, uid)?.volume)
+        };
         // SAFETY: forwarded caller contract.
-        let uid = unsafe { text_arg(series_uid, "series_uid", "")? };
-        let uid = Some(uid).filter(|u| !u.is_empty());
-        let volume = lwi::io::dicom::read_files(&files, uid)?.volume;
-        // SAFETY: as above.
-        unsafe { *out = handles::hand_out(LwiVolumeHandle { volume }) };
-        Ok(())
+        unsafe { volume_out(out, read) }
     })
 }
 
@@ -399,23 +421,17 @@ pub unsafe extern "C" fn lwi_dicom_series_json(
     out_json: *mut *mut c_char,
 ) -> LwiStatus {
     guard("lwi_dicom_series_json", || {
-        if out_json.is_null() {
-            return Err(null("out_json"));
-        }
-        // SAFETY: `out_json` is writable by the caller's contract.
-        unsafe { *out_json = std::ptr::null_mut() };
+        let list = || {
+            // SAFETY: forwarded caller contract.
+            let (series, skipped) = lwi::io::dicom::list(unsafe { path_arg(path, "path")? })?;
+            let skipped: Vec<_> = skipped
+                .iter()
+                .map(|(f, why)| serde_json::json!({"file": f.display().to_string(), "reason": why}))
+                .collect();
+            Ok(serde_json::json!({"series": series, "skipped": skipped}).to_string())
+        };
         // SAFETY: forwarded caller contract.
-        let path = unsafe { path_arg(path, "path")? };
-        let (series, skipped) = lwi::io::dicom::list(path)?;
-        let skipped: Vec<_> = skipped
-            .iter()
-            .map(|(f, why)| serde_json::json!({"file": f.display().to_string(), "reason": why}))
-            .collect();
-        let doc = serde_json::json!({"series": series, "skipped": skipped});
-        let text = CString::new(doc.to_string()).map_err(|e| Error::internal(e.to_string()))?;
-        // SAFETY: as above.
-        unsafe { *out_json = text.into_raw() };
-        Ok(())
+        unsafe { string_out(out_json, list) }
     })
 }
 
@@ -932,34 +948,30 @@ pub unsafe extern "C" fn lwi_evaluate(
     out_json: *mut *mut c_char,
 ) -> LwiStatus {
     guard("lwi_evaluate", || {
-        if out_json.is_null() {
-            return Err(null("out_json"));
-        }
-        // SAFETY: `out_json` is writable by the caller's contract.
-        unsafe { *out_json = std::ptr::null_mut() };
+        let report = || {
+            // SAFETY: forwarded caller contract.
+            let (pred, reference, json) = unsafe {
+                (
+                    path_arg(pred_path, "pred_path")?,
+                    path_arg(ref_path, "ref_path")?,
+                    text_arg(options_json, "options_json", "{}")?,
+                )
+            };
+            #[derive(serde::Deserialize, Default)]
+            #[serde(deny_unknown_fields, default)]
+            struct Options {
+                labels: Option<Vec<u32>>,
+            }
+            let opts: Options = if json.trim().is_empty() {
+                Options::default()
+            } else {
+                serde_json::from_str(json)
+                    .map_err(|e| Error::invalid(format!("options_json: {e}")))?
+            };
+            Ok(lwi::metrics::evaluate(pred, reference, opts.labels.as_deref())?.to_string())
+        };
         // SAFETY: forwarded caller contract.
-        let (pred, reference, json) = unsafe {
-            (
-                path_arg(pred_path, "pred_path")?,
-                path_arg(ref_path, "ref_path")?,
-                text_arg(options_json, "options_json", "{}")?,
-            )
-        };
-        #[derive(serde::Deserialize, Default)]
-        #[serde(deny_unknown_fields, default)]
-        struct Options {
-            labels: Option<Vec<u32>>,
-        }
-        let opts: Options = if json.trim().is_empty() {
-            Options::default()
-        } else {
-            serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?
-        };
-        let report = lwi::metrics::evaluate(pred, reference, opts.labels.as_deref())?;
-        let text = CString::new(report.to_string()).map_err(|e| Error::internal(e.to_string()))?;
-        // SAFETY: as above.
-        unsafe { *out_json = text.into_raw() };
-        Ok(())
+        unsafe { string_out(out_json, report) }
     })
 }
 

@@ -258,7 +258,9 @@ fn print_evaluation(report: &serde_json::Value) {
     }
 }
 
-/// Parses "I/N" with 0 ≤ I < N.
+/// File endings of the volumes `lwi segment` writes (`.dcm`: a DICOM SEG).
+const VOLUME_ENDINGS: [&str; 5] = [".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"];
+
 /// DICOM input: a folder, a DICOMDIR or a `.dcm` file.
 fn is_dicom_path(p: &std::path::Path) -> bool {
     let name = p
@@ -277,7 +279,7 @@ fn output_name(input: &std::path::Path, output_type: &str) -> std::path::PathBuf
         .and_then(|n| n.to_str())
         .unwrap_or("output")
         .to_string();
-    let stem = [".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"]
+    let stem = VOLUME_ENDINGS
         .iter()
         .find_map(|e| name.strip_suffix(e))
         .unwrap_or(&name)
@@ -292,6 +294,7 @@ fn output_name(input: &std::path::Path, output_type: &str) -> std::path::PathBuf
     format!("{stem}{ext}").into()
 }
 
+/// Parses "I/N" with 0 ≤ I < N.
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("--shard {s}: expected I/N with 0 <= I < N, e.g. 0/4");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
@@ -545,9 +548,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let volume_ext = |p: &std::path::Path| {
                 let n = p.to_string_lossy().to_lowercase();
-                [".nii", ".nii.gz", ".nrrd", ".nhdr", ".dcm"]
-                    .iter()
-                    .any(|e| n.ends_with(e))
+                VOLUME_ENDINGS.iter().any(|e| n.ends_with(e))
             };
             let single_file = inputs.len() == 1 && volume_ext(&out) && !out.is_dir();
             if !single_file {
