@@ -148,7 +148,7 @@ fn summary(g: &[Header]) -> SeriesSummary {
         description: h.description.clone(),
         rows: h.rows,
         columns: h.columns,
-        slices: g.iter().map(|h| h.slices.len()).sum(),
+        slices: slice_count(g),
         files: g.len(),
     }
 }
@@ -188,6 +188,11 @@ fn files_under(path: &Path) -> Result<Vec<PathBuf>> {
 
 type Groups = Vec<Vec<Header>>;
 
+/// Images (slices or frames) in a group.
+fn slice_count(g: &[Header]) -> usize {
+    g.iter().map(|h| h.slices.len()).sum()
+}
+
 /// Reads every file's header and groups the images: by series, orientation and frame size.
 fn scan(files: Vec<PathBuf>) -> (Groups, Skipped) {
     let mut groups: BTreeMap<String, Vec<Header>> = BTreeMap::new();
@@ -214,7 +219,7 @@ fn scan(files: Vec<PathBuf>) -> (Groups, Skipped) {
         }
     }
     let mut groups: Groups = groups.into_values().collect();
-    groups.sort_by_key(|g| std::cmp::Reverse(g.iter().map(|h| h.slices.len()).sum::<usize>()));
+    groups.sort_by_key(|g| std::cmp::Reverse(slice_count(g)));
     (groups, skipped)
 }
 
@@ -259,7 +264,6 @@ fn choose<'a>(
             .filter(|g| matches!(g[0].modality.as_str(), "CT" | "MR"))
             .collect(),
     };
-    let size = |g: &Vec<Header>| g.iter().map(|h| h.slices.len()).sum::<usize>();
     match candidates.as_slice() {
         [] if series_uid.is_some() => Err(Error::invalid(format!(
             "{}: no series {} here; found:\n{}",
@@ -274,17 +278,19 @@ fn choose<'a>(
             listing()
         ))),
         [one] => Ok(one),
-        [first, second, ..] if size(first) == size(second) => Err(Error::invalid(format!(
-            "{}: several series of {} slices{}: choose one with its series UID:\n{}",
-            path.display(),
-            size(first),
-            if series_uid.is_some() {
-                " (one series UID, several orientations or sizes)"
-            } else {
-                ""
-            },
-            listing()
-        ))),
+        [first, second, ..] if slice_count(first) == slice_count(second) => {
+            Err(Error::invalid(format!(
+                "{}: several series of {} slices{}: choose one with its series UID:\n{}",
+                path.display(),
+                slice_count(first),
+                if series_uid.is_some() {
+                    " (one series UID, several orientations or sizes)"
+                } else {
+                    ""
+                },
+                listing()
+            )))
+        }
         [first, ..] => Ok(first),
     }
 }
