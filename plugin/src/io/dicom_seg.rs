@@ -122,6 +122,121 @@ fn now() -> (String, String) {
     )
 }
 
+/// The label values, x fastest then y then z (frame order); SEG segments number at most 255 here.
+fn label_values(labels: &Volume) -> Result<Vec<u8>> {
+    let wide = crate::volume::DType::U16.le_bytes_from_tensor(&labels.data)?;
+    wide.chunks_exact(2)
+        .map(|b| u8::try_from(u16::from_le_bytes([b[0], b[1]])))
+        .collect::<std::result::Result<Vec<u8>, _>>()
+        .map_err(|_| Error::unsupported("DICOM SEG output takes label values up to 255"))
+}
+
+/// One item of the Segment Sequence: label name, its value, SNOMED CT codes where known.
+fn segment_item(number: usize, value: u8, names: &BTreeMap<u32, String>) -> InMemDicomObject {
+    let name = names
+        .get(&(value as u32))
+        .cloned()
+        .unwrap_or_else(|| format!("label {value}"));
+    let known = ORGANS.iter().find(|(n, _, _)| same_words(n, &name));
+    let (category, kind) = match known {
+        Some((_, c, meaning)) => (
+            code("123037004", "SCT", "Anatomical Structure"),
+            code(c, "SCT", meaning),
+        ),
+        None => (
+            code("85756007", "SCT", "Tissue"),
+            code("85756007", "SCT", "Tissue"),
+        ),
+    };
+    obj(vec![
+        el(tags::SEGMENT_NUMBER, VR::US, number as u16),
+        el(tags::SEGMENT_LABEL, VR::LO, name.as_str()),
+        el(
+            tags::SEGMENT_DESCRIPTION,
+            VR::ST,
+            format!("label value {value}").as_str(),
+        ),
+        el(tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC"),
+        el(tags::SEGMENT_ALGORITHM_NAME, VR::LO, "lwi UNETR"),
+        seq(
+            tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE,
+            vec![category],
+        ),
+        seq(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![kind]),
+    ])
+}
+
+/// The per-frame functional groups of segment `segment`'s frame on slice `z`: where it lies and
+/// the source image (and frame) it derives from.
+fn frame_item(
+    segment: usize,
+    z: usize,
+    position: &[f64; 3],
+    (sop_class, sop_instance, frame): &(String, String, Option<u32>),
+) -> InMemDicomObject {
+    let mut reference = vec![
+        el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, sop_class.as_str()),
+        el(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            sop_instance.as_str(),
+        ),
+        // The label map is on the source grid: each frame covers its source image exactly.
+        el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"),
+    ];
+    if let Some(f) = frame {
+        reference.push(el(
+            tags::REFERENCED_FRAME_NUMBER,
+            VR::IS,
+            f.to_string().as_str(),
+        ));
+    }
+    reference.push(seq(
+        tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+        vec![code(
+            "121322",
+            "DCM",
+            "Source image for image processing operation",
+        )],
+    ));
+    obj(vec![
+        seq(
+            tags::DERIVATION_IMAGE_SEQUENCE,
+            vec![obj(vec![
+                seq(tags::SOURCE_IMAGE_SEQUENCE, vec![obj(reference)]),
+                seq(
+                    tags::DERIVATION_CODE_SEQUENCE,
+                    vec![code("113076", "DCM", "Segmentation")],
+                ),
+            ])],
+        ),
+        seq(
+            tags::FRAME_CONTENT_SEQUENCE,
+            vec![obj(vec![el(
+                tags::DIMENSION_INDEX_VALUES,
+                VR::UL,
+                dicom_value!(U32, [segment as u32, (z + 1) as u32]),
+            )])],
+        ),
+        seq(
+            tags::PLANE_POSITION_SEQUENCE,
+            vec![obj(vec![el(
+                tags::IMAGE_POSITION_PATIENT,
+                VR::DS,
+                ds(position),
+            )])],
+        ),
+        seq(
+            tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+            vec![obj(vec![el(
+                tags::REFERENCED_SEGMENT_NUMBER,
+                VR::US,
+                segment as u16,
+            )])],
+        ),
+    ])
+}
+
 /// Writes `labels` (on the grid of the series `source` describes) as a DICOM SEG at `path`,
 /// through a temporary name. `names` maps label values to segment labels.
 pub fn write(
@@ -137,12 +252,7 @@ pub fn write(
             source.slices.len()
         )));
     }
-    // Label values, slice by slice, in frame order (x fastest along a row).
-    let values: Vec<u8> = crate::volume::DType::U16
-        .le_bytes_from_tensor(&labels.data)?
-        .chunks_exact(2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]).min(255) as u8)
-        .collect();
+    let values = label_values(labels)?;
     let plane = (nx * ny) as usize;
     let present: Vec<u8> = {
         let mut seen = [false; 256];
@@ -179,39 +289,7 @@ pub fn write(
     let segments: Vec<InMemDicomObject> = present
         .iter()
         .enumerate()
-        .map(|(i, &v)| {
-            let name = names
-                .get(&(v as u32))
-                .cloned()
-                .unwrap_or_else(|| format!("label {v}"));
-            let known = ORGANS.iter().find(|(n, _, _)| same_words(n, &name));
-            let (category, kind) = match known {
-                Some((_, c, meaning)) => (
-                    code("123037004", "SCT", "Anatomical Structure"),
-                    code(c, "SCT", meaning),
-                ),
-                None => (
-                    code("85756007", "SCT", "Tissue"),
-                    code("85756007", "SCT", "Tissue"),
-                ),
-            };
-            obj(vec![
-                el(tags::SEGMENT_NUMBER, VR::US, (i + 1) as u16),
-                el(tags::SEGMENT_LABEL, VR::LO, name.as_str()),
-                el(
-                    tags::SEGMENT_DESCRIPTION,
-                    VR::ST,
-                    format!("label value {v}").as_str(),
-                ),
-                el(tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC"),
-                el(tags::SEGMENT_ALGORITHM_NAME, VR::LO, "lwi UNETR"),
-                seq(
-                    tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE,
-                    vec![category],
-                ),
-                seq(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![kind]),
-            ])
-        })
+        .map(|(i, &v)| segment_item(i + 1, v, names))
         .collect();
 
     // Frames: for each segment, each slice that holds it; bits packed LSB first, frame after frame.
@@ -233,68 +311,7 @@ pub fn write(
                 }
                 nbits += 1;
             }
-            let (sop_class, sop_instance, frame) = &source.slices[z];
-            let mut reference = vec![
-                el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, sop_class.as_str()),
-                el(
-                    tags::REFERENCED_SOP_INSTANCE_UID,
-                    VR::UI,
-                    sop_instance.as_str(),
-                ),
-                // The label map is on the source grid: each frame covers its source image exactly.
-                el(tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES"),
-            ];
-            if let Some(f) = frame {
-                reference.push(el(
-                    tags::REFERENCED_FRAME_NUMBER,
-                    VR::IS,
-                    f.to_string().as_str(),
-                ));
-            }
-            reference.push(seq(
-                tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
-                vec![code(
-                    "121322",
-                    "DCM",
-                    "Source image for image processing operation",
-                )],
-            ));
-            frames.push(obj(vec![
-                seq(
-                    tags::DERIVATION_IMAGE_SEQUENCE,
-                    vec![obj(vec![
-                        seq(tags::SOURCE_IMAGE_SEQUENCE, vec![obj(reference)]),
-                        seq(
-                            tags::DERIVATION_CODE_SEQUENCE,
-                            vec![code("113076", "DCM", "Segmentation")],
-                        ),
-                    ])],
-                ),
-                seq(
-                    tags::FRAME_CONTENT_SEQUENCE,
-                    vec![obj(vec![el(
-                        tags::DIMENSION_INDEX_VALUES,
-                        VR::UL,
-                        dicom_value!(U32, [(i + 1) as u32, (z + 1) as u32]),
-                    )])],
-                ),
-                seq(
-                    tags::PLANE_POSITION_SEQUENCE,
-                    vec![obj(vec![el(
-                        tags::IMAGE_POSITION_PATIENT,
-                        VR::DS,
-                        ds(&position(z)),
-                    )])],
-                ),
-                seq(
-                    tags::SEGMENT_IDENTIFICATION_SEQUENCE,
-                    vec![obj(vec![el(
-                        tags::REFERENCED_SEGMENT_NUMBER,
-                        VR::US,
-                        (i + 1) as u16,
-                    )])],
-                ),
-            ]));
+            frames.push(frame_item(i + 1, z, &position(z), &source.slices[z]));
         }
     }
     if bits.len() % 2 == 1 {
@@ -498,6 +515,23 @@ mod tests {
         assert_eq!(format_ds(-0.0), "0");
         assert!(format_ds(1.0 / 3.0).len() <= 16);
         assert!(format_ds(-123456.123456789).len() <= 16);
+    }
+
+    #[test]
+    fn label_values_above_255_are_refused_not_clipped() {
+        let eye = [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
+        let volume = |v: i32| {
+            let data = tch::Tensor::from_slice(&[0i32, 7, v, 1]).view([2, 2, 1]);
+            Volume::new(data, eye, crate::volume::DType::U16).unwrap()
+        };
+        assert_eq!(label_values(&volume(255)).unwrap(), vec![0, 255, 7, 1]);
+        let err = label_values(&volume(300)).unwrap_err();
+        assert!(err.message.contains("up to 255"), "{}", err.message);
     }
 
     #[test]
