@@ -76,19 +76,24 @@ def bench_cold_start(work, reps):
             lambda: subprocess.run(ref_cmd, check=True), "nibabel", reps)
 
 
-def bench_unetr_forward(device, batch, precision, rounds=3, reps=3):
-    """Full-size UNETR (92.8 M parameters, 96^3) forward, no grad: lwi vs MONAI 1.6.1, each side in
-    its own process, alternated `rounds` times; each process reports the median of `reps` passes."""
-    lwi_cmd = [str(BIN / "unetr_forward"), device, str(batch), precision, str(reps)]
-    ref_cmd = [sys.executable, str(ROOT / "bench" / "monai_unetr_forward.py"), device, str(batch), precision, str(reps)]
+def alternate(name, lwi_cmd, ref_cmd, ref_name, rounds):
+    """Runs two benchmark programs (each printing a JSON line with `median_ms`) in turn `rounds` times,
+    each in its own process; prints the medians of their medians and the ratio."""
     run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     a, b = [], []
     for _ in range(rounds):
         a.append(run(lwi_cmd)["median_ms"])
         b.append(run(ref_cmd)["median_ms"])
     ma, mb = statistics.median(a), statistics.median(b)
-    name = f"  UNETR forward {device} batch {batch} {precision}"
-    print(f"{name:<44} lwi {ma:9.1f} ms   {'MONAI':<10} {mb:9.1f} ms   ratio {ma / mb:5.2f}", flush=True)
+    print(f"{name:<44} lwi {ma:9.1f} ms   {ref_name:<10} {mb:9.1f} ms   ratio {ma / mb:5.2f}", flush=True)
+
+
+def bench_unetr_forward(device, batch, precision, rounds=3, reps=3):
+    """Full-size UNETR (92.8 M parameters, 96^3) forward, no grad: lwi vs MONAI 1.6.1, each side in
+    its own process, alternated `rounds` times; each process reports the median of `reps` passes."""
+    tail = [device, str(batch), precision, str(reps)]
+    alternate(f"  UNETR forward {device} batch {batch} {precision}", [str(BIN / "unetr_forward"), *tail],
+              [sys.executable, str(ROOT / "bench" / "monai_unetr_forward.py"), *tail], "MONAI", rounds)
 
 
 TINY = dict(size=64, feature=16, hidden=192, mlp=768, heads=4)
@@ -100,17 +105,9 @@ def bench_train_step(device, batch, precision, shape, rounds=3, reps=3):
     (plugin/examples/train_step.rs) vs a PyTorch loop with MONAI's UNETR and DiceCELoss
     (bench/monai_train_step.py), each in its own process, alternated `rounds` times."""
     tail = [device, str(batch), precision, str(reps), *(str(shape[k]) for k in ("size", "feature", "hidden", "mlp", "heads"))]
-    lwi_cmd = [str(BIN / "train_step"), *tail]
-    ref_cmd = [sys.executable, str(ROOT / "bench" / "monai_train_step.py"), *tail]
-    run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    a, b = [], []
-    for _ in range(rounds):
-        a.append(run(lwi_cmd)["median_ms"])
-        b.append(run(ref_cmd)["median_ms"])
-    ma, mb = statistics.median(a), statistics.median(b)
-    name = f"  train step {device} batch {batch} {shape['size']}^3 {precision}"
-    ref = "MONAI+AMP" if precision != "fp32" else "MONAI"
-    print(f"{name:<44} lwi {ma:9.1f} ms   {ref:<10} {mb:9.1f} ms   ratio {ma / mb:5.2f}", flush=True)
+    alternate(f"  train step {device} batch {batch} {shape['size']}^3 {precision}", [str(BIN / "train_step"), *tail],
+              [sys.executable, str(ROOT / "bench" / "monai_train_step.py"), *tail],
+              "MONAI+AMP" if precision != "fp32" else "MONAI", rounds)
 
 
 def run_measured(cmd):

@@ -1,0 +1,80 @@
+//! What the benchmark programs share: their command line, CUDA synchronisation around the timed
+//! work, warm-up, and the JSON line bench/run.py reads.
+
+use lwi::model::{Precision, UnetrConfig};
+use tch::Device;
+
+/// `DEVICE BATCH PRECISION REPS [SIZE [FEATURE HIDDEN MLP HEADS]]`; the model shape defaults to the
+/// full UNETR at 96³.
+pub struct Args {
+    pub device: Device,
+    pub batch: i64,
+    pub precision: Precision,
+    pub precision_name: String,
+    pub reps: usize,
+    pub cfg: UnetrConfig,
+}
+
+pub fn args() -> Result<Args, Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize, default: String| args.get(i).cloned().unwrap_or(default);
+    let default = UnetrConfig::default();
+    let num = |i: usize, d: i64| arg(i, d.to_string()).parse::<i64>();
+    let device = lwi::engine::parse_device(&arg(1, "cpu".into()))?;
+    let precision_name = arg(3, "fp32".into());
+    let size = num(5, 96)?;
+    let cfg = UnetrConfig {
+        img_size: [size; 3],
+        feature_size: num(6, default.feature_size)?,
+        hidden_size: num(7, default.hidden_size)?,
+        mlp_dim: num(8, default.mlp_dim)?,
+        num_heads: num(9, default.num_heads)?,
+        ..default
+    };
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    Ok(Args {
+        device,
+        batch: num(2, 1)?,
+        precision: serde_json::from_str(&format!("\"{precision_name}\""))?,
+        precision_name,
+        reps: arg(4, "5".into()).parse()?,
+        cfg,
+    })
+}
+
+/// Runs `work` twice to warm up, then `reps` times, each timed between CUDA synchronisations;
+/// returns the times in ms, sorted.
+pub fn time(
+    a: &Args,
+    mut work: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    let sync = || {
+        if let Device::Cuda(i) = a.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut times = Vec::new();
+    for i in 0..a.reps + 2 {
+        sync();
+        let t = std::time::Instant::now();
+        work()?;
+        sync();
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// Prints the JSON line: median and minimum, the run's settings, and `extra` fields.
+pub fn report(a: &Args, times: &[f64], extra: serde_json::Value) {
+    let mut doc = serde_json::json!({"median_ms": times[times.len() / 2], "min_ms": times[0],
+        "batch": a.batch, "device": format!("{:?}", a.device), "precision": a.precision_name});
+    if let (Some(d), serde_json::Value::Object(e)) = (doc.as_object_mut(), extra) {
+        d.extend(e);
+    }
+    println!("{doc}");
+}
