@@ -219,40 +219,55 @@ unsafe fn text_arg<'a>(p: *const c_char, what: &str, default: &'a str) -> lwi::R
         .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
 }
 
-/// Clears `*out`, runs `read`, and hands the volume to the host through `*out`.
+/// The out-parameter convention of every call that hands something to the host: `*out` is
+/// cleared first (so it is NULL on any failure), then set to what `make` returns.
+///
+/// SAFETY (callers): `out` is NULL or writable.
+unsafe fn hand_over<T>(
+    out: *mut *mut T,
+    what: &str,
+    make: impl FnOnce() -> lwi::Result<*mut T>,
+) -> lwi::Result<()> {
+    if out.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: `out` is non-NULL and writable by the caller's contract.
+    unsafe { *out = std::ptr::null_mut() };
+    let made = make()?;
+    // SAFETY: as above.
+    unsafe { *out = made };
+    Ok(())
+}
+
+/// Hands the volume `read` gives to the host as a new handle.
 ///
 /// SAFETY (callers): `out` is NULL or writable.
 unsafe fn volume_out(
     out: *mut *mut LwiVolumeHandle,
     read: impl FnOnce() -> lwi::Result<Volume>,
 ) -> lwi::Result<()> {
-    if out.is_null() {
-        return Err(null("out"));
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        hand_over(out, "out", || {
+            Ok(handles::hand_out(LwiVolumeHandle { volume: read()? }))
+        })
     }
-    // SAFETY: `out` is non-NULL and writable by the caller's contract.
-    unsafe { *out = std::ptr::null_mut() };
-    let volume = read()?;
-    // SAFETY: as above.
-    unsafe { *out = handles::hand_out(LwiVolumeHandle { volume }) };
-    Ok(())
 }
 
-/// Clears `*out_json`, runs `make`, and hands its text to the host (freed by `lwi_string_free`).
+/// Hands the text `make` gives to the host (freed by `lwi_string_free`).
 ///
 /// SAFETY (callers): `out_json` is NULL or writable.
 unsafe fn string_out(
     out_json: *mut *mut c_char,
     make: impl FnOnce() -> lwi::Result<String>,
 ) -> lwi::Result<()> {
-    if out_json.is_null() {
-        return Err(null("out_json"));
-    }
-    // SAFETY: `out_json` is non-NULL and writable by the caller's contract.
-    unsafe { *out_json = std::ptr::null_mut() };
-    let text = CString::new(make()?).map_err(|e| Error::internal(e.to_string()))?;
-    // SAFETY: as above.
-    unsafe { *out_json = text.into_raw() };
-    Ok(())
+    let text = || {
+        CString::new(make()?)
+            .map(CString::into_raw)
+            .map_err(|e| Error::internal(e.to_string()))
+    };
+    // SAFETY: forwarded caller contract.
+    unsafe { hand_over(out_json, "out_json", text) }
 }
 
 /// A series UID argument: NULL or "" means the default series.
@@ -614,17 +629,14 @@ pub unsafe extern "C" fn lwi_engine_create(
     out: *mut *mut LwiEngine,
 ) -> LwiStatus {
     guard("lwi_engine_create", || {
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        // SAFETY: `out` is writable by the caller's contract.
-        unsafe { *out = std::ptr::null_mut() };
+        let create = || {
+            // SAFETY: forwarded caller contract.
+            let json = unsafe { text_arg(options_json, "options_json", "")? };
+            let engine = lwi::engine::Engine::from_json(json)?;
+            Ok(handles::hand_out(LwiEngine { engine }))
+        };
         // SAFETY: forwarded caller contract.
-        let json = unsafe { text_arg(options_json, "options_json", "")? };
-        let engine = lwi::engine::Engine::from_json(json)?;
-        // SAFETY: as above.
-        unsafe { *out = handles::hand_out(LwiEngine { engine }) };
-        Ok(())
+        unsafe { hand_over(out, "out", create) }
     })
 }
 
@@ -650,23 +662,18 @@ pub unsafe extern "C" fn lwi_model_load(
     out: *mut *mut LwiModel,
 ) -> LwiStatus {
     guard("lwi_model_load", || {
-        if out.is_null() {
-            return Err(null("out"));
-        }
-        // SAFETY: `out` is writable by the caller's contract.
-        unsafe { *out = std::ptr::null_mut() };
-        let engine = handles::borrow(engine, "engine")?;
-        // SAFETY: forwarded caller contract.
-        let path = unsafe { path_arg(path, "path")? };
-        let model = lwi::bundle::Model::load(path, engine.engine.device)?;
-        // SAFETY: as above.
-        unsafe {
-            *out = handles::hand_out(LwiModel {
+        let load = || {
+            let engine = handles::borrow(engine, "engine")?;
+            // SAFETY: forwarded caller contract.
+            let path = unsafe { path_arg(path, "path")? };
+            let model = lwi::bundle::Model::load(path, engine.engine.device)?;
+            Ok(handles::hand_out(LwiModel {
                 model,
                 info: OnceLock::new(),
-            })
+            }))
         };
-        Ok(())
+        // SAFETY: forwarded caller contract.
+        unsafe { hand_over(out, "out", load) }
     })
 }
 
