@@ -110,6 +110,44 @@ def bench_train_step(device, batch, precision, shape, rounds=3, reps=3):
               "MONAI+AMP" if precision != "fp32" else "MONAI", rounds)
 
 
+def bench_sliding_window(device, reps=3):
+    """Sliding-window inference alone on a 273x273x250 volume already on the GPU (full UNETR, roi 96^3,
+    overlap 0.5, gaussian): lwi (plugin/examples/sliding_window.rs) in several settings vs MONAI's
+    sliding_window_inference (bench/monai_sliding_window.py), every setting once per round, each process
+    reporting the median of `reps` passes after two warm-ups. Ratios are against MONAI with window batch 4
+    in the same precision (bf16 for both autocast precisions)."""
+    def run(cmd, env):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def lwi(batch, precision, fused):
+        return ([str(BIN / "sliding_window"), device, str(batch), precision, str(reps)],
+                {"LWI_BENCH_FUSED": "1" if fused else "0"})
+
+    def monai(batch, precision, *flags):
+        return [sys.executable, str(ROOT / "bench" / "monai_sliding_window.py"), device, str(batch), precision,
+                str(reps), *flags], {}
+
+    settings = [
+        ("MONAI batch 4 fp32", monai(4, "fp32")),
+        ("lwi   batch 4 fp32", lwi(4, "fp32", True)),
+        ("MONAI batch 4 bf16", monai(4, "bf16")),
+        ("lwi   batch 4 bf16, ATen norms", lwi(4, "bf16", False)),
+        ("lwi   batch 4 bf16", lwi(4, "bf16", True)),
+        ("MONAI batch 16 bf16 channels-last", monai(16, "bf16", "--channels-last")),
+        ("lwi   batch 16 bf16", lwi(16, "bf16", True)),
+        ("lwi   batch 16 fp16", lwi(16, "fp16", True)),
+    ]
+    results = {name: run(*cmd) for name, cmd in settings}
+    for name, r in results.items():
+        ref = results["MONAI batch 4 fp32" if "fp32" in name else "MONAI batch 4 bf16"]["median_ms"]
+        extra = "" if name.startswith("MONAI") else f"   fused kernels {r['fused_calls']}"
+        if r.get("fused_failure"):
+            extra += f" (fused failed: {r['fused_failure']})"
+        print(f"  sliding window {name:<36} {r['median_ms']:8.1f} ms   ratio {r['median_ms'] / ref:5.2f}{extra}",
+              flush=True)
+
+
 def run_measured(cmd):
     """Wall time (s) and peak resident memory (MB) of one child process."""
     t = time.perf_counter()
@@ -174,7 +212,7 @@ def bench_segment(work, device, shape, spacing, sw_batch, precision, reps):
               f"   ratio {ma / mb:5.2f}   labels agree {same:.2%}   (MONAI stages {out.strip()})", flush=True)
 
 
-BENCHES = {"volume-read", "cold-start", "unetr-forward", "train-step", "segment"}
+BENCHES = {"volume-read", "cold-start", "unetr-forward", "train-step", "sliding-window", "segment"}
 
 
 def main():
@@ -200,7 +238,12 @@ def main():
     if args.only in (None, "train-step"):
         shape = FULL if args.device != "cpu" else TINY
         print(f"training step (DiceCE + AdamW), UNETR {shape}")
-        bench_train_step(args.device, args.batch if args.device != "cpu" else 2, args.precision, shape)
+        bench_train_step(args.device, args.batch if args.device != "cpu" else 2, args.precision, shape,
+                         rounds=3 if args.device == "cpu" else 2)
+    if args.only in (None, "sliding-window") and args.device != "cpu":
+        # 125 full-size windows: minutes per pass on 2 CPU cores, so a GPU benchmark only.
+        print("sliding-window inference alone, full UNETR, 273x273x250 on the device, overlap 0.5, gaussian")
+        bench_sliding_window(args.device)
     if args.only in (None, "segment"):
         # On 2 CPU cores a smaller UNETR at 3 mm keeps the run to minutes; the GPU runs the full one at 1.5x1.5x2 mm.
         shape, spacing = (FULL, "1.5,1.5,2") if args.device != "cpu" else (dict(TINY, size=96), "3,3,3")

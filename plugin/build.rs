@@ -29,9 +29,11 @@ fn main() {
     );
 
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused_norm.cpp");
     cc::Build::new()
         .cpp(true)
         .file("csrc/autocast.cpp")
+        .file("csrc/fused_norm.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
@@ -40,5 +42,6 @@ fn main() {
         .compile("lwi_torch_shim");
     println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");
+    println!("cargo:rustc-link-lib=dl");
     println!("cargo:rustc-link-search=native={lib}");
 }

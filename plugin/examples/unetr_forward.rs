@@ -4,6 +4,7 @@
 
 mod common;
 
+use lwi::model::fused::with_fused;
 use lwi::model::{Unetr, with_precision};
 use tch::{Kind, Tensor, nn};
 
@@ -15,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let input = Tensor::randn([a.batch, 1, x, y, z], (Kind::Float, a.device));
     let times = common::time(&a, || {
         let _output = with_precision(a.precision, a.device, || {
-            tch::no_grad(|| net.forward_t(&input, false))
+            with_fused(a.fused, || tch::no_grad(|| net.forward_t(&input, false)))
         })?;
         Ok(())
     })?;

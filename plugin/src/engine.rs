@@ -38,6 +38,11 @@ impl Engine {
             }
             tch::set_num_threads(n);
         }
+        if device.is_cuda() {
+            // Inference and training run the same window shape over and over: let cuDNN time its
+            // algorithms once per shape and keep the fastest (as MONAI's scripts do).
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         Ok(Engine {
             device,
             threads: tch::get_num_threads(),

@@ -120,8 +120,9 @@ pub fn sliding_window(
             let _ = crop(&count, s, 0).f_add_(&weight)?;
         }
     }
-    let sum = sum.ok_or_else(|| Error::internal("sliding window produced no windows"))?;
-    let mut out = sum / count;
+    let mut out = sum.ok_or_else(|| Error::internal("sliding window produced no windows"))?;
+    // In place: a second full-size copy of the class maps would double the peak memory.
+    let _ = out.f_div_(&count)?;
     for d in 0..3 {
         out = out.narrow(1 + d as i64, pads[d].0, spatial[d]);
     }

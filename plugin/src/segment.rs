@@ -9,6 +9,7 @@ use crate::bundle::{Model, Stage};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::infer::{Blend, WindowOptions, sliding_window};
+use crate::model::fused::with_fused;
 use crate::model::{Precision, with_precision};
 use crate::preprocess::{Grid, Interp, prepare, sample};
 use crate::volume::{DType, Volume};
@@ -51,6 +52,9 @@ pub struct SegmentOptions {
     /// For DICOM input with several series: the Series Instance UID to segment (default: the
     /// largest CT/MR series).
     pub series: Option<String>,
+    /// On CUDA, run each block's instance norm + shortcut + LeakyReLU as one fused kernel
+    /// (`model::fused`); false runs ATen's separate kernels.
+    pub fused_norm: bool,
 }
 
 impl Default for SegmentOptions {
@@ -67,6 +71,7 @@ impl Default for SegmentOptions {
             max_gpu_accumulator_mb: None,
             save_preprocessed: None,
             series: None,
+            fused_norm: true,
         }
     }
 }
@@ -130,7 +135,9 @@ pub fn segment(
     let device = model.vs.device();
     let predict = |input: &Tensor| -> Result<Tensor> {
         let logits = with_precision(opts.precision, device, || {
-            tch::no_grad(|| model.net.forward_t(input, false))
+            with_fused(opts.fused_norm, || {
+                tch::no_grad(|| model.net.forward_t(input, false))
+            })
         })?;
         Ok(logits.to_kind(Kind::Float).softmax(1, Kind::Float))
     };
@@ -163,6 +170,7 @@ pub fn run(
         let image = prepared.image.squeeze_dim(0).to_device(Device::Cpu);
         crate::io::write_volume(&Volume::new(image, prepared.grid.affine, DType::F32)?, path)?;
     }
+    settle(device);
     report(progress, event("preprocess", 1, 1))?;
 
     let wopts = WindowOptions {
@@ -226,7 +234,7 @@ pub fn run(
         });
     }
     let probs = probs.ok_or_else(|| Error::internal("no inference view"))?;
-
+    settle(device);
     report(progress, event("resample", 0, 1))?;
     let dst = Grid {
         affine: volume.affine,
@@ -290,6 +298,51 @@ pub fn run(
     Volume::new(labels, volume.affine, dtype)
 }
 
+/// Waits for the GPU's queued work, so that a stage's end event marks when its work ended.
+fn settle(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Passes events on and notes when each stage boundary of `run` was reached, for the manifest's
+/// timings: preprocessing ends at "preprocess 1/1", inference at "resample 0/1", resampling back
+/// at "resample 1/1"; what follows (connected components, the label tensor) is postprocessing.
+struct StageClock<'a> {
+    inner: &'a mut dyn Progress,
+    start: std::time::Instant,
+    marks: Vec<(&'static str, f64)>,
+}
+
+impl Progress for StageClock<'_> {
+    fn report(&mut self, e: &Event) -> bool {
+        let name = match (e.stage, e.done, e.total) {
+            ("preprocess", 1, 1) => Some("preprocess"),
+            ("resample", 0, 1) => Some("infer"),
+            ("resample", 1, 1) => Some("resample"),
+            _ => None,
+        };
+        if let Some(name) = name {
+            self.marks.push((name, self.start.elapsed().as_secs_f64()));
+        }
+        self.inner.report(e)
+    }
+}
+
+impl StageClock<'_> {
+    /// Seconds spent in each stage, given the total.
+    fn stages(&self, total: f64) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        let mut last = 0.0;
+        for &(name, t) in &self.marks {
+            out.insert(name.into(), (t - last).into());
+            last = t;
+        }
+        out.insert("postprocess".into(), (total - last).into());
+        serde_json::Value::Object(out)
+    }
+}
+
 /// Where the sliding-window sums live: with the model, unless that is a GPU and they would exceed
 /// the cap.
 pub fn accumulator_device(device: Device, bytes: u64, cap_mb: Option<u64>) -> Device {
@@ -329,7 +382,12 @@ pub fn segment_file(
         )
     };
     let t1 = std::time::Instant::now();
-    let labels = segment(model, &volume, opts, progress)?;
+    let mut clock = StageClock {
+        inner: progress,
+        start: t1,
+        marks: Vec::new(),
+    };
+    let labels = segment(model, &volume, opts, &mut clock)?;
     let t2 = std::time::Instant::now();
     match &source {
         Some(source) => crate::io::dicom_seg::write(&labels, source, &model.meta.labels, output)?,
@@ -346,7 +404,8 @@ pub fn segment_file(
         "device": crate::bundle::device_name(model.vs.device()),
         "precision": opts.precision,
         "options": opts,
-        "timings_s": {"read": (t1 - t0).as_secs_f64(), "segment": (t2 - t1).as_secs_f64(), "write": (t3 - t2).as_secs_f64()},
+        "timings_s": {"read": (t1 - t0).as_secs_f64(), "segment": (t2 - t1).as_secs_f64(), "write": (t3 - t2).as_secs_f64(),
+            "segment_stages": clock.stages((t2 - t1).as_secs_f64())},
     });
     if manifest {
         let mut name = output.as_os_str().to_owned();

@@ -193,3 +193,114 @@ fn segment_on_cuda_equals_segment_on_cpu_and_the_accumulator_cap_changes_nothing
         "capped accumulators change the labels: {with_cap}"
     );
 }
+
+/// ATen's `leaky_relu(instance_norm(a) + skip)` in float32, the reference for the fused kernel.
+fn aten_norm_act(a: &Tensor, skip: Option<(&Tensor, bool)>) -> Tensor {
+    let norm = |t: &Tensor| {
+        t.to_kind(Kind::Float).instance_norm(
+            None::<Tensor>,
+            None::<Tensor>,
+            None::<Tensor>,
+            None::<Tensor>,
+            true,
+            0.1,
+            1e-5,
+            false,
+        )
+    };
+    let out = norm(a);
+    let out = match skip {
+        None => out,
+        Some((b, false)) => out + b.to_kind(Kind::Float),
+        Some((b, true)) => out + norm(b),
+    };
+    out.leaky_relu()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
+fn the_fused_norm_kernel_equals_aten_for_every_dtype_and_skip() {
+    use lwi::model::fused::{Skip, calls, last_failure, norm_act};
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device visible to libtorch"
+    );
+    let gpu = Device::Cuda(0);
+    tch::manual_seed(1);
+    // Odd sizes (rows not a multiple of anything, voxels not of the block size), a UNETR-sized
+    // level, and a large offset from zero (the variance must not cancel).
+    for shape in [[2i64, 5, 17, 9, 33], [4, 16, 96, 96, 96], [3, 7, 1, 1, 2]] {
+        for (kind, tolerance) in [
+            (Kind::Float, 1e-4),
+            (Kind::Half, 4e-3),
+            (Kind::BFloat16, 3e-2),
+        ] {
+            let make = |offset: f64| {
+                (Tensor::randn(shape, (Kind::Float, gpu)) * 3.0 + offset).to_kind(kind)
+            };
+            let (a, b) = (make(20.0), make(-5.0));
+            for (name, skip, reference) in [
+                ("none", Skip::None, aten_norm_act(&a, None)),
+                ("raw", Skip::Raw(&b), aten_norm_act(&a, Some((&b, false)))),
+                (
+                    "normed",
+                    Skip::Normed(&b),
+                    aten_norm_act(&a, Some((&b, true))),
+                ),
+            ] {
+                let before = calls();
+                let y = tch::no_grad(|| norm_act(&a, &skip, 1e-5, 0.01)).unwrap_or_else(|| {
+                    panic!("the fused kernel did not run: {:?}", last_failure())
+                });
+                assert_eq!(calls(), before + 1);
+                assert_eq!((y.size(), y.kind()), (a.size(), a.kind()));
+                let err = (y.to_kind(Kind::Float) - &reference)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                let scale = reference.abs().max().double_value(&[]).max(1.0);
+                println!(
+                    "fused {shape:?} {kind:?} skip {name}: max|Δ| {err:.2e} (scale {scale:.1})"
+                );
+                assert!(err / scale <= tolerance, "{shape:?} {kind:?} {name}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
+fn unetr_with_the_fused_kernel_equals_unetr_without() {
+    use lwi::model::fused::{calls, with_fused};
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device visible to libtorch"
+    );
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cuda(0));
+    let net = Unetr::new(&vs.root(), &UnetrConfig::default()).unwrap();
+    let x = Tensor::randn([2, 1, 96, 96, 96], (Kind::Float, Device::Cuda(0)));
+    for (precision, tolerance) in [
+        (Precision::Fp32, 1e-4),
+        (Precision::Bf16, 6e-2),
+        (Precision::Fp16, 2e-2),
+    ] {
+        let run = |fused: bool| {
+            with_precision(precision, Device::Cuda(0), || {
+                with_fused(fused, || tch::no_grad(|| net.forward_t(&x, false)))
+            })
+            .unwrap()
+            .to_kind(Kind::Float)
+        };
+        let aten = run(false);
+        let before = calls();
+        let fused = run(true);
+        let used = calls() - before;
+        let r = relative(&fused, &aten.to_device(Device::Cpu));
+        println!(
+            "UNETR {precision:?}: {used} fused kernels per forward, max|Δ|/max|ref| vs ATen {r:.2e}"
+        );
+        assert!(used > 0, "{precision:?}: the fused kernel was not used");
+        assert!(r <= tolerance, "{precision:?}: {r}");
+    }
+}

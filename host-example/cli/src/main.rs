@@ -146,6 +146,10 @@ enum Command {
         /// file on its own grid, to check the preprocessing (one input only).
         #[arg(long, value_name = "FILE")]
         save_preprocessed: Option<PathBuf>,
+        /// On CUDA, run ATen's separate normalisation, add and activation kernels instead of lwi's
+        /// fused one (for comparisons).
+        #[arg(long)]
+        no_fused_norm: bool,
         /// For DICOM inputs: the series to segment (Series Instance UID; default: the largest CT/MR series).
         #[arg(long, value_name = "UID")]
         series: Option<String>,
@@ -534,6 +538,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             largest_component,
             max_gpu_accumulator_mb,
             save_preprocessed,
+            no_fused_norm,
             series,
             output_type,
         } => {
@@ -563,7 +568,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut options = serde_json::json!({
                 "overlap": overlap, "blend": blend, "sw_batch": sw_batch, "resample": resample,
                 "precision": precision, "manifest": !no_manifest, "largest_component": largest_component,
-                "max_gpu_accumulator_mb": max_gpu_accumulator_mb,
+                "max_gpu_accumulator_mb": max_gpu_accumulator_mb, "fused_norm": !no_fused_norm,
             });
             if tta {
                 options["tta_axes"] = serde_json::json!([0, 1, 2]);

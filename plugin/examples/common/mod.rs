@@ -5,7 +5,8 @@ use lwi::model::{Precision, UnetrConfig};
 use tch::Device;
 
 /// `DEVICE BATCH PRECISION REPS [SIZE [FEATURE HIDDEN MLP HEADS]]`; the model shape defaults to the
-/// full UNETR at 96³.
+/// full UNETR at 96³. `LWI_BENCH_FUSED=0` in the environment turns the fused CUDA normalisation
+/// kernel off (inference), to time ATen's kernels instead.
 pub struct Args {
     pub device: Device,
     pub batch: i64,
@@ -13,6 +14,7 @@ pub struct Args {
     pub precision_name: String,
     pub reps: usize,
     pub cfg: UnetrConfig,
+    pub fused: bool,
 }
 
 pub fn args() -> Result<Args, Box<dyn std::error::Error>> {
@@ -41,6 +43,7 @@ pub fn args() -> Result<Args, Box<dyn std::error::Error>> {
         precision_name,
         reps: arg(4, "5".into()).parse()?,
         cfg,
+        fused: std::env::var("LWI_BENCH_FUSED").map_or(true, |v| v != "0"),
     })
 }
 
@@ -72,7 +75,9 @@ pub fn time(
 /// Prints the JSON line: median and minimum, the run's settings, and `extra` fields.
 pub fn report(a: &Args, times: &[f64], extra: serde_json::Value) {
     let mut doc = serde_json::json!({"median_ms": times[times.len() / 2], "min_ms": times[0],
-        "batch": a.batch, "device": format!("{:?}", a.device), "precision": a.precision_name});
+        "batch": a.batch, "device": format!("{:?}", a.device), "precision": a.precision_name,
+        "fused": a.fused, "fused_calls": lwi::model::fused::calls(),
+        "fused_failure": lwi::model::fused::last_failure()});
     if let (Some(d), serde_json::Value::Object(e)) = (doc.as_object_mut(), extra) {
         d.extend(e);
     }

@@ -1,6 +1,7 @@
 //! The building blocks of MONAI's UNETR, one struct each, with MONAI's parameter names and
 //! initialisation (PyTorch defaults, plus truncated normals where MONAI asks for them).
 
+use super::fused::Skip;
 use tch::{Tensor, nn};
 
 /// PyTorch's default init for Linear/Conv weights and biases: U(±1/√fan_in)
@@ -225,18 +226,41 @@ impl ConvBlock {
         }
     }
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = self
-            .norm1
-            .forward_t(&self.conv1.forward(x), train)
-            .leaky_relu();
-        let out = self.norm2.forward_t(&self.conv2.forward(&out), train);
+        let out = activate(&self.norm1, &self.conv1.forward(x), None, train);
+        let out = self.conv2.forward(&out);
         if !self.residual {
-            return out.leaky_relu();
+            return activate(&self.norm2, &out, None, train);
         }
         let skip = match &self.shortcut {
-            Some((conv, norm)) => norm.forward_t(&conv.forward(x), train),
-            None => x.shallow_clone(),
+            Some((conv, norm)) => Some((Some(norm), conv.forward(x))),
+            None => Some((None, x.shallow_clone())),
         };
-        (out + skip).leaky_relu()
+        activate(&self.norm2, &out, skip, train)
     }
+}
+
+/// MONAI's LeakyReLU slope in UNETR's blocks.
+const SLOPE: f64 = 0.01;
+
+/// `leaky_relu(norm(a) + skip)`, the skip taken as it is or through its own norm: in inference on
+/// CUDA with instance norms, one fused kernel ([`super::fused`]); otherwise ATen's operations.
+fn activate(norm: &Norm, a: &Tensor, skip: Option<(Option<&Norm>, Tensor)>, train: bool) -> Tensor {
+    let instance = |n: &Norm| matches!(n, Norm::Instance);
+    if !train && instance(norm) && skip.as_ref().is_none_or(|(n, _)| n.is_none_or(instance)) {
+        let how = match &skip {
+            None => Skip::None,
+            Some((None, t)) => Skip::Raw(t),
+            Some((Some(_), t)) => Skip::Normed(t),
+        };
+        if let Some(y) = super::fused::norm_act(a, &how, 1e-5, SLOPE) {
+            return y;
+        }
+    }
+    let out = norm.forward_t(a, train);
+    let out = match skip {
+        None => out,
+        Some((None, t)) => out + t,
+        Some((Some(n), t)) => out + n.forward_t(&t, train),
+    };
+    out.leaky_relu()
 }

@@ -1,6 +1,7 @@
 //! Segmentation architectures as `tch::nn` modules, named like their reference state dicts.
 
 pub mod blocks;
+pub mod fused;
 pub mod precision;
 pub mod unetr;
 mod vit;

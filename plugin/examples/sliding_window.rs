@@ -1,0 +1,51 @@
+//! Times sliding-window inference alone (no file, no preprocessing) for the benchmarks in bench/:
+//! the full UNETR over a volume already on the device, roi 96³, overlap 0.5, Gaussian blending,
+//! `BATCH` windows per forward pass, as MONAI's `sliding_window_inference` does it
+//! (bench/monai_sliding_window.py). Usage: sliding_window DEVICE BATCH PRECISION REPS [SIZE [FEATURE
+//! HIDDEN MLP HEADS]]; the volume is 273×273×250 (the CT-sized phantom on the 1.5×1.5×2 mm grid)
+//! unless `LWI_BENCH_VOLUME=X,Y,Z` says otherwise.
+//! Prints one JSON line: {"median_ms", "min_ms", "windows", ...}.
+
+mod common;
+
+use lwi::infer::{Blend, WindowOptions, sliding_window};
+use lwi::model::fused::with_fused;
+use lwi::model::{Unetr, with_precision};
+use tch::{Kind, Tensor, nn};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a = common::args()?;
+    let size: Vec<i64> = std::env::var("LWI_BENCH_VOLUME")
+        .unwrap_or_else(|_| "273,273,250".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(a.device);
+    let cfg = &a.cfg;
+    let net = Unetr::new(&vs.root(), cfg)?;
+    let image = Tensor::rand([1, size[0], size[1], size[2]], (Kind::Float, a.device));
+    let opts = WindowOptions {
+        roi: cfg.img_size,
+        overlap: 0.5,
+        blend: Blend::Gaussian,
+        batch: a.batch,
+    };
+    let mut windows = 0;
+    let times = common::time(&a, || {
+        windows = 0;
+        let _out = sliding_window(&image, &opts, a.device, |batch| {
+            windows += batch.size()[0];
+            with_precision(a.precision, a.device, || {
+                with_fused(a.fused, || tch::no_grad(|| net.forward_t(batch, false)))
+            })
+        })?;
+        Ok(())
+    })?;
+    common::report(
+        &a,
+        &times,
+        serde_json::json!({"windows": windows, "size": size}),
+    );
+    Ok(())
+}

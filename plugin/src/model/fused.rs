@@ -1,0 +1,151 @@
+//! The fused CUDA kernel for `leaky_relu(instance_norm(a) + skip)` (csrc/fused_norm.cpp): one pass
+//! over memory where ATen takes five to seven. Inference only (it has no backward); anything it
+//! does not cover, or any failure to build or launch it, falls back to ATen's kernels.
+
+use std::cell::Cell;
+use std::ffi::{CStr, c_char};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn lwi_fused_norm_compile_check(arch: i32, err: *mut c_char, len: usize) -> i32;
+    fn lwi_fused_norm_act(
+        a: *const C_tensor,
+        b: *const C_tensor,
+        mode: i32,
+        eps: f32,
+        slope: f32,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+}
+
+/// What is added to the normalised input before the activation.
+pub enum Skip<'a> {
+    None,
+    /// A tensor as it is (an identity shortcut).
+    Raw(&'a Tensor),
+    /// A tensor after its own instance norm (a 1³-conv shortcut).
+    Normed(&'a Tensor),
+}
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+static CALLS: AtomicU64 = AtomicU64::new(0);
+static FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Runs `f` with the fused kernel allowed (`true`, the default) or not, on this thread.
+pub fn with_fused<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    let before = ENABLED.with(|e| e.replace(enabled));
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+/// How many times the fused kernel has run in this process (for tests and benchmarks).
+pub fn calls() -> u64 {
+    CALLS.load(Ordering::Relaxed)
+}
+
+/// Why the fused kernel last failed, if it did (the fallback to ATen is silent otherwise).
+pub fn last_failure() -> Option<String> {
+    FAILURE.lock().map(|f| f.clone()).unwrap_or(None)
+}
+
+/// `leaky_relu(instance_norm(a) + skip)` in one kernel, when it applies: inference (no gradient),
+/// the fused kernel enabled on this thread, a contiguous CUDA float32/float16/bfloat16 `a`, and a
+/// skip tensor of the same shape, dtype and layout. None means: use ATen.
+pub fn norm_act(a: &Tensor, skip: &Skip, eps: f64, slope: f64) -> Option<Tensor> {
+    if !ENABLED.with(Cell::get) || !a.device().is_cuda() || a.requires_grad() {
+        return None;
+    }
+    if !matches!(a.kind(), Kind::Float | Kind::Half | Kind::BFloat16) || !a.is_contiguous() {
+        return None;
+    }
+    let (mode, b) = match skip {
+        Skip::None => (0, None),
+        Skip::Raw(b) => (1, Some(*b)),
+        Skip::Normed(b) => (2, Some(*b)),
+    };
+    if let Some(b) = b
+        && (b.size() != a.size()
+            || b.kind() != a.kind()
+            || !b.is_contiguous()
+            || b.requires_grad()
+            || b.device() != a.device())
+    {
+        return None;
+    }
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut err = [0 as c_char; 512];
+    let b_ptr = b.map_or(std::ptr::null(), Tensor::as_ptr);
+    // SAFETY: `a` and `b` are live tensors for the call; the shim writes at most `err.len()` bytes
+    // (NUL-terminated) and, on success, a new heap tensor that `from_ptr` takes ownership of.
+    let status = unsafe {
+        lwi_fused_norm_act(
+            a.as_ptr(),
+            b_ptr,
+            mode,
+            eps as f32,
+            slope as f32,
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if status != 0 || out.is_null() {
+        // SAFETY: the shim NUL-terminates what it writes; `err` starts zeroed.
+        let why = unsafe { CStr::from_ptr(err.as_ptr()) };
+        if let Ok(mut f) = FAILURE.lock() {
+            *f = Some(why.to_string_lossy().into_owned());
+        }
+        return None;
+    }
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: `out` is a tensor the shim allocated with `new` for us to own.
+    Some(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Compiles the kernels to PTX for compute capability `arch` (e.g. 90) with NVRTC, touching no
+/// GPU: Err with NVRTC's log when the source does not compile or NVRTC is missing.
+pub fn compile_check(arch: i32) -> Result<(), String> {
+    let mut err = [0 as c_char; 4096];
+    // SAFETY: the shim writes at most `err.len()` NUL-terminated bytes.
+    let status = unsafe { lwi_fused_norm_compile_check(arch, err.as_mut_ptr(), err.len()) };
+    if status == 0 {
+        Ok(())
+    } else {
+        // SAFETY: as above.
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernels_compile_for_the_gpus_lwi_supports() {
+        // NVRTC ships with libtorch's CUDA libraries; it compiles without a GPU.
+        for arch in [75, 80, 90] {
+            compile_check(arch).unwrap_or_else(|e| panic!("compute_{arch}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_cpu_and_training_use_aten() {
+        let a = Tensor::randn([2, 3, 4, 4, 4], (Kind::Float, tch::Device::Cpu));
+        assert!(norm_act(&a, &Skip::None, 1e-5, 0.01).is_none());
+    }
+}
