@@ -239,7 +239,7 @@ def main():
         shape = FULL if args.device != "cpu" else TINY
         print(f"training step (DiceCE + AdamW), UNETR {shape}")
         bench_train_step(args.device, args.batch if args.device != "cpu" else 2, args.precision, shape,
-                         rounds=3 if args.device == "cpu" else 2)
+                         rounds=3 if args.device == "cpu" else 1)
     if args.only in (None, "sliding-window") and args.device != "cpu":
         # 125 full-size windows: minutes per pass on 2 CPU cores, so a GPU benchmark only.
         print("sliding-window inference alone, full UNETR, 273x273x250 on the device, overlap 0.5, gaussian")

@@ -2,7 +2,8 @@
 # The CUDA checks and GPU benchmarks, in one call, on a machine with a GPU and PyTorch 2.11
 # (whose lib/ provides libtorch). Build the bundle first, here: `make gpu-bundle`; then run this
 # on the GPU machine from the repository root with target/gpu-bundle carried over.
-# Sections run most important first, so a run cut short by a time limit keeps what matters.
+# Sections run most important first, so a run cut short by a time limit keeps what matters; name
+# some to run only those: tests sliding-window segment e2e memory train-step forward training abi.
 # Record what it prints in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,10 @@ export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 export PYTHONPATH="$B/py:${PYTHONPATH:-}"
 LWI="$B/bin/lwi --plugin $B/bin/liblwi.so"
 W=/tmp/lwi-gpu && rm -rf $W && mkdir -p $W
+SECTIONS=" ${*:-tests sliding-window segment e2e memory train-step forward training abi} "
+want() { [[ "$SECTIONS" == *" $1 "* ]]; }
+export LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W
+export LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz
 failed=0
 step() { echo; echo "== $* ($(date +%T))"; }
 have_monai=$("$PY" -c 'import monai, numpy; print(1)' 2>/dev/null || echo 0)
@@ -46,19 +51,25 @@ step "lwi info (liblwi.so dlopened by the lwi command)"
 $LWI info | tee $W/lwi-info.json || failed=1
 grep -q '"cuda_available": true' $W/lwi-info.json || { echo "FAIL: liblwi.so does not see CUDA"; failed=1; }
 
-step "CUDA tests (fused kernel parity first)"
-"$B/bin/cuda-tests" --ignored --nocapture --test-threads 1 fused || failed=1
-"$B/bin/cuda-tests" --ignored --nocapture --test-threads 1 --skip fused || failed=1
+monai_or_skip() {
+  [ "$have_monai" = 1 ] || echo "(MONAI or numpy not importable here: $1 skipped)"
+  [ "$have_monai" = 1 ]
+}
 
-if [ "$have_monai" = 1 ]; then
-  step "GPU benchmark: sliding-window inference alone (lwi vs MONAI 1.6.1)"
-  LWI_BENCH_BIN=$B/bin "$PY" bench/run.py --only sliding-window --device cuda:0 || failed=1
-else
-  echo "(MONAI or numpy not importable here: the benchmarks against it are skipped)"
+if want tests; then
+  step "CUDA tests (fused kernel parity first)"
+  "$B/bin/cuda-tests" --ignored --nocapture --test-threads 1 fused || failed=1
+  "$B/bin/cuda-tests" --ignored --nocapture --test-threads 1 --skip fused || failed=1
 fi
 
-step "full-size UNETR models (seeded MONAI weights) imported at 1.5x1.5x2 mm and 1.5 mm isotropic"
-"$PY" - "$W" <<'PY' || failed=1
+if want sliding-window && monai_or_skip "the sliding-window benchmark"; then
+  step "GPU benchmark: sliding-window inference alone (lwi vs MONAI 1.6.1)"
+  "$PY" bench/run.py --only sliding-window --device cuda:0 || failed=1
+fi
+
+if (want segment || want memory) && monai_or_skip "the seeded MONAI weights (and what needs them)"; then
+  step "full-size UNETR models (seeded MONAI weights) imported at 1.5x1.5x2 mm and 1.5 mm isotropic"
+  "$PY" - "$W" <<'PY' || failed=1
 import json, sys, torch
 from monai.networks.nets import UNETR
 w = sys.argv[1]
@@ -68,68 +79,79 @@ torch.save(UNETR(**cfg).state_dict(), f"{w}/full.pt")
 json.dump(cfg, open(f"{w}/arch.json.full", "w"))
 json.dump({str(i): f"class {i}" for i in range(14)}, open(f"{w}/labels.json", "w"))
 PY
-for s in 1.5,1.5,2 1.5,1.5,1.5; do
-  $LWI import --from $W/full.pt --arch-config $W/arch.json.full --labels $W/labels.json --spacing $s \
-    --window=-175,250 --out $W/full-$s.safetensors >/dev/null || failed=1
-done
-
-step "segment a CT-sized phantom (512x512x200, 0.8x0.8x2.5 mm) on CUDA: stage timings from the manifest"
-$LWI phantom --out $W/ct --cases 1 --size 512,512,200 --spacing 0.8,0.8,2.5 >/dev/null 2>&1
-for setting in "fp32 4" "bf16 4" "bf16 16"; do
-  set -- $setting
-  for round in 1 2; do
-    out=$W/seg-$1-$2.nii.gz
-    peak=$(peak_gpu_memory $LWI segment --model $W/full-1.5,1.5,2.safetensors $W/ct/imagesTr/phantom_000.nii.gz \
-      --out $out --overwrite --device cuda:0 --sw-batch $2 --precision $1) || failed=1
-    echo "lwi segment $1 window batch $2, round $round: $("$PY" -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings_s"]; print(json.dumps({k: round(v, 3) for k, v in {**t.pop("segment_stages"), **t}.items()}))' $out.json); $peak"
+  for s in 1.5,1.5,2 1.5,1.5,1.5; do
+    $LWI import --from $W/full.pt --arch-config $W/arch.json.full --labels $W/labels.json --spacing $s \
+      --window=-175,250 --out $W/full-$s.safetensors >/dev/null || failed=1
   done
-done
-
-if [ "$have_monai" = 1 ]; then
-  step "GPU benchmark: end-to-end segmentation, file in -> label file out, full UNETR, window batch 4"
-  LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W \
-    LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz "$PY" bench/run.py --only segment --device cuda:0 --batch 4 \
-    --precision fp32 --reps 4 || failed=1
 fi
 
-step "GPU memory: a 512x512x800 CT (0.8x0.8x1.5 mm) segmented at 1.5 mm isotropic, window batch 4"
-$LWI phantom --out $W/long --cases 1 --size 512,512,800 --spacing 0.8,0.8,1.5 >/dev/null 2>&1 || failed=1
-for precision in fp32 bf16; do
-  peak_gpu_memory $LWI segment --model $W/full-1.5,1.5,1.5.safetensors $W/long/imagesTr/phantom_000.nii.gz \
-    --out $W/long-$precision.nii.gz --overwrite --device cuda:0 --sw-batch 4 --precision $precision || failed=1
-  echo "  $precision: timings $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings_s"])' $W/long-$precision.nii.gz.json)"
-done
+if want segment && [ -f $W/full-1.5,1.5,2.safetensors ]; then
+  step "segment a CT-sized phantom (512x512x200, 0.8x0.8x2.5 mm) on CUDA: stage timings from the manifest"
+  $LWI phantom --out $W/ct --cases 1 --size 512,512,200 --spacing 0.8,0.8,2.5 >/dev/null 2>&1
+  for setting in "fp32 4" "bf16 4" "bf16 16"; do
+    set -- $setting
+    for round in 1 2; do
+      out=$W/seg-$1-$2.nii.gz
+      peak=$(peak_gpu_memory $LWI segment --model $W/full-1.5,1.5,2.safetensors $W/ct/imagesTr/phantom_000.nii.gz \
+        --out $out --overwrite --device cuda:0 --sw-batch $2 --precision $1) || failed=1
+      echo "lwi segment $1 window batch $2, round $round: $("$PY" -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings_s"]; print(json.dumps({k: round(v, 3) for k, v in {**t.pop("segment_stages"), **t}.items()}))' $out.json); $peak"
+    done
+  done
+fi
 
-if [ "$have_monai" = 1 ]; then
+if want e2e && monai_or_skip "the end-to-end benchmark"; then
+  step "GPU benchmark: end-to-end segmentation, file in -> label file out, full UNETR, window batch 4, fp32"
+  "$PY" bench/run.py --only segment --device cuda:0 --batch 4 --precision fp32 --reps 4 || failed=1
+fi
+
+if want memory && [ -f $W/full-1.5,1.5,1.5.safetensors ]; then
+  step "GPU memory: a 512x512x800 CT (0.8x0.8x1.5 mm) segmented at 1.5 mm isotropic, window batch 4"
+  $LWI phantom --out $W/long --cases 1 --size 512,512,800 --spacing 0.8,0.8,1.5 >/dev/null 2>&1 || failed=1
+  for precision in fp32 bf16; do
+    peak_gpu_memory $LWI segment --model $W/full-1.5,1.5,1.5.safetensors $W/long/imagesTr/phantom_000.nii.gz \
+      --out $W/long-$precision.nii.gz --overwrite --device cuda:0 --sw-batch 4 --precision $precision || failed=1
+    echo "  $precision: timings $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings_s"])' $W/long-$precision.nii.gz.json)"
+  done
+fi
+
+if want train-step && monai_or_skip "the training-step benchmark"; then
   step "GPU benchmark: training step, full UNETR, batch 4 (lwi vs MONAI + DiceCELoss + AdamW; AMP for bf16/fp16)"
   for precision in fp32 bf16 fp16; do
-    LWI_BENCH_BIN=$B/bin "$PY" bench/run.py --only train-step --device cuda --batch 4 --precision $precision || failed=1
+    "$PY" bench/run.py --only train-step --device cuda --batch 4 --precision $precision || failed=1
   done
+fi
+
+if want e2e && monai_or_skip "the end-to-end benchmark"; then
   step "GPU benchmark: end-to-end segmentation in bf16"
-  LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W \
-    LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz "$PY" bench/run.py --only segment --device cuda:0 --batch 4 \
-    --precision bf16 --reps 2 || failed=1
-  step "GPU benchmark: UNETR forward, full size 96^3, batch 4 (lwi vs MONAI 1.6.1, alternated)"
+  "$PY" bench/run.py --only segment --device cuda:0 --batch 4 --precision bf16 --reps 2 || failed=1
+fi
+
+if want forward && monai_or_skip "the forward benchmark"; then
+  step "GPU benchmark: UNETR forward, full size 96^3, batch 4 (lwi vs MONAI 1.6.1)"
   for precision in fp32 bf16; do
     echo "lwi   $("$B/bin/unetr_forward" cuda 4 $precision 10)"
     echo "MONAI $("$PY" bench/monai_unetr_forward.py cuda 4 $precision 10)"
   done
 fi
 
-step "training on CUDA (tiny UNETR, bf16 autocast): init-train then fine-tune on phantoms"
-$LWI phantom --out $W/data --cases 4 --size 48,48,32 --spacing 6,6,8 >/dev/null 2>&1
-echo '{"img_size": [32,32,32], "feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}' > $W/arch.json
-echo '{"spacing": [8,8,8], "num_samples": 4, "pretext": {"slabs": 2}, "warmup_epochs": 1, "lr": 1e-3, "val_every": 3}' > $W/c.json
-t0=$(date +%s)
-$LWI init-train --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
-  --epochs 3 --device cuda:0 --out $W/init.safetensors 2>&1 | tail -n 2 || failed=1
-$LWI fine-tune --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
-  --init $W/init.safetensors --epochs 3 --device cuda:0 --out $W/model.safetensors 2>&1 | tail -n 2 || failed=1
-echo "training wall time: $(( $(date +%s) - t0 )) s"
+if want training; then
+  step "training on CUDA (tiny UNETR, bf16 autocast): init-train then fine-tune on phantoms"
+  $LWI phantom --out $W/data --cases 4 --size 48,48,32 --spacing 6,6,8 >/dev/null 2>&1
+  echo '{"img_size": [32,32,32], "feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}' > $W/arch.json
+  echo '{"spacing": [8,8,8], "num_samples": 4, "pretext": {"slabs": 2}, "warmup_epochs": 1, "lr": 1e-3, "val_every": 3}' > $W/c.json
+  t0=$(date +%s)
+  $LWI init-train --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
+    --epochs 3 --device cuda:0 --out $W/init.safetensors 2>&1 | tail -n 2 || failed=1
+  $LWI fine-tune --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
+    --init $W/init.safetensors --epochs 3 --device cuda:0 --out $W/model.safetensors 2>&1 | tail -n 2 || failed=1
+  echo "training wall time: $(( $(date +%s) - t0 )) s"
+fi
 
-step "C ABI misuse suite"
-mkdir -p $W/scratch
-"$B/bin/abi_misuse" "$B/bin/liblwi.so" "$B/data/imagesTr/phantom_000.nii.gz" $W/scratch | tail -n 1 || failed=1
+if want abi; then
+  step "C ABI misuse suite"
+  mkdir -p $W/scratch
+  "$B/bin/abi_misuse" "$B/bin/liblwi.so" "$B/data/imagesTr/phantom_000.nii.gz" $W/scratch | tail -n 1 || failed=1
+fi
 
 echo
 if [ $failed = 0 ]; then echo "gpu-check: all passed"; else echo "gpu-check: FAILED"; fi

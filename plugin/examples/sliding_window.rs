@@ -30,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         overlap: 0.5,
         blend: Blend::Gaussian,
         batch: a.batch,
+        fill_last_batch: a.device.is_cuda(),
     };
     let mut windows = 0;
     let times = common::time(&a, || {

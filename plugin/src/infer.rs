@@ -20,6 +20,10 @@ pub struct WindowOptions {
     pub blend: Blend,
     /// Windows per forward pass.
     pub batch: i64,
+    /// Fill a short last batch up to `batch` with copies of its last window (their predictions are
+    /// dropped): on CUDA with cuDNN's benchmark mode a new batch size would time every convolution
+    /// again, which costs more than the few extra windows.
+    pub fill_last_batch: bool,
 }
 
 /// MONAI's `compute_importance_map` (sigma_scale 0.125, minimum clamped to the smallest positive value, ≥ 1e-3).
@@ -99,13 +103,13 @@ pub fn sliding_window(
         v
     };
     for chunk in windows.chunks(opts.batch as usize) {
-        let batch = Tensor::f_stack(
-            &chunk
-                .iter()
-                .map(|s| crop(&padded, s, 1))
-                .collect::<Vec<_>>(),
-            0,
-        )?;
+        let mut crops: Vec<Tensor> = chunk.iter().map(|s| crop(&padded, s, 1)).collect();
+        if opts.fill_last_batch
+            && let Some(last) = chunk.last()
+        {
+            crops.resize_with(opts.batch as usize, || crop(&padded, last, 1));
+        }
+        let batch = Tensor::f_stack(&crops, 0)?;
         let pred = predict(&batch)?
             .f_to_device(accumulate_on)?
             .f_to_kind(Kind::Float)?;
@@ -144,14 +148,25 @@ mod tests {
     #[test]
     fn identity_predictor_reconstructs_the_image() {
         let image = Tensor::randn([2, 37, 20, 50], (Kind::Float, Device::Cpu));
-        let opts = WindowOptions {
-            roi: [16, 32, 16],
-            overlap: 0.5,
-            blend: Blend::Gaussian,
-            batch: 3,
-        };
-        let out = sliding_window(&image, &opts, Device::Cpu, |b| Ok(b.shallow_clone())).unwrap();
-        assert_eq!(out.size(), image.size());
-        assert!(out.allclose(&image, 1e-5, 1e-5, false));
+        // 4 × 1 × 6 = 24 windows: the last batch of 5 is short, and filled up or not.
+        for fill_last_batch in [false, true] {
+            let opts = WindowOptions {
+                roi: [16, 32, 16],
+                overlap: 0.5,
+                blend: Blend::Gaussian,
+                batch: 5,
+                fill_last_batch,
+            };
+            let mut sizes = Vec::new();
+            let out = sliding_window(&image, &opts, Device::Cpu, |b| {
+                sizes.push(b.size()[0]);
+                Ok(b.shallow_clone())
+            })
+            .unwrap();
+            assert_eq!(out.size(), image.size());
+            assert!(out.allclose(&image, 1e-5, 1e-5, false));
+            assert_eq!(sizes.len(), 5);
+            assert_eq!(sizes[4], if fill_last_batch { 5 } else { 4 });
+        }
     }
 }

@@ -178,6 +178,7 @@ pub fn run(
         overlap: opts.overlap,
         blend: opts.blend,
         batch: opts.sw_batch,
+        fill_last_batch: device.is_cuda(),
     };
     let mut views: Vec<Vec<i64>> = vec![Vec::new()];
     views.extend(opts.tta_axes.iter().map(|&a| vec![2 + a]));

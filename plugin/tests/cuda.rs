@@ -280,8 +280,10 @@ fn unetr_with_the_fused_kernel_equals_unetr_without() {
     let vs = nn::VarStore::new(Device::Cuda(0));
     let net = Unetr::new(&vs.root(), &UnetrConfig::default()).unwrap();
     let x = Tensor::randn([2, 1, 96, 96, 96], (Kind::Float, Device::Cuda(0)));
+    // fp32 convolutions run in TF32 (10-bit mantissa), which turns the kernels' last-bit differences
+    // into ~1e-3 of the output, as between the CPU and CUDA.
     for (precision, tolerance) in [
-        (Precision::Fp32, 1e-4),
+        (Precision::Fp32, 2e-3),
         (Precision::Bf16, 6e-2),
         (Precision::Fp16, 2e-2),
     ] {
