@@ -1,6 +1,7 @@
 """lwi_segment and lwi_segment_file as a C host calls them: borrowed volumes in RAS or LPS, progress,
 cancellation, and refusals of malformed arguments."""
 import ctypes
+import json
 
 import nibabel as nib
 import numpy as np
@@ -74,6 +75,19 @@ def test_borrowed_volume_in_ras_and_lps_gives_the_same_labels_as_the_file(lwi, t
     assert lwi.lib.lwi_segment_file(model, str(path).encode(), str(out).encode(), b'{"manifest": false}', PROGRESS_FN(), None) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), from_ras)
     assert len(np.unique(from_ras)) > 1, "the seeded model predicts more than one class here"
+
+
+def test_the_manifest_times_each_stage(lwi, tiny_model, tmp_path):
+    model = open_model(lwi, tiny_model)
+    data, ras = phantom_like()
+    path, out = tmp_path / "in.nii.gz", tmp_path / "out.nii.gz"
+    nib.save(nib.Nifti1Image(data, ras), str(path))
+    assert lwi.lib.lwi_segment_file(model, str(path).encode(), str(out).encode(), None, PROGRESS_FN(), None) == 0
+    timings = json.loads((tmp_path / "out.nii.gz.json").read_text())["timings_s"]
+    stages = timings["segment_stages"]
+    assert set(stages) == {"preprocess", "infer", "resample", "postprocess"}
+    assert all(v >= 0 for v in stages.values()) and stages["infer"] > 0
+    assert abs(sum(stages.values()) - timings["segment"]) < 1e-6
 
 
 def test_cancelling_leaves_no_output(lwi, tiny_model, tmp_path):
