@@ -2,14 +2,13 @@
 full UNETR (14 classes) over a volume already on the device, roi 96^3, overlap 0.5, gaussian, BATCH windows
 per pass, autocast for bf16/fp16. Usage: monai_sliding_window.py DEVICE BATCH PRECISION REPS
 [--channels-last]; the volume size from LWI_BENCH_VOLUME=X,Y,Z as for the lwi program. Prints one JSON line."""
-import json
 import os
 import sys
-import time
 
 import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNETR
+from timing import autocast, report, time_passes
 
 
 def main():
@@ -25,23 +24,12 @@ def main():
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    times = []
-    for i in range(reps + 2):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-            y = sliding_window_inference(x, (96, 96, 96), batch, net, overlap=0.5, mode="gaussian")
-        if device != "cpu":
-            torch.cuda.synchronize()
-        del y
-        if i >= 2:
-            times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
-    print(json.dumps({"median_ms": times[len(times) // 2], "min_ms": times[0], "batch": batch, "device": device,
-                      "precision": precision, "channels_last": channels_last, "peak_gpu_mb": peak}))
+
+    def infer():
+        with torch.no_grad(), autocast(device, precision):
+            sliding_window_inference(x, (96, 96, 96), batch, net, overlap=0.5, mode="gaussian")
+
+    report(device, time_passes(device, reps, infer), batch=batch, precision=precision, channels_last=channels_last)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
 """Times a PyTorch training step with MONAI 1.6.1's UNETR and DiceCELoss and torch.optim.AdamW, as
 plugin/examples/train_step.rs times lwi's. fp32; bf16 autocast; fp16 autocast with a GradScaler (AMP).
 Usage: monai_train_step.py DEVICE BATCH PRECISION REPS SIZE FEATURE HIDDEN MLP HEADS. Prints one JSON line."""
-import json
 import sys
-import time
 
 import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNETR
+from timing import autocast, report, time_passes
 
 
 def main():
@@ -20,30 +19,22 @@ def main():
                 num_heads=heads, proj_type="perceptron", norm_name="instance").to(device).train()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-5)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     x = torch.randn(batch, 1, size, size, size, device=device)
     y = torch.randint(0, 14, (batch, 1, size, size, size), device=device)
-    sync = (lambda: torch.cuda.synchronize()) if device != "cpu" else (lambda: None)
-    times, losses = [], []
-    for i in range(reps + 2):
-        sync()
-        t = time.perf_counter()
-        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+    losses = []
+
+    def step():
+        with autocast(device, precision):
             loss = loss_fn(net(x), y)
         opt.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         losses.append(loss.item())
-        sync()
-        if i >= 2:
-            times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
-    print(json.dumps({"median_ms": times[len(times) // 2], "min_ms": times[0], "batch": batch, "device": device,
-                      "precision": precision, "loss_first": losses[0], "loss_last": losses[-1], "peak_gpu_mb": peak}))
 
+    times = time_passes(device, reps, step)
+    report(device, times, batch=batch, precision=precision, loss_first=losses[0], loss_last=losses[-1])
 
 if __name__ == "__main__":
     main()

@@ -212,25 +212,28 @@ void* open_nvrtc() {
 void load(Api& api, bool driver) {
   void* nvrtc = open_nvrtc();
   if (!nvrtc) throw Failure{"NVRTC (libnvrtc.so) not found"};
-  bind(nvrtc, "nvrtcCreateProgram", api.nvrtcCreateProgram);
-  bind(nvrtc, "nvrtcCompileProgram", api.nvrtcCompileProgram);
-  bind(nvrtc, "nvrtcGetProgramLogSize", api.nvrtcGetProgramLogSize);
-  bind(nvrtc, "nvrtcGetProgramLog", api.nvrtcGetProgramLog);
-  bind(nvrtc, "nvrtcGetPTXSize", api.nvrtcGetPTXSize);
-  bind(nvrtc, "nvrtcGetPTX", api.nvrtcGetPTX);
-  bind(nvrtc, "nvrtcDestroyProgram", api.nvrtcDestroyProgram);
+// Each Api member from the library's symbol of the same name.
+#define LWI_BIND(lib, name) bind(lib, #name, api.name)
+  LWI_BIND(nvrtc, nvrtcCreateProgram);
+  LWI_BIND(nvrtc, nvrtcCompileProgram);
+  LWI_BIND(nvrtc, nvrtcGetProgramLogSize);
+  LWI_BIND(nvrtc, nvrtcGetProgramLog);
+  LWI_BIND(nvrtc, nvrtcGetPTXSize);
+  LWI_BIND(nvrtc, nvrtcGetPTX);
+  LWI_BIND(nvrtc, nvrtcDestroyProgram);
   if (!driver) return;
   void* cuda = open_first({"libcuda.so.1", "libcuda.so"});
   if (!cuda) throw Failure{"the CUDA driver (libcuda.so.1) not found"};
-  bind(cuda, "cuInit", api.cuInit);
-  bind(cuda, "cuDeviceGet", api.cuDeviceGet);
-  bind(cuda, "cuDeviceGetAttribute", api.cuDeviceGetAttribute);
-  bind(cuda, "cuDevicePrimaryCtxRetain", api.cuDevicePrimaryCtxRetain);
-  bind(cuda, "cuCtxSetCurrent", api.cuCtxSetCurrent);
-  bind(cuda, "cuModuleLoadData", api.cuModuleLoadData);
-  bind(cuda, "cuModuleGetFunction", api.cuModuleGetFunction);
-  bind(cuda, "cuLaunchKernel", api.cuLaunchKernel);
-  bind(cuda, "cuGetErrorString", api.cuGetErrorString);
+  LWI_BIND(cuda, cuInit);
+  LWI_BIND(cuda, cuDeviceGet);
+  LWI_BIND(cuda, cuDeviceGetAttribute);
+  LWI_BIND(cuda, cuDevicePrimaryCtxRetain);
+  LWI_BIND(cuda, cuCtxSetCurrent);
+  LWI_BIND(cuda, cuModuleLoadData);
+  LWI_BIND(cuda, cuModuleGetFunction);
+  LWI_BIND(cuda, cuLaunchKernel);
+  LWI_BIND(cuda, cuGetErrorString);
+#undef LWI_BIND
 }
 
 void check(const Api& api, CUresult r, const char* what) {
@@ -353,6 +356,20 @@ void write_error(char* err, size_t len, const std::string& what) {
   if (err && len > 0) std::snprintf(err, len, "%s", what.c_str());
 }
 
+// Runs `body`: 0, or -1 with what it threw written to `err`. Nothing crosses the C boundary.
+template <class F>
+int guarded(char* err, size_t len, F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const Failure& f) {
+    write_error(err, len, f.what);
+  } catch (const std::exception& e) {
+    write_error(err, len, e.what());
+  }
+  return -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -360,18 +377,11 @@ extern "C" {
 // Compiles the fused kernels to PTX for `arch` without touching a GPU (NVRTC only): 0, or -1 with
 // the reason in `err`. For tests on machines without a GPU.
 int lwi_fused_norm_compile_check(int arch, char* err, size_t len) {
-  try {
+  return guarded(err, len, [&] {
     Api api{};
     load(api, false);
     compile(api, arch);
-    return 0;
-  } catch (const Failure& f) {
-    write_error(err, len, f.what);
-    return -1;
-  } catch (const std::exception& e) {
-    write_error(err, len, e.what());
-    return -1;
-  }
+  });
 }
 
 // y = leaky_relu(instance_norm(a) + r) with r = 0 (b NULL), b (mode 1) or instance_norm(b) (mode 2);
@@ -380,7 +390,7 @@ int lwi_fused_norm_compile_check(int arch, char* err, size_t len) {
 // returns 0 and a new tensor in *out; otherwise -1 with the reason in `err`, and *out untouched.
 int lwi_fused_norm_act(const at::Tensor* a, const at::Tensor* b, int mode, float eps, float slope, at::Tensor** out,
                        char* err, size_t len) {
-  try {
+  return guarded(err, len, [&] {
     if (!a || !out || (mode != 0 && !b) || mode < 0 || mode > 2) throw Failure{"bad arguments"};
     if (!a->is_cuda() || !a->is_contiguous() || a->dim() < 3 || a->numel() == 0)
       throw Failure{"input must be a non-empty contiguous CUDA tensor [N, C, ...]"};
@@ -406,13 +416,6 @@ int lwi_fused_norm_act(const at::Tensor* a, const at::Tensor* b, int mode, float
     check(g_api, g_api.cuLaunchKernel(k.apply[kind_index(*a)], bx, (unsigned)rows, 1, kThreads, 1, 1, 0, nullptr, args, nullptr),
           "launching norm_act");
     *out = new at::Tensor(std::move(y));
-    return 0;
-  } catch (const Failure& f) {
-    write_error(err, len, f.what);
-    return -1;
-  } catch (const std::exception& e) {
-    write_error(err, len, e.what());
-    return -1;
-  }
+  });
 }
 }

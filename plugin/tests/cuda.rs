@@ -5,6 +5,15 @@
 use lwi::model::{Precision, Unetr, UnetrConfig, load_state_dict, with_precision};
 use tch::{Device, Kind, Tensor, nn};
 
+/// The first GPU; the test fails (never passes silently) without one.
+fn gpu() -> Device {
+    assert!(
+        tch::Cuda::is_available(),
+        "no CUDA device visible to libtorch"
+    );
+    Device::Cuda(0)
+}
+
 fn relative(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_device(Device::Cpu).to_kind(Kind::Float);
     (&a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
@@ -13,10 +22,7 @@ fn relative(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
-    assert!(
-        tch::Cuda::is_available(),
-        "no CUDA device visible to libtorch"
-    );
+    gpu();
     tch::manual_seed(0);
     let cfg = UnetrConfig::default();
     let cpu_vs = nn::VarStore::new(Device::Cpu);
@@ -51,10 +57,7 @@ fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn training_step_runs_under_bf16_autocast() {
-    assert!(
-        tch::Cuda::is_available(),
-        "no CUDA device visible to libtorch"
-    );
+    gpu();
     let cfg = UnetrConfig {
         img_size: [64, 64, 64],
         ..Default::default()
@@ -120,10 +123,7 @@ fn phantom_training(dir: &std::path::Path, epochs: u64) -> lwi::train::TrainConf
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn short_fine_tune_on_cuda_lowers_the_loss() {
-    assert!(
-        tch::Cuda::is_available(),
-        "no CUDA device visible to libtorch"
-    );
+    gpu();
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 12);
     let mut losses = EpochLosses(Vec::new());
@@ -147,10 +147,7 @@ fn short_fine_tune_on_cuda_lowers_the_loss() {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn segment_on_cuda_equals_segment_on_cpu_and_the_accumulator_cap_changes_nothing() {
-    assert!(
-        tch::Cuda::is_available(),
-        "no CUDA device visible to libtorch"
-    );
+    gpu();
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 2);
     lwi::train::train(
@@ -196,36 +193,17 @@ fn segment_on_cuda_equals_segment_on_cpu_and_the_accumulator_cap_changes_nothing
 
 /// ATen's `leaky_relu(instance_norm(a) + skip)` in float32, the reference for the fused kernel.
 fn aten_norm_act(a: &Tensor, skip: Option<(&Tensor, bool)>) -> Tensor {
-    let norm = |t: &Tensor| {
-        t.to_kind(Kind::Float).instance_norm(
-            None::<Tensor>,
-            None::<Tensor>,
-            None::<Tensor>,
-            None::<Tensor>,
-            true,
-            0.1,
-            1e-5,
-            false,
-        )
-    };
-    let out = norm(a);
-    let out = match skip {
-        None => out,
-        Some((b, false)) => out + b.to_kind(Kind::Float),
-        Some((b, true)) => out + norm(b),
-    };
-    out.leaky_relu()
+    use lwi::model::blocks::{Norm, activate};
+    let f32 = |t: &Tensor| t.to_kind(Kind::Float);
+    let skip = skip.map(|(b, normed)| (normed.then_some(&Norm::Instance), f32(b)));
+    lwi::model::fused::with_fused(false, || activate(&Norm::Instance, &f32(a), skip, false))
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn the_fused_norm_kernel_equals_aten_for_every_dtype_and_skip() {
     use lwi::model::fused::{Skip, calls, last_failure, norm_act};
-    assert!(
-        tch::Cuda::is_available(),
-        "no CUDA device visible to libtorch"
-    );
-    let gpu = Device::Cuda(0);
+    let gpu = gpu();
     tch::manual_seed(1);
     // Odd sizes (rows not a multiple of anything, voxels not of the block size), a UNETR-sized
     // level, and a large offset from zero (the variance must not cancel).
@@ -272,10 +250,7 @@ fn the_fused_norm_kernel_equals_aten_for_every_dtype_and_skip() {
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn unetr_with_the_fused_kernel_equals_unetr_without() {
     use lwi::model::fused::{calls, with_fused};
-    assert!(
-        tch::Cuda::is_available(),
-        "no CUDA device visible to libtorch"
-    );
+    gpu();
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cuda(0));
     let net = Unetr::new(&vs.root(), &UnetrConfig::default()).unwrap();

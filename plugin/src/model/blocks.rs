@@ -126,26 +126,6 @@ impl Conv {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let s = [self.stride; 3];
         let pad = [self.padding; 3];
-        let w = self.weight.size();
-        if !self.transposed
-            && self.stride == 1
-            && w[2..] == [1, 1, 1]
-            && x.device() == tch::Device::Cpu
-            && x.dim() == 5
-        {
-            // A 1³ convolution is a matrix product over channels; on the CPU libtorch's oneDNN
-            // convolution takes 3× the time of the GEMM for these shapes (docs/performance.md).
-            let d = x.size();
-            let y = self
-                .weight
-                .view([w[0], w[1]])
-                .matmul(&x.reshape([d[0], d[1], -1]));
-            let y = match &self.bias {
-                Some(b) => y + b.view([1, w[0], 1]),
-                None => y,
-            };
-            return y.view([d[0], w[0], d[2], d[3], d[4]]);
-        }
         if self.transposed {
             x.conv_transpose3d(&self.weight, self.bias.as_ref(), s, pad, [0; 3], 1, [1; 3])
         } else {
@@ -263,8 +243,15 @@ impl ConvBlock {
 const SLOPE: f64 = 0.01;
 
 /// `leaky_relu(norm(a) + skip)`, the skip taken as it is or through its own norm: in inference on
-/// CUDA with instance norms, one fused kernel ([`super::fused`]); otherwise ATen's operations.
-fn activate(norm: &Norm, a: &Tensor, skip: Option<(Option<&Norm>, Tensor)>, train: bool) -> Tensor {
+/// CUDA with instance norms, one fused kernel ([`super::fused`]); otherwise (or inside
+/// `with_fused(false, ..)`, which makes this the reference the kernel is tested against) ATen's
+/// operations.
+pub fn activate(
+    norm: &Norm,
+    a: &Tensor,
+    skip: Option<(Option<&Norm>, Tensor)>,
+    train: bool,
+) -> Tensor {
     let instance = |n: &Norm| matches!(n, Norm::Instance);
     if !train && instance(norm) && skip.as_ref().is_none_or(|(n, _)| n.is_none_or(instance)) {
         let how = match &skip {
