@@ -208,12 +208,13 @@ void* open_nvrtc() {
   return nullptr;
 }
 
-// Loads NVRTC (always) and the driver (when `driver`); throws Failure naming what is missing.
-void load(Api& api, bool driver) {
-  void* nvrtc = open_nvrtc();
-  if (!nvrtc) throw Failure{"NVRTC (libnvrtc.so) not found"};
 // Each Api member from the library's symbol of the same name.
 #define LWI_BIND(lib, name) bind(lib, #name, api.name)
+
+// Binds NVRTC's functions; throws Failure when it is missing.
+void load_nvrtc(Api& api) {
+  void* nvrtc = open_nvrtc();
+  if (!nvrtc) throw Failure{"NVRTC (libnvrtc.so) not found"};
   LWI_BIND(nvrtc, nvrtcCreateProgram);
   LWI_BIND(nvrtc, nvrtcCompileProgram);
   LWI_BIND(nvrtc, nvrtcGetProgramLogSize);
@@ -221,7 +222,10 @@ void load(Api& api, bool driver) {
   LWI_BIND(nvrtc, nvrtcGetPTXSize);
   LWI_BIND(nvrtc, nvrtcGetPTX);
   LWI_BIND(nvrtc, nvrtcDestroyProgram);
-  if (!driver) return;
+}
+
+// Binds the CUDA driver's functions; throws Failure when it is missing.
+void load_driver(Api& api) {
   void* cuda = open_first({"libcuda.so.1", "libcuda.so"});
   if (!cuda) throw Failure{"the CUDA driver (libcuda.so.1) not found"};
   LWI_BIND(cuda, cuInit);
@@ -233,8 +237,8 @@ void load(Api& api, bool driver) {
   LWI_BIND(cuda, cuModuleGetFunction);
   LWI_BIND(cuda, cuLaunchKernel);
   LWI_BIND(cuda, cuGetErrorString);
-#undef LWI_BIND
 }
+#undef LWI_BIND
 
 void check(const Api& api, CUresult r, const char* what) {
   if (r == 0) return;
@@ -276,9 +280,28 @@ struct Kernels {
 
 std::mutex g_mutex;
 Api g_api;
-bool g_loaded = false;
+bool g_nvrtc = false, g_driver = false;  // which parts of g_api are bound (and the driver initialised)
 std::string g_unavailable;  // set once loading failed: the reason, reported on every later call
 std::map<int, Kernels> g_kernels;
+
+// Binds and initialises the driver once. Call with g_mutex held.
+void ensure_driver() {
+  if (g_driver) return;
+  load_driver(g_api);
+  check(g_api, g_api.cuInit(0), "cuInit");
+  g_driver = true;
+}
+
+// Compute capability of CUDA device `index` as major * 10 + minor (e.g. 90). Call with g_mutex held.
+int compute_capability(int index) {
+  ensure_driver();
+  CUdevice dev = 0;
+  check(g_api, g_api.cuDeviceGet(&dev, index), "cuDeviceGet");
+  int major = 0, minor = 0;
+  check(g_api, g_api.cuDeviceGetAttribute(&major, kComputeCapabilityMajor, dev), "compute capability");
+  check(g_api, g_api.cuDeviceGetAttribute(&minor, kComputeCapabilityMinor, dev), "compute capability");
+  return major * 10 + minor;
+}
 
 // The kernels for CUDA device `index`, built on first use. Call with g_mutex held.
 const Kernels& kernels(int index) {
@@ -286,20 +309,17 @@ const Kernels& kernels(int index) {
   auto found = g_kernels.find(index);
   if (found != g_kernels.end()) return found->second;
   try {
-    if (!g_loaded) {
-      load(g_api, true);
-      check(g_api, g_api.cuInit(0), "cuInit");
-      g_loaded = true;
+    if (!g_nvrtc) {
+      load_nvrtc(g_api);
+      g_nvrtc = true;
     }
+    int arch = compute_capability(index);
     Kernels k;
     CUdevice dev = 0;
     check(g_api, g_api.cuDeviceGet(&dev, index), "cuDeviceGet");
-    int major = 0, minor = 0;
-    check(g_api, g_api.cuDeviceGetAttribute(&major, kComputeCapabilityMajor, dev), "compute capability");
-    check(g_api, g_api.cuDeviceGetAttribute(&minor, kComputeCapabilityMinor, dev), "compute capability");
     check(g_api, g_api.cuDevicePrimaryCtxRetain(&k.ctx, dev), "cuDevicePrimaryCtxRetain");
     check(g_api, g_api.cuCtxSetCurrent(k.ctx), "cuCtxSetCurrent");
-    std::string ptx = compile(g_api, major * 10 + minor);
+    std::string ptx = compile(g_api, arch);
     CUmodule module = nullptr;
     check(g_api, g_api.cuModuleLoadData(&module, ptx.c_str()), "cuModuleLoadData");
     const char* names[3] = {"f32", "f16", "bf16"};
@@ -379,9 +399,18 @@ extern "C" {
 int lwi_fused_norm_compile_check(int arch, char* err, size_t len) {
   return guarded(err, len, [&] {
     Api api{};
-    load(api, false);
+    load_nvrtc(api);
     compile(api, arch);
   });
+}
+
+// Compute capability of CUDA device `index` as major * 10 + minor (e.g. 90), or -1 when the driver
+// or the device is not there.
+int lwi_cuda_compute_capability(int index) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  int cc = -1;
+  guarded(nullptr, 0, [&] { cc = compute_capability(index); });
+  return cc;
 }
 
 // y = leaky_relu(instance_norm(a) + r) with r = 0 (b NULL), b (mode 1) or instance_norm(b) (mode 2);

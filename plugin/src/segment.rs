@@ -37,7 +37,7 @@ pub struct SegmentOptions {
     /// Mirror test-time augmentation: average over flips of these axes (0 = x, 1 = y, 2 = z).
     pub tta_axes: Vec<i64>,
     pub resample: ResampleBack,
-    /// fp32, or bf16/fp16 autocast on CUDA.
+    /// fp32, or bf16/fp16 autocast on CUDA (bf16 runs as fp16 on GPUs without bfloat16).
     pub precision: Precision,
     /// Z-slices sampled per resampling step (bounds temporary memory).
     pub slab: i64,
@@ -403,7 +403,7 @@ pub fn segment_file(
         "model_stage": model.meta.stage,
         "labels": model.meta.labels,
         "device": crate::bundle::device_name(model.vs.device()),
-        "precision": opts.precision,
+        "precision": opts.precision.on(model.vs.device()),
         "options": opts,
         "timings_s": {"read": (t1 - t0).as_secs_f64(), "segment": (t2 - t1).as_secs_f64(), "write": (t3 - t2).as_secs_f64(),
             "segment_stages": clock.stages((t2 - t1).as_secs_f64())},

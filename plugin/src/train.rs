@@ -553,7 +553,9 @@ pub fn train(
         )?;
     }
 
-    let precision = if cfg.amp && device.is_cuda() {
+    // bf16 needs no loss scaling; on GPUs without it (before Ampere) training runs fp32 rather than
+    // fp16 without a scaler.
+    let precision = if cfg.amp && crate::model::precision::bf16_supported(device) {
         Precision::Bf16
     } else {
         Precision::Fp32

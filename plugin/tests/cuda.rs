@@ -22,7 +22,15 @@ fn relative(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
-    gpu();
+    let cc = lwi::model::precision::cuda_compute_capability(gpu());
+    println!(
+        "compute capability {cc:?}: bf16 runs as {:?}",
+        Precision::Bf16.on(gpu())
+    );
+    assert!(
+        cc.is_some_and(|cc| cc >= 75),
+        "the driver reports no compute capability: {cc:?}"
+    );
     tch::manual_seed(0);
     let cfg = UnetrConfig::default();
     let cpu_vs = nn::VarStore::new(Device::Cpu);

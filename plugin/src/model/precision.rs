@@ -17,12 +17,44 @@ pub enum Precision {
 unsafe extern "C" {
     fn lwi_autocast_enter(bf16: i32, prev_enabled: *mut i32, prev_dtype: *mut i32) -> i32;
     fn lwi_autocast_exit(prev_enabled: i32, prev_dtype: i32);
+    fn lwi_cuda_compute_capability(index: i32) -> i32;
 }
 
-/// Runs `f` under `precision` on `device`. Autocast exists on CUDA only: asking for bf16/fp16 on
-/// the CPU is an error rather than a silent fp32 run.
+/// A CUDA device's compute capability as major · 10 + minor (90 for an H100), read from the driver;
+/// None for the CPU or when the driver cannot say.
+pub fn cuda_compute_capability(device: Device) -> Option<i32> {
+    match device {
+        // SAFETY: the shim only queries the CUDA driver; -1 when it cannot.
+        Device::Cuda(i) => {
+            Some(unsafe { lwi_cuda_compute_capability(i as i32) }).filter(|&cc| cc >= 0)
+        }
+        _ => None,
+    }
+}
+
+/// Whether `device` computes in bfloat16 natively: a CUDA GPU of compute capability 8.0 (Ampere) or
+/// newer, or one whose capability cannot be read (assumed recent).
+pub fn bf16_supported(device: Device) -> bool {
+    device.is_cuda() && cuda_compute_capability(device).is_none_or(|cc| cc >= 80)
+}
+
+impl Precision {
+    /// The precision that runs on `device`: bf16 becomes fp16 autocast on GPUs without bfloat16
+    /// (before Ampere); everything else as asked.
+    pub fn on(self, device: Device) -> Precision {
+        if self == Precision::Bf16 && device.is_cuda() && !bf16_supported(device) {
+            Precision::Fp16
+        } else {
+            self
+        }
+    }
+}
+
+/// Runs `f` under `precision` on `device` (bf16 as fp16 on GPUs without bfloat16, see
+/// [`Precision::on`]). Autocast exists on CUDA only: asking for bf16/fp16 on the CPU is an error
+/// rather than a silent fp32 run.
 pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> Result<T> {
-    let bf16 = match precision {
+    let bf16 = match precision.on(device) {
         Precision::Fp32 => return Ok(f()),
         Precision::Bf16 => 1,
         Precision::Fp16 => 0,
@@ -52,6 +84,15 @@ pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_is_a_gpu_precision() {
+        assert!(!bf16_supported(Device::Cpu));
+        assert_eq!(cuda_compute_capability(Device::Cpu), None);
+        // The CPU keeps what was asked, so that with_precision can refuse it by name.
+        assert_eq!(Precision::Bf16.on(Device::Cpu), Precision::Bf16);
+        assert_eq!(Precision::Fp16.on(Device::Cuda(0)), Precision::Fp16);
+    }
 
     #[test]
     fn autocast_on_the_cpu_is_refused_not_ignored() {
