@@ -273,7 +273,7 @@ enum LwiStatus lwi_model_import(const char *checkpoint_path,
 // Segments a volume lent by the host into `out_labels`, a caller-allocated buffer of the input's
 // dims in `out_dtype` (`LWI_DTYPE_UINT8` or `LWI_DTYPE_UINT16`; `out_bytes` must be exactly its
 // size), x fastest, on the input's own grid. `options_json` (NULL for defaults): `overlap` (0.5),
-// `blend` ("gaussian" | "constant"), `sw_batch` (1), `tta_axes` (\[\]), `resample`
+// `blend` ("gaussian" | "constant"), `sw_batch` (1 on the CPU, 4 on CUDA), `tta_axes` (\[\]), `resample`
 // ("scores" | "nearest"), `precision` ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32),
 // `largest_component` (false), `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move
 // to the CPU with a warning event only on out-of-memory), `save_preprocessed` (a path),

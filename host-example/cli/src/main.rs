@@ -106,9 +106,9 @@ enum Command {
         /// How overlapping windows are blended.
         #[arg(long, default_value = "gaussian", value_parser = ["gaussian", "constant"])]
         blend: String,
-        /// Windows per forward pass.
-        #[arg(long, default_value_t = 1)]
-        sw_batch: i64,
+        /// Windows per forward pass (default: 1 on the CPU, 4 on CUDA).
+        #[arg(long)]
+        sw_batch: Option<i64>,
         /// Mirror test-time augmentation over x, y and z (4 forward passes per window).
         #[arg(long)]
         tta: bool,
