@@ -78,6 +78,12 @@ impl Default for SegmentOptions {
 }
 
 impl SegmentOptions {
+    /// Windows per forward pass on `device`: `sw_batch`, else 4 on CUDA and 1 on the CPU.
+    pub fn window_batch(&self, device: Device) -> i64 {
+        self.sw_batch
+            .unwrap_or(if device.is_cuda() { 4 } else { 1 })
+    }
+
     pub fn from_json(json: &str) -> Result<SegmentOptions> {
         if json.trim().is_empty() {
             return Ok(SegmentOptions::default());
@@ -178,9 +184,7 @@ pub fn run(
         roi: pipeline.preprocessing.roi_size,
         overlap: opts.overlap,
         blend: opts.blend,
-        batch: opts
-            .sw_batch
-            .unwrap_or(if device.is_cuda() { 4 } else { 1 }),
+        batch: opts.window_batch(device),
         fill_last_batch: device.is_cuda(),
     };
     let mut views: Vec<Vec<i64>> = vec![Vec::new()];
@@ -435,6 +439,16 @@ mod tests {
             accumulator_device(Device::Cpu, 5 << 30, Some(1)),
             Device::Cpu
         );
+    }
+
+    #[test]
+    fn the_window_batch_defaults_to_the_device() {
+        let default = SegmentOptions::from_json("").unwrap();
+        assert_eq!(default.window_batch(Device::Cpu), 1);
+        assert_eq!(default.window_batch(Device::Cuda(0)), 4);
+        let two = SegmentOptions::from_json(r#"{"sw_batch": 2}"#).unwrap();
+        assert_eq!(two.window_batch(Device::Cuda(0)), 2);
+        assert!(SegmentOptions::from_json(r#"{"sw_batch": null}"#).is_ok());
     }
 
     #[test]

@@ -20,6 +20,13 @@ fn info_reports_versions_and_devices() {
             .is_some_and(|d| d.iter().any(|x| x == "cpu"))
     );
     assert!(v["cuda_available"].is_boolean());
+    // One entry per CUDA device, each with its compute capability and bf16 support.
+    let gpus = v["gpus"].as_array().expect("gpus is a list");
+    assert_eq!(gpus.len() + 1, v["devices"].as_array().unwrap().len());
+    assert!(
+        gpus.iter()
+            .all(|g| g["compute_capability"].is_number() && g["bf16"].is_boolean())
+    );
 }
 
 #[test]
