@@ -292,11 +292,16 @@ void ensure_driver() {
   g_driver = true;
 }
 
-// Compute capability of CUDA device `index` as major * 10 + minor (e.g. 90). Call with g_mutex held.
-int compute_capability(int index) {
+// The driver's handle of CUDA device `index`. Call with g_mutex held.
+CUdevice device(int index) {
   ensure_driver();
   CUdevice dev = 0;
   check(g_api, g_api.cuDeviceGet(&dev, index), "cuDeviceGet");
+  return dev;
+}
+
+// Compute capability of `dev` as major * 10 + minor (e.g. 90). Call with g_mutex held.
+int compute_capability(CUdevice dev) {
   int major = 0, minor = 0;
   check(g_api, g_api.cuDeviceGetAttribute(&major, kComputeCapabilityMajor, dev), "compute capability");
   check(g_api, g_api.cuDeviceGetAttribute(&minor, kComputeCapabilityMinor, dev), "compute capability");
@@ -313,10 +318,9 @@ const Kernels& kernels(int index) {
       load_nvrtc(g_api);
       g_nvrtc = true;
     }
-    int arch = compute_capability(index);
+    CUdevice dev = device(index);
+    int arch = compute_capability(dev);
     Kernels k;
-    CUdevice dev = 0;
-    check(g_api, g_api.cuDeviceGet(&dev, index), "cuDeviceGet");
     check(g_api, g_api.cuDevicePrimaryCtxRetain(&k.ctx, dev), "cuDevicePrimaryCtxRetain");
     check(g_api, g_api.cuCtxSetCurrent(k.ctx), "cuCtxSetCurrent");
     std::string ptx = compile(g_api, arch);
@@ -409,7 +413,7 @@ int lwi_fused_norm_compile_check(int arch, char* err, size_t len) {
 int lwi_cuda_compute_capability(int index) {
   std::lock_guard<std::mutex> lock(g_mutex);
   int cc = -1;
-  guarded(nullptr, 0, [&] { cc = compute_capability(index); });
+  guarded(nullptr, 0, [&] { cc = compute_capability(device(index)); });
   return cc;
 }
 

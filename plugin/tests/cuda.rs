@@ -22,10 +22,11 @@ fn relative(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
-    let cc = lwi::model::precision::cuda_compute_capability(gpu());
+    let cuda = gpu();
+    let cc = lwi::model::precision::cuda_compute_capability(cuda);
     println!(
         "compute capability {cc:?}: bf16 runs as {:?}",
-        Precision::Bf16.on(gpu())
+        Precision::Bf16.on(cuda)
     );
     assert!(
         cc.is_some_and(|cc| cc >= 75),
@@ -35,20 +36,20 @@ fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
     let cfg = UnetrConfig::default();
     let cpu_vs = nn::VarStore::new(Device::Cpu);
     let cpu = Unetr::new(&cpu_vs.root(), &cfg).unwrap();
-    let gpu_vs = nn::VarStore::new(Device::Cuda(0));
+    let gpu_vs = nn::VarStore::new(cuda);
     let gpu = Unetr::new(&gpu_vs.root(), &cfg).unwrap();
     load_state_dict(&gpu_vs, &cpu_vs.variables()).unwrap();
 
     let x = Tensor::randn([2, 1, 96, 96, 96], (Kind::Float, Device::Cpu));
     let expected = tch::no_grad(|| cpu.forward_t(&x, false));
-    let xg = x.to_device(Device::Cuda(0));
+    let xg = x.to_device(cuda);
     // TF32 convolutions (libtorch's default on Ampere and newer) bound fp32 agreement near 1e-3.
     for (precision, tolerance) in [
         (Precision::Fp32, 5e-3),
         (Precision::Bf16, 6e-2),
         (Precision::Fp16, 2e-2),
     ] {
-        let out = with_precision(precision, Device::Cuda(0), || {
+        let out = with_precision(precision, cuda, || {
             tch::no_grad(|| gpu.forward_t(&xg, false))
         })
         .unwrap();
@@ -65,15 +66,15 @@ fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn training_step_runs_under_bf16_autocast() {
-    gpu();
+    let cuda = gpu();
     let cfg = UnetrConfig {
         img_size: [64, 64, 64],
         ..Default::default()
     };
-    let vs = nn::VarStore::new(Device::Cuda(0));
+    let vs = nn::VarStore::new(cuda);
     let net = Unetr::new(&vs.root(), &cfg).unwrap();
-    let x = Tensor::randn([2, 1, 64, 64, 64], (Kind::Float, Device::Cuda(0)));
-    let loss = with_precision(Precision::Bf16, Device::Cuda(0), || {
+    let x = Tensor::randn([2, 1, 64, 64, 64], (Kind::Float, cuda));
+    let loss = with_precision(Precision::Bf16, cuda, || {
         net.forward_t(&x, true)
             .to_kind(Kind::Float)
             .square()
@@ -131,17 +132,11 @@ fn phantom_training(dir: &std::path::Path, epochs: u64) -> lwi::train::TrainConf
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn short_fine_tune_on_cuda_lowers_the_loss() {
-    gpu();
+    let cuda = gpu();
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 12);
     let mut losses = EpochLosses(Vec::new());
-    lwi::train::train(
-        lwi::bundle::Stage::Segmentation,
-        &cfg,
-        Device::Cuda(0),
-        &mut losses,
-    )
-    .unwrap();
+    lwi::train::train(lwi::bundle::Stage::Segmentation, &cfg, cuda, &mut losses).unwrap();
     let l = &losses.0;
     println!("fine-tune on cuda:0, epoch losses {l:.4?}");
     assert_eq!(l.len(), 12);
@@ -155,7 +150,7 @@ fn short_fine_tune_on_cuda_lowers_the_loss() {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn segment_on_cuda_equals_segment_on_cpu_and_the_accumulator_cap_changes_nothing() {
-    gpu();
+    let cuda = gpu();
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 2);
     lwi::train::train(
@@ -174,9 +169,9 @@ fn segment_on_cuda_equals_segment_on_cpu_and_the_accumulator_cap_changes_nothing
             .data
     };
     let cpu = labels(Device::Cpu, "");
-    let gpu = labels(Device::Cuda(0), "");
+    let gpu = labels(cuda, "");
     // a 1 MiB cap keeps the sliding-window sums on the CPU: the out-of-memory fallback's path
-    let capped = labels(Device::Cuda(0), r#"{"max_gpu_accumulator_mb": 1}"#);
+    let capped = labels(cuda, r#"{"max_gpu_accumulator_mb": 1}"#);
     let agree = |a: &Tensor, b: &Tensor| {
         a.eq_tensor(b)
             .to_kind(Kind::Float)
@@ -211,7 +206,7 @@ fn aten_norm_act(a: &Tensor, skip: Option<(&Tensor, bool)>) -> Tensor {
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn the_fused_norm_kernel_equals_aten_for_every_dtype_and_skip() {
     use lwi::model::fused::{Skip, calls, last_failure, norm_act};
-    let gpu = gpu();
+    let cuda = gpu();
     tch::manual_seed(1);
     // Odd sizes (rows not a multiple of anything, voxels not of the block size), a UNETR-sized
     // level, and a large offset from zero (the variance must not cancel).
@@ -222,7 +217,7 @@ fn the_fused_norm_kernel_equals_aten_for_every_dtype_and_skip() {
             (Kind::BFloat16, 3e-2),
         ] {
             let make = |offset: f64| {
-                (Tensor::randn(shape, (Kind::Float, gpu)) * 3.0 + offset).to_kind(kind)
+                (Tensor::randn(shape, (Kind::Float, cuda)) * 3.0 + offset).to_kind(kind)
             };
             let (a, b) = (make(20.0), make(-5.0));
             for (name, skip, reference) in [
@@ -258,11 +253,11 @@ fn the_fused_norm_kernel_equals_aten_for_every_dtype_and_skip() {
 #[ignore = "needs a CUDA GPU (scripts/gpu-check.sh)"]
 fn unetr_with_the_fused_kernel_equals_unetr_without() {
     use lwi::model::fused::{calls, with_fused};
-    gpu();
+    let cuda = gpu();
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cuda(0));
+    let vs = nn::VarStore::new(cuda);
     let net = Unetr::new(&vs.root(), &UnetrConfig::default()).unwrap();
-    let x = Tensor::randn([2, 1, 96, 96, 96], (Kind::Float, Device::Cuda(0)));
+    let x = Tensor::randn([2, 1, 96, 96, 96], (Kind::Float, cuda));
     // fp32 convolutions run in TF32 (10-bit mantissa), which turns the kernels' last-bit differences
     // into ~1e-3 of the output, as between the CPU and CUDA.
     for (precision, tolerance) in [
@@ -271,7 +266,7 @@ fn unetr_with_the_fused_kernel_equals_unetr_without() {
         (Precision::Fp16, 2e-2),
     ] {
         let run = |fused: bool| {
-            with_precision(precision, Device::Cuda(0), || {
+            with_precision(precision, cuda, || {
                 with_fused(fused, || tch::no_grad(|| net.forward_t(&x, false)))
             })
             .unwrap()
