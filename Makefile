@@ -10,8 +10,10 @@ DEMO := out/demo
 
 all: build
 
-## setup: libtorch (PyPI torch==2.11.0) and the Python reference packages into .venv/ (idempotent)
+## setup: the system packages (scripts/setup-system), libtorch (PyPI torch==2.11.0) and the Python
+## reference packages into .venv/ (idempotent)
 setup:
+	@./scripts/setup-system
 	@./scripts/setup-libtorch >/dev/null
 
 ## build: liblwi.so, the lwi command and the tests (release; one profile for everything)

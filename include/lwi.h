@@ -113,15 +113,18 @@ extern "C" {
 // was compiled with, or the host must not make other calls.
 uint32_t lwi_abi_version(void);
 
-// The message of the last failed call on this thread ("" after a successful one).
-// Owned by the library; valid until this thread's next call into lwi. Never NULL.
+// The message of the last failed call on this thread ("" after a successful one). It stays
+// readable until the next *fallible* call of this thread (one that returns an `LwiStatus`) fails
+// or succeeds: frees (`*_free`) and getters ([`lwi_last_error`], [`lwi_abi_version`],
+// [`lwi_version_json`], [`lwi_model_info_json`]) never change it, so a host may free its handles
+// before reading it. Owned by the library; valid until that next fallible call. Never NULL.
 const char *lwi_last_error(void);
 
 // A JSON object describing this build: `lwi_version`, `libtorch_version`, `abi_version`,
 // `cuda_available`, `cudnn_available`, `devices` (e.g. `["cpu", "cuda:0"]`), `gpus` (per CUDA
 // device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `threads`.
-// Owned by the library; valid until it is unloaded. NULL only if the library is broken (then see
-// [`lwi_last_error`]).
+// Owned by the library; valid until it is unloaded. NULL only if the library is broken. A getter:
+// it never changes [`lwi_last_error`].
 const char *lwi_version_json(void);
 
 // Reads the volume at `in_path` and writes it to `out_path`, formats chosen by extension
@@ -209,7 +212,8 @@ enum LwiStatus lwi_volume_copy_voxels(const struct LwiVolumeHandle *volume,
 
 // Frees a handle from [`lwi_volume_read`]. NULL is a no-op.
 //
-// A pointer that is not a live volume (freed already) is left alone and sets [`lwi_last_error`].
+// A pointer that is not a live volume (freed already) is left alone. Never changes
+// [`lwi_last_error`].
 void lwi_volume_free(struct LwiVolumeHandle *volume);
 
 // Writes a synthetic CT dataset (MSD / nnU-Net layout: `imagesTr/`, `labelsTr/`, `dataset.json`)
@@ -232,7 +236,7 @@ enum LwiStatus lwi_engine_create(const char *options_json, struct LwiEngine **ou
 
 // Frees an engine. NULL is a no-op. Models loaded through it stay valid.
 //
-// A pointer that is not a live engine is left alone and sets [`lwi_last_error`].
+// A pointer that is not a live engine is left alone. Never changes [`lwi_last_error`].
 void lwi_engine_free(struct LwiEngine *engine);
 
 // Loads a model file onto the engine's device. The file's metadata decides the architecture;
@@ -248,13 +252,13 @@ enum LwiStatus lwi_model_load(const struct LwiEngine *engine,
 
 // A JSON object describing the model: `arch`, `config` (MONAI UNETR keyword names), `labels`
 // (value → name), `preprocessing`, `stage`, `provenance`, `parameters`, `device`. Owned by the
-// model, valid until [`lwi_model_free`]. NULL (with [`lwi_last_error`] set) if `model` is NULL.
-//
+// model, valid until [`lwi_model_free`]. NULL if `model` is NULL or not a live model. A getter: it
+// never changes [`lwi_last_error`].
 const char *lwi_model_info_json(const struct LwiModel *model);
 
 // Frees a model. NULL is a no-op.
 //
-// A pointer that is not a live model is left alone and sets [`lwi_last_error`]. A call still
+// A pointer that is not a live model is left alone; never changes [`lwi_last_error`]. A call still
 // using the model on another thread keeps it until that call returns.
 void lwi_model_free(struct LwiModel *model);
 

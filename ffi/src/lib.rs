@@ -164,8 +164,11 @@ fn status_of(kind: ErrorKind) -> LwiStatus {
 }
 
 /// Runs an export's body: maps errors to a status and the thread's last error, and turns a panic
-/// into `LWI_STATUS_INTERNAL` instead of unwinding into C.
+/// into a status instead of unwinding into C (`LWI_STATUS_OUT_OF_MEMORY` when libtorch ran out of
+/// memory, else `LWI_STATUS_INTERNAL`). The panic is reported through the message only: nothing
+/// reaches the host's stderr.
 fn guard(name: &str, body: impl FnOnce() -> lwi::Result<()>) -> LwiStatus {
+    silence_panics();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => {
             set_last_error("");
@@ -181,10 +184,19 @@ fn guard(name: &str, body: impl FnOnce() -> lwi::Result<()>) -> LwiStatus {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            set_last_error(&format!("{name}: internal error: {what}"));
-            LwiStatus::Internal
+            let e = lwi::error::from_panic(&what);
+            set_last_error(&format!("{name}: {}", e.message));
+            status_of(e.kind)
         }
     }
+}
+
+/// Panics inside liblwi are caught by [`guard`] and reported as a status and a message, so the
+/// default hook's text and backtrace on stderr would only confuse the host's users. This hook
+/// belongs to liblwi's own copy of the Rust runtime: the host's panics are not affected.
+fn silence_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
 }
 
 fn null(what: &str) -> Error {
@@ -279,10 +291,19 @@ unsafe fn series_arg<'a>(uid: *const c_char) -> lwi::Result<Option<&'a str>> {
     Ok(Some(uid).filter(|u| !u.is_empty()))
 }
 
-/// Frees a handle through the registry; NULL is a no-op, anything not live sets the last error.
-fn free_handle<T: std::any::Any + Send + Sync>(name: &str, ptr: *const T, what: &str) {
+/// Runs a free or a getter: a panic is caught, and the thread's last error is never touched, so
+/// the message of the last failed call survives the clean-up a host does after it.
+fn quiet<T>(fallback: T, body: impl FnOnce() -> lwi::Result<T>) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(v)) => v,
+        _ => fallback,
+    }
+}
+
+/// Frees a handle through the registry; NULL and anything not live are left alone.
+fn free_handle<T: std::any::Any + Send + Sync>(ptr: *const T, what: &str) {
     if !ptr.is_null() {
-        guard(name, || handles::release(ptr, what));
+        quiet((), || handles::release(ptr, what));
     }
 }
 
@@ -293,8 +314,11 @@ pub extern "C" fn lwi_abi_version() -> u32 {
     LWI_ABI_VERSION
 }
 
-/// The message of the last failed call on this thread ("" after a successful one).
-/// Owned by the library; valid until this thread's next call into lwi. Never NULL.
+/// The message of the last failed call on this thread ("" after a successful one). It stays
+/// readable until the next *fallible* call of this thread (one that returns an `LwiStatus`) fails
+/// or succeeds: frees (`*_free`) and getters ([`lwi_last_error`], [`lwi_abi_version`],
+/// [`lwi_version_json`], [`lwi_model_info_json`]) never change it, so a host may free its handles
+/// before reading it. Owned by the library; valid until that next fallible call. Never NULL.
 #[unsafe(no_mangle)]
 pub extern "C" fn lwi_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
@@ -303,22 +327,19 @@ pub extern "C" fn lwi_last_error() -> *const c_char {
 /// A JSON object describing this build: `lwi_version`, `libtorch_version`, `abi_version`,
 /// `cuda_available`, `cudnn_available`, `devices` (e.g. `["cpu", "cuda:0"]`), `gpus` (per CUDA
 /// device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `threads`.
-/// Owned by the library; valid until it is unloaded. NULL only if the library is broken (then see
-/// [`lwi_last_error`]).
+/// Owned by the library; valid until it is unloaded. NULL only if the library is broken. A getter:
+/// it never changes [`lwi_last_error`].
 #[unsafe(no_mangle)]
 pub extern "C" fn lwi_version_json() -> *const c_char {
     static JSON: OnceLock<CString> = OnceLock::new();
-    let mut out = std::ptr::null();
-    guard("lwi_version_json", || {
+    quiet(std::ptr::null(), || {
         let json = JSON.get_or_init(|| {
             let mut v = serde_json::to_value(lwi::runtime::runtime_info()).unwrap_or_default();
             v["abi_version"] = LWI_ABI_VERSION.into();
             CString::new(v.to_string()).unwrap_or_default()
         });
-        out = json.as_ptr();
-        Ok(())
-    });
-    out
+        Ok(json.as_ptr())
+    })
 }
 
 /// Reads the volume at `in_path` and writes it to `out_path`, formats chosen by extension
@@ -571,7 +592,7 @@ pub unsafe extern "C" fn lwi_volume_copy_voxels(
         if dst.is_null() {
             return Err(null("dst"));
         }
-        let need = h.volume.dims().iter().product::<i64>() as usize * h.volume.dtype.size();
+        let need = h.volume.dtype.byte_size(h.volume.dims())?;
         if dst_bytes != need {
             return Err(Error::invalid(format!(
                 "dst_bytes is {dst_bytes}; this volume needs exactly {need}"
@@ -586,10 +607,11 @@ pub unsafe extern "C" fn lwi_volume_copy_voxels(
 
 /// Frees a handle from [`lwi_volume_read`]. NULL is a no-op.
 ///
-/// A pointer that is not a live volume (freed already) is left alone and sets [`lwi_last_error`].
+/// A pointer that is not a live volume (freed already) is left alone. Never changes
+/// [`lwi_last_error`].
 #[unsafe(no_mangle)]
 pub extern "C" fn lwi_volume_free(volume: *mut LwiVolumeHandle) {
-    free_handle("lwi_volume_free", volume, "volume");
+    free_handle(volume, "volume");
 }
 
 /// Writes a synthetic CT dataset (MSD / nnU-Net layout: `imagesTr/`, `labelsTr/`, `dataset.json`)
@@ -612,8 +634,7 @@ pub unsafe extern "C" fn lwi_phantom_dataset(
                 text_arg(options_json, "options_json", "{}")?,
             )
         };
-        let opts: lwi::phantom::PhantomOptions =
-            serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?;
+        let opts: lwi::phantom::PhantomOptions = lwi::options::parse(json, "options_json")?;
         lwi::phantom::write_dataset(dir, &opts).map(|_| ())
     })
 }
@@ -643,10 +664,10 @@ pub unsafe extern "C" fn lwi_engine_create(
 
 /// Frees an engine. NULL is a no-op. Models loaded through it stay valid.
 ///
-/// A pointer that is not a live engine is left alone and sets [`lwi_last_error`].
+/// A pointer that is not a live engine is left alone. Never changes [`lwi_last_error`].
 #[unsafe(no_mangle)]
 pub extern "C" fn lwi_engine_free(engine: *mut LwiEngine) {
-    free_handle("lwi_engine_free", engine, "engine");
+    free_handle(engine, "engine");
 }
 
 /// Loads a model file onto the engine's device. The file's metadata decides the architecture;
@@ -680,29 +701,25 @@ pub unsafe extern "C" fn lwi_model_load(
 
 /// A JSON object describing the model: `arch`, `config` (MONAI UNETR keyword names), `labels`
 /// (value → name), `preprocessing`, `stage`, `provenance`, `parameters`, `device`. Owned by the
-/// model, valid until [`lwi_model_free`]. NULL (with [`lwi_last_error`] set) if `model` is NULL.
-///
+/// model, valid until [`lwi_model_free`]. NULL if `model` is NULL or not a live model. A getter: it
+/// never changes [`lwi_last_error`].
 #[unsafe(no_mangle)]
 pub extern "C" fn lwi_model_info_json(model: *const LwiModel) -> *const c_char {
-    let mut out = std::ptr::null();
-    guard("lwi_model_info_json", || {
+    quiet(std::ptr::null(), || {
         let m = handles::borrow(model, "model")?;
-        out = m
-            .info
+        Ok(m.info
             .get_or_init(|| CString::new(m.model.info_json().to_string()).unwrap_or_default())
-            .as_ptr();
-        Ok(())
-    });
-    out
+            .as_ptr())
+    })
 }
 
 /// Frees a model. NULL is a no-op.
 ///
-/// A pointer that is not a live model is left alone and sets [`lwi_last_error`]. A call still
+/// A pointer that is not a live model is left alone; never changes [`lwi_last_error`]. A call still
 /// using the model on another thread keeps it until that call returns.
 #[unsafe(no_mangle)]
 pub extern "C" fn lwi_model_free(model: *mut LwiModel) {
-    free_handle("lwi_model_free", model, "model");
+    free_handle(model, "model");
 }
 
 /// Converts a PyTorch UNETR checkpoint (`.pt`; MONAI 1.6.1 or LWI-VMS key layout, plain or under
@@ -780,17 +797,9 @@ unsafe fn volume_arg(v: *const LwiVolume) -> lwi::Result<Volume> {
         )));
     }
     let dtype = dtype_of(v.dtype)?;
-    if v.dims.iter().any(|&d| d < 1)
-        || v.dims
-            .iter()
-            .try_fold(1i64, |a, &d| a.checked_mul(d))
-            .is_none()
-    {
-        return Err(Error::invalid(format!(
-            "volume dims {:?} must be positive",
-            v.dims
-        )));
-    }
+    let n = dtype
+        .byte_size(v.dims)
+        .map_err(|e| Error::invalid(format!("volume->{}", e.message)))?;
     if v.data.is_null() {
         return Err(null("volume->data"));
     }
@@ -804,7 +813,6 @@ unsafe fn volume_arg(v: *const LwiVolume) -> lwi::Result<Volume> {
             )));
         }
     };
-    let n = v.dims.iter().product::<i64>() as usize * dtype.size();
     // SAFETY: the host lends `n` readable bytes at `data` for this call.
     let bytes = unsafe { std::slice::from_raw_parts(v.data.cast::<u8>(), n) };
     let data = dtype.tensor_from_le_bytes(bytes, v.dims)?;
@@ -850,7 +858,7 @@ pub unsafe extern "C" fn lwi_segment(
                 "out_dtype must be LWI_DTYPE_UINT8 or LWI_DTYPE_UINT16",
             ));
         }
-        let need = input.dims().iter().product::<i64>() as usize * out_type.size();
+        let need = out_type.byte_size(input.dims())?;
         if out_labels.is_null() {
             return Err(null("out_labels"));
         }
@@ -911,27 +919,12 @@ pub unsafe extern "C" fn lwi_segment_file(
                 text_arg(options_json, "options_json", "")?,
             )
         };
-        let mut value: serde_json::Value = if json.trim().is_empty() {
-            serde_json::json!({})
-        } else {
-            serde_json::from_str(json).map_err(|e| Error::invalid(format!("options_json: {e}")))?
-        };
-        let manifest = match value.as_object_mut().and_then(|o| o.remove("manifest")) {
-            None => true,
-            Some(serde_json::Value::Bool(b)) => b,
-            Some(other) => {
-                return Err(Error::invalid(format!(
-                    "options_json: manifest must be true or false, got {other}"
-                )));
-            }
-        };
-        let opts = lwi::segment::SegmentOptions::from_json(&value.to_string())?;
+        let opts = lwi::segment::SegmentOptions::from_json(json)?;
         lwi::segment::segment_file(
             &m.model,
             src,
             dst,
             &opts,
-            manifest,
             &mut CallbackSink {
                 callback: progress,
                 user,
@@ -966,17 +959,7 @@ pub unsafe extern "C" fn lwi_evaluate(
                     text_arg(options_json, "options_json", "{}")?,
                 )
             };
-            #[derive(serde::Deserialize, Default)]
-            #[serde(deny_unknown_fields, default)]
-            struct Options {
-                labels: Option<Vec<u32>>,
-            }
-            let opts: Options = if json.trim().is_empty() {
-                Options::default()
-            } else {
-                serde_json::from_str(json)
-                    .map_err(|e| Error::invalid(format!("options_json: {e}")))?
-            };
+            let opts: lwi::metrics::EvaluateOptions = lwi::options::parse(json, "options_json")?;
             Ok(lwi::metrics::evaluate(pred, reference, opts.labels.as_deref())?.to_string())
         };
         // SAFETY: forwarded caller contract.

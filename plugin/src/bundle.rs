@@ -62,6 +62,33 @@ pub struct Provenance {
     pub dataset_fingerprint: Option<String>,
     /// Free text, e.g. "imported from X.pt (sha256 …)".
     pub source: Option<String>,
+    /// Per-epoch training history of both stages (`lwi render --curves` draws it).
+    #[serde(skip_serializing_if = "History::is_empty")]
+    pub history: History,
+}
+
+/// The mean training loss and the validation metric of each epoch, per stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct History {
+    pub init: Vec<EpochRecord>,
+    pub fine_tune: Vec<EpochRecord>,
+}
+
+impl History {
+    pub fn is_empty(&self) -> bool {
+        self.init.is_empty() && self.fine_tune.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: u64,
+    pub loss: f64,
+    /// Mean validation Dice, on the epochs that validated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<f64>,
 }
 
 /// The `__metadata__["lwi"]` document.
@@ -215,7 +242,7 @@ impl Model {
 
     /// Reads a model file onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Model> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::io::read_regular(path)?;
         let corrupt = |e: safetensors::SafeTensorError| {
             Error::format(path, format!("not a readable model file ({e})"))
         };
@@ -325,9 +352,7 @@ pub(crate) fn tensor_from_view(
 
 /// The sha256 of a file, hex: provenance and manifests name model files by it.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(sha256_hex(
-        &std::fs::read(path).map_err(|e| Error::io(path, e))?,
-    ))
+    Ok(sha256_hex(&crate::io::read_regular(path)?))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

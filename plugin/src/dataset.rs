@@ -5,6 +5,7 @@
 use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
 use crate::preprocess::{Grid, Interp, crop_box, prepare, sample_all};
+use crate::volume::Volume;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -28,7 +29,7 @@ impl DatasetFile {
     /// Reads `training` and `validation` lists (entries `{"image", "label"}`, `{"image"}` or a bare
     /// path) and `labels`; relative paths resolve against the JSON's folder.
     pub fn read(path: &Path) -> Result<DatasetFile> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_text(path)?;
         let doc: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not JSON: {e}")))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -124,8 +125,8 @@ impl DatasetFile {
     }
 }
 
-/// A case ready for patch sampling: windowed image `[1, X, Y, Z]` (float) and label `[1, X, Y, Z]`
-/// (uint8, zeros when the case has none), cropped to the foreground, on the model's grid.
+/// A case ready for patch sampling: windowed image `[1, X, Y, Z]` (float) and, when the case has
+/// one, label `[1, X, Y, Z]` (uint8), cropped to the foreground, on the model's grid.
 pub struct Case {
     pub image: Tensor,
     pub label: Option<Tensor>,
@@ -133,9 +134,72 @@ pub struct Case {
     pub name: String,
 }
 
+/// A label map must lie on its image's grid (dims equal, voxel-to-world matrices equal within
+/// nnU-Net's tolerance: `numpy.allclose`'s 1e-5 relative, plus 1e-3 mm) and, when `classes` is
+/// given, hold only the integer values 0..classes.
+pub fn check_label(
+    image: &Volume,
+    label: &Volume,
+    path: &Path,
+    classes: Option<u32>,
+) -> Result<()> {
+    if label.dims() != image.dims() {
+        return Err(Error::invalid(format!(
+            "{}: label dims {:?} differ from the image's {:?}",
+            path.display(),
+            label.dims(),
+            image.dims()
+        )));
+    }
+    let (a, b) = (&label.affine, &image.affine);
+    for r in 0..3 {
+        for c in 0..4 {
+            if (a[r][c] - b[r][c]).abs() > 1e-3 + 1e-5 * b[r][c].abs() {
+                return Err(Error::invalid(format!(
+                    "{}: the label map lies on another grid than its image (voxel-to-RAS matrix \
+                     entry [{r}][{c}] is {} for the label, {} for the image): they must match",
+                    path.display(),
+                    a[r][c],
+                    b[r][c]
+                )));
+            }
+        }
+    }
+    let Some(classes) = classes else {
+        return Ok(());
+    };
+    let values = label.data.f_to_kind(Kind::Double)?;
+    let (lo, hi) = (
+        values.f_min()?.double_value(&[]),
+        values.f_max()?.double_value(&[]),
+    );
+    let fractional = values
+        .f_sub(&values.f_round()?)?
+        .f_abs()?
+        .f_max()?
+        .double_value(&[]);
+    for v in [lo, hi] {
+        if v < 0.0 || v >= f64::from(classes) {
+            return Err(Error::invalid(format!(
+                "{}: label value {v} is not one of the dataset's labels 0..{} (dataset.json \"labels\")",
+                path.display(),
+                classes - 1
+            )));
+        }
+    }
+    if fractional > 0.0 {
+        return Err(Error::invalid(format!(
+            "{}: label values must be whole numbers; one is {fractional} off",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// MONAI's deterministic training prefix for one case: the image as `segment` prepares it, the
-/// label sampled (nearest) onto the same lattice and cropped with the same box.
-pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
+/// label sampled (nearest) onto the same lattice and cropped with the same box. With `classes`,
+/// the label's values are checked against them.
+pub fn prepare_case(entry: &Entry, pre: &Preprocessing, classes: Option<u32>) -> Result<Case> {
     const SLAB: i64 = 32;
     let image = crate::io::read_volume(&entry.image)?;
     let prepared = prepare(pre, &image, Device::Cpu, SLAB)?;
@@ -143,14 +207,7 @@ pub fn prepare_case(entry: &Entry, pre: &Preprocessing) -> Result<Case> {
         None => None,
         Some(p) => {
             let l = crate::io::read_volume(p)?;
-            if l.dims() != image.dims() {
-                return Err(Error::invalid(format!(
-                    "{}: label dims {:?} differ from the image's {:?}",
-                    p.display(),
-                    l.dims(),
-                    image.dims()
-                )));
-            }
+            check_label(&image, &l, p, classes)?;
             let values = l.data.to_kind(Kind::Float).unsqueeze(0);
             let on_target = sample_all(
                 &values,

@@ -1,10 +1,10 @@
 //! The engine: where work runs (device) and with how many CPU threads.
 
 use crate::error::{Error, ErrorKind, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tch::Device;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineOptions {
     /// "auto" (the first GPU if there is one, else the CPU), "cpu" or "cuda:N".
@@ -51,13 +51,10 @@ impl Engine {
 
     /// Parses engine options JSON (`{}` or empty text for the defaults).
     pub fn from_json(json: &str) -> Result<Engine> {
-        let options: EngineOptions = if json.trim().is_empty() {
-            EngineOptions::default()
-        } else {
-            serde_json::from_str(json)
-                .map_err(|e| Error::invalid(format!("engine options: {e}")))?
-        };
-        Engine::new(&options)
+        Engine::new(&crate::options::parse::<EngineOptions>(
+            json,
+            "engine options",
+        )?)
     }
 }
 

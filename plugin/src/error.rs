@@ -56,13 +56,15 @@ impl Error {
     }
 }
 
+/// libtorch reports allocation failures only in its message text.
+fn is_out_of_memory(text: &str) -> bool {
+    text.contains("out of memory") || text.contains("DefaultCPUAllocator: can't allocate")
+}
+
 impl From<tch::TchError> for Error {
     fn from(err: tch::TchError) -> Self {
         let text = err.to_string();
-        // libtorch reports allocation failures only in its message text.
-        let kind = if text.contains("out of memory")
-            || text.contains("DefaultCPUAllocator: can't allocate")
-        {
+        let kind = if is_out_of_memory(&text) {
             ErrorKind::OutOfMemory
         } else {
             ErrorKind::Internal
@@ -73,4 +75,28 @@ impl From<tch::TchError> for Error {
             format!("libtorch: {}", text.lines().next().unwrap_or_default()),
         )
     }
+}
+
+/// The error a caught panic stands for: a libtorch allocation failure (tch's infallible tensor
+/// operations panic with libtorch's message) is `OutOfMemory`; anything else is a bug, `Internal`.
+pub fn from_panic(text: &str) -> Error {
+    let first = text.lines().next().unwrap_or_default();
+    if is_out_of_memory(text) {
+        Error::new(ErrorKind::OutOfMemory, format!("libtorch: {first}"))
+    } else {
+        Error::internal(format!("internal error: {first}"))
+    }
+}
+
+/// Runs `body`, turning a panic (a tch operation that failed inside libtorch) into an error, so
+/// that an out-of-memory anywhere in a forward pass reaches the caller as `OutOfMemory`.
+pub fn catch_panic<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|panic| {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(from_panic(&text))
+    })
 }

@@ -50,8 +50,8 @@ fn default_window() -> [f64; 2] {
 impl ImportOptions {
     /// `{"arch": "unetr", "arch_config": {…}, "labels": {…}, "spacing": […], "window": […]}`.
     pub fn from_json(json: &str) -> Result<ImportOptions> {
-        let o: ImportOptionsJson = serde_json::from_str(json)
-            .map_err(|e| Error::invalid(format!("import options: {e}")))?;
+        let shape = serde_json::json!({"arch_config": UnetrConfig::default(), "labels": {}});
+        let o: ImportOptionsJson = crate::options::parse_shaped(json, "import options", &shape)?;
         if o.arch != "unetr" {
             return Err(Error::unsupported(format!(
                 "architecture '{}': lwi imports unetr",
@@ -78,6 +78,7 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
         }
         other => Error::format(path, format!("not a readable PyTorch checkpoint ({other})")),
     };
+    crate::io::check_regular(path)?;
     let reader = match PytorchReader::with_top_level_key(path, "state_dict") {
         Ok(r) => r,
         Err(PytorchError::KeyNotFound(_)) => PytorchReader::new(path).map_err(fail)?,

@@ -113,14 +113,18 @@ pub fn sliding_window(
         let pred = predict(&batch)?
             .f_to_device(accumulate_on)?
             .f_to_kind(Kind::Float)?;
-        let sum = sum.get_or_insert_with(|| {
-            Tensor::zeros(
+        if sum.is_none() {
+            // The largest allocation of the pipeline: fallible, so a GPU out-of-memory is an error.
+            sum = Some(Tensor::f_zeros(
                 [pred.size()[1], psize[0], psize[1], psize[2]],
                 (Kind::Float, accumulate_on),
-            )
-        });
+            )?);
+        }
+        let Some(sum) = sum.as_ref() else {
+            return Err(Error::internal("sliding window: no accumulator"));
+        };
         for (b, s) in chunk.iter().enumerate() {
-            let _ = crop(sum, s, 1).f_add_(&(pred.get(b as i64) * &weight))?;
+            let _ = crop(sum, s, 1).f_add_(&pred.get(b as i64).f_mul(&weight)?)?;
             let _ = crop(&count, s, 0).f_add_(&weight)?;
         }
     }

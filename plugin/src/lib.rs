@@ -17,6 +17,7 @@ pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod options;
 pub mod phantom;
 pub mod postprocess;
 pub mod preprocess;

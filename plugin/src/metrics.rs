@@ -271,6 +271,14 @@ fn quantile(mut d: Vec<f64>, q: f64) -> f64 {
     }
 }
 
+/// Options of `lwi_evaluate`.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluateOptions {
+    /// Label values to score; absent: every non-zero label present.
+    pub labels: Option<Vec<u32>>,
+}
+
 /// `lwi evaluate`: scores a prediction against a reference, files or folders (matched by file
 /// name). `labels` None means every non-zero label found in either. Returns the JSON report:
 /// per-case, per-label `{"dice", "hd95"}`, per-label means, and the Synapse 8-organ mean when all

@@ -12,7 +12,7 @@ use crate::volume::{Affine, DType, Volume};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Synapse label ids and names of the organs the phantom draws.
@@ -27,7 +27,7 @@ pub const LABELS: [(u8, &str); 8] = [
     (11, "pancreas"),
 ];
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PhantomOptions {
     pub cases: usize,

@@ -48,37 +48,48 @@ impl Default for PretextConfig {
 }
 
 impl PretextConfig {
-    /// The roi and token grid must split evenly into slabs and cubes.
+    /// The roi and token grid must split evenly into slabs and cubes. A refusal names the values
+    /// that would work for this roi.
     pub fn validate(&self, roi: [i64; 3], tokens: [i64; 3]) -> Result<()> {
-        if self.slabs < 2 || roi[2] % self.slabs != 0 {
-            return Err(Error::invalid(format!(
-                "pretext slabs {}: the roi depth {} must split into at least 2 equal slabs",
-                self.slabs, roi[2]
-            )));
-        }
-        if self.cube < 1 || roi.iter().any(|r| r % self.cube != 0) {
-            return Err(Error::invalid(format!(
-                "pretext cube {} must divide the roi {roi:?}",
-                self.cube
-            )));
-        }
         if !(0.0..=1.0).contains(&self.mask_ratio) {
             return Err(Error::invalid(format!(
-                "mask_ratio {} must be in [0, 1]",
+                "pretext mask_ratio {} must be in [0, 1]",
                 self.mask_ratio
             )));
         }
-        let ok = match self.grouping {
-            Grouping::Slab => tokens[2] % self.slabs == 0,
-            Grouping::Released => tokens.iter().product::<i64>() % self.slabs == 0,
+        let slabs_ok = |m: i64| {
+            m >= 2
+                && roi[2] % m == 0
+                && match self.grouping {
+                    Grouping::Slab => tokens[2] % m == 0,
+                    Grouping::Released => tokens.iter().product::<i64>() % m == 0,
+                }
         };
-        if !ok {
-            return Err(Error::invalid(format!(
-                "{:?} grouping cannot split the {tokens:?} token grid into {} slabs",
-                self.grouping, self.slabs
-            )));
+        let cube_ok = |c: i64| c >= 1 && roi.iter().all(|r| r % c == 0);
+        if slabs_ok(self.slabs) && cube_ok(self.cube) {
+            return Ok(());
         }
-        Ok(())
+        let list = |ok: &dyn Fn(i64) -> bool| {
+            let v: Vec<String> = (1..=roi[2].max(roi[0]).max(roi[1]))
+                .filter(|&v| ok(v))
+                .map(|v| v.to_string())
+                .collect();
+            if v.is_empty() {
+                "none".into()
+            } else {
+                v.join(", ")
+            }
+        };
+        Err(Error::invalid(format!(
+            "pretext slabs {} and cube {} do not fit the roi {roi:?} ({tokens:?} tokens, {:?} \
+             grouping): the slabs must split the roi depth and the token depth evenly, the cube \
+             every roi edge; values that work here: slabs {}; cube {}",
+            self.slabs,
+            self.cube,
+            self.grouping,
+            list(&slabs_ok),
+            list(&cube_ok)
+        )))
     }
 }
 

@@ -6,7 +6,7 @@
 //! the argmax on the model's grid and samples labels by nearest neighbour instead.
 
 use crate::bundle::{Model, Stage};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, catch_panic};
 use crate::events::{Event, Progress, report};
 use crate::infer::{Blend, WindowOptions, sliding_window};
 use crate::model::fused::with_fused;
@@ -56,6 +56,9 @@ pub struct SegmentOptions {
     /// On CUDA, run each block's instance norm + shortcut + LeakyReLU as one fused kernel
     /// (`model::fused`); false runs ATen's separate kernels.
     pub fused_norm: bool,
+    /// [`segment_file`] only: also write `OUTPUT.json`, the manifest (lwi version, model hash,
+    /// device, precision, options, timings).
+    pub manifest: bool,
 }
 
 impl Default for SegmentOptions {
@@ -73,6 +76,7 @@ impl Default for SegmentOptions {
             save_preprocessed: None,
             series: None,
             fused_norm: true,
+            manifest: true,
         }
     }
 }
@@ -85,11 +89,7 @@ impl SegmentOptions {
     }
 
     pub fn from_json(json: &str) -> Result<SegmentOptions> {
-        if json.trim().is_empty() {
-            return Ok(SegmentOptions::default());
-        }
-        let o: SegmentOptions = serde_json::from_str(json)
-            .map_err(|e| Error::invalid(format!("segment options: {e}")))?;
+        let o: SegmentOptions = crate::options::parse(json, "segment options")?;
         if o.tta_axes.iter().any(|a| !(0..3).contains(a)) {
             return Err(Error::invalid(format!(
                 "tta_axes {:?}: axes are 0, 1, 2",
@@ -140,13 +140,18 @@ pub fn segment(
         ));
     }
     let device = model.vs.device();
+    // tch's tensor operations panic when libtorch fails (a CUDA out-of-memory in the forward
+    // pass among them): caught here, so that it comes back as OutOfMemory and the accumulator
+    // retry can fire.
     let predict = |input: &Tensor| -> Result<Tensor> {
-        let logits = with_precision(opts.precision, device, || {
-            with_fused(opts.fused_norm, || {
-                tch::no_grad(|| model.net.forward_t(input, false))
-            })
-        })?;
-        Ok(logits.to_kind(Kind::Float).softmax(1, Kind::Float))
+        catch_panic(|| {
+            let logits = with_precision(opts.precision, device, || {
+                with_fused(opts.fused_norm, || {
+                    tch::no_grad(|| model.net.forward_t(input, false))
+                })
+            })?;
+            Ok(logits.f_to_kind(Kind::Float)?.f_softmax(1, Kind::Float)?)
+        })
     };
     let pipeline = Pipeline {
         preprocessing: &model.meta.preprocessing,
@@ -154,7 +159,7 @@ pub fn segment(
         device,
         predict: &predict,
     };
-    run(&pipeline, volume, opts, progress)
+    catch_panic(|| run(&pipeline, volume, opts, progress))
 }
 
 /// The segmentation pipeline around any predictor.
@@ -173,10 +178,6 @@ pub fn run(
     };
     report(progress, event("preprocess", 0, 1))?;
     let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
-    if let Some(path) = &opts.save_preprocessed {
-        let image = prepared.image.squeeze_dim(0).to_device(Device::Cpu);
-        crate::io::write_volume(&Volume::new(image, prepared.grid.affine, DType::F32)?, path)?;
-    }
     settle(device);
     report(progress, event("preprocess", 1, 1))?;
 
@@ -303,6 +304,11 @@ pub fn run(
         let back: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         labels = DType::U32.tensor_from_le_bytes(&back, d)?.to_kind(kind);
     }
+    // Written last, when nothing can cancel the call any more.
+    if let Some(path) = &opts.save_preprocessed {
+        let image = prepared.image.squeeze_dim(0).to_device(Device::Cpu);
+        crate::io::write_volume(&Volume::new(image, prepared.grid.affine, DType::F32)?, path)?;
+    }
     Volume::new(labels, volume.affine, dtype)
 }
 
@@ -360,15 +366,25 @@ pub fn accumulator_device(device: Device, bytes: u64, cap_mb: Option<u64>) -> De
     }
 }
 
-/// Reads `input`, segments it, writes the label map to `output` (format by extension, through a
-/// temporary name) and, unless `manifest` is false, `OUTPUT.json` beside it: lwi version, model
-/// hash, device, precision, options and timings. Returns the manifest.
+/// Reads `input`, segments it, writes the label map to `output` (format by extension) and, unless
+/// `opts.manifest` is false, `OUTPUT.json` beside it: lwi version, model hash, device, precision,
+/// options and timings. Returns the manifest. Every file it writes (the preprocessed volume
+/// included) appears at the end together, or, when it fails or is cancelled, none does.
 pub fn segment_file(
     model: &Model,
     input: &std::path::Path,
     output: &std::path::Path,
     opts: &SegmentOptions,
-    manifest: bool,
+    progress: &mut dyn Progress,
+) -> Result<serde_json::Value> {
+    crate::io::all_or_nothing(|| segment_file_staged(model, input, output, opts, progress))
+}
+
+fn segment_file_staged(
+    model: &Model,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    opts: &SegmentOptions,
     progress: &mut dyn Progress,
 ) -> Result<serde_json::Value> {
     let t0 = std::time::Instant::now();
@@ -415,7 +431,7 @@ pub fn segment_file(
         "timings_s": {"read": (t1 - t0).as_secs_f64(), "segment": (t2 - t1).as_secs_f64(), "write": (t3 - t2).as_secs_f64(),
             "segment_stages": clock.stages((t2 - t1).as_secs_f64())},
     });
-    if manifest {
+    if opts.manifest {
         let mut name = output.as_os_str().to_owned();
         name.push(".json");
         let text =

@@ -80,6 +80,10 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Continue from `OUT.ckpt` if it exists.
     pub resume: bool,
+    /// Whether the document set `arch.out_channels` (the stage decides it; a different explicit
+    /// value is worth a warning, the default is not).
+    #[serde(skip)]
+    pub out_channels_given: bool,
 }
 
 impl Default for TrainConfig {
@@ -108,28 +112,38 @@ impl Default for TrainConfig {
             val_every: 100,
             checkpoint_every: 1,
             resume: false,
+            out_channels_given: false,
         }
     }
 }
 
+/// The most epochs a run may ask for: far beyond any recipe (the method's longest is 5000), small
+/// enough that iteration counts cannot overflow.
+pub const MAX_EPOCHS: u64 = 1_000_000;
+
 impl TrainConfig {
+    /// Parses and checks a training configuration: every value out of range is
+    /// `InvalidArgument` naming the field and the value.
     pub fn from_json(json: &str) -> Result<TrainConfig> {
-        let c: TrainConfig = serde_json::from_str(json)
-            .map_err(|e| Error::invalid(format!("training config: {e}")))?;
+        let mut c: TrainConfig = crate::options::parse(json, "training config")?;
+        c.out_channels_given = serde_json::from_str::<serde_json::Value>(json)
+            .is_ok_and(|v| v.pointer("/arch/out_channels").is_some());
         if c.dataset.as_os_str().is_empty() || c.out.as_os_str().is_empty() {
             return Err(Error::invalid(
                 "training config: \"dataset\" and \"out\" are required",
             ));
         }
-        if c.epochs == 0
-            || c.num_samples < 1
-            || c.sched_step_every == 0
-            || c.checkpoint_every == 0
-            || c.val_every == 0
-        {
-            return Err(Error::invalid(
-                "training config: epochs, num_samples, sched_step_every, checkpoint_every and val_every must be positive",
-            ));
+        let counts = [
+            ("epochs", c.epochs as i64),
+            ("num_samples", c.num_samples),
+            ("sched_step_every", c.sched_step_every as i64),
+            ("checkpoint_every", c.checkpoint_every as i64),
+            ("val_every", c.val_every as i64),
+        ];
+        if let Some((name, v)) = counts.iter().find(|(_, v)| *v < 1) {
+            return Err(Error::invalid(format!(
+                "training config: {name} must be at least 1, got {v}"
+            )));
         }
         if !(c.lr > 0.0
             && c.weight_decay >= 0.0
@@ -141,6 +155,27 @@ impl TrainConfig {
                 "training config: lr must be positive; weight_decay, pos and neg non-negative",
             ));
         }
+        if c.epochs > MAX_EPOCHS {
+            return Err(Error::invalid(format!(
+                "training config: epochs {} is more than {MAX_EPOCHS}",
+                c.epochs
+            )));
+        }
+        if c.window[0].partial_cmp(&c.window[1]) != Some(std::cmp::Ordering::Less) {
+            return Err(Error::invalid(format!(
+                "training config: window {:?} must be [low, high] with low < high (HU)",
+                c.window
+            )));
+        }
+        if c.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::invalid(format!(
+                "training config: spacing {:?} must be three positive millimetre values",
+                c.spacing
+            )));
+        }
+        c.arch
+            .validate()
+            .map_err(|e| Error::invalid(format!("training config: arch: {}", e.message)))?;
         Ok(c)
     }
 
@@ -265,7 +300,7 @@ fn load_checkpoint(
     path: &Path,
     device: Device,
 ) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::read_regular(path)?;
     let bad = |m: String| Error::format(path, format!("not a usable checkpoint ({m})"));
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -397,6 +432,17 @@ pub fn train(
     device: Device,
     progress: &mut dyn Progress,
 ) -> Result<Model> {
+    // A libtorch failure inside tch's infallible operations (out of memory among them) is an
+    // error of this call, not a panic.
+    crate::error::catch_panic(|| train_stage(stage, cfg, device, progress))
+}
+
+fn train_stage(
+    stage: Stage,
+    cfg: &TrainConfig,
+    device: Device,
+    progress: &mut dyn Progress,
+) -> Result<Model> {
     let device = match (&cfg.device, cfg.threads) {
         (None, None) => device,
         (name, threads) => {
@@ -409,6 +455,13 @@ pub fn train(
             Engine::new(&options)?.device
         }
     };
+    // Decided before any work: a pretext task that cannot split this roi is refused at once.
+    if stage == Stage::Init {
+        let tokens = cfg.arch.feat_size();
+        cfg.pretext
+            .validate(cfg.arch.img_size, tokens)
+            .map_err(|e| Error::invalid(format!("training config: {}", e.message)))?;
+    }
     let ds = DatasetFile::read(&cfg.dataset)?;
     let pre = Preprocessing {
         spacing: cfg.spacing,
@@ -437,7 +490,7 @@ pub fn train(
         }
     };
     let mut arch = cfg.arch.clone();
-    if arch.out_channels != classes {
+    if arch.out_channels != classes && cfg.out_channels_given && stage == Stage::Segmentation {
         report(
             progress,
             Event {
@@ -449,12 +502,11 @@ pub fn train(
                 ..Default::default()
             },
         )?;
-        arch.out_channels = classes;
     }
+    arch.out_channels = classes;
     let tokens = arch.feat_size();
-    if stage == Stage::Init {
-        cfg.pretext.validate(arch.img_size, tokens)?;
-    }
+    // Label values are checked against the classes when fine-tuning (init-train ignores them).
+    let label_classes = (stage == Stage::Segmentation).then_some(classes as u32);
     let labels: BTreeMap<u32, String> = if stage == Stage::Init {
         BTreeMap::new()
     } else {
@@ -467,9 +519,9 @@ pub fn train(
     meta.provenance.dataset_fingerprint = Some(ds.fingerprint());
 
     tch::manual_seed(cfg.seed as i64);
-    let model = Model::new(meta, device)?;
+    let mut model = Model::new(meta, device)?;
     if let (Stage::Segmentation, Some(init)) = (stage, &cfg.init) {
-        transfer_from_init(&model, init, device)?;
+        model.meta.provenance.history.init = transfer_from_init(&model, init, device)?;
     }
     let mut opt = AdamW::new(&model.vs, cfg.weight_decay);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -481,6 +533,7 @@ pub fn train(
         let mut expected = state.config.clone();
         expected.resume = cfg.resume;
         expected.epochs = cfg.epochs;
+        expected.out_channels_given = cfg.out_channels_given;
         if expected != *cfg {
             return Err(Error::invalid(format!(
                 "{}: written by a run with another configuration; resume needs the same one (epochs may grow)",
@@ -515,6 +568,7 @@ pub fn train(
         );
         first_epoch = state.epochs_done;
         best = state.best_metric;
+        model.meta.provenance.history = state.model.provenance.history.clone();
     }
 
     report(
@@ -528,7 +582,7 @@ pub fn train(
     )?;
     let mut cases = Vec::new();
     for (i, entry) in ds.training.iter().enumerate() {
-        let case = prepare_case(entry, &pre)?;
+        let case = prepare_case(entry, &pre, label_classes)?;
         let image = pad_to_roi(&case.image, arch.img_size)?.0;
         let label = case
             .label
@@ -609,8 +663,11 @@ pub fn train(
             opt.step(lr);
             let l = loss.double_value(&[]);
             if !l.is_finite() {
-                return Err(Error::internal(format!(
-                    "loss became {l} at epoch {epoch}: lower the learning rate"
+                return Err(Error::invalid(format!(
+                    "training diverged: the loss became {l} at epoch {} iteration {} (lr {lr:e}): \
+                     lower \"lr\"",
+                    epoch + 1,
+                    it + 1
                 )));
             }
             epoch_loss += l;
@@ -629,6 +686,7 @@ pub fn train(
         }
         let done = epoch + 1;
         let mut metric = None;
+        let mut save_best = false;
         if stage == Stage::Segmentation
             && !ds.validation.is_empty()
             && (done % cfg.val_every == 0 || done == cfg.epochs)
@@ -663,8 +721,20 @@ pub fn train(
             )?;
             if best.is_none_or(|b| dice > b) {
                 best = Some(dice);
-                model.save(&cfg.out.with_extension("best.safetensors"))?;
+                save_best = true;
             }
+        }
+        let record = crate::bundle::EpochRecord {
+            epoch: done,
+            loss: epoch_loss / iters as f64,
+            metric,
+        };
+        match stage {
+            Stage::Init => model.meta.provenance.history.init.push(record),
+            Stage::Segmentation => model.meta.provenance.history.fine_tune.push(record),
+        }
+        if save_best {
+            model.save(&cfg.out.with_extension("best.safetensors"))?;
         }
         // Checkpoint first, so that an "epoch" event means its checkpoint is on disk.
         if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
@@ -696,8 +766,13 @@ pub fn train(
 }
 
 /// Stage 2 starts from every stage-1 tensor except the output conv, which is fresh for the
-/// dataset's classes; the order heads are not carried (they get no gradient in stage 2).
-fn transfer_from_init(model: &Model, init: &Path, device: Device) -> Result<()> {
+/// dataset's classes; the order heads are not carried (they get no gradient in stage 2). Returns
+/// stage 1's training history.
+fn transfer_from_init(
+    model: &Model,
+    init: &Path,
+    device: Device,
+) -> Result<Vec<crate::bundle::EpochRecord>> {
     let stage1 = Model::load(init, device)?;
     if stage1.meta.stage != Stage::Init {
         return Err(Error::new(
@@ -736,7 +811,8 @@ fn transfer_from_init(model: &Model, init: &Path, device: Device) -> Result<()> 
     {
         tensors.insert(k, v.detach().copy());
     }
-    load_state_dict(&model.vs, &tensors)
+    load_state_dict(&model.vs, &tensors)?;
+    Ok(stage1.meta.provenance.history.init.clone())
 }
 
 /// Dice on the validation cases (sliding window on the whole volume, back on the original grid, as
@@ -759,6 +835,8 @@ fn validate(
         };
         let image = crate::io::read_volume(&entry.image)?;
         let reference = crate::io::read_volume(label_path)?;
+        let classes = model.meta.config.out_channels as u32;
+        crate::dataset::check_label(&image, &reference, label_path, Some(classes))?;
         let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
         let labels: Vec<u32> = model
             .meta

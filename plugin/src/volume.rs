@@ -95,16 +95,33 @@ impl DType {
         matches!(self, DType::F32 | DType::F64)
     }
 
+    /// Bytes of `dims` voxels of this type, or an error naming the dims when they are not all
+    /// positive or their byte count does not fit in memory's address range.
+    pub fn byte_size(self, dims: [i64; 3]) -> Result<usize> {
+        let bytes = dims
+            .iter()
+            .try_fold(self.size() as i64, |n, &d| {
+                (d >= 1).then(|| n.checked_mul(d)).flatten()
+            })
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= isize::MAX as usize);
+        bytes.ok_or_else(|| {
+            Error::invalid(format!(
+                "dims {dims:?} of {}: each must be positive and the voxels must fit in memory",
+                self.name()
+            ))
+        })
+    }
+
     /// Decodes packed little-endian voxels (x fastest, as NIfTI and NRRD store them) into a tensor
     /// of shape `dims = [X, Y, Z]`.
     pub fn tensor_from_le_bytes(self, bytes: &[u8], dims: [i64; 3]) -> Result<Tensor> {
-        let n = dims.iter().product::<i64>() as usize;
-        if bytes.len() != n * self.size() {
+        let need = self.byte_size(dims)?;
+        if bytes.len() != need {
             return Err(Error::internal(format!(
-                "voxel buffer has {} bytes, {n} {} voxels need {}",
+                "voxel buffer has {} bytes, {dims:?} {} voxels need {need}",
                 bytes.len(),
                 self.name(),
-                n * self.size()
             )));
         }
         let widened: Vec<u8>;

@@ -9,7 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "lwi.h"
 
@@ -130,7 +132,56 @@ static void *segment_while_freed(void *arg) {
   return NULL;
 }
 
-static void with_model(const char *model_path, const char *scratch) {
+/* Inputs that used to hang, read without bound or mislead: each is a prompt, clear error. */
+static void robustness(const char *volume_path, const char *scratch) {
+  char path[4096];
+  LwiVolumeHandle *h = NULL;
+  /* The message of a failed call survives frees and getters made after it. */
+  expect(lwi.volume_read("/nonexistent/kept.nii", &h), LWI_STATUS_IO, "read(missing)");
+  LwiEngine *engine = NULL;
+  lwi.engine_free(engine);
+  lwi.volume_free(NULL);
+  (void)lwi.version_json();
+  (void)lwi.model_info_json(NULL);
+  CHECK(strstr(lwi.last_error(), "kept.nii") != NULL, "frees and getters keep the last error: %s", lwi.last_error());
+  /* A FIFO, as a volume and inside a DICOM folder: refused, not waited on. */
+  snprintf(path, sizeof path, "%s/fifo.nii", scratch);
+  mkfifo(path, 0600);
+  expect(lwi.volume_read(path, &h), LWI_STATUS_INVALID_ARGUMENT, "read(a FIFO)");
+  CHECK(strstr(lwi.last_error(), "FIFO") != NULL, "the FIFO is named: %s", lwi.last_error());
+  char *listing = NULL;
+  expect(lwi.dicom_series_json(scratch, &listing), LWI_STATUS_OK, "dicom_series_json(folder with a FIFO)");
+  CHECK(listing && strstr(listing, "not a regular file"), "the FIFO is skipped: %s", listing ? listing : "(null)");
+  lwi.string_free(listing);
+  unlink(path);
+  /* A .nii.gz that is /dev/zero, and a folder that links to itself. */
+  snprintf(path, sizeof path, "%s/zero.nii.gz", scratch);
+  symlink("/dev/zero", path);
+  expect(lwi.volume_read(path, &h), LWI_STATUS_INVALID_ARGUMENT, "read(-> /dev/zero)");
+  unlink(path);
+  snprintf(path, sizeof path, "%s/loop", scratch);
+  mkdir(path, 0700);
+  char link[4200];
+  snprintf(link, sizeof link, "%s/self", path);
+  symlink(".", link);
+  snprintf(link, sizeof link, "%s/up", path);
+  symlink("..", link);
+  expect(lwi.volume_read_series(path, NULL, &h), LWI_STATUS_FORMAT, "read_series(folder of self-links)");
+  /* A valid volume under a name that is not UTF-8. */
+  snprintf(path, sizeof path, "%s/caf\xe9.nii.gz", scratch);
+  expect(lwi.volume_convert(volume_path, path), LWI_STATUS_OK, "convert(-> non-UTF-8 name)");
+  expect(lwi.volume_read(path, &h), LWI_STATUS_OK, "read(non-UTF-8 name)");
+  lwi.volume_free(h);
+  unlink(path);
+}
+
+/* Cancels when inference is over: the preprocessed volume is ready by then. */
+static int32_t cancel_at_resample(void *user, const struct LwiProgress *p) {
+  (void)user;
+  return strcmp(p->stage, "resample") == 0;
+}
+
+static void with_model(const char *model_path, const char *scratch, const char *volume_path) {
   LwiEngine *engine = NULL;
   expect(lwi.engine_create("{\"device\": \"cpu\"}", &engine), LWI_STATUS_OK, "engine_create");
   LwiModel *model = NULL, *second = NULL;
@@ -169,6 +220,19 @@ static void with_model(const char *model_path, const char *scratch) {
   expect(lwi.fine_tune(engine, "{\"dataset\": \"d.json\"}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "fine_tune(no out)");
   expect(lwi.init_train(engine, "{\"dataset\": \"d.json\", \"out\": \"o\", \"epochs\": 0}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "init_train(epochs 0)");
   expect(lwi.init_train(NULL, "{}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "init_train(NULL engine)");
+  /* Training-config values out of range are bad arguments, not incompatible model files. */
+  const char *bad_arch[] = {"{\"hidden_size\": 48, \"num_heads\": 5}", "{\"img_size\": [40, 40, 40]}",
+                            "{\"img_size\": [0, 0, 0]}", "{\"dropout_rate\": 1.5}", "[]"};
+  for (size_t i = 0; i < sizeof bad_arch / sizeof *bad_arch; i++) {
+    snprintf(config, sizeof config, "{\"dataset\": \"d.json\", \"out\": \"o\", \"arch\": %s}", bad_arch[i]);
+    expect(lwi.fine_tune(engine, config, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, config);
+    CHECK(strstr(lwi.last_error(), "arch") != NULL, "the field is named: %s", lwi.last_error());
+  }
+  expect(lwi.fine_tune(engine, "{\"dataset\": \"d.json\", \"out\": \"o\", \"window\": [250, -175]}", NULL, NULL),
+         LWI_STATUS_INVALID_ARGUMENT, "fine_tune(reversed window)");
+  expect(lwi.fine_tune(engine, "{\"dataset\": \"d.json\", \"out\": \"o\", \"spacing\": [0, 1, 1]}", NULL, NULL),
+         LWI_STATUS_INVALID_ARGUMENT, "fine_tune(spacing 0)");
+  expect(lwi.fine_tune(engine, "[\"d.json\", \"o\"]", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "fine_tune(config as an array)");
 
   /* Two threads on one shared model, then on two models: every call succeeds, results equal the
    * single-threaded ones, and each thread keeps its own last error. */
@@ -201,7 +265,26 @@ static void with_model(const char *model_path, const char *scratch) {
   expect(lwi.segment(second, &v, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT,
          "segment(freed model)");
   CHECK(lwi.model_info_json(second) == NULL && strstr(lwi.last_error(), "not a live handle"),
-        "model_info_json(freed model) is NULL with a message: %s", lwi.last_error());
+        "model_info_json(freed model) is NULL, the last error untouched: %s", lwi.last_error());
+
+  /* JSON arrays where objects belong; a manifest that cannot be written leaves no label file. */
+  expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels, "[0.25, \"constant\"]", NULL, NULL),
+         LWI_STATUS_INVALID_ARGUMENT, "segment(options as an array)");
+  CHECK(strstr(lwi.last_error(), "must be a JSON object") != NULL, "the array is named: %s", lwi.last_error());
+  char out[4096], manifest[4200];
+  snprintf(out, sizeof out, "%s/leftover.nii.gz", scratch);
+  snprintf(manifest, sizeof manifest, "%s.json", out);
+  mkdir(manifest, 0700); /* a folder where the manifest must go */
+  expect(lwi.segment_file(model, volume_path, out, NULL, NULL, NULL), LWI_STATUS_IO, "segment_file(manifest unwritable)");
+  CHECK(access(out, F_OK) != 0, "a failed segment_file leaves no label file");
+  rmdir(manifest);
+  snprintf(config, sizeof config, "{\"save_preprocessed\": \"%s/pre.nii.gz\"}", scratch);
+  expect(lwi.segment_file(model, volume_path, out, config, cancel_at_resample, NULL), LWI_STATUS_CANCELLED,
+         "segment_file(cancelled)");
+  snprintf(out, sizeof out, "%s/pre.nii.gz", scratch);
+  CHECK(access(out, F_OK) != 0, "a cancelled segment_file leaves no preprocessed file");
+  expect(lwi.segment_file(model, volume_path, out, "{\"manifest\": 3}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT,
+         "segment_file(manifest 3)");
   lwi.model_free(model);
   lwi.engine_free(engine);
 }
@@ -342,7 +425,8 @@ int main(int argc, char **argv) {
   CHECK(strstr(lwi.last_error(), "not a live handle") != NULL, "use after free is named: %s", lwi.last_error());
   expect(lwi.volume_write(h, path), LWI_STATUS_INVALID_ARGUMENT, "volume_write(freed handle)");
   lwi.volume_free(h);
-  CHECK(strstr(lwi.last_error(), "freed twice") != NULL, "double free is refused and named: %s", lwi.last_error());
+  CHECK(strstr(lwi.last_error(), "not a live handle") != NULL,
+        "a double free is a no-op that leaves the last error alone: %s", lwi.last_error());
   int64_t not_a_handle[8] = {0};
   expect(lwi.volume_dims((LwiVolumeHandle *)not_a_handle, dims), LWI_STATUS_INVALID_ARGUMENT, "volume_dims(stack memory)");
 
@@ -398,7 +482,8 @@ int main(int argc, char **argv) {
   expect(lwi.model_load(engine, argv[2], NULL), LWI_STATUS_INVALID_ARGUMENT, "model_load(NULL out)");
   expect(lwi.model_load(engine, argv[2], &model), LWI_STATUS_FORMAT, "model_load(a volume, not a model)");
   expect(lwi.model_load(engine, "/nonexistent/m.safetensors", &model), LWI_STATUS_IO, "model_load(missing)");
-  CHECK(lwi.model_info_json(NULL) == NULL && strlen(lwi.last_error()) > 0, "model_info_json(NULL) is NULL with a message");
+  CHECK(lwi.model_info_json(NULL) == NULL && strstr(lwi.last_error(), "m.safetensors") != NULL,
+        "model_info_json(NULL) is NULL and leaves the last error alone: %s", lwi.last_error());
   lwi.model_free(NULL);
   lwi.engine_free(NULL);
   passed++; /* survived the NULL frees */
@@ -412,7 +497,10 @@ int main(int argc, char **argv) {
   lwi.engine_free(engine);
   expect(lwi.model_load(engine, argv[2], &model), LWI_STATUS_INVALID_ARGUMENT, "model_load(freed engine)");
   lwi.engine_free(engine);
-  CHECK(strstr(lwi.last_error(), "freed twice") != NULL, "engine double free is named: %s", lwi.last_error());
+  CHECK(strstr(lwi.last_error(), "not a live handle") != NULL, "engine double free leaves the last error: %s",
+        lwi.last_error());
+
+  robustness(argv[2], argv[3]);
 
   /* Segmentation and evaluation arguments (a model is needed for the rest: the Python suite). */
   uint8_t labels[8];
@@ -431,7 +519,7 @@ int main(int argc, char **argv) {
   lwi.string_free(report);
   lwi.string_free(NULL);
 
-  if (argc == 5) with_model(argv[4], argv[3]);
+  if (argc == 5) with_model(argv[4], argv[3], argv[2]);
 
   printf("abi_misuse: %d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;

@@ -324,3 +324,21 @@ def test_seg_output_needs_dicom_input(tiny_model, testdata, tmp_path):
                         "--out", str(tmp_path / "x.dcm"), "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode != 0 and "needs DICOM input" in r.stderr
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_rounded_oblique_positions_read_as_a_grid(lwi, ct_series, tmp_path):
+    """Positions stored to 0.1 mm along an oblique normal (as a GE MR series has them: steps scattering by
+    ±1 %) are a regular grid: read, with the fitted step and the largest deviation in the listing."""
+    normal = np.array([0.0, np.sin(0.3), np.cos(0.3)])
+    row, col = np.array([1.0, 0.0, 0.0]), np.cross(normal, [1.0, 0.0, 0.0])
+
+    def oblique(i, ds):
+        ds.ImageOrientationPatient = [*row, *(-col)]
+        ds.ImagePositionPatient = [round(float(v), 1) for v in np.array([-100.0, -50.0, -800.0]) + 7.0137 * i * normal]
+
+    folder = write_series(ct_series, tmp_path / "oblique", oblique)
+    voxels, affine = lwi.read(folder, space=LPS)
+    assert voxels.shape == (512, 512, 20)
+    assert abs(np.linalg.norm(affine[:3, 2]) - 7.0137) < 0.02
+    r = subprocess.run([str(cli_path()), "info", str(folder)], capture_output=True, text=True)
+    assert r.returncode == 0 and "scatter up to" in r.stdout, r.stdout + r.stderr

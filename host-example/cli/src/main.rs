@@ -269,33 +269,33 @@ const VOLUME_ENDINGS: [&str; 5] = [".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm"];
 fn is_dicom_path(p: &std::path::Path) -> bool {
     let name = p
         .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    p.is_dir() || name == "dicomdir" || name.ends_with(".dcm")
+        .map(|n| n.as_encoded_bytes().to_ascii_lowercase())
+        .unwrap_or_default();
+    p.is_dir() || name == b"dicomdir" || name.ends_with(b".dcm")
 }
 
 /// The output name for `input` in an output folder: its file name with the extension of
 /// `output_type` (a DICOM folder's name gets one; `auto` keeps a volume file's own).
 fn output_name(input: &std::path::Path, output_type: &str) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    // Bytes, not UTF-8: a file name need not be valid Unicode.
     let name = input
         .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("output")
-        .to_string();
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_else(|| b"output".to_vec());
+    let lower = name.to_ascii_lowercase();
     let stem = VOLUME_ENDINGS
         .iter()
-        .find_map(|e| name.strip_suffix(e))
-        .unwrap_or(&name)
-        .to_string();
+        .find(|e| lower.ends_with(e.as_bytes()))
+        .map_or(&name[..], |e| &name[..name.len() - e.len()]);
     let ext = match output_type {
         "dicom-seg" => ".dcm",
         "nifti" => ".nii.gz",
         "nrrd" => ".nrrd",
         _ if is_dicom_path(input) => ".nii.gz",
-        _ => return name.into(),
+        _ => return std::ffi::OsStr::from_bytes(&name).into(),
     };
-    format!("{stem}{ext}").into()
+    std::ffi::OsStr::from_bytes(&[stem, ext.as_bytes()].concat()).into()
 }
 
 /// Parses "I/N" with 0 ≤ I < N.
@@ -465,6 +465,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     s["files"],
                     s["description"]
                 );
+                if let Some(dev) = s["max_slice_deviation_mm"].as_f64().filter(|&d| d > 0.01) {
+                    println!(
+                        "  warning: slice positions scatter up to {dev:.3} mm around the fitted {:.4} mm grid (rounded positions)",
+                        s["slice_spacing_mm"].as_f64().unwrap_or_default()
+                    );
+                }
+                if let Some(why) = s["problem"].as_str() {
+                    println!("  not readable as a volume: {why}");
+                }
             }
             for f in doc["skipped"].as_array().into_iter().flatten() {
                 println!(

@@ -101,6 +101,8 @@ impl Plugin {
         })
     }
 
+    /// `lwi_last_error()`, read right after the failed call (frees and getters would not change it,
+    /// but no other call may come between).
     fn last_error(&self) -> String {
         // SAFETY: lwi_last_error never returns NULL and the string lives until our next call.
         unsafe {
@@ -431,10 +433,12 @@ impl Plugin {
             let user =
                 &mut on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void;
             let status = f(engine, config.as_ptr(), Some(forward_progress), user);
+            // The message first: nothing may run between the failed call and reading it.
+            let result = self.check(status);
             if let Ok(free) = self.sym::<unsafe extern "C" fn(*mut c_void)>(b"lwi_engine_free\0") {
                 free(engine);
             }
-            self.check(status)
+            result
         }
     }
 

@@ -57,6 +57,12 @@ pub struct SeriesSummary {
     pub columns: u32,
     pub slices: usize,
     pub files: usize,
+    /// The slice step fitted to the positions (mm), when the images form a regular grid.
+    pub slice_spacing_mm: Option<f64>,
+    /// The largest distance of a slice from its place on that grid (mm): scanners round positions.
+    pub max_slice_deviation_mm: Option<f64>,
+    /// Why the images do not form a volume lwi reads (gap, tilt, duplicates), when they do not.
+    pub problem: Option<String>,
 }
 
 /// One 2-D image: a single-frame file or one frame of a multi-frame file.
@@ -98,22 +104,22 @@ pub fn is_dicom(path: &Path) -> bool {
     }
     let name = path
         .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if name == "dicomdir" || name.ends_with(".dcm") || name.ends_with(".dicom") {
+        .map(|n| n.as_encoded_bytes().to_ascii_lowercase())
+        .unwrap_or_default();
+    if name == b"dicomdir" || name.ends_with(b".dcm") || name.ends_with(b".dicom") {
         return true;
     }
     let mut head = [0u8; 132];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-        .is_ok()
+    super::files::open_regular(path)
+        .is_ok_and(|(mut f, _)| std::io::Read::read_exact(&mut f, &mut head).is_ok())
         && &head[128..] == b"DICM"
 }
 
 /// Reads the series `series_uid` (or, by default, the largest CT/MR series) under `path`.
 pub fn read(path: &Path, series_uid: Option<&str>) -> Result<Series> {
-    let (groups, skipped) = scan(files_under(path)?);
+    let (files, passed_over) = files_under(path)?;
+    let (groups, mut skipped) = scan(files);
+    skipped.extend(passed_over);
     let group = choose(path, &groups, series_uid, &skipped)?;
     assemble(path, group)
 }
@@ -124,7 +130,7 @@ pub fn read_files(files: &[PathBuf], series_uid: Option<&str>) -> Result<Series>
         .first()
         .ok_or_else(|| Error::invalid("no DICOM files given"))?;
     for f in files {
-        std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        super::check_regular(f)?;
     }
     let (groups, skipped) = scan(files.to_vec());
     let group = choose(first, &groups, series_uid, &skipped)?;
@@ -136,12 +142,23 @@ pub type Skipped = Vec<(PathBuf, String)>;
 
 /// The series under `path`, largest first, and the files skipped.
 pub fn list(path: &Path) -> Result<(Vec<SeriesSummary>, Skipped)> {
-    let (groups, skipped) = scan(files_under(path)?);
+    let (files, passed_over) = files_under(path)?;
+    let (groups, mut skipped) = scan(files);
+    skipped.extend(passed_over);
     Ok((groups.iter().map(|g| summary(g)).collect(), skipped))
 }
 
 fn summary(g: &[Header]) -> SeriesSummary {
     let h = &g[0];
+    let mut slices: Vec<Slice> = g.iter().flat_map(|h| h.slices.clone()).collect();
+    let o = slices[0].orientation;
+    let n = cross(
+        &unit(&o[..3]).unwrap_or_default(),
+        &unit(&o[3..]).unwrap_or_default(),
+    );
+    slices.sort_by(|a, b| dot(&a.position, &n).total_cmp(&dot(&b.position, &n)));
+    let grid = grid_spacing(Path::new(&h.series_uid), &slices, &n);
+    let fitted = grid.as_ref().ok().copied().flatten();
     SeriesSummary {
         series_uid: h.series_uid.clone(),
         modality: h.modality.clone(),
@@ -150,11 +167,17 @@ fn summary(g: &[Header]) -> SeriesSummary {
         columns: h.columns,
         slices: slice_count(g),
         files: g.len(),
+        slice_spacing_mm: fitted.map(|g| g.spacing),
+        max_slice_deviation_mm: fitted.map(|g| g.max_deviation),
+        problem: grid.err().map(|e| e.message),
     }
 }
 
-/// The files under `path`: a folder recursively, a DICOMDIR's folder, or the one file.
-fn files_under(path: &Path) -> Result<Vec<PathBuf>> {
+/// The regular files under `path`: a folder recursively, a DICOMDIR's folder, or the one file.
+/// Links are followed, each folder is entered once (a link back up cannot loop), and anything
+/// that is not a regular file (a FIFO, a socket, a device) is passed over with the reason.
+fn files_under(path: &Path) -> Result<(Vec<PathBuf>, Skipped)> {
+    use std::os::unix::fs::MetadataExt;
     let is_dicomdir = path
         .file_name()
         .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"));
@@ -162,28 +185,38 @@ fn files_under(path: &Path) -> Result<Vec<PathBuf>> {
         (true, _) => path.to_path_buf(),
         (false, true) => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         (false, false) => {
-            std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-            return Ok(vec![path.to_path_buf()]);
+            super::check_regular(path)?;
+            return Ok((vec![path.to_path_buf()], Vec::new()));
         }
     };
-    let mut out = Vec::new();
+    let (mut files, mut skipped) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![root];
     while let Some(dir) = stack.pop() {
+        let meta = std::fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?;
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         for entry in entries {
             let p = entry.map_err(|e| Error::io(&dir, e))?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if !p
-                .file_name()
-                .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
-            {
-                out.push(p);
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => stack.push(p),
+                Ok(m) if m.is_file() => {
+                    if !p
+                        .file_name()
+                        .is_some_and(|n| n.eq_ignore_ascii_case("DICOMDIR"))
+                    {
+                        files.push(p);
+                    }
+                }
+                Ok(_) => skipped.push((p, "not a regular file".to_string())),
+                Err(e) => skipped.push((p, e.to_string())),
             }
         }
     }
-    out.sort();
-    Ok(out)
+    files.sort();
+    Ok((files, skipped))
 }
 
 type Groups = Vec<Vec<Header>>;
@@ -522,9 +555,8 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
         }
     }
     slices.sort_by(|a, b| dot(&a.position, &n).total_cmp(&dot(&b.position, &n)));
-    let dz = grid_spacing(path, &slices, &n)?
-        .or(first.thickness)
-        .unwrap_or(1.0);
+    let grid = grid_spacing(path, &slices, &n)?;
+    let dz = grid.map(|g| g.spacing).or(first.thickness).unwrap_or(1.0);
 
     // LPS affine: columns are the voxel axes (x along a row, y down the columns, z along n).
     let p0 = slices[0].position;
@@ -609,15 +641,43 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
     Ok(Series { volume, source })
 }
 
-/// The slice spacing from the sorted positions, or `None` for one slice. Refuses duplicates,
-/// gaps, uneven steps and positions that move within the slice plane (gantry tilt).
-fn grid_spacing(path: &Path, slices: &[Slice], n: &[f64; 3]) -> Result<Option<f64>> {
+/// How far slice positions may scatter around the fitted regular grid: this many mm, or this
+/// fraction of the slice spacing if larger. Scanners store rounded positions (seen: 0.1 mm on an
+/// oblique GE MR series, steps 6.96 to 7.07 mm); a missing slice moves positions by half a slice
+/// or more, and a step may differ from the fitted one by at most twice the scatter.
+const SCATTER_TOLERANCE_MM: f64 = 0.1;
+const SCATTER_TOLERANCE_REL: f64 = 0.05;
+
+/// A regular grid fitted to the sorted slice positions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SliceGrid {
+    /// The least-squares slice step, mm.
+    pub spacing: f64,
+    /// The largest distance of a slice from its place on the fitted grid, mm.
+    pub max_deviation: f64,
+}
+
+/// The slice grid fitted to the sorted positions (least squares, as ITK reads such series), or
+/// `None` for one slice. Refuses duplicates, gaps (a step far from the fitted one), positions that
+/// scatter more than scanners round them, and positions that move within the slice plane (gantry
+/// tilt), naming the slices.
+fn grid_spacing(path: &Path, slices: &[Slice], n: &[f64; 3]) -> Result<Option<SliceGrid>> {
     if slices.len() < 2 {
         return Ok(None);
     }
     let d: Vec<f64> = slices.iter().map(|s| dot(&s.position, n)).collect();
     let steps: Vec<f64> = d.windows(2).map(|w| w[1] - w[0]).collect();
-    let spacing = (d[d.len() - 1] - d[0]) / (d.len() - 1) as f64;
+    // Least-squares line d_k = a + s·k.
+    let m = d.len() as f64;
+    let k_mean = (m - 1.0) / 2.0;
+    let d_mean = d.iter().sum::<f64>() / m;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (k, v) in d.iter().enumerate() {
+        num += (k as f64 - k_mean) * (v - d_mean);
+        den += (k as f64 - k_mean).powi(2);
+    }
+    let spacing = num / den;
+    let origin = d_mean - spacing * k_mean;
     let tol = GRID_TOLERANCE_MM.max(GRID_TOLERANCE_REL * spacing);
     if let Some(i) = steps.iter().position(|&s| s < tol) {
         return Err(Error::unsupported(format!(
@@ -628,9 +688,15 @@ fn grid_spacing(path: &Path, slices: &[Slice], n: &[f64; 3]) -> Result<Option<f6
             slices[i + 1].file.display()
         )));
     }
-    if let Some(i) = steps.iter().position(|&s| (s - spacing).abs() > tol) {
+    let scatter = SCATTER_TOLERANCE_MM.max(SCATTER_TOLERANCE_REL * spacing);
+    let deviation = |k: usize| (d[k] - origin - spacing * k as f64).abs();
+    let uneven = steps
+        .iter()
+        .position(|&s| (s - spacing).abs() > 2.0 * scatter)
+        .or_else(|| (0..d.len()).find(|&k| deviation(k) > scatter));
+    if let Some(i) = uneven.map(|i| i.min(steps.len() - 1)) {
         return Err(Error::unsupported(format!(
-            "{}: not a regular grid: slice {} → {} steps {:.4} mm where the series averages {:.4} mm (missing slice or uneven spacing; {} then {})",
+            "{}: not a regular grid: slice {} → {} steps {:.4} mm where the series' fitted step is {:.4} mm (missing slice or uneven spacing; {} then {})",
             path.display(),
             i,
             i + 1,
@@ -640,14 +706,17 @@ fn grid_spacing(path: &Path, slices: &[Slice], n: &[f64; 3]) -> Result<Option<f6
             slices[i + 1].file.display()
         )));
     }
+    let max_deviation = (0..d.len()).map(deviation).fold(0.0, f64::max);
     let p0 = slices[0].position;
+    let in_plane = tol.max(scatter);
     for (k, s) in slices.iter().enumerate() {
-        let expected: Vec<f64> = (0..3).map(|i| p0[i] + n[i] * spacing * k as f64).collect();
+        // The offset within the slice plane: rounding bounds it, a tilt makes it grow with k.
+        let along = dot(&s.position, n) - dot(&p0, n);
         let off = (0..3)
-            .map(|i| (s.position[i] - expected[i]).powi(2))
+            .map(|i| (s.position[i] - p0[i] - n[i] * along).powi(2))
             .sum::<f64>()
             .sqrt();
-        if off > tol.max(1e-3 * spacing * k as f64) {
+        if off > in_plane.max(1e-3 * spacing * k as f64) {
             return Err(Error::unsupported(format!(
                 "{}: slice positions leave the slice normal by {off:.3} mm at slice {k} ({}): gantry tilt or sheared series, which lwi does not resample",
                 path.display(),
@@ -655,7 +724,10 @@ fn grid_spacing(path: &Path, slices: &[Slice], n: &[f64; 3]) -> Result<Option<f6
             )));
         }
     }
-    Ok(Some(spacing))
+    Ok(Some(SliceGrid {
+        spacing,
+        max_deviation,
+    }))
 }
 
 /// How stored values are packed.
@@ -813,7 +885,15 @@ mod tests {
         let n = [0.0, 0.0, 1.0];
         let p = Path::new("series");
         let even: Vec<Slice> = (0..5).map(|k| slice_at(2.5 * k as f64, 0.0)).collect();
-        assert_eq!(grid_spacing(p, &even, &n).unwrap(), Some(2.5));
+        assert_eq!(grid_spacing(p, &even, &n).unwrap().unwrap().spacing, 2.5);
+        // Positions rounded to 0.1 mm on an oblique series (steps 6.96 to 7.07 mm) are a grid.
+        let rounded: Vec<Slice> = (0..12)
+            .map(|k| slice_at((7.0137 * k as f64 * 10.0).round() / 10.0, 0.0))
+            .collect();
+        let g = grid_spacing(p, &rounded, &n).unwrap().unwrap();
+        assert!(
+            (g.spacing - 7.0137).abs() < 0.02 && g.max_deviation > 0.0 && g.max_deviation < 0.1
+        );
         let mut gap = even.clone();
         gap.remove(2);
         assert!(
@@ -840,6 +920,9 @@ mod tests {
                 .contains("gantry tilt")
         );
         assert_eq!(grid_spacing(p, &even[..1], &n).unwrap(), None);
+        let mut uneven = even.clone();
+        uneven[3].position[2] += 0.6;
+        assert!(grid_spacing(p, &uneven, &n).is_err());
     }
 
     #[test]

@@ -3,14 +3,17 @@
 
 pub mod dicom;
 pub mod dicom_seg;
+pub mod files;
 pub mod nifti;
 pub mod nrrd;
 
-use crate::error::{Error, ErrorKind, Result};
+pub use files::{all_or_nothing, check_regular, read_regular, read_text, write_atomically};
+
+use crate::error::{Error, Result};
 use crate::volume::Volume;
 use flate2::read::GzDecoder;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// File formats lwi reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,18 +26,18 @@ pub enum Format {
 
 impl Format {
     pub fn from_path(path: &Path) -> Result<Format> {
+        // Bytes, not UTF-8: a name need not be valid Unicode, only its ending ASCII.
         let name = path
             .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        if name.ends_with(".nii.gz") {
+            .map(|n| n.as_encoded_bytes().to_ascii_lowercase())
+            .unwrap_or_default();
+        if name.ends_with(b".nii.gz") {
             Ok(Format::Nifti { gzip: true })
-        } else if name.ends_with(".nii") {
+        } else if name.ends_with(b".nii") {
             Ok(Format::Nifti { gzip: false })
-        } else if name.ends_with(".nrrd") {
+        } else if name.ends_with(b".nrrd") {
             Ok(Format::Nrrd { detached: false })
-        } else if name.ends_with(".nhdr") {
+        } else if name.ends_with(b".nhdr") {
             Ok(Format::Nrrd { detached: true })
         } else {
             Err(Error::unsupported(format!(
@@ -120,37 +123,6 @@ pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
     );
     enc.write_all(data).expect("writing to a Vec cannot fail");
     enc.finish().expect("writing to a Vec cannot fail")
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder, renamed into place, so an
-/// interrupted write never leaves a truncated file under the final name.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        let mut err = Error::io(path, e);
-        if err.kind == ErrorKind::Io {
-            err.message = format!("cannot write {}", err.message);
-        }
-        err
-    })
 }
 
 /// Converts big-endian packed values of `size` bytes to little-endian, in place.

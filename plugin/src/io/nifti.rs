@@ -43,7 +43,7 @@ struct Header {
 
 /// Reads a `.nii` / `.nii.gz` file into a [`Volume`].
 pub fn read(path: &Path) -> Result<Volume> {
-    from_bytes(path, std::fs::read(path).map_err(|e| Error::io(path, e))?)
+    from_bytes(path, super::read_regular(path)?)
 }
 
 /// Decodes the bytes of a `.nii` / `.nii.gz` file; `path` only names it in messages.

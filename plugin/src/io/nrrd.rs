@@ -34,7 +34,7 @@ enum Encoding {
 
 /// Reads a `.nrrd` or `.nhdr` file into a [`Volume`].
 pub fn read(path: &Path) -> Result<Volume> {
-    from_bytes(path, std::fs::read(path).map_err(|e| Error::io(path, e))?)
+    from_bytes(path, super::read_regular(path)?)
 }
 
 /// Decodes the bytes of a `.nrrd` / `.nhdr` file; `path` names it in messages and locates
@@ -108,7 +108,7 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
                 )));
             }
             let p = path.parent().unwrap_or(Path::new(".")).join(name);
-            let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+            let bytes = super::read_regular(&p)?;
             (p, bytes, 0)
         }
         None => {
@@ -134,6 +134,17 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
             .map_err(|_| Error::format(path, format!("bad 'byte skip: {v}'")))?,
         None => 0,
     };
+    if byte_skip < -1 {
+        return Err(Error::format(
+            path,
+            format!("'byte skip: {byte_skip}': -1 or a byte count"),
+        ));
+    }
+    // The bytes the data must hold: the skipped ones, then the voxels (-1: the voxels end the file).
+    let skip = u64::try_from(byte_skip).unwrap_or(0);
+    let needed = nbytes
+        .checked_add(skip)
+        .ok_or_else(|| Error::format(path, format!("'byte skip: {byte_skip}' is absurd")))?;
 
     let data: Cow<[u8]> = match encoding {
         Encoding::Ascii => Cow::Owned(ascii_values(&data_path, source, n as usize, dtype)?),
@@ -143,7 +154,7 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
             } else {
                 source.len() as u64
             };
-            if nbytes > could_hold {
+            if needed > could_hold {
                 let has = if encoding == Encoding::Gzip {
                     "could hold at most"
                 } else {
@@ -152,21 +163,20 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
                 return Err(Error::format(
                     &data_path,
                     format!(
-                        "NRRD sizes {sizes:?} need {nbytes} bytes of {} data; the data {has} {could_hold}",
+                        "NRRD sizes {sizes:?} (byte skip {skip}) need {needed} bytes of {} data; the data {has} {could_hold}",
                         dtype.name()
                     ),
                 ));
             }
             let mut plain = if encoding == Encoding::Gzip {
-                let skip = byte_skip.max(0) as u64;
-                let mut out = inflate(&data_path, source, nbytes + skip)?;
+                let mut out = inflate(&data_path, source, needed)?;
                 out.drain(..(skip as usize).min(out.len()));
                 Cow::Owned(out)
             } else {
                 let skip = if byte_skip == -1 {
                     source.len() as u64 - nbytes
                 } else {
-                    byte_skip.max(0) as u64
+                    skip
                 };
                 Cow::Borrowed(&source[(skip as usize).min(source.len())..])
             };
