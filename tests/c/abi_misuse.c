@@ -233,6 +233,8 @@ static void with_model(const char *model_path, const char *scratch, const char *
   expect(lwi.fine_tune(engine, "{\"dataset\": \"d.json\", \"out\": \"o\", \"spacing\": [0, 1, 1]}", NULL, NULL),
          LWI_STATUS_INVALID_ARGUMENT, "fine_tune(spacing 0)");
   expect(lwi.fine_tune(engine, "[\"d.json\", \"o\"]", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "fine_tune(config as an array)");
+  expect(lwi.fine_tune(engine, "{\"dataset\": \"d.json\", \"out\": \"o\", \"epochs\": 18446744073709551615}", NULL, NULL),
+         LWI_STATUS_INVALID_ARGUMENT, "fine_tune(epochs 2^64 - 1: progress totals would wrap)");
 
   /* Two threads on one shared model, then on two models: every call succeeds, results equal the
    * single-threaded ones, and each thread keeps its own last error. */

@@ -154,3 +154,24 @@ def test_set_up_names_what_it_cannot_install(tmp_path):
     assert "install these packages by hand" in r.stderr
     done = subprocess.run([str(script)], capture_output=True, text=True)  # make test ran it: nothing is missing
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_pictures_show_three_planes_a_legend_and_the_training_curves(work, tiny_model):
+    from PIL import Image
+    model = work / "curves.safetensors"
+    r = lwi("fine-tune", "--from-scratch", "--dataset", work / "data" / "dataset.json", "--arch-config",
+            work / "arch.json", "--config", work / "train.json", "--epochs", 2, "--device", "cpu", "--out", model)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(lwi("info", model).stdout)
+    assert [e["epoch"] for e in info["provenance"]["history"]["fine_tune"]] == [1, 2]
+    assert r.returncode == 0 and lwi("render", "--curves", model, "--out", work / "curves.png").returncode == 0
+    assert Image.open(work / "curves.png").size == (900, 480)
+    r = lwi("render", "--curves", tiny_model, "--out", work / "none.png")
+    assert r.returncode == 2 and "no training history" in error_line(r)
+    image, label = work / "data" / "imagesTr" / "phantom_000.nii.gz", work / "data" / "labelsTr" / "phantom_000.nii.gz"
+    one = lwi("render", "--image", image, "--labels", label, "--model", model, "--out", work / "one.png")
+    two = lwi("render", "--image", image, "--labels", label, "--reference", label, "--model", model,
+              "--out", work / "two.png")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    (w1, h1), (w2, h2) = Image.open(work / "one.png").size, Image.open(work / "two.png").size
+    assert w1 == w2 and h2 > 1.8 * h1 and w1 > 3 * 300  # a second row; three planes of ~320 px and a legend

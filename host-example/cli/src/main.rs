@@ -174,20 +174,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
-    /// Write a PNG of a few slices of a volume, with a label map over it.
+    /// Write a PNG: axial, coronal and sagittal planes of a volume with its label maps over them
+    /// (prediction, and reference side by side) and a legend; or, with --curves, a model's
+    /// training loss and validation Dice per epoch.
     Render {
         /// The image volume.
-        #[arg(long)]
-        image: PathBuf,
+        #[arg(long, required_unless_present = "curves")]
+        image: Option<PathBuf>,
         /// A label map on the same grid (e.g. the output of `lwi segment`).
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// The reference label map, drawn beside the prediction.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// A model file whose label names (and colours) make the legend.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Draw the training curves kept in this model file instead.
+        #[arg(long, conflicts_with = "image")]
+        curves: Option<PathBuf>,
         /// Grey-level window, HU.
         #[arg(long, value_parser = numbers::<f32, 2>, default_value = "-175,250", allow_hyphen_values = true)]
         window: [f32; 2],
-        /// Number of slices side by side.
-        #[arg(long, default_value_t = 3)]
-        slices: usize,
         #[arg(long)]
         out: PathBuf,
     },
@@ -429,6 +437,80 @@ const DTYPES: [&str; 10] = [
     "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64",
 ];
 
+/// Both stages' per-epoch history from `lwi_model_info_json`'s provenance.
+fn history_of(info: &serde_json::Value) -> Vec<(&'static str, render::History)> {
+    let stage = |key: &str| -> render::History {
+        info["provenance"]["history"][key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["epoch"].as_u64().unwrap_or(0),
+                    e["loss"].as_f64().unwrap_or(f64::NAN),
+                    e["metric"].as_f64(),
+                )
+            })
+            .collect()
+    };
+    vec![
+        ("init-train", stage("init")),
+        ("fine-tune", stage("fine_tune")),
+    ]
+    .into_iter()
+    .filter(|s| !s.1.is_empty())
+    .collect()
+}
+
+/// `lwi render --image`: the three planes of the image with each label map, and a legend named by
+/// the model's labels when a model is given.
+fn render_overlays(
+    plugin: &Plugin,
+    image: &std::path::Path,
+    labels: Option<std::path::PathBuf>,
+    reference: Option<std::path::PathBuf>,
+    model: Option<std::path::PathBuf>,
+    window: [f32; 2],
+    out: &std::path::Path,
+) -> Result<(), Failure> {
+    let (dims, affine, voxels) = plugin.volume_f32(image)?;
+    let mut maps = Vec::new();
+    for (name, path) in [("prediction", labels), ("reference", reference)] {
+        let Some(p) = path else { continue };
+        let (ldims, _, l) = plugin.volume_f32(&p)?;
+        if ldims != dims {
+            return Err(Failure::Usage(format!(
+                "{} has dims {ldims:?}, the image {dims:?}",
+                p.display()
+            )));
+        }
+        maps.push((name, l));
+    }
+    let mut names = std::collections::BTreeMap::new();
+    if let Some(m) = model {
+        let info: serde_json::Value =
+            serde_json::from_str(&plugin.model_info(&m)?).unwrap_or_default();
+        for (k, v) in info["labels"].as_object().into_iter().flatten() {
+            if let (Ok(k), Some(v)) = (k.parse::<u32>(), v.as_str()) {
+                names.insert(k, v.to_string());
+            }
+        }
+    }
+    let spacing: [f64; 3] = std::array::from_fn(|c| {
+        (0..3)
+            .map(|r| affine[4 * r + c].powi(2))
+            .sum::<f64>()
+            .sqrt()
+    });
+    let grid = render::Grid {
+        dims: dims.map(|d| d as usize),
+        spacing,
+        values: &voxels,
+    };
+    let rows: Vec<(&str, &[f32])> = maps.iter().map(|(n, l)| (*n, &l[..])).collect();
+    render::overlays(&grid, &rows, &names, window, out).map_err(Failure::Usage)
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let path = plugin::locate(cli.plugin.as_deref());
     let plugin = Plugin::load(&path).map_err(Failure::Plugin)?;
@@ -615,33 +697,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Render {
             image,
             labels,
+            reference,
+            model,
+            curves,
             window,
-            slices,
             out,
         } => {
-            let (dims, _, voxels) = plugin.volume_f32(&image)?;
-            let label_voxels = match &labels {
-                Some(p) => {
-                    let (ldims, _, l) = plugin.volume_f32(p)?;
-                    if ldims != dims {
-                        return Err(Failure::Usage(format!(
-                            "{} has dims {ldims:?}, the image {dims:?}",
-                            p.display()
-                        )));
-                    }
-                    Some(l)
+            match (curves, image) {
+                (Some(m), _) => {
+                    let info: serde_json::Value =
+                        serde_json::from_str(&plugin.model_info(&m)?).unwrap_or_default();
+                    render::curves(&history_of(&info), &out).map_err(Failure::Usage)?;
                 }
-                None => None,
-            };
-            render::render(
-                dims,
-                &voxels,
-                label_voxels.as_deref(),
-                window,
-                slices.max(1),
-                &out,
-            )
-            .map_err(Failure::Usage)?;
+                (None, Some(image)) => {
+                    render_overlays(&plugin, &image, labels, reference, model, window, &out)?
+                }
+                (None, None) => return Err(Failure::Usage("--image or --curves is needed".into())),
+            }
             eprintln!("wrote {}", out.display());
         }
         Command::InitTrain { common } => train(&plugin, false, &common, None)?,
