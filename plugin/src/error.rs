@@ -100,3 +100,26 @@ pub fn catch_panic<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
         Err(from_panic(&text))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn a_libtorch_allocation_failure_in_an_infallible_op_is_out_of_memory() {
+        // 2^60 floats: libtorch refuses the allocation, tch's `zeros` panics with its message.
+        let e = catch_panic(|| {
+            Ok(Tensor::zeros(
+                [1 << 40, 1 << 20],
+                (Kind::Float, Device::Cpu),
+            ))
+        })
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::OutOfMemory, "{}", e.message);
+        assert!(e.message.starts_with("libtorch: "), "{}", e.message);
+        let e = catch_panic::<()>(|| panic!("index out of bounds")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert!(e.message.contains("index out of bounds"));
+    }
+}

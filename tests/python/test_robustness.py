@@ -99,6 +99,8 @@ def test_a_fifo_dataset_is_refused_at_once(work):
     os.mkfifo(fifo)
     r = fine_tune(work, fifo)
     assert r.returncode == 1 and "FIFO" in error_line(r)
+    r = fine_tune(work, work / "data" / "dataset.json", config=fifo)  # read by the command itself
+    assert r.returncode == 2 and "not a regular file" in error_line(r)
 
 
 def nrrd_header(fields):

@@ -383,9 +383,25 @@ struct TrainArgs {
     json: bool,
 }
 
+/// A JSON file named on the command line. Only a regular file is read: a FIFO would block the
+/// command, a device would be read without end. The open is non-blocking, the type checked on it.
 fn read_json(p: &std::path::Path) -> Result<serde_json::Value, Failure> {
-    let text =
-        std::fs::read_to_string(p).map_err(|e| Failure::Usage(format!("{}: {e}", p.display())))?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |e: String| Failure::Usage(format!("{}: {e}", p.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)
+        .map_err(|e| fail(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file; a JSON file is needed".into()));
+    }
+    let mut text = String::new();
+    file.take(meta.len())
+        .read_to_string(&mut text)
+        .map_err(|e| fail(e.to_string()))?;
     serde_json::from_str(&text)
         .map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
 }
