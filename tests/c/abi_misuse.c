@@ -202,6 +202,11 @@ static void with_model(const char *model_path, const char *scratch, const char *
   bad.dims[0] = bad.dims[1] = bad.dims[2] = (int64_t)1 << 40;
   expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(huge dims)");
   bad = lent_volume();
+  bad.dims[0] = bad.dims[1] = (int64_t)1 << 31; /* 2^62 voxels: their byte count overflows */
+  bad.dims[2] = 1;
+  expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(dims whose bytes overflow)");
+  CHECK(strstr(lwi.last_error(), "dims") != NULL, "the dims are named: %s", lwi.last_error());
+  bad = lent_volume();
   bad.affine[0] = NAN;
   expect(lwi.segment(model, &bad, labels, LWI_DTYPE_UINT8, sizeof labels, NULL, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(NaN spacing)");
   bad = lent_volume();
@@ -461,6 +466,11 @@ int main(int argc, char **argv) {
   expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"sede\": 3}"), LWI_STATUS_INVALID_ARGUMENT, "phantom(unknown key)");
   CHECK(strstr(lwi.last_error(), "sede") != NULL, "the message names the unknown key: %s", lwi.last_error());
   expect(lwi.phantom_dataset(path, "{\"cases\": -1}"), LWI_STATUS_INVALID_ARGUMENT, "phantom(cases -1)");
+  expect(lwi.phantom_dataset(path, "[1, 0]"), LWI_STATUS_INVALID_ARGUMENT, "phantom(options as an array)");
+  expect(lwi.evaluate(argv[2], argv[2], "[[1]]", &listing), LWI_STATUS_INVALID_ARGUMENT, "evaluate(options as an array)");
+  expect(lwi.model_import(argv[2], "{\"arch\": \"unetr\", \"arch_config\": [1, 2], \"labels\": {}}", "m.safetensors"),
+         LWI_STATUS_INVALID_ARGUMENT, "model_import(arch_config as an array)");
+  CHECK(strstr(lwi.last_error(), "arch_config") != NULL, "the field is named: %s", lwi.last_error());
   expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"size\": [4, 4]}"), LWI_STATUS_INVALID_ARGUMENT, "phantom(size 2-D)");
   expect(lwi.phantom_dataset(path, "{\"cases\": 1, \"size\": [0, 16, 16]}"), LWI_STATUS_INVALID_ARGUMENT,
          "phantom(size 0)");
