@@ -93,44 +93,86 @@ impl LayerNorm {
 pub struct Conv {
     weight: Tensor,
     bias: Option<Tensor>,
-    stride: i64,
-    padding: i64,
+    stride: [i64; 3],
+    padding: [i64; 3],
     transposed: bool,
 }
 
 impl Conv {
     /// Conv3d(k, stride, padding = (k - stride + 1) / 2) as MONAI's `get_padding`.
     pub fn new(p: &nn::Path, inp: i64, out: i64, k: i64, stride: i64, bias: bool) -> Self {
-        let p = p / "conv";
-        let fan_in = inp * k * k * k;
+        Self::bare(&(p / "conv"), inp, out, [k; 3], [stride; 3], bias)
+    }
+    /// A Conv3d whose weight and bias sit at `p` itself (`nn.Conv3d` inside a `Sequential`), with a
+    /// kernel and stride per axis.
+    pub fn bare(
+        p: &nn::Path,
+        inp: i64,
+        out: i64,
+        k: [i64; 3],
+        stride: [i64; 3],
+        bias: bool,
+    ) -> Self {
+        let fan_in = inp * k.iter().product::<i64>();
         Conv {
-            weight: default_uniform(&p, "weight", &[out, inp, k, k, k], fan_in),
-            bias: bias.then(|| default_uniform(&p, "bias", &[out], fan_in)),
+            weight: default_uniform(p, "weight", &[out, inp, k[0], k[1], k[2]], fan_in),
+            bias: bias.then(|| default_uniform(p, "bias", &[out], fan_in)),
             stride,
-            padding: (k - stride + 1) / 2,
+            padding: std::array::from_fn(|d| (k[d] - stride[d] + 1) / 2),
             transposed: false,
         }
     }
     /// ConvTranspose3d(k = stride, padding 0): doubles (for k = 2) each spatial size.
-    /// PyTorch computes a transposed conv's fan-in from weight dim 1, i.e. `out · k³`.
     pub fn transposed(p: &nn::Path, inp: i64, out: i64, k: i64) -> Self {
+        Self::transposed_by(p, inp, out, [k; 3])
+    }
+    /// ConvTranspose3d with kernel = stride `k` per axis (UNETR++'s (2, 4, 4) last upsampling).
+    /// PyTorch computes a transposed conv's fan-in from weight dim 1, i.e. `out · k³`.
+    pub fn transposed_by(p: &nn::Path, inp: i64, out: i64, k: [i64; 3]) -> Self {
         let p = p / "conv";
+        let fan_in = out * k.iter().product::<i64>();
         Conv {
-            weight: default_uniform(&p, "weight", &[inp, out, k, k, k], out * k * k * k),
+            weight: default_uniform(&p, "weight", &[inp, out, k[0], k[1], k[2]], fan_in),
             bias: None,
             stride: k,
-            padding: 0,
+            padding: [0; 3],
             transposed: true,
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let s = [self.stride; 3];
-        let pad = [self.padding; 3];
+        let (s, pad) = (self.stride, self.padding);
         if self.transposed {
             x.conv_transpose3d(&self.weight, self.bias.as_ref(), s, pad, [0; 3], 1, [1; 3])
         } else {
             x.conv3d(&self.weight, self.bias.as_ref(), s, pad, [1; 3], 1)
         }
+    }
+}
+
+/// `nn.GroupNorm(groups, channels)`, eps 1e-5, affine (weight 1, bias 0 at init).
+#[derive(Debug)]
+pub struct GroupNorm {
+    groups: i64,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl GroupNorm {
+    pub fn new(p: &nn::Path, groups: i64, channels: i64) -> Self {
+        GroupNorm {
+            groups,
+            weight: p.ones("weight", &[channels]),
+            bias: p.zeros("bias", &[channels]),
+        }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            1e-5,
+            true,
+        )
     }
 }
 

@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod fused;
 pub mod precision;
 pub mod unetr;
+pub mod unetr_pp;
 mod vit;
 
 pub use precision::{Precision, with_precision};
