@@ -867,7 +867,7 @@ pub unsafe extern "C" fn lwi_segment(
                 "out_bytes is {out_bytes}; the labels need exactly {need}"
             )));
         }
-        if out_type == DType::U8 && m.model.meta.config.out_channels > 256 {
+        if out_type == DType::U8 && m.model.meta.arch.out_channels() > 256 {
             return Err(Error::invalid(
                 "the model has more than 256 classes: use LWI_DTYPE_UINT16",
             ));

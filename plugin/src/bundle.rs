@@ -5,14 +5,16 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::write_atomically;
-use crate::model::{OrderHeads, Unetr, UnetrConfig, load_state_dict};
+use crate::model::{ArchConfig, Network, PretextHeads, load_state_dict};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Device, Kind, Tensor, nn};
 
 pub const FORMAT: &str = "lwi-model";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the architecture is `"arch"` + `"config"` of any registered architecture (UNETR++ added).
+/// Version 1 files (UNETR only, the same layout) still load.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What a model was trained for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,14 +95,13 @@ pub struct EpochRecord {
 
 /// The `__metadata__["lwi"]` document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "MetadataDocument", into = "MetadataDocument")]
 pub struct ModelMetadata {
     pub format: String,
     pub format_version: u32,
-    /// Architecture name; "unetr".
-    pub arch: String,
-    /// The architecture's hyperparameters (MONAI `UNETR` keyword names).
-    pub config: UnetrConfig,
+    /// The architecture and its hyperparameters, stored as `"arch"` (its name) and `"config"`
+    /// (the upstream constructor's keyword arguments).
+    pub arch: ArchConfig,
     /// Classes of the order-prediction heads (the number of slabs m), when the file has them.
     pub order_classes: Option<i64>,
     /// Label value → name; a segmentation model's output channel c predicts label value c.
@@ -110,10 +111,63 @@ pub struct ModelMetadata {
     pub provenance: Provenance,
 }
 
+/// The metadata as it is stored: strict about its fields, the architecture as name + config.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetadataDocument {
+    format: String,
+    format_version: u32,
+    arch: String,
+    config: serde_json::Value,
+    order_classes: Option<i64>,
+    labels: BTreeMap<u32, String>,
+    preprocessing: Preprocessing,
+    stage: Stage,
+    provenance: Provenance,
+}
+
+impl TryFrom<MetadataDocument> for ModelMetadata {
+    type Error = String;
+    fn try_from(d: MetadataDocument) -> std::result::Result<Self, String> {
+        let arch = ArchConfig::from_parts(&d.arch, &d.config.to_string(), "config")
+            .map_err(|e| e.message)?;
+        Ok(ModelMetadata {
+            format: d.format,
+            format_version: d.format_version,
+            arch,
+            order_classes: d.order_classes,
+            labels: d.labels,
+            preprocessing: d.preprocessing,
+            stage: d.stage,
+            provenance: d.provenance,
+        })
+    }
+}
+
+impl From<ModelMetadata> for MetadataDocument {
+    fn from(m: ModelMetadata) -> Self {
+        let config = match &m.arch {
+            ArchConfig::Unetr(c) => serde_json::to_value(c),
+            ArchConfig::UnetrPp(c) => serde_json::to_value(c),
+        };
+        MetadataDocument {
+            format: m.format,
+            format_version: m.format_version,
+            arch: m.arch.name().into(),
+            config: config.unwrap_or_default(),
+            order_classes: m.order_classes,
+            labels: m.labels,
+            preprocessing: m.preprocessing,
+            stage: m.stage,
+            provenance: m.provenance,
+        }
+    }
+}
+
 impl ModelMetadata {
-    /// A fresh description of a `stage` model for `config` and `labels`.
+    /// A fresh description of a `stage` model for `arch` and `labels`.
     pub fn new(
-        config: UnetrConfig,
+        arch: ArchConfig,
         labels: BTreeMap<u32, String>,
         preprocessing: Preprocessing,
         stage: Stage,
@@ -121,8 +175,7 @@ impl ModelMetadata {
         ModelMetadata {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
-            arch: "unetr".into(),
-            config,
+            arch,
             order_classes: None,
             labels,
             preprocessing,
@@ -137,19 +190,16 @@ impl ModelMetadata {
     /// The document must describe something lwi can build, consistently.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::new(ErrorKind::ModelIncompatible, m));
-        if self.format != FORMAT || self.format_version != FORMAT_VERSION {
+        if self.format != FORMAT || !(1..=FORMAT_VERSION).contains(&self.format_version) {
             return bad(format!(
-                "model format '{}' version {} (this lwi reads '{FORMAT}' version {FORMAT_VERSION})",
+                "model format '{}' version {} (this lwi reads '{FORMAT}' versions 1 to {FORMAT_VERSION})",
                 self.format, self.format_version
             ));
         }
-        if self.arch != "unetr" {
-            return bad(format!(
-                "architecture '{}' is not one lwi builds (unetr)",
-                self.arch
-            ));
+        if self.format_version == 1 && !matches!(self.arch, ArchConfig::Unetr(_)) {
+            return bad("a version 1 model file holds a UNETR only".into());
         }
-        self.config
+        self.arch
             .validate()
             .map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
         if self.preprocessing.orientation != "RAS" {
@@ -158,10 +208,11 @@ impl ModelMetadata {
                 self.preprocessing.orientation
             ));
         }
-        if self.preprocessing.roi_size != self.config.img_size {
+        if self.preprocessing.roi_size != self.arch.img_size() {
             return bad(format!(
                 "roi_size {:?} differs from the network's img_size {:?}",
-                self.preprocessing.roi_size, self.config.img_size
+                self.preprocessing.roi_size,
+                self.arch.img_size()
             ));
         }
         let p = &self.preprocessing;
@@ -177,11 +228,11 @@ impl ModelMetadata {
             if let Some((id, name)) = self
                 .labels
                 .iter()
-                .find(|(id, _)| i64::from(**id) >= self.config.out_channels)
+                .find(|(id, _)| i64::from(**id) >= self.arch.out_channels())
             {
                 return bad(format!(
                     "label {id} ({name}) has no output channel: the network has {}",
-                    self.config.out_channels
+                    self.arch.out_channels()
                 ));
             }
         }
@@ -202,8 +253,8 @@ pub struct Model {
     /// sha256 of the file the model was loaded from (manifests name models by it).
     pub file_sha256: Option<String>,
     pub vs: nn::VarStore,
-    pub net: Unetr,
-    pub order_heads: Option<OrderHeads>,
+    pub net: Network,
+    pub order_heads: Option<PretextHeads>,
 }
 
 impl std::fmt::Debug for Model {
@@ -219,10 +270,8 @@ impl Model {
     pub fn new(meta: ModelMetadata, device: Device) -> Result<Model> {
         meta.validate()?;
         let vs = nn::VarStore::new(device);
-        let net = Unetr::new(&vs.root(), &meta.config)?;
-        let order_heads = meta
-            .order_classes
-            .map(|m| OrderHeads::new(&vs.root(), meta.config.hidden_size, m));
+        let net = Network::new(&vs.root(), &meta.arch)?;
+        let order_heads = meta.order_classes.map(|m| net.order_heads(&vs.root(), m));
         Ok(Model {
             meta,
             file_sha256: None,

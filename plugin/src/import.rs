@@ -142,7 +142,7 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
         Stage::Segmentation
     };
     let mut meta = ModelMetadata::new(
-        options.config.clone(),
+        crate::model::ArchConfig::Unetr(options.config.clone()),
         options.labels.clone(),
         preprocessing,
         stage,

@@ -129,13 +129,13 @@ pub fn segment(
             "this is an init-train model (stage init): fine-tune it before segmenting",
         ));
     }
-    let cfg = &model.meta.config;
-    if cfg.in_channels != 1 {
+    let cfg = &model.meta.arch;
+    if cfg.in_channels() != 1 {
         return Err(Error::new(
             ErrorKind::ModelIncompatible,
             format!(
                 "the model takes {} channels; a volume has 1",
-                cfg.in_channels
+                cfg.in_channels()
             ),
         ));
     }
@@ -155,7 +155,7 @@ pub fn segment(
     };
     let pipeline = Pipeline {
         preprocessing: &model.meta.preprocessing,
-        classes: cfg.out_channels,
+        classes: cfg.out_channels(),
         device,
         predict: &predict,
     };

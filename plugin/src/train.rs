@@ -7,7 +7,9 @@ use crate::dataset::{DatasetFile, prepare_case};
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
-use crate::model::{Precision, UnetrConfig, load_state_dict, with_precision};
+use crate::model::{
+    ArchConfig, Network, Precision, PretextHeads, UnetrConfig, load_state_dict, with_precision,
+};
 use crate::preprocess::pad_to_roi;
 use crate::pretext::PretextConfig;
 use rand::{Rng, SeedableRng};
@@ -512,7 +514,7 @@ fn train_stage(
     } else {
         ds.labels.clone()
     };
-    let mut meta = ModelMetadata::new(arch.clone(), labels, pre.clone(), stage);
+    let mut meta = ModelMetadata::new(ArchConfig::Unetr(arch.clone()), labels, pre.clone(), stage);
     meta.order_classes = (stage == Stage::Init).then_some(cfg.pretext.slabs);
     meta.provenance.seed = Some(cfg.seed);
     meta.provenance.epochs = Some(cfg.epochs);
@@ -630,12 +632,13 @@ fn train_stage(
             let (loss, parts) = match stage {
                 Stage::Init => {
                     let batch = crate::pretext::transform(&x, &cfg.pretext, &mut rng);
-                    let heads = model
-                        .order_heads
-                        .as_ref()
-                        .ok_or_else(|| Error::internal("init model without order heads"))?;
+                    let (Some(PretextHeads::Unetr(heads)), Network::Unetr(net)) =
+                        (&model.order_heads, &model.net)
+                    else {
+                        return Err(Error::internal("init model without UNETR order heads"));
+                    };
                     let (total, rec, cls) = with_precision(precision, device, || {
-                        let (recon, features) = model.net.forward_features(&batch.input, true);
+                        let (recon, features) = net.forward_features(&batch.input, true);
                         let logits =
                             crate::pretext::order_logits(&features, heads, &cfg.pretext, tokens);
                         crate::pretext::loss(&recon, &batch, &logits, &cfg.pretext)
@@ -784,30 +787,31 @@ fn transfer_from_init(
             ),
         ));
     }
-    let mut want = stage1.meta.config.clone();
-    want.out_channels = model.meta.config.out_channels;
-    if want != model.meta.config {
+    let mut want = stage1.meta.arch.clone();
+    want.set_out_channels(model.meta.arch.out_channels());
+    if want != model.meta.arch {
         return Err(Error::new(
             ErrorKind::ModelIncompatible,
             format!(
                 "{}: its architecture {} differs from the one asked for {}",
                 init.display(),
-                serde_json::to_string(&stage1.meta.config).unwrap_or_default(),
-                serde_json::to_string(&model.meta.config).unwrap_or_default()
+                serde_json::to_string(&stage1.meta.arch).unwrap_or_default(),
+                serde_json::to_string(&model.meta.arch).unwrap_or_default()
             ),
         ));
     }
+    let arch = &model.meta.arch;
     let mut tensors: HashMap<String, Tensor> = stage1
         .vs
         .variables()
         .into_iter()
-        .filter(|(k, _)| !k.starts_with("vit.temp_head"))
+        .filter(|(k, _)| !k.starts_with(arch.order_head_prefix()))
         .collect();
     for (k, v) in model
         .vs
         .variables()
         .into_iter()
-        .filter(|(k, _)| k.starts_with("out.conv."))
+        .filter(|(k, _)| arch.output_heads().iter().any(|h| k.starts_with(h)))
     {
         tensors.insert(k, v.detach().copy());
     }
@@ -835,7 +839,7 @@ fn validate(
         };
         let image = crate::io::read_volume(&entry.image)?;
         let reference = crate::io::read_volume(label_path)?;
-        let classes = model.meta.config.out_channels as u32;
+        let classes = model.meta.arch.out_channels() as u32;
         crate::dataset::check_label(&image, &reference, label_path, Some(classes))?;
         let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
         let labels: Vec<u32> = model

@@ -7,7 +7,8 @@ use common::{max_abs, monai_reference, report};
 use lwi::ErrorKind;
 use lwi::bundle::{Model, ModelMetadata, Preprocessing, Stage};
 use lwi::import::{ImportOptions, import_unetr};
-use lwi::model::UnetrConfig;
+use lwi::model::unetr_pp::UnetrPpConfig;
+use lwi::model::{ArchConfig, UnetrConfig};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -34,7 +35,7 @@ fn tiny_model(order_classes: Option<i64>) -> Model {
         roi_size: [32, 32, 32],
         ..Default::default()
     };
-    let mut meta = ModelMetadata::new(tiny(), labels, pre, Stage::Segmentation);
+    let mut meta = ModelMetadata::new(ArchConfig::Unetr(tiny()), labels, pre, Stage::Segmentation);
     meta.order_classes = order_classes;
     meta.provenance.seed = Some(3);
     Model::new(meta, Device::Cpu).unwrap()
@@ -162,6 +163,57 @@ fn broken_model_files_are_refused_with_the_reason() {
         ErrorKind::Io,
         "No such file",
     );
+}
+
+#[test]
+fn a_version_1_model_file_still_loads() {
+    // Written by lwi before UNETR++ (format version 1): the same "arch" + "config" layout.
+    let path = common::root().join("tests/data/unetr-v1.safetensors");
+    let model = Model::load(&path, Device::Cpu).unwrap();
+    assert_eq!(model.meta.format_version, 1);
+    assert!(matches!(model.meta.arch, ArchConfig::Unetr(_)));
+    let x = Tensor::zeros([1, 1, 32, 32, 32], (tch::Kind::Float, Device::Cpu));
+    let logits = tch::no_grad(|| model.net.forward_t(&x, false));
+    assert_eq!(logits.size()[1], model.meta.arch.out_channels());
+}
+
+#[test]
+fn a_unetr_pp_model_file_round_trips() {
+    let cfg = UnetrPpConfig {
+        out_channels: 3,
+        img_size: [16, 32, 32],
+        feature_size: 4,
+        hidden_size: 64,
+        depths: [1, 1, 1, 1],
+        dims: [8, 16, 32, 64],
+        ..Default::default()
+    };
+    let labels = BTreeMap::from([
+        (0, "background".to_string()),
+        (1, "a".into()),
+        (2, "b".into()),
+    ]);
+    let pre = Preprocessing {
+        roi_size: cfg.img_size,
+        ..Default::default()
+    };
+    let meta = ModelMetadata::new(ArchConfig::UnetrPp(cfg), labels, pre, Stage::Segmentation);
+    let model = Model::new(meta, Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pp.safetensors");
+    model.save(&path).unwrap();
+    let back = Model::load(&path, Device::Cpu).unwrap();
+    assert_eq!(back.meta, model.meta);
+    let info = back.info_json();
+    assert_eq!(info["arch"], "unetr_pp");
+    assert_eq!(info["format_version"], 2);
+    assert_eq!(info["config"]["dims"], serde_json::json!([8, 16, 32, 64]));
+    let x = Tensor::ones([1, 1, 16, 32, 32], (tch::Kind::Float, Device::Cpu));
+    let names: Vec<String> = tch::no_grad(|| back.net.outputs(&x, None))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["out1", "out2", "out3"]);
 }
 
 #[test]

@@ -2,11 +2,13 @@
 
 pub mod blocks;
 pub mod fused;
+pub mod network;
 pub mod precision;
 pub mod unetr;
 pub mod unetr_pp;
 mod vit;
 
+pub use network::{ArchConfig, Network, PretextHeads};
 pub use precision::{Precision, with_precision};
 pub use unetr::{OrderHeads, ProjType, Unetr, UnetrConfig};
 
