@@ -274,6 +274,19 @@ enum LwiStatus lwi_model_import(const char *checkpoint_path,
                                 const char *options_json,
                                 const char *out_path);
 
+// Runs the raw network on a tensor (no preprocessing): `in_path` is a safetensors file holding `x`
+// `[B, C, D, H, W]` (float, the network's channels and `img_size`); every output is written to the
+// safetensors file `out_path` under its name — `logits` (UNETR), `out1`, `out2`, `out3` (UNETR++,
+// deep supervision included), `recon` and `t1`…`t4` for an init-train model — through a temporary
+// name. `options_json` is NULL or `{}` (reserved).
+//
+// # Safety
+// The strings are NULL or NUL-terminated.
+enum LwiStatus lwi_forward(const struct LwiModel *model,
+                           const char *in_path,
+                           const char *out_path,
+                           const char *options_json);
+
 // Segments a volume lent by the host into `out_labels`, a caller-allocated buffer of the input's
 // dims in `out_dtype` (`LWI_DTYPE_UINT8` or `LWI_DTYPE_UINT16`; `out_bytes` must be exactly its
 // size), x fastest, on the input's own grid. `options_json` (NULL for defaults): `overlap` (0.5),

@@ -722,11 +722,13 @@ pub extern "C" fn lwi_model_free(model: *mut LwiModel) {
     free_handle(model, "model");
 }
 
-/// Converts a PyTorch UNETR checkpoint (`.pt`; MONAI 1.6.1 or LWI-VMS key layout, plain or under
-/// `state_dict`) into an lwi model file at `out_path`. The pickle is parsed without executing
-/// anything. `options_json` holds `arch` ("unetr"), `arch_config` (MONAI `UNETR` keyword
-/// arguments), `labels` (`{"0": "background", …}`), and optionally `spacing` (mm, default
-/// \[1.5, 1.5, 2.0\]) and `window` (HU, default \[-175, 250\]).
+/// Converts a PyTorch checkpoint into an lwi model file at `out_path`: UNETR (`.pt`; MONAI 1.6.1 or
+/// LWI-VMS key layout, plain or under `state_dict`) or UNETR++ (an nnU-Net v1 checkpoint such as
+/// `model_final_checkpoint.model`, or a plain state dict; tied `F.*` accepted only when equal to
+/// `E.*`). The pickle is parsed without executing anything. `options_json` holds `arch` ("unetr"
+/// or "unetr_pp"), `arch_config` (the upstream constructor's keyword arguments), `labels`
+/// (`{"0": "background", …}`), and optionally `spacing` (mm, default \[1.5, 1.5, 2.0\]) and
+/// `window` (HU, default \[-175, 250\]).
 ///
 /// # Safety
 /// Each argument is NULL or a NUL-terminated string.
@@ -745,8 +747,37 @@ pub unsafe extern "C" fn lwi_model_import(
                 path_arg(out_path, "out_path")?,
             )
         };
-        let options = lwi::import::ImportOptions::from_json(json)?;
-        lwi::import::import_unetr(src, &options)?.save(dst)
+        lwi::import::import(src, json)?.save(dst)
+    })
+}
+
+/// Runs the raw network on a tensor (no preprocessing): `in_path` is a safetensors file holding `x`
+/// `[B, C, D, H, W]` (float, the network's channels and `img_size`); every output is written to the
+/// safetensors file `out_path` under its name — `logits` (UNETR), `out1`, `out2`, `out3` (UNETR++,
+/// deep supervision included), `recon` and `t1`…`t4` for an init-train model — through a temporary
+/// name. `options_json` is NULL or `{}` (reserved).
+///
+/// # Safety
+/// The strings are NULL or NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_forward(
+    model: *const LwiModel,
+    in_path: *const c_char,
+    out_path: *const c_char,
+    options_json: *const c_char,
+) -> LwiStatus {
+    guard("lwi_forward", || {
+        let m = handles::borrow(model, "model")?;
+        // SAFETY: forwarded caller contract.
+        let (src, dst, json) = unsafe {
+            (
+                path_arg(in_path, "in_path")?,
+                path_arg(out_path, "out_path")?,
+                text_arg(options_json, "options_json", "")?,
+            )
+        };
+        lwi::options::parse::<lwi::forward::ForwardOptions>(json, "options_json")?;
+        lwi::forward::forward_file(&m.model, src, dst).map(|_| ())
     })
 }
 

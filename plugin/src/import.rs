@@ -1,4 +1,5 @@
-//! Importing PyTorch checkpoints (`.pt`) of UNETR into lwi model files.
+//! Importing PyTorch checkpoints (`.pt`, nnU-Net v1's `.model`) of UNETR and UNETR++ into lwi
+//! model files.
 //!
 //! Two key layouts are understood: MONAI 1.6.1's `UNETR.state_dict()`, which is lwi's own, and the
 //! LWI-VMS release (MONAI 0.7 names: `out.conv.*` instead of `out.conv.conv.*`, an unused
@@ -11,7 +12,8 @@
 
 use crate::bundle::{Model, ModelMetadata, Preprocessing, Stage, sha256_file};
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{UnetrConfig, load_state_dict};
+use crate::model::unetr_pp::UnetrPpConfig;
+use crate::model::{ArchConfig, UnetrConfig, load_state_dict};
 use pytorch_reader::{DType, PytorchError, PytorchReader};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -26,12 +28,12 @@ pub struct ImportOptions {
     pub window: [f64; 2],
 }
 
-/// The JSON form of [`ImportOptions`] (the C ABI's and the CLI's).
+/// The JSON form of the import options (the C ABI's and the CLI's).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImportOptionsJson {
     arch: String,
-    arch_config: UnetrConfig,
+    arch_config: serde_json::Value,
     labels: BTreeMap<u32, String>,
     #[serde(default = "default_spacing")]
     spacing: [f64; 3],
@@ -50,20 +52,44 @@ fn default_window() -> [f64; 2] {
 impl ImportOptions {
     /// `{"arch": "unetr", "arch_config": {…}, "labels": {…}, "spacing": […], "window": […]}`.
     pub fn from_json(json: &str) -> Result<ImportOptions> {
-        let shape = serde_json::json!({"arch_config": UnetrConfig::default(), "labels": {}});
-        let o: ImportOptionsJson = crate::options::parse_shaped(json, "import options", &shape)?;
-        if o.arch != "unetr" {
-            return Err(Error::unsupported(format!(
-                "architecture '{}': lwi imports unetr",
-                o.arch
-            )));
+        let (arch, options) = parse_options(json)?;
+        match arch {
+            ArchConfig::Unetr(config) => Ok(ImportOptions { config, ..options }),
+            other => Err(Error::unsupported(format!(
+                "import options: architecture '{}' is imported by `import`",
+                other.name()
+            ))),
         }
-        Ok(ImportOptions {
-            config: o.arch_config,
+    }
+}
+
+/// The architecture and the rest of the options (`config` left at UNETR's default).
+fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
+    let shape = serde_json::json!({"arch_config": {}, "labels": {}});
+    let o: ImportOptionsJson = crate::options::parse_shaped(json, "import options", &shape)?;
+    let arch = ArchConfig::from_parts(
+        &o.arch,
+        &o.arch_config.to_string(),
+        "import options: arch_config",
+    )?;
+    Ok((
+        arch,
+        ImportOptions {
+            config: UnetrConfig::default(),
             labels: o.labels,
             spacing: o.spacing,
             window: o.window,
-        })
+        },
+    ))
+}
+
+/// Imports a checkpoint of the architecture the options name (`lwi import`, `lwi_model_import`).
+pub fn import(checkpoint: &Path, options_json: &str) -> Result<Model> {
+    match parse_options(options_json)? {
+        (ArchConfig::Unetr(config), options) => {
+            import_unetr(checkpoint, &ImportOptions { config, ..options })
+        }
+        (ArchConfig::UnetrPp(config), options) => import_unetr_pp(checkpoint, &config, &options),
     }
 }
 
@@ -79,6 +105,7 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
         other => Error::format(path, format!("not a readable PyTorch checkpoint ({other})")),
     };
     crate::io::check_regular(path)?;
+    refuse_foreign_objects(path)?;
     let reader = match PytorchReader::with_top_level_key(path, "state_dict") {
         Ok(r) => r,
         Err(PytorchError::KeyNotFound(_)) => PytorchReader::new(path).map_err(fail)?,
@@ -106,6 +133,59 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
         out.insert(name, Tensor::f_from_data_size(&bytes, &shape, kind)?);
     }
     Ok(out)
+}
+
+/// Python objects a checkpoint may hold besides containers and numbers: tensors and storages,
+/// numpy scalars (nnU-Net's metrics), dtypes and devices. Anything else — a class of the
+/// trainer, a callable such as `builtins.eval` — is refused: lwi never runs it, but a file
+/// that asks for it is not a plain checkpoint.
+const ALLOWED_OBJECTS: [&str; 10] = [
+    "torch.Tensor",
+    "torch.TypedStorage",
+    "torch.UntypedStorage",
+    "torch.device",
+    "torch.Size",
+    "int",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "numpy.core.multiarray._reconstruct",
+];
+
+fn allowed_object(name: &str) -> bool {
+    const DTYPES: [&str; 8] = [
+        "float", "double", "half", "bfloat16", "int", "long", "bool", "uint8",
+    ];
+    ALLOWED_OBJECTS.contains(&name)
+        || name
+            .strip_prefix("torch.")
+            .is_some_and(|d| DTYPES.iter().any(|t| d.starts_with(t)))
+}
+
+/// Walks the whole pickle (never executing it) and refuses one that names a global outside
+/// [`ALLOWED_OBJECTS`], naming it.
+fn refuse_foreign_objects(path: &Path) -> Result<()> {
+    use pytorch_reader::PickleValue;
+    let Ok(root) = PytorchReader::read_pickle_data(path, None) else {
+        return Ok(()); // not readable as a whole: the tensor reader below says why
+    };
+    let mut stack = vec![root];
+    while let Some(v) = stack.pop() {
+        match v {
+            PickleValue::List(items) => stack.extend(items),
+            PickleValue::Dict(map) => stack.extend(map.into_values()),
+            PickleValue::Unsupported(name) if !allowed_object(&name) => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "the pickle names the Python object {name}, which a checkpoint does not hold; refused (lwi reads tensors and plain containers only)"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The lwi name of a checkpoint tensor, or None for tensors that carry nothing lwi uses.
@@ -184,6 +264,89 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
                 e.message
             ),
         )
+    })?;
+    Ok(model)
+}
+
+/// Builds an lwi model from a UNETR++ checkpoint: an nnU-Net v1 checkpoint
+/// (`model_final_checkpoint.model`: the weights under `state_dict`, beside the optimizer state,
+/// `plot_stuff`, `epoch`, …) or a plain state dict. Upstream's EPA ties `F` to `E`: `F.*` is
+/// accepted only when equal to `E.*`. `num_batches_tracked` is not kept (eval and momentum 0.1
+/// never read it). With `out_channels` 1 and the order heads `temp_head1..4` it is an init-train
+/// (stage 1) model; a segmentation checkpoint's order heads (LWI-VMS keeps them in stage 2) are
+/// dropped.
+pub fn import_unetr_pp(
+    checkpoint: &Path,
+    config: &UnetrPpConfig,
+    options: &ImportOptions,
+) -> Result<Model> {
+    let incompatible = |m: String| {
+        Error::new(
+            ErrorKind::ModelIncompatible,
+            format!("{}: {m}", checkpoint.display()),
+        )
+    };
+    let mut tensors: HashMap<String, Tensor> = read_checkpoint(checkpoint)?
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), v))
+        .filter(|(k, _)| !k.ends_with(".num_batches_tracked"))
+        .collect();
+    let tied: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.contains(".epa_block.F."))
+        .cloned()
+        .collect();
+    for f in tied {
+        let e = f.replace(".epa_block.F.", ".epa_block.E.");
+        let same = tensors
+            .get(&e)
+            .is_some_and(|t| t.size() == tensors[&f].size() && t.equal(&tensors[&f]));
+        if !same {
+            return Err(incompatible(format!(
+                "{f} differs from {e}: upstream's EPA ties F to E"
+            )));
+        }
+        tensors.remove(&f);
+    }
+    let with_heads = tensors.get("temp_head1.weight").map(|w| w.size()[0]);
+    let stage = if with_heads.is_some() && config.out_channels == 1 {
+        Stage::Init
+    } else {
+        tensors.retain(|k, _| !k.starts_with("temp_head"));
+        Stage::Segmentation
+    };
+    let preprocessing = Preprocessing {
+        spacing: options.spacing,
+        intensity_window: options.window,
+        roi_size: config.img_size,
+        ..Default::default()
+    };
+    let labels = match stage {
+        Stage::Init => BTreeMap::new(),
+        Stage::Segmentation => options.labels.clone(),
+    };
+    let mut meta = ModelMetadata::new(
+        ArchConfig::UnetrPp(config.clone()),
+        labels,
+        preprocessing,
+        stage,
+    );
+    meta.order_classes = (stage == Stage::Init).then_some(with_heads).flatten();
+    meta.provenance.source = Some(format!(
+        "imported from {} (sha256 {})",
+        checkpoint
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        sha256_file(checkpoint)?
+    ));
+    let model = Model::new(meta, Device::Cpu)?;
+    load_state_dict(&model.vs, &tensors).map_err(|e| {
+        incompatible(format!(
+            "does not fit UNETR++ {}: {}",
+            serde_json::to_string(config).unwrap_or_default(),
+            e.message
+        ))
     })?;
     Ok(model)
 }

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod forward;
 pub mod import;
 pub mod infer;
 pub mod io;

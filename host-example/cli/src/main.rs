@@ -34,16 +34,18 @@ enum Command {
         /// A model file (.safetensors) or a volume (.nii, .nii.gz, .nrrd, .nhdr) to describe.
         path: Option<PathBuf>,
     },
-    /// Convert a PyTorch UNETR checkpoint (.pt) into an lwi model file (never executes the pickle).
+    /// Convert a PyTorch checkpoint (UNETR .pt; UNETR++ nnU-Net v1 .model or state dict) into an
+    /// lwi model file (never executes the pickle).
     Import {
         /// The checkpoint: a state dict, or a dict holding one under "state_dict"
-        /// (MONAI 1.6.1 or LWI-VMS key names).
+        /// (MONAI 1.6.1 or LWI-VMS key names; nnU-Net v1's model_final_checkpoint.model).
         #[arg(long = "from", value_name = "CKPT.pt")]
         from: PathBuf,
-        /// Architecture of the checkpoint.
-        #[arg(long, default_value = "unetr", value_parser = ["unetr"])]
-        arch: String,
-        /// JSON file of MONAI `UNETR` keyword arguments (in_channels, out_channels, img_size, ...).
+        /// Architecture of the checkpoint (default: the "arch" of ARCH.json, else unetr).
+        #[arg(long, value_parser = ["unetr", "unetr_pp"])]
+        arch: Option<String>,
+        /// JSON file of the upstream constructor's keyword arguments (MONAI `UNETR`, or `UNETR_PP`
+        /// with "arch": "unetr_pp").
         #[arg(long, value_name = "ARCH.json")]
         arch_config: PathBuf,
         /// JSON file mapping label values to names: {"0": "background", "1": "spleen", ...}.
@@ -198,6 +200,22 @@ enum Command {
         window: [f32; 2],
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Run the raw network on a tensor (no preprocessing): `x` [B, C, D, H, W] of a safetensors
+    /// file in, every output (logits; out1..3; recon, t1..t4) by name out.
+    Forward {
+        /// The model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// A safetensors file holding `x`.
+        #[arg(long)]
+        input: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// "auto", "cpu" or "cuda:N".
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Write a synthetic abdominal CT dataset (MSD layout: imagesTr/, labelsTr/, dataset.json).
     Phantom {
@@ -616,9 +634,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
             window,
             out,
         } => {
+            let mut config = read_json(&arch_config)?;
+            let named = config.as_object_mut().and_then(|o| o.remove("arch"));
+            let arch = match (arch, named) {
+                (Some(a), _) => a.into(),
+                (None, Some(a)) => a,
+                (None, None) => "unetr".into(),
+            };
             let options = serde_json::json!({
                 "arch": arch,
-                "arch_config": read_json(&arch_config)?,
+                "arch_config": config,
                 "labels": read_json(&labels)?,
                 "spacing": spacing,
                 "window": window,
@@ -751,6 +776,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 )
                 .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
             }
+        }
+        Command::Forward {
+            model,
+            input,
+            out,
+            device,
+        } => {
+            let engine = serde_json::json!({ "device": device }).to_string();
+            plugin.load_model(&model, &engine)?.forward(&input, &out)?;
+            eprintln!("wrote {}", out.display());
         }
         Command::Phantom {
             out,

@@ -554,6 +554,25 @@ impl LoadedModel<'_> {
         }
     }
 
+    /// `lwi_forward`: the raw network on the tensor `x` of `input`, every output into `output`.
+    pub fn forward(&self, input: &Path, output: &Path) -> Result<(), PluginError> {
+        let (i, o) = (cstring(input), cstring(output));
+        // SAFETY: signature from include/lwi.h; the strings outlive the call.
+        let status = unsafe {
+            let f = self
+                .plugin
+                .sym::<unsafe extern "C" fn(
+                    *mut c_void,
+                    *const c_char,
+                    *const c_char,
+                    *const c_char,
+                ) -> i32>(b"lwi_forward\0")
+                .map_err(Plugin::missing)?;
+            f(self.model, i.as_ptr(), o.as_ptr(), std::ptr::null())
+        };
+        self.plugin.check(status)
+    }
+
     /// `lwi_segment_file`; `on_progress` returns false to cancel.
     pub fn segment_file(
         &self,

@@ -1,0 +1,143 @@
+"""UNETR++ through the C ABI as a user reaches it: an nnU-Net v1 checkpoint (the dict `save_checkpoint` writes:
+state_dict with the tied EPA `F.*` and `num_batches_tracked`, optimizer state, plot_stuff, …) built with torch from
+the upstream fixtures' weights, imported by `lwi import --arch unetr_pp`, run by `lwi forward`: every output equals
+the upstream code's (shared/fixtures/unetrpp, README tolerances)."""
+import json
+import pickle
+import subprocess
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lwi_ctypes import ROOT, cli_path
+
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "unetrpp"
+REDUCED = {"arch": "unetr_pp", "in_channels": 1, "img_size": [64, 128, 128], "feature_size": 4, "hidden_size": 64,
+           "num_heads": 4, "depths": [1, 1, 2, 2], "dims": [8, 16, 32, 64]}
+
+
+def lwi(*args):
+    r = subprocess.run([str(cli_path()), *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert "panicked" not in r.stderr, r.stderr
+    return r
+
+
+def upstream_state_dict(files):
+    """The upstream state dict: F.* re-tied to E.* (the same tensors), num_batches_tracked present."""
+    sd = OrderedDict()
+    for f in files:
+        sd.update(load_file(FIXTURES / f))
+    for k in [k for k in sd if ".epa_block.E." in k]:
+        sd[k.replace(".epa_block.E.", ".epa_block.F.")] = sd[k]
+    for k in [k for k in sd if k.endswith("running_var")]:
+        sd[k.replace("running_var", "num_batches_tracked")] = torch.tensor(0, dtype=torch.int64)
+    return sd
+
+
+def nnunet_checkpoint(state_dict, path):
+    """As nnU-Net v1's NetworkTrainer.save_checkpoint writes it."""
+    params = [v for k, v in state_dict.items() if v.dtype == torch.float32][:3]
+    optimizer = {"state": {i: {"momentum_buffer": torch.zeros_like(p)} for i, p in enumerate(params)},
+                 "param_groups": [{"lr": 0.01, "momentum": 0.99, "dampening": 0, "weight_decay": 3e-5,
+                                   "nesterov": True, "maximize": False, "foreach": None, "differentiable": False,
+                                   "fused": None, "params": list(range(len(params)))}]}
+    torch.save({"epoch": 1000, "state_dict": state_dict, "optimizer_state_dict": optimizer,
+                "lr_scheduler_state_dict": None, "plot_stuff": ([1.0, 0.5], [1.1, 0.6], [1.2, 0.7], [0.1, 0.8]),
+                "best_stuff": (999, 0.5, 0.8)}, path)
+
+
+@pytest.fixture(scope="module")
+def io():
+    assert FIXTURES.is_dir(), f"{FIXTURES} is missing: the UNETR++ fixtures come with shared/"
+    return load_file(FIXTURES / "synapse_reduced.io.safetensors")
+
+
+def import_model(tmp_path, state_dict, out_channels, name):
+    ckpt, arch, labels = tmp_path / f"{name}.model", tmp_path / f"{name}.json", tmp_path / "labels.json"
+    nnunet_checkpoint(state_dict, ckpt)
+    arch.write_text(json.dumps({**REDUCED, "out_channels": out_channels}))
+    labels.write_text(json.dumps({str(i): f"organ{i}" for i in range(out_channels)}))
+    out = tmp_path / f"{name}.safetensors"
+    r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def forward(tmp_path, model, x):
+    src, dst = tmp_path / "x.safetensors", tmp_path / "y.safetensors"
+    save_file({"x": x.contiguous()}, src)
+    r = lwi("forward", "--model", model, "--input", src, "--out", dst)
+    assert r.returncode == 0, r.stderr
+    return load_file(dst)
+
+
+def test_an_imported_nnunet_checkpoint_computes_what_upstream_computes(tmp_path, io):
+    model = import_model(tmp_path, upstream_state_dict(["synapse_reduced.weights.safetensors"]), 3, "synapse")
+    info = json.loads(lwi("info", model).stdout)
+    assert info["arch"] == "unetr_pp" and info["stage"] == "segmentation" and info["parameters"] == 11_931_973
+    y = forward(tmp_path, model, io["x"])
+    assert sorted(y) == ["out1", "out2", "out3"]
+    for k in y:
+        assert (y[k] - io[k]).abs().max().item() <= 5e-5, k
+
+
+def test_the_lwi_stage1_checkpoint_imports_as_an_init_model(tmp_path):
+    io = load_file(FIXTURES / "lwi_pretext_reduced.io.safetensors")
+    sd = upstream_state_dict(["synapse_reduced.weights.safetensors", "lwi_pretext_reduced.weights.safetensors"])
+    model = import_model(tmp_path, sd, 1, "pretext")
+    info = json.loads(lwi("info", model).stdout)
+    assert info["stage"] == "init" and info["order_classes"] == 4
+    y = forward(tmp_path, model, io["x_in"])
+    assert sorted(y) == ["out2", "out3", "recon", "t1", "t2", "t3", "t4"]
+    for k in ["recon", "out2", "out3"]:
+        assert (y[k] - io[k]).abs().max().item() <= 5e-5, k
+    for k in ["t1", "t2", "t3", "t4"]:
+        assert (y[k] - io[k]).abs().max().item() <= 5e-6, k
+    loss = torch.mean((y["recon"] - io["target"]) ** 2) + sum(
+        torch.nn.functional.cross_entropy(y[f"t{j}"].reshape(4, 4), io["perm"]) for j in range(1, 5))
+    assert abs(loss.item() - io["loss"].item()) <= 1e-5 * abs(io["loss"].item())
+
+
+def test_bad_checkpoints_are_refused_naming_the_key(tmp_path, io):
+    sd = upstream_state_dict(["synapse_reduced.weights.safetensors"])
+    untied = OrderedDict(sd)
+    key = "unetr_pp_encoder.stages.0.0.epa_block.F.bias"
+    untied[key] = sd[key] + 1
+    ckpt = tmp_path / "untied.model"
+    nnunet_checkpoint(untied, ckpt)
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps({**REDUCED, "out_channels": 3}))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"0": "background", "1": "a", "2": "b"}))
+    r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--out", tmp_path / "m.safetensors")
+    assert r.returncode == 1 and key in r.stderr, r.stderr
+    missing = OrderedDict((k, v) for k, v in sd.items() if not k.startswith("out3."))
+    nnunet_checkpoint(missing, ckpt)
+    r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--out", tmp_path / "m.safetensors")
+    assert r.returncode == 1 and "out3.conv.conv.weight" in r.stderr, r.stderr
+    (tmp_path / "bad.json").write_text(json.dumps({**REDUCED, "out_channels": 3, "dims": [8, 16, 32, 128]}))
+    r = lwi("import", "--from", ckpt, "--arch-config", tmp_path / "bad.json", "--labels", labels,
+            "--out", tmp_path / "m.safetensors")
+    assert r.returncode == 1 and "dims" in r.stderr, r.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+class Foreign:
+    def __reduce__(self):
+        return (print, ("a pickle that runs code",))
+
+
+def test_a_pickle_naming_a_foreign_global_is_refused(tmp_path):
+    ckpt = tmp_path / "foreign.model"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Foreign()}, ckpt)
+    arch, labels = tmp_path / "arch.json", tmp_path / "labels.json"
+    arch.write_text(json.dumps({**REDUCED, "out_channels": 3}))
+    labels.write_text(json.dumps({"0": "background"}))
+    r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--out", tmp_path / "m.safetensors")
+    assert r.returncode == 1 and "print, which a checkpoint does not hold" in r.stderr, r.stderr
+    assert "a pickle that runs code" not in r.stdout + r.stderr
+    assert not (tmp_path / "m.safetensors").exists()
