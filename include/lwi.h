@@ -262,11 +262,13 @@ const char *lwi_model_info_json(const struct LwiModel *model);
 // using the model on another thread keeps it until that call returns.
 void lwi_model_free(struct LwiModel *model);
 
-// Converts a PyTorch UNETR checkpoint (`.pt`; MONAI 1.6.1 or LWI-VMS key layout, plain or under
-// `state_dict`) into an lwi model file at `out_path`. The pickle is parsed without executing
-// anything. `options_json` holds `arch` ("unetr"), `arch_config` (MONAI `UNETR` keyword
-// arguments), `labels` (`{"0": "background", …}`), and optionally `spacing` (mm, default
-// \[1.5, 1.5, 2.0\]) and `window` (HU, default \[-175, 250\]).
+// Converts a PyTorch checkpoint into an lwi model file at `out_path`: UNETR (`.pt`; MONAI 1.6.1 or
+// LWI-VMS key layout, plain or under `state_dict`) or UNETR++ (an nnU-Net v1 checkpoint such as
+// `model_final_checkpoint.model`, or a plain state dict; tied `F.*` accepted only when equal to
+// `E.*`). The pickle is parsed without executing anything. `options_json` holds `arch` ("unetr"
+// or "unetr_pp"), `arch_config` (the upstream constructor's keyword arguments), `labels`
+// (`{"0": "background", …}`), and optionally `spacing` (mm, default \[1.5, 1.5, 2.0\]) and
+// `window` (HU, default \[-175, 250\]).
 //
 // # Safety
 // Each argument is NULL or a NUL-terminated string.

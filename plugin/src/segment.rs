@@ -130,6 +130,12 @@ pub fn segment(
         ));
     }
     let cfg = &model.meta.arch;
+    if let crate::model::ArchConfig::UnetrPp(_) = cfg {
+        return Err(Error::unsupported(
+            "segmenting with a UNETR++ model needs nnU-Net's preprocessing (CT normalisation, the \
+             stored axis order, mirroring), which lwi does not have yet; `lwi forward` runs the network",
+        ));
+    }
     if cfg.in_channels() != 1 {
         return Err(Error::new(
             ErrorKind::ModelIncompatible,

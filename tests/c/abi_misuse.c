@@ -58,6 +58,7 @@ static struct {
   void (*string_free)(char *);
   LwiStatus (*init_train)(const LwiEngine *, const char *, LwiProgressFn, void *);
   LwiStatus (*fine_tune)(const LwiEngine *, const char *, LwiProgressFn, void *);
+  LwiStatus (*forward)(const LwiModel *, const char *, const char *, const char *);
 } lwi;
 
 static void *need(void *lib, const char *name) {
@@ -274,6 +275,18 @@ static void with_model(const char *model_path, const char *scratch, const char *
   CHECK(lwi.model_info_json(second) == NULL && strstr(lwi.last_error(), "not a live handle"),
         "model_info_json(freed model) is NULL, the last error untouched: %s", lwi.last_error());
 
+  /* lwi_forward: the raw network on a tensor file. */
+  char fwd[4096];
+  snprintf(fwd, sizeof fwd, "%s/forward.safetensors", scratch);
+  expect(lwi.forward(NULL, volume_path, fwd, NULL), LWI_STATUS_INVALID_ARGUMENT, "forward(NULL model)");
+  expect(lwi.forward(model, NULL, fwd, NULL), LWI_STATUS_INVALID_ARGUMENT, "forward(NULL in)");
+  expect(lwi.forward(model, "/nonexistent/x.safetensors", fwd, NULL), LWI_STATUS_IO, "forward(missing input)");
+  expect(lwi.forward(model, volume_path, fwd, NULL), LWI_STATUS_FORMAT, "forward(a volume, not a tensor file)");
+  expect(lwi.forward(model, model_path, fwd, NULL), LWI_STATUS_INVALID_ARGUMENT, "forward(a file without x)");
+  CHECK(strstr(lwi.last_error(), "\"x\"") != NULL, "the missing tensor is named: %s", lwi.last_error());
+  expect(lwi.forward(model, model_path, fwd, "[]"), LWI_STATUS_INVALID_ARGUMENT, "forward(options as an array)");
+  CHECK(access(fwd, F_OK) != 0, "a failed forward writes nothing");
+
   /* JSON arrays where objects belong; a manifest that cannot be written leaves no label file. */
   expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels, "[0.25, \"constant\"]", NULL, NULL),
          LWI_STATUS_INVALID_ARGUMENT, "segment(options as an array)");
@@ -336,6 +349,7 @@ int main(int argc, char **argv) {
   lwi.string_free = (void (*)(char *))need(lib, "lwi_string_free");
   lwi.init_train = (LwiStatus(*)(const LwiEngine *, const char *, LwiProgressFn, void *))need(lib, "lwi_init_train");
   lwi.fine_tune = (LwiStatus(*)(const LwiEngine *, const char *, LwiProgressFn, void *))need(lib, "lwi_fine_tune");
+  lwi.forward = (LwiStatus(*)(const LwiModel *, const char *, const char *, const char *))need(lib, "lwi_forward");
 
   CHECK(lwi.abi_version() == LWI_ABI_VERSION, "ABI %u, header %u", lwi.abi_version(), LWI_ABI_VERSION);
   const char *json = lwi.version_json();

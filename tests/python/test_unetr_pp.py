@@ -141,3 +141,13 @@ def test_a_pickle_naming_a_foreign_global_is_refused(tmp_path):
     assert r.returncode == 1 and "print, which a checkpoint does not hold" in r.stderr, r.stderr
     assert "a pickle that runs code" not in r.stdout + r.stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_segmenting_with_a_unetr_pp_model_says_what_is_missing(tmp_path, io):
+    model = import_model(tmp_path, upstream_state_dict(["synapse_reduced.weights.safetensors"]), 3, "seg")
+    image = tmp_path / "ct.nii.gz"
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), image)
+    r = lwi("segment", "--model", model, image, "--out", tmp_path / "labels.nii.gz")
+    assert r.returncode == 1 and "nnU-Net's preprocessing" in r.stderr, r.stderr
+    assert not (tmp_path / "labels.nii.gz").exists()

@@ -115,8 +115,8 @@ impl ArchConfig {
 /// A built network of one of the architectures.
 #[derive(Debug)]
 pub enum Network {
-    Unetr(Unetr),
-    UnetrPp(UnetrPp),
+    Unetr(Box<Unetr>),
+    UnetrPp(Box<UnetrPp>),
 }
 
 /// The pretext task's order heads of either architecture.
@@ -129,8 +129,8 @@ pub enum PretextHeads {
 impl Network {
     pub fn new(p: &nn::Path, cfg: &ArchConfig) -> Result<Network> {
         Ok(match cfg {
-            ArchConfig::Unetr(c) => Network::Unetr(Unetr::new(p, c)?),
-            ArchConfig::UnetrPp(c) => Network::UnetrPp(UnetrPp::new(p, c)?),
+            ArchConfig::Unetr(c) => Network::Unetr(Box::new(Unetr::new(p, c)?)),
+            ArchConfig::UnetrPp(c) => Network::UnetrPp(Box::new(UnetrPp::new(p, c)?)),
         })
     }
 

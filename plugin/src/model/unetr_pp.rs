@@ -108,7 +108,7 @@ impl UnetrPpConfig {
 
     /// The token grid of encoder stage `i` (0..4): the stem's, halved `i` times.
     pub fn grid(&self, i: usize) -> [i64; 3] {
-        std::array::from_fn(|a| self.img_size[a] / STEM[a] >> i)
+        std::array::from_fn(|a| (self.img_size[a] / STEM[a]) >> i)
     }
     pub fn tokens(&self, i: usize) -> i64 {
         self.grid(i).iter().product()
@@ -264,7 +264,7 @@ struct UpBlock {
 #[derive(Debug)]
 enum UpTail {
     Transformer(Stage),
-    Conv(ConvBlock),
+    Conv(Box<ConvBlock>),
 }
 
 impl UpBlock {
@@ -393,13 +393,13 @@ impl UnetrPp {
             up("decoder3", 0),
             UpBlock {
                 transp_conv: Conv::transposed_by(&(&last / "transp_conv"), dims[0], f, STEM),
-                block: UpTail::Conv(ConvBlock::new(
+                block: UpTail::Conv(Box::new(ConvBlock::new(
                     &(&last / "decoder_block" / "0"),
                     f,
                     f,
                     NormKind::Instance,
                     true,
-                )),
+                ))),
             },
         ];
         let widths = if cfg.do_ds {
