@@ -188,6 +188,18 @@ fn refuse_foreign_objects(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Provenance of an imported model: the checkpoint's name and hash.
+fn source(checkpoint: &Path) -> Result<String> {
+    let name = checkpoint
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    Ok(format!(
+        "imported from {name} (sha256 {})",
+        sha256_file(checkpoint)?
+    ))
+}
+
 /// The lwi name of a checkpoint tensor, or None for tensors that carry nothing lwi uses.
 fn native_name(name: &str) -> Option<String> {
     let name = name.strip_prefix("module.").unwrap_or(name);
@@ -228,14 +240,7 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
         stage,
     );
     meta.order_classes = with_heads;
-    meta.provenance.source = Some(format!(
-        "imported from {} (sha256 {})",
-        checkpoint
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        sha256_file(checkpoint)?
-    ));
+    meta.provenance.source = Some(source(checkpoint)?);
     let model = Model::new(meta, Device::Cpu)?;
     let vars = model.vs.variables();
 
@@ -332,14 +337,7 @@ pub fn import_unetr_pp(
         stage,
     );
     meta.order_classes = (stage == Stage::Init).then_some(with_heads).flatten();
-    meta.provenance.source = Some(format!(
-        "imported from {} (sha256 {})",
-        checkpoint
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        sha256_file(checkpoint)?
-    ));
+    meta.provenance.source = Some(source(checkpoint)?);
     let model = Model::new(meta, Device::Cpu)?;
     load_state_dict(&model.vs, &tensors).map_err(|e| {
         incompatible(format!(
