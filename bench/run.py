@@ -96,6 +96,14 @@ def bench_unetr_forward(device, batch, precision, rounds=3, reps=3):
               [sys.executable, str(ROOT / "bench" / "monai_unetr_forward.py"), *tail], "MONAI", rounds)
 
 
+def bench_unetr_pp_forward(device, batch, precision, rounds=3, reps=3):
+    """The Synapse UNETR++ (42.95 M parameters, 64x128x128) forward, no grad: lwi vs the PyTorch UNETR++ of
+    bench/pytorch_unetr_pp.py (proved equal to the upstream code on its fixtures), each in its own process."""
+    tail = [device, str(batch), precision, str(reps)]
+    alternate(f"  UNETR++ forward {device} batch {batch} {precision}", [str(BIN / "unetr_pp_forward"), *tail],
+              [sys.executable, str(ROOT / "bench" / "pytorch_unetr_pp.py"), *tail], "PyTorch", rounds)
+
+
 TINY = dict(size=64, feature=16, hidden=192, mlp=768, heads=4)
 FULL = dict(size=96, feature=16, hidden=768, mlp=3072, heads=12)
 
@@ -212,7 +220,7 @@ def bench_segment(work, device, shape, spacing, sw_batch, precision, reps):
               f"   ratio {ma / mb:5.2f}   labels agree {same:.2%}   (MONAI stages {out.strip()})", flush=True)
 
 
-BENCHES = {"volume-read", "cold-start", "unetr-forward", "train-step", "sliding-window", "segment"}
+BENCHES = {"volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment"}
 
 
 def main():
@@ -235,6 +243,9 @@ def main():
     if args.only in (None, "unetr-forward"):
         print("UNETR forward: full size, 96^3, random weights, no grad")
         bench_unetr_forward(args.device, args.batch, args.precision)
+    if args.only in (None, "unetr-pp-forward"):
+        print("UNETR++ forward: the Synapse model, 64x128x128, random weights, no grad")
+        bench_unetr_pp_forward(args.device, args.batch, args.precision)
     if args.only in (None, "train-step"):
         shape = FULL if args.device != "cpu" else TINY
         print(f"training step (DiceCE + AdamW), UNETR {shape}")

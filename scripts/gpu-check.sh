@@ -132,6 +132,11 @@ if want forward && monai_or_skip "the forward benchmark"; then
     echo "lwi   $("$B/bin/unetr_forward" cuda 4 $precision 10)"
     echo "MONAI $("$PY" bench/monai_unetr_forward.py cuda 4 $precision 10)"
   done
+  step "GPU benchmark: UNETR++ forward, Synapse model 64x128x128, batch 2 (lwi vs bench/pytorch_unetr_pp.py)"
+  for precision in fp32 bf16; do
+    echo "lwi     $("$B/bin/unetr_pp_forward" cuda 2 $precision 10)"
+    echo "PyTorch $("$PY" bench/pytorch_unetr_pp.py cuda 2 $precision 10)"
+  done
 fi
 
 if want training; then

@@ -5,6 +5,7 @@ the upstream code's (shared/fixtures/unetrpp, README tolerances)."""
 import json
 import pickle
 import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 
@@ -14,6 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lwi_ctypes import ROOT, cli_path
+
+sys.path.insert(0, str(ROOT / "bench"))
+from pytorch_unetr_pp import UnetrPP  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "unetrpp"
 REDUCED = {"arch": "unetr_pp", "in_channels": 1, "img_size": [64, 128, 128], "feature_size": 4, "hidden_size": 64,
@@ -151,3 +155,15 @@ def test_segmenting_with_a_unetr_pp_model_says_what_is_missing(tmp_path, io):
     r = lwi("segment", "--model", model, image, "--out", tmp_path / "labels.nii.gz")
     assert r.returncode == 1 and "nnU-Net's preprocessing" in r.stderr, r.stderr
     assert not (tmp_path / "labels.nii.gz").exists()
+
+
+def test_the_benchmarks_pytorch_unetr_pp_is_the_upstream_network(io):
+    """bench/pytorch_unetr_pp.py, the reference of the UNETR++ benchmarks, computes what upstream computes."""
+    net = UnetrPP(out_channels=3, feature_size=4, depths=(1, 1, 2, 2)).eval()
+    net.load_state_dict(upstream_state_dict(["synapse_reduced.weights.safetensors"]))
+    with torch.no_grad():
+        out = net(io["x"])
+    for name, t in zip(["out1", "out2", "out3"], out):
+        assert (t - io[name]).abs().max().item() <= 5e-5, name
+    full = UnetrPP()
+    assert sum(p.numel() for p in full.parameters()) == 42_952_850

@@ -1,5 +1,7 @@
 //! What the benchmark programs share: their command line, CUDA synchronisation around the timed
 //! work, warm-up, and the JSON line bench/run.py reads.
+// Each benchmark program uses part of it.
+#![allow(dead_code)]
 
 use lwi::model::{Precision, UnetrConfig};
 use tch::Device;
