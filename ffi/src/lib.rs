@@ -857,7 +857,9 @@ unsafe fn volume_arg(v: *const LwiVolume) -> lwi::Result<Volume> {
 /// ("scores" | "nearest"), `precision` ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32),
 /// `largest_component` (false), `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move
 /// to the CPU with a warning event only on out-of-memory), `save_preprocessed` (a path),
-/// `fused_norm` (true: on CUDA, lwi's fused normalisation kernel; false: ATen's kernels).
+/// `fused_norm` (true: on CUDA, lwi's fused normalisation kernel; false: ATen's kernels), `mirror`
+/// (models of the nnU-Net pipeline, UNETR++: average each window over the 8 mirrorings; default true;
+/// docs/models.md).
 /// `progress` may be NULL. The library keeps no pointer after returning.
 ///
 /// # Safety

@@ -40,6 +40,41 @@ pub struct Preprocessing {
     pub roi_size: [i64; 3],
     /// Crop to the bounding box of voxels above the window's lower bound.
     pub crop_foreground: bool,
+    /// Which pipeline prepares volumes: MONAI's (the fields above) or nnU-Net v1's.
+    #[serde(default, skip_serializing_if = "Pipeline::is_monai")]
+    pub pipeline: Pipeline,
+    /// nnU-Net's CT normalisation (its plans' intensity properties), for the nnU-Net pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ct_normalization: Option<CtNormalization>,
+}
+
+/// How a model's input is prepared and its output put back (docs/models.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pipeline {
+    /// MONAI's: RAS, spacing (trilinear), HU window, foreground crop, sliding window (UNETR).
+    #[default]
+    Monai,
+    /// nnU-Net v1's (UNETR++): the stored voxel order, non-zero crop, spacing, CT normalisation,
+    /// nnU-Net's sliding window with mirroring (`crate::nnunet`). `spacing` is then per stored axis.
+    NnUnet,
+}
+
+impl Pipeline {
+    fn is_monai(&self) -> bool {
+        *self == Pipeline::Monai
+    }
+}
+
+/// nnU-Net's "CT" normalisation: clip to the training foreground's 0.5 and 99.5 percentiles, then
+/// subtract its mean and divide by its standard deviation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtNormalization {
+    pub lower: f64,
+    pub upper: f64,
+    pub mean: f64,
+    pub sd: f64,
 }
 
 impl Default for Preprocessing {
@@ -50,6 +85,8 @@ impl Default for Preprocessing {
             intensity_window: [-175.0, 250.0],
             roi_size: [96, 96, 96],
             crop_foreground: true,
+            pipeline: Pipeline::Monai,
+            ct_normalization: None,
         }
     }
 }
@@ -216,6 +253,16 @@ impl ModelMetadata {
             ));
         }
         let p = &self.preprocessing;
+        if let Some(n) = &p.ct_normalization {
+            let finite = [n.lower, n.upper, n.mean, n.sd]
+                .iter()
+                .all(|v| v.is_finite());
+            if !(finite && n.lower < n.upper && n.sd > 0.0) {
+                return bad(format!(
+                    "ct_normalization {n:?}: needs finite values, lower < upper and sd > 0"
+                ));
+            }
+        }
         let window_ok = p.intensity_window.iter().all(|v| v.is_finite())
             && p.intensity_window[0] < p.intensity_window[1];
         if p.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) || !window_ok {

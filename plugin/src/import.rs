@@ -26,6 +26,9 @@ pub struct ImportOptions {
     pub labels: BTreeMap<u32, String>,
     pub spacing: [f64; 3],
     pub window: [f64; 2],
+    /// nnU-Net's CT normalisation `[lower, upper, mean, sd]` (its plans' intensity properties:
+    /// percentile_00_5, percentile_99_5, mean, sd), for UNETR++ models.
+    pub ct_normalization: Option<[f64; 4]>,
 }
 
 /// The JSON form of the import options (the C ABI's and the CLI's).
@@ -39,6 +42,8 @@ struct ImportOptionsJson {
     spacing: [f64; 3],
     #[serde(default = "default_window")]
     window: [f64; 2],
+    #[serde(default)]
+    ct_normalization: Option<[f64; 4]>,
 }
 
 fn default_spacing() -> [f64; 3] {
@@ -79,6 +84,7 @@ fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
             labels: o.labels,
             spacing: o.spacing,
             window: o.window,
+            ct_normalization: o.ct_normalization,
         },
     ))
 }
@@ -324,6 +330,15 @@ pub fn import_unetr_pp(
         spacing: options.spacing,
         intensity_window: options.window,
         roi_size: config.img_size,
+        pipeline: crate::bundle::Pipeline::NnUnet,
+        ct_normalization: options.ct_normalization.map(|[lower, upper, mean, sd]| {
+            crate::bundle::CtNormalization {
+                lower,
+                upper,
+                mean,
+                sd,
+            }
+        }),
         ..Default::default()
     };
     let labels = match stage {

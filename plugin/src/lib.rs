@@ -18,6 +18,7 @@ pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod nnunet;
 pub mod options;
 pub mod phantom;
 pub mod postprocess;

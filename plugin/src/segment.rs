@@ -59,6 +59,8 @@ pub struct SegmentOptions {
     /// [`segment_file`] only: also write `OUTPUT.json`, the manifest (lwi version, model hash,
     /// device, precision, options, timings).
     pub manifest: bool,
+    /// nnU-Net models: average each window over the 8 mirrorings (absent: on, as nnU-Net does).
+    pub mirror: Option<bool>,
 }
 
 impl Default for SegmentOptions {
@@ -77,6 +79,7 @@ impl Default for SegmentOptions {
             series: None,
             fused_norm: true,
             manifest: true,
+            mirror: None,
         }
     }
 }
@@ -130,12 +133,6 @@ pub fn segment(
         ));
     }
     let cfg = &model.meta.arch;
-    if let crate::model::ArchConfig::UnetrPp(_) = cfg {
-        return Err(Error::unsupported(
-            "segmenting with a UNETR++ model needs nnU-Net's preprocessing (CT normalisation, the \
-             stored axis order, mirroring), which lwi does not have yet; `lwi forward` runs the network",
-        ));
-    }
     if cfg.in_channels() != 1 {
         return Err(Error::new(
             ErrorKind::ModelIncompatible,
@@ -159,6 +156,9 @@ pub fn segment(
             Ok(logits.f_to_kind(Kind::Float)?.f_softmax(1, Kind::Float)?)
         })
     };
+    if model.meta.preprocessing.pipeline == crate::bundle::Pipeline::NnUnet {
+        return catch_panic(|| segment_nnunet(model, volume, opts, &predict, progress));
+    }
     let pipeline = Pipeline {
         preprocessing: &model.meta.preprocessing,
         classes: cfg.out_channels(),
@@ -166,6 +166,40 @@ pub fn segment(
         predict: &predict,
     };
     catch_panic(|| run(&pipeline, volume, opts, progress))
+}
+
+/// nnU-Net v1's inference ([`crate::nnunet`]), with the same progress stages as [`run`].
+fn segment_nnunet(
+    model: &Model,
+    volume: &Volume,
+    opts: &SegmentOptions,
+    softmax: &dyn Fn(&Tensor) -> Result<Tensor>,
+    progress: &mut dyn Progress,
+) -> Result<Volume> {
+    let pre = &model.meta.preprocessing;
+    let norm = pre.ct_normalization.as_ref().ok_or_else(|| {
+        Error::new(
+            ErrorKind::ModelIncompatible,
+            "this nnU-Net model has no CT normalisation (import it with --ct-norm P0.5,P99.5,MEAN,SD from its plans)",
+        )
+    })?;
+    let event = |stage, done, total| Event {
+        stage,
+        done,
+        total,
+        ..Default::default()
+    };
+    report(progress, event("preprocess", 0, 1))?;
+    let prepared = crate::nnunet::prepare(volume, pre.spacing, norm)?;
+    let image = prepared.image.f_to_device(model.vs.device())?;
+    report(progress, event("preprocess", 1, 1))?;
+    let mirror = opts.mirror.unwrap_or(true);
+    let probs = crate::nnunet::sliding_window(&image, pre.roi_size, mirror, progress, softmax)?;
+    report(progress, event("resample", 0, 1))?;
+    let labels =
+        crate::nnunet::labels_back(volume, &prepared, &probs, model.meta.arch.out_channels())?;
+    report(progress, event("resample", 1, 1))?;
+    Ok(labels)
 }
 
 /// The segmentation pipeline around any predictor.
@@ -430,6 +464,8 @@ fn segment_file_staged(
         "output": output.display().to_string(),
         "model_sha256": model.file_sha256,
         "model_stage": model.meta.stage,
+        "arch": model.meta.arch.name(),
+        "pipeline": model.meta.preprocessing.pipeline,
         "labels": model.meta.labels,
         "device": crate::bundle::device_name(model.vs.device()),
         "precision": opts.precision.on(model.vs.device()),

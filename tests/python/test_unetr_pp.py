@@ -147,13 +147,103 @@ def test_a_pickle_naming_a_foreign_global_is_refused(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_segmenting_with_a_unetr_pp_model_says_what_is_missing(tmp_path, io):
+NORM = (-958.0, 327.0, 82.9, 136.9)  # percentile_00_5, percentile_99_5, mean, sd of a CT plans file
+
+
+def ct_case(path):
+    """An int16 CT-like volume at 1.5 x 1.5 x 2 mm with a zero border (the non-zero crop matters)."""
+    rng = np.random.default_rng(5)
+    arr = np.zeros((136, 132, 76), np.int16)
+    body = rng.normal(40, 300, (128, 128, 70)).clip(-1024, 1500)
+    body[40:80, 50:90, 20:50] += 400  # a bright organ
+    arr[4:132, 2:130, 3:73] = body.astype(np.int16)
+    import nibabel as nib
+    nib.save(nib.Nifti1Image(arr, np.diag([1.5, 1.5, 2.0, 1.0])), path)
+    return arr
+
+
+def nnunet_segmentation(arr, weights):
+    """nnunet==1.7.1's own code: crop_to_nonzero, GenericPreprocessor (CT), SegmentationNetwork.predict_3D with
+    step 0.5, the Gaussian and the 8 mirrorings, pasted back into the crop box."""
+    from nnunet.network_architecture.neural_network import SegmentationNetwork
+    from nnunet.preprocessing.cropping import crop_to_nonzero
+    from nnunet.preprocessing.preprocessing import GenericPreprocessor
+
+    class Net(SegmentationNetwork):
+        def __init__(self):
+            super().__init__()
+            self.net = UnetrPP(out_channels=3, feature_size=4, depths=(1, 1, 2, 2))
+            self.conv_op, self.num_classes, self.do_ds = torch.nn.Conv3d, 3, False
+            self.inference_apply_nonlin = lambda x: torch.nn.functional.softmax(x, 1)
+
+        def forward(self, x):
+            return self.net(x)[0]
+
+    net = Net()
+    net.net.load_state_dict(weights)
+    net.eval()
+    data = arr.transpose(2, 1, 0)[None].astype(np.float32)  # SimpleITK's (z, y, x)
+    cropped, _, bbox = crop_to_nonzero(data)
+    lo, hi, mean, sd = NORM
+    pre = GenericPreprocessor({0: "CT"}, {0: False}, [0, 1, 2],
+                              {0: {"percentile_00_5": lo, "percentile_99_5": hi, "mean": mean, "sd": sd}})
+    spacing = np.array([2.0, 1.5, 1.5])
+    prepared, _, _ = pre.resample_and_normalize(cropped, spacing, {"original_spacing": spacing}, None)
+    with torch.no_grad():
+        seg, _ = net.predict_3D(prepared, do_mirroring=True, mirror_axes=(0, 1, 2), use_sliding_window=True,
+                                step_size=0.5, patch_size=(64, 128, 128), use_gaussian=True,
+                                pad_border_mode="constant", pad_kwargs={"constant_values": 0}, verbose=False,
+                                mixed_precision=False)
+    full = np.zeros(data.shape[1:], np.uint8)
+    full[bbox[0][0]:bbox[0][1], bbox[1][0]:bbox[1][1], bbox[2][0]:bbox[2][1]] = seg
+    return full.transpose(2, 1, 0)
+
+
+def test_segmenting_with_a_unetr_pp_model_is_nnunets_inference(tmp_path, io):
+    """`lwi segment` of a UNETR++ model equals nnU-Net v1's pipeline (its own code as the oracle) on a CT at the
+    model's spacing, label for label, and lands on the input's grid."""
+    import nibabel as nib
+    weights = upstream_state_dict(["synapse_reduced.weights.safetensors"])
+    ckpt, arch, labels = tmp_path / "pp.model", tmp_path / "arch.json", tmp_path / "labels.json"
+    nnunet_checkpoint(weights, ckpt)
+    arch.write_text(json.dumps({**REDUCED, "out_channels": 3}))
+    labels.write_text(json.dumps({"0": "background", "1": "a", "2": "b"}))
+    model = tmp_path / "pp.safetensors"
+    r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--spacing", "1.5,1.5,2",
+            "--ct-norm", ",".join(map(str, NORM)), "--out", model)
+    assert r.returncode == 0, r.stderr
+    image = tmp_path / "ct.nii.gz"
+    arr = ct_case(image)
+    out = tmp_path / "labels.nii.gz"
+    r = lwi("segment", "--model", model, image, "--out", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    got = nib.load(out)
+    np.testing.assert_array_equal(got.affine, nib.load(image).affine)
+    manifest = json.loads((tmp_path / "labels.nii.gz.json").read_text())
+    assert manifest["arch"] == "unetr_pp" and manifest["pipeline"] == "nn_unet"
+    want = nnunet_segmentation(arr, upstream_state_dict(["synapse_reduced.weights.safetensors"]))
+    agree = (np.asarray(got.dataobj) == want).mean()
+    assert agree == 1.0, f"labels agree on {agree:.6%} of voxels"
+    assert len(np.unique(want)) > 1
+    # The same voxels as an LPS NRRD (what Slicer writes): the same labels, on that file's grid.
+    nrrd_in, nrrd_out = tmp_path / "ct.nrrd", tmp_path / "labels.nrrd"
+    assert lwi("convert", image, nrrd_in).returncode == 0
+    r = lwi("segment", "--model", model, nrrd_in, "--out", nrrd_out, "--device", "cpu", "--no-manifest")
+    assert r.returncode == 0, r.stderr
+    import nrrd
+    labels_nrrd, header = nrrd.read(str(nrrd_out), index_order="F")
+    np.testing.assert_array_equal(labels_nrrd, want)
+    assert header["space"] == "left-posterior-superior"
+    np.testing.assert_allclose(header["space directions"], np.diag([-1.5, -1.5, 2.0]))
+
+
+def test_a_unetr_pp_model_without_ct_normalisation_says_what_is_missing(tmp_path, io):
     model = import_model(tmp_path, upstream_state_dict(["synapse_reduced.weights.safetensors"]), 3, "seg")
     image = tmp_path / "ct.nii.gz"
     import nibabel as nib
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), image)
     r = lwi("segment", "--model", model, image, "--out", tmp_path / "labels.nii.gz")
-    assert r.returncode == 1 and "nnU-Net's preprocessing" in r.stderr, r.stderr
+    assert r.returncode == 1 and "--ct-norm" in r.stderr, r.stderr
     assert not (tmp_path / "labels.nii.gz").exists()
 
 

@@ -57,6 +57,10 @@ enum Command {
         /// HU window mapped to [0, 1].
         #[arg(long, value_parser = numbers::<f64, 2>, default_value = "-175,250", value_name = "LOW,HIGH", allow_hyphen_values = true)]
         window: [f64; 2],
+        /// UNETR++: nnU-Net's CT normalisation from the plans' intensity properties
+        /// (percentile_00_5, percentile_99_5, mean, sd).
+        #[arg(long, value_parser = numbers::<f64, 4>, value_name = "P0.5,P99.5,MEAN,SD", allow_hyphen_values = true)]
+        ct_norm: Option<[f64; 4]>,
         /// The model file to write (.safetensors).
         #[arg(long)]
         out: PathBuf,
@@ -632,6 +636,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             labels,
             spacing,
             window,
+            ct_norm,
             out,
         } => {
             let mut config = read_json(&arch_config)?;
@@ -647,6 +652,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 "labels": read_json(&labels)?,
                 "spacing": spacing,
                 "window": window,
+                "ct_normalization": ct_norm,
             });
             plugin.import(&from, &options.to_string(), &out)?;
             eprintln!("wrote {}", out.display());
