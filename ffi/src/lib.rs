@@ -699,7 +699,8 @@ pub unsafe extern "C" fn lwi_model_load(
     })
 }
 
-/// A JSON object describing the model: `arch`, `config` (MONAI UNETR keyword names), `labels`
+/// A JSON object describing the model: `arch` ("unetr" or "unetr_pp"), `config` (the
+/// architecture's keyword arguments, docs/models.md), `labels`
 /// (value → name), `preprocessing`, `stage`, `provenance`, `parameters`, `device`. Owned by the
 /// model, valid until [`lwi_model_free`]. NULL if `model` is NULL or not a live model. A getter: it
 /// never changes [`lwi_last_error`].

@@ -183,15 +183,11 @@ impl TryFrom<MetadataDocument> for ModelMetadata {
 
 impl From<ModelMetadata> for MetadataDocument {
     fn from(m: ModelMetadata) -> Self {
-        let config = match &m.arch {
-            ArchConfig::Unetr(c) => serde_json::to_value(c),
-            ArchConfig::UnetrPp(c) => serde_json::to_value(c),
-        };
         MetadataDocument {
             format: m.format,
             format_version: m.format_version,
             arch: m.arch.name().into(),
-            config: config.unwrap_or_default(),
+            config: m.arch.keyword_arguments(),
             order_classes: m.order_classes,
             labels: m.labels,
             preprocessing: m.preprocessing,

@@ -150,6 +150,29 @@ fn mirrorings(mirror: bool) -> Vec<Vec<i64>> {
     ]
 }
 
+/// The softmax of `window` averaged over `flips`, each flipped back, summed in nnU-Net's order with
+/// weight 1/len.
+fn mirrored(
+    window: &Tensor,
+    flips: &[Vec<i64>],
+    softmax: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut mean: Option<Tensor> = None;
+    for f in flips {
+        let p = if f.is_empty() {
+            softmax(window)?
+        } else {
+            softmax(&window.f_flip(f)?)?.f_flip(f)?
+        };
+        let p = p.f_mul_scalar(1.0 / flips.len() as f64)?;
+        mean = Some(match mean {
+            None => p,
+            Some(m) => m.f_add(&p)?,
+        });
+    }
+    mean.ok_or_else(|| Error::internal("no mirroring"))
+}
+
 /// Sliding-window class probabilities `[K, z, y, x]` of `image` `[C, z, y, x]`; `softmax` maps a
 /// window `[1, C, patch]` to probabilities `[1, K, patch]`.
 pub fn sliding_window(
@@ -189,21 +212,7 @@ pub fn sliding_window(
                     .f_narrow(2, s1, patch[1])?
                     .f_narrow(3, s2, patch[2])?
                     .f_unsqueeze(0)?;
-                let mut mean: Option<Tensor> = None;
-                for f in &flips {
-                    let p = if f.is_empty() {
-                        softmax(&window)?
-                    } else {
-                        softmax(&window.f_flip(f)?)?.f_flip(f)?
-                    };
-                    let p = p.f_mul_scalar(1.0 / flips.len() as f64)?;
-                    mean = Some(match mean {
-                        None => p,
-                        Some(m) => m.f_add(&p)?,
-                    });
-                }
-                let tile = mean
-                    .ok_or_else(|| Error::internal("no mirroring"))?
+                let tile = mirrored(&window, &flips, softmax)?
                     .f_squeeze_dim(0)?
                     .f_mul(&weight)?;
                 let acc = match &mut sum {

@@ -65,6 +65,15 @@ impl ArchConfig {
         Ok(cfg)
     }
 
+    /// The keyword arguments alone, as the model file's `"config"` holds them.
+    pub fn keyword_arguments(&self) -> serde_json::Value {
+        match self {
+            ArchConfig::Unetr(c) => serde_json::to_value(c),
+            ArchConfig::UnetrPp(c) => serde_json::to_value(c),
+        }
+        .unwrap_or_default()
+    }
+
     pub fn validate(&self) -> Result<()> {
         match self {
             ArchConfig::Unetr(c) => c.validate(),
