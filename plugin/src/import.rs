@@ -29,6 +29,9 @@ pub struct ImportOptions {
     /// nnU-Net's CT normalisation `[lower, upper, mean, sd]` (its plans' intensity properties:
     /// percentile_00_5, percentile_99_5, mean, sd), for UNETR++ models.
     pub ct_normalization: Option<[f64; 4]>,
+    /// UNETR++: the checkpoint's nnU-Net plans (`CKPT.model.pkl` or `plans.pkl`); the spacing, the
+    /// patch and the CT normalisation then come from it.
+    pub plans: Option<std::path::PathBuf>,
 }
 
 /// The JSON form of the import options (the C ABI's and the CLI's).
@@ -44,6 +47,8 @@ struct ImportOptionsJson {
     window: [f64; 2],
     #[serde(default)]
     ct_normalization: Option<[f64; 4]>,
+    #[serde(default)]
+    plans: Option<std::path::PathBuf>,
 }
 
 fn default_spacing() -> [f64; 3] {
@@ -85,6 +90,7 @@ fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
             spacing: o.spacing,
             window: o.window,
             ct_normalization: o.ct_normalization,
+            plans: o.plans,
         },
     ))
 }
@@ -326,7 +332,7 @@ pub fn import_unetr_pp(
         tensors.retain(|k, _| !k.starts_with("temp_head"));
         Stage::Segmentation
     };
-    let preprocessing = Preprocessing {
+    let mut preprocessing = Preprocessing {
         spacing: options.spacing,
         intensity_window: options.window,
         roi_size: config.img_size,
@@ -341,6 +347,19 @@ pub fn import_unetr_pp(
         }),
         ..Default::default()
     };
+    if let Some(path) = &options.plans {
+        let plans = crate::plans::read(path)?;
+        if plans.patch != config.img_size {
+            return Err(Error::invalid(format!(
+                "{}: the plans' patch {:?} differs from the architecture's img_size {:?}",
+                path.display(),
+                plans.patch,
+                config.img_size
+            )));
+        }
+        preprocessing.spacing = plans.spacing;
+        preprocessing.ct_normalization = Some(plans.ct_normalization);
+    }
     let labels = match stage {
         Stage::Init => BTreeMap::new(),
         Stage::Segmentation => options.labels.clone(),

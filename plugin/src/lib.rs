@@ -21,6 +21,7 @@ pub mod model;
 pub mod nnunet;
 pub mod options;
 pub mod phantom;
+pub mod plans;
 pub mod postprocess;
 pub mod preprocess;
 pub mod pretext;

@@ -244,6 +244,7 @@ fn imported_checkpoints_compute_what_monai_computes() {
         spacing: [1.5, 1.5, 2.0],
         window: [-175.0, 250.0],
         ct_normalization: None,
+        plans: None,
     };
     let refs: HashMap<String, Tensor> = Tensor::read_safetensors(d.join("reference.safetensors"))
         .unwrap()
@@ -308,6 +309,7 @@ fn a_file_that_is_not_a_checkpoint_is_a_format_error() {
         spacing: [1.5, 1.5, 2.0],
         window: [-175.0, 250.0],
         ct_normalization: None,
+        plans: None,
     };
     let err = import_unetr(&p, &options).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Format, "{}", err.message);

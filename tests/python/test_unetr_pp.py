@@ -257,3 +257,55 @@ def test_the_benchmarks_pytorch_unetr_pp_is_the_upstream_network(io):
         assert (t - io[name]).abs().max().item() <= 5e-5, name
     full = UnetrPP()
     assert sum(p.numel() for p in full.parameters()) == 42_952_850
+
+
+def nnunet_plans(spacing_zyx, patch):
+    """A plans dict shaped as nnU-Net v1's ExperimentPlanner3D writes it (numpy arrays and scalars inside)."""
+    stage = {"batch_size": 2, "num_pool_per_axis": [4, 5, 5], "patch_size": np.array(patch),
+             "median_patient_size_in_voxels": np.array([148, 512, 512]), "current_spacing": np.array(spacing_zyx),
+             "original_spacing": np.array(spacing_zyx), "do_dummy_2D_data_aug": True,
+             "pool_op_kernel_sizes": [[2, 4, 4], [2, 2, 2], [2, 2, 2]], "conv_kernel_sizes": [[3, 3, 3]] * 4}
+    intensity = OrderedDict(median=np.float64(70.0), mean=np.float64(NORM[2]), sd=np.float64(NORM[3]),
+                            mn=np.float64(-1024.0), mx=np.float64(3071.0),
+                            percentile_99_5=np.float64(NORM[1]), percentile_00_5=np.float64(NORM[0]),
+                            local_props=OrderedDict())
+    return {"num_stages": 2, "num_modalities": 1, "modalities": {0: "CT"},
+            "normalization_schemes": OrderedDict([(0, "CT")]),
+            "dataset_properties": {"intensityproperties": OrderedDict([(0, intensity)]),
+                                   "all_sizes": [(148, 512, 512)], "all_spacings": [np.array([3.0, 0.8, 0.8])]},
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "num_classes": 13,
+            "plans_per_stage": {0: dict(stage, current_spacing=np.array([4.0, 3.0, 3.0])), 1: stage},
+            "use_mask_for_norm": OrderedDict([(0, False)]), "keep_only_largest_region": None}
+
+
+def test_the_plans_file_gives_spacing_patch_and_ct_normalisation(tmp_path):
+    """`lwi import --plans` reads the checkpoint's .model.pkl as nnU-Net v1's save_checkpoint writes it
+    ({"init", "name", "class", "plans"}) or a bare plans.pkl; a foreign patch or scheme is refused."""
+    sd = upstream_state_dict(["synapse_reduced.weights.safetensors"])
+    ckpt = tmp_path / "model_final_checkpoint.model"
+    nnunet_checkpoint(sd, ckpt)
+    arch, labels = tmp_path / "arch.json", tmp_path / "labels.json"
+    arch.write_text(json.dumps({**REDUCED, "out_channels": 3}))
+    labels.write_text(json.dumps({"0": "background", "1": "a", "2": "b"}))
+    info = OrderedDict(init=("plans.pkl", 0), name="unetr_pp_trainer_synapse",
+                       plans=nnunet_plans([2.0, 0.76, 0.76], [64, 128, 128]))
+    info["class"] = "<class 'unetr_pp.training.network_training.unetr_pp_trainer_synapse.unetr_pp_trainer_synapse'>"
+    for name, obj in (("model_final_checkpoint.model.pkl", info), ("plans.pkl", info["plans"])):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(obj, f)
+        out = tmp_path / f"{name}.safetensors"
+        r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--plans", tmp_path / name,
+                "--out", out)
+        assert r.returncode == 0, r.stderr
+        pre = json.loads(lwi("info", out).stdout)["preprocessing"]
+        assert pre["spacing"] == [0.76, 0.76, 2.0] and pre["pipeline"] == "nn_unet"
+        assert pre["ct_normalization"] == dict(zip(["lower", "upper", "mean", "sd"], NORM))
+    with open(tmp_path / "bad.pkl", "wb") as f:
+        pickle.dump(nnunet_plans([2.0, 0.76, 0.76], [64, 160, 160]), f)
+    r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--plans", tmp_path / "bad.pkl",
+            "--out", tmp_path / "bad.safetensors")
+    assert r.returncode == 1 and "[64, 160, 160]" in r.stderr, r.stderr
+    (tmp_path / "cut.pkl").write_bytes((tmp_path / "plans.pkl").read_bytes()[:300])
+    r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--plans", tmp_path / "cut.pkl",
+            "--out", tmp_path / "cut.safetensors")
+    assert r.returncode == 1 and "cut.pkl" in r.stderr and "panicked" not in r.stderr, r.stderr

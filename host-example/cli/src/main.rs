@@ -61,6 +61,10 @@ enum Command {
         /// (percentile_00_5, percentile_99_5, mean, sd).
         #[arg(long, value_parser = numbers::<f64, 4>, value_name = "P0.5,P99.5,MEAN,SD", allow_hyphen_values = true)]
         ct_norm: Option<[f64; 4]>,
+        /// UNETR++: the checkpoint's nnU-Net plans (CKPT.model.pkl or plans.pkl); the spacing, patch and
+        /// CT normalisation then come from it.
+        #[arg(long, value_name = "PLANS.pkl")]
+        plans: Option<PathBuf>,
         /// The model file to write (.safetensors).
         #[arg(long)]
         out: PathBuf,
@@ -637,6 +641,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             spacing,
             window,
             ct_norm,
+            plans,
             out,
         } => {
             let mut config = read_json(&arch_config)?;
@@ -653,6 +658,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 "spacing": spacing,
                 "window": window,
                 "ct_normalization": ct_norm,
+                "plans": plans,
             });
             plugin.import(&from, &options.to_string(), &out)?;
             eprintln!("wrote {}", out.display());
