@@ -90,6 +90,55 @@ fn the_synapse_configuration_has_upstreams_parameters() {
     );
 }
 
+/// Key → shape of an upstream key list (`shared/design/unetrpp/*.txt`), less what lwi does not
+/// store: the tied `F.*` aliases and `num_batches_tracked`.
+fn upstream_keys(name: &str) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let path = root().join("../shared/design/unetrpp").join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.lines()
+        .filter(|l| {
+            !l.starts_with('#') && !l.contains("alias-of") && !l.contains("num_batches_tracked")
+        })
+        .filter_map(|l| {
+            let key = l.split_whitespace().nth(1)?.to_string();
+            let shape = l[l.find('[')? + 1..l.find(']')?]
+                .split(',')
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| d.trim().parse().unwrap())
+                .collect();
+            Some((key, shape))
+        })
+        .collect()
+}
+
+#[test]
+fn the_variables_are_upstreams_keys_and_shapes() {
+    for (file, cfg, heads) in [
+        ("state_dict_synapse.txt", UnetrPpConfig::default(), false),
+        ("state_dict_synapse_reduced.txt", reduced(3), false),
+        (
+            "state_dict_lwi_pretext.txt",
+            UnetrPpConfig {
+                out_channels: 1,
+                ..Default::default()
+            },
+            true,
+        ),
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        UnetrPp::new(&vs.root(), &cfg).unwrap();
+        if heads {
+            PpOrderHeads::new(&vs.root(), cfg.dims, 4);
+        }
+        let ours: std::collections::BTreeMap<String, Vec<i64>> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.size()))
+            .collect();
+        assert_eq!(ours, upstream_keys(file), "{file}");
+    }
+}
+
 #[test]
 fn the_reduced_synapse_model_reproduces_the_upstream_tensors() {
     let io = fixture("synapse_reduced.io.safetensors");
