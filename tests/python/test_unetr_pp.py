@@ -235,6 +235,20 @@ def test_segmenting_with_a_unetr_pp_model_is_nnunets_inference(tmp_path, io):
     np.testing.assert_array_equal(labels_nrrd, want)
     assert header["space"] == "left-posterior-superior"
     np.testing.assert_allclose(header["space directions"], np.diag([-1.5, -1.5, 2.0]))
+    # nnU-Net never reorients: the same voxels placed elsewhere in the world (an oblique rotation, an LAS
+    # x-flip) give the same labels, written on each input's own grid.
+    angle = 0.3
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    for name, linear in (("oblique", rot @ np.diag([1.5, 1.5, 2.0])), ("las", np.diag([-1.5, 1.5, 2.0]))):
+        affine = np.eye(4)
+        affine[:3, :3], affine[:3, 3] = linear, [10.0, -20.0, 30.0]
+        moved, moved_out = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_labels.nii.gz"
+        nib.save(nib.Nifti1Image(arr, affine), moved)
+        r = lwi("segment", "--model", model, moved, "--out", moved_out, "--device", "cpu", "--no-manifest")
+        assert r.returncode == 0, r.stderr
+        result = nib.load(moved_out)
+        np.testing.assert_allclose(result.affine, affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(result.dataobj), want, err_msg=name)
 
 
 def test_a_unetr_pp_model_without_ct_normalisation_says_what_is_missing(tmp_path, io):
