@@ -148,7 +148,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         Ok(()) => {
             if staged {
                 PENDING.with(|p| {
-                    if let Some(list) = p.borrow_mut().as_mut() {
+                    // The same path written twice in one call: its last bytes win, renamed once.
+                    if let Some(list) = p.borrow_mut().as_mut()
+                        && !list.iter().any(|(t, _)| *t == tmp)
+                    {
                         list.push((tmp, path.to_path_buf()));
                     }
                 });
@@ -202,6 +205,12 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), b"a");
         assert_eq!(std::fs::read(&b).unwrap(), b"b");
+        all_or_nothing(|| {
+            write_atomically(&a, b"first")?;
+            write_atomically(&a, b"second")
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }
