@@ -172,3 +172,30 @@ def test_slicer_module_takes_a_dicom_folder(hosts, tiny_model, testdata, tmp_pat
     assert labels.GetSize() == image.GetSize()
     np.testing.assert_allclose(labels.GetOrigin(), image.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(labels.GetDirection(), image.GetDirection(), atol=1e-6)
+
+
+def test_slicer_module_takes_a_unetr_pp_model_unchanged(hosts, tmp_path):
+    """LwiSegment with an imported UNETR++ model: nnU-Net's pipeline through the same C ABI call, on the
+    input's grid, the same labels as the lwi command."""
+    from test_unetr_pp import NORM, REDUCED, ct_case, nnunet_checkpoint, upstream_state_dict
+    ckpt, arch, labels = tmp_path / "pp.model", tmp_path / "arch.json", tmp_path / "labels.json"
+    nnunet_checkpoint(upstream_state_dict(["synapse_reduced.weights.safetensors"]), ckpt)
+    arch.write_text(json.dumps({**REDUCED, "out_channels": 3}))
+    labels.write_text(json.dumps({"0": "background", "1": "a", "2": "b"}))
+    model = tmp_path / "pp.safetensors"
+    subprocess.run([str(cli_path()), "import", "--from", str(ckpt), "--arch-config", str(arch), "--labels", str(labels),
+                    "--spacing", "1.5,1.5,2", "--ct-norm", ",".join(map(str, NORM)), "--out", str(model)],
+                   check=True, capture_output=True)
+    ct_case(tmp_path / "ct.nii.gz")
+    inp, out, ref = tmp_path / "input.nrrd", tmp_path / "output.nrrd", tmp_path / "cli.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "ct.nii.gz")), str(inp))
+    r = subprocess.run([str(hosts / "install" / "bin" / "LwiSegment"), "--device", "cpu", str(inp), str(out), str(model)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    subprocess.run([str(cli_path()), "segment", "--model", str(model), str(inp), "--out", str(ref), "--device", "cpu",
+                    "--no-manifest"], check=True, capture_output=True)
+    got, want = sitk.ReadImage(str(out)), sitk.ReadImage(str(ref))
+    assert got.GetSize() == sitk.ReadImage(str(inp)).GetSize()
+    np.testing.assert_allclose(got.GetDirection(), sitk.ReadImage(str(inp)).GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+    assert len(np.unique(sitk.GetArrayFromImage(got))) > 1
