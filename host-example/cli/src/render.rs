@@ -195,7 +195,12 @@ pub fn overlays(
     let px_per_mm = scale_for(grid, 320.0);
     let size = |d: usize| (grid.dims[d] as f64 * grid.spacing[d] * px_per_mm).round() as i64;
     let (gap, title) = (12i64, 28i64);
-    let panel_w: Vec<i64> = PLANES.iter().map(|p| size(p.1)).collect();
+    // Each column is as wide as its plane or its title ("reference: sagittal", 16 px a letter).
+    let longest = rows.iter().map(|r| r.0.len()).max().unwrap_or(5) as i64;
+    let panel_w: Vec<i64> = PLANES
+        .iter()
+        .map(|p| size(p.1).max(16 * (longest + 2 + p.0.len() as i64)))
+        .collect();
     let panel_h = PLANES.iter().map(|p| size(p.2)).max().unwrap_or(1);
     let mut present: Vec<usize> = rows
         .iter()
