@@ -268,8 +268,10 @@ void lwi_model_free(struct LwiModel *model);
 // `model_final_checkpoint.model`, or a plain state dict; tied `F.*` accepted only when equal to
 // `E.*`). The pickle is parsed without executing anything. `options_json` holds `arch` ("unetr"
 // or "unetr_pp"), `arch_config` (the upstream constructor's keyword arguments), `labels`
-// (`{"0": "background", …}`), and optionally `spacing` (mm, default \[1.5, 1.5, 2.0\]) and
-// `window` (HU, default \[-175, 250\]).
+// (`{"0": "background", …}`), and optionally `spacing` (mm, default \[1.5, 1.5, 2.0\]; per stored
+// voxel axis for UNETR++) and `window` (HU, default \[-175, 250\]); for UNETR++ also `plans` (the
+// checkpoint's nnU-Net plans pickle: spacing, patch check, CT normalisation) or
+// `ct_normalization` (\[percentile_00_5, percentile_99_5, mean, sd\]). docs/models.md.
 //
 // # Safety
 // Each argument is NULL or a NUL-terminated string.

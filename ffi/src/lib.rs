@@ -294,6 +294,7 @@ unsafe fn series_arg<'a>(uid: *const c_char) -> lwi::Result<Option<&'a str>> {
 /// Runs a free or a getter: a panic is caught, and the thread's last error is never touched, so
 /// the message of the last failed call survives the clean-up a host does after it.
 fn quiet<T>(fallback: T, body: impl FnOnce() -> lwi::Result<T>) -> T {
+    silence_panics();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(v)) => v,
         _ => fallback,
@@ -728,8 +729,10 @@ pub extern "C" fn lwi_model_free(model: *mut LwiModel) {
 /// `model_final_checkpoint.model`, or a plain state dict; tied `F.*` accepted only when equal to
 /// `E.*`). The pickle is parsed without executing anything. `options_json` holds `arch` ("unetr"
 /// or "unetr_pp"), `arch_config` (the upstream constructor's keyword arguments), `labels`
-/// (`{"0": "background", …}`), and optionally `spacing` (mm, default \[1.5, 1.5, 2.0\]) and
-/// `window` (HU, default \[-175, 250\]).
+/// (`{"0": "background", …}`), and optionally `spacing` (mm, default \[1.5, 1.5, 2.0\]; per stored
+/// voxel axis for UNETR++) and `window` (HU, default \[-175, 250\]); for UNETR++ also `plans` (the
+/// checkpoint's nnU-Net plans pickle: spacing, patch check, CT normalisation) or
+/// `ct_normalization` (\[percentile_00_5, percentile_99_5, mean, sd\]). docs/models.md.
 ///
 /// # Safety
 /// Each argument is NULL or a NUL-terminated string.
