@@ -4,7 +4,7 @@ import sys
 
 import torch
 from monai.networks.nets import UNETR
-from timing import autocast, report, time_passes
+from timing import time_forward
 
 
 def main():
@@ -16,12 +16,7 @@ def main():
     net = UNETR(in_channels=1, out_channels=14, img_size=size, feature_size=feature, hidden_size=hidden, mlp_dim=mlp,
                 num_heads=heads, proj_type="perceptron", norm_name="instance").to(device).eval()
     x = torch.randn(batch, 1, size, size, size, device=device)
-
-    def forward():
-        with torch.no_grad(), autocast(device, precision):
-            net(x)
-
-    report(device, time_passes(device, reps, forward), batch=batch, precision=precision)
+    time_forward(net, x, device, precision, reps, batch=batch)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ class UnetrPP(nn.Module):
 
 def main():
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from timing import autocast, report, time_passes
+    from timing import time_forward
     device, batch, precision, reps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     feature = int(sys.argv[5]) if len(sys.argv) > 5 else 16
     depths = tuple(int(v) for v in sys.argv[6:10]) if len(sys.argv) > 9 else (3, 3, 3, 3)
@@ -155,12 +155,7 @@ def main():
     torch.manual_seed(0)
     net = UnetrPP(feature_size=feature, depths=depths).to(device).eval()
     x = torch.randn(batch, 1, 64, 128, 128, device=device)
-
-    def forward():
-        with torch.no_grad(), autocast(device, precision):
-            net(x)
-
-    report(device, time_passes(device, reps, forward), batch=batch, precision=precision)
+    time_forward(net, x, device, precision, reps, batch=batch)
 
 
 if __name__ == "__main__":

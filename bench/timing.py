@@ -27,6 +27,15 @@ def report(device, times, **fields):
                       "peak_gpu_mb": peak, **fields}))
 
 
+def time_forward(net, x, device, precision, reps, **fields):
+    """Times `net(x)` without gradients (autocast for bf16/fp16) and prints the JSON line."""
+    def forward():
+        with torch.no_grad(), autocast(device, precision):
+            net(x)
+
+    report(device, time_passes(device, reps, forward), precision=precision, **fields)
+
+
 def autocast(device, precision):
     """torch.autocast for bf16/fp16, a disabled one for fp32."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -17,6 +17,18 @@ pub struct Event {
     pub message: String,
 }
 
+impl Event {
+    /// A stage's count: `done` of `total` (0: unknown).
+    pub fn progress(stage: &'static str, done: u64, total: u64) -> Event {
+        Event {
+            stage,
+            done,
+            total,
+            ..Default::default()
+        }
+    }
+}
+
 /// Receives events; returns false to cancel the call.
 pub trait Progress {
     fn report(&mut self, event: &Event) -> bool;

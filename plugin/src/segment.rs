@@ -183,12 +183,7 @@ fn segment_nnunet(
             "this nnU-Net model has no CT normalisation (import it with --ct-norm P0.5,P99.5,MEAN,SD from its plans)",
         )
     })?;
-    let event = |stage, done, total| Event {
-        stage,
-        done,
-        total,
-        ..Default::default()
-    };
+    let event = Event::progress;
     report(progress, event("preprocess", 0, 1))?;
     let prepared = crate::nnunet::prepare(volume, pre.spacing, norm)?;
     let image = prepared.image.f_to_device(model.vs.device())?;
@@ -210,12 +205,7 @@ pub fn run(
     progress: &mut dyn Progress,
 ) -> Result<Volume> {
     let device = pipeline.device;
-    let event = |stage, done, total| Event {
-        stage,
-        done,
-        total,
-        ..Default::default()
-    };
+    let event = Event::progress;
     report(progress, event("preprocess", 0, 1))?;
     let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
     settle(device);
