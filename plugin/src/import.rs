@@ -59,21 +59,8 @@ fn default_window() -> [f64; 2] {
     Preprocessing::default().intensity_window
 }
 
-impl ImportOptions {
-    /// `{"arch": "unetr", "arch_config": {…}, "labels": {…}, "spacing": […], "window": […]}`.
-    pub fn from_json(json: &str) -> Result<ImportOptions> {
-        let (arch, options) = parse_options(json)?;
-        match arch {
-            ArchConfig::Unetr(config) => Ok(ImportOptions { config, ..options }),
-            other => Err(Error::unsupported(format!(
-                "import options: architecture '{}' is imported by `import`",
-                other.name()
-            ))),
-        }
-    }
-}
-
-/// The architecture and the rest of the options (`config` left at UNETR's default).
+/// The JSON options (`{"arch", "arch_config", "labels", "spacing", "window", …}`): the
+/// architecture, and the rest of the options (`config` left at UNETR's default; [`import`] sets it).
 fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
     let shape = serde_json::json!({"arch_config": {}, "labels": {}});
     let o: ImportOptionsJson = crate::options::parse_shaped(json, "import options", &shape)?;
