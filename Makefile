@@ -80,7 +80,7 @@ gpu-bundle: build
 	cp "$$(ls -t $(RELEASE)/deps/cuda-* | grep -v '\.d$$' | head -n 1)" target/gpu-bundle/bin/cuda-tests
 	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o target/gpu-bundle/bin/abi_misuse
 	$(RELEASE)/lwi phantom --out target/gpu-bundle/data --cases 1 --size 24,24,16 >/dev/null 2>&1
-	tar -C .venv/lib/python3*/site-packages --exclude=__pycache__ --exclude=nibabel/tests -cf - monai einops nibabel | tar -C target/gpu-bundle/py -xf -
+	tar -C .venv/lib/python3*/site-packages --exclude=__pycache__ --exclude=nibabel/tests -cf - monai einops nibabel nnunet batchgenerators | tar -C target/gpu-bundle/py -xf -
 	du -sh target/gpu-bundle
 
 ## gpu-check: CUDA tests and GPU benchmarks, on a GPU machine with target/gpu-bundle (scripts/gpu-check.sh)

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Benchmark programs (plugin/examples); on a GPU machine, the carried bundle's bin/.
 BIN = Path(os.environ.get("LWI_BENCH_BIN", ROOT / "target" / "release" / "examples"))
 sys.path.insert(0, str(ROOT / "tests" / "python"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -187,19 +188,30 @@ def segment_model(work, shape, spacing):
     return d
 
 
-def bench_segment(work, device, shape, spacing, sw_batch, precision, reps):
-    """File in -> label file out: `lwi segment` vs MONAI's pipeline (bench/monai_segment.py), same weights and
-    model spacing, overlap 0.5, gaussian, each a fresh process (library and model load included), interleaved."""
-    d = segment_model(work, shape, spacing)
+def phantom_ct(work):
+    """A 512x512x200 CT phantom at 0.8x0.8x2.5 mm (made once)."""
     ct = work / "ct" / "imagesTr" / "phantom_000.nii.gz"
     if not ct.exists():
         subprocess.run([str(cli_path()), "phantom", "--out", str(work / "ct"), "--cases", "1", "--size", "512,512,200",
                         "--spacing", "0.8,0.8,2.5"], check=True)
+    return ct
+
+
+def bench_real_ct():
+    """TotalSegmentator's example CT (122x101x112 at 3 mm) from the test data."""
     real = os.environ.get("LWI_BENCH_REAL_CT")  # set where there is no network (the GPU bundle carries it)
     if real is None:
         data = Path(subprocess.run([str(ROOT / "scripts" / "fetch-test-data")], check=True, capture_output=True,
                                    text=True).stdout.strip())
         real = data / "totalsegmentator" / "totalsegmentator-2.18.0" / "tests" / "reference_files" / "example_ct.nii.gz"
+    return real
+
+
+def bench_segment(work, device, shape, spacing, sw_batch, precision, reps):
+    """File in -> label file out: `lwi segment` vs MONAI's pipeline (bench/monai_segment.py), same weights and
+    model spacing, overlap 0.5, gaussian, each a fresh process (library and model load included), interleaved."""
+    d = segment_model(work, shape, spacing)
+    ct, real = phantom_ct(work), bench_real_ct()
     for name, image in (("real CT 122x101x112 @3 mm", real), ("CT phantom 512x512x200 @0.8x0.8x2.5", ct)):
         lwi_cmd = [str(cli_path()), "segment", "--model", str(d / "model.safetensors"), str(image), "--out",
                    str(work / "lwi_labels.nii.gz"), "--device", device, "--sw-batch", str(sw_batch), "--precision",
@@ -220,7 +232,57 @@ def bench_segment(work, device, shape, spacing, sw_batch, precision, reps):
               f"   ratio {ma / mb:5.2f}   labels agree {same:.2%}   (MONAI stages {out.strip()})", flush=True)
 
 
-BENCHES = {"volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment"}
+def unetr_pp_segment_model(work, arch):
+    """Seeded UNETR++ weights (bench/pytorch_unetr_pp.py), and the same weights imported as an lwi model at
+    1.5 x 1.5 x 2 mm with a CT normalisation."""
+    import torch
+    from pytorch_unetr_pp import UnetrPP
+    d = work / f"segment-unetr-pp-{arch['feature_size']}-{'-'.join(map(str, arch['depths']))}"
+    if not (d / "model.safetensors").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(3)
+        net = UnetrPP(out_channels=arch["out_channels"], feature_size=arch["feature_size"], depths=arch["depths"])
+        torch.save(net.state_dict(), d / "unetr_pp.pt")
+        (d / "arch.json").write_text(json.dumps(arch))
+        (d / "labels.json").write_text(json.dumps({str(i): f"class {i}" for i in range(arch["out_channels"])}))
+        subprocess.run([str(cli_path()), "import", "--from", str(d / "unetr_pp.pt"), "--arch-config",
+                        str(d / "arch.json"), "--labels", str(d / "labels.json"), "--spacing", PP_SPACING,
+                        "--ct-norm", PP_NORM, "--out", str(d / "model.safetensors")], check=True, capture_output=True)
+    return d
+
+
+PP_SPACING, PP_NORM = "1.5,1.5,2", "-958,327,82.9,136.9"
+PP_REDUCED = {"arch": "unetr_pp", "in_channels": 1, "out_channels": 14, "img_size": [64, 128, 128], "feature_size": 4,
+              "hidden_size": 64, "num_heads": 4, "depths": [1, 1, 2, 2], "dims": [8, 16, 32, 64]}
+PP_SYNAPSE = {"arch": "unetr_pp", "in_channels": 1, "out_channels": 14, "img_size": [64, 128, 128],
+              "feature_size": 16, "hidden_size": 256, "num_heads": 4, "depths": [3, 3, 3, 3],
+              "dims": [32, 64, 128, 256]}
+
+
+def bench_segment_unetr_pp(work, device, image, name, arch, mirror, reps):
+    """File in -> label file out with a UNETR++ model: `lwi segment` vs nnU-Net v1's own inference
+    (bench/nnunet_segment.py), same weights, each a fresh process, interleaved; the labels compared."""
+    d = unetr_pp_segment_model(work, arch)
+    lwi_out, ref_out = work / "lwi_pp_labels.nii.gz", work / "nnunet_pp_labels.nii.gz"
+    lwi_cmd = [str(cli_path()), "segment", "--model", str(d / "model.safetensors"), str(image), "--out", str(lwi_out),
+               "--device", device, "--overwrite", "--no-manifest"] + ([] if mirror else ["--no-mirror"])
+    ref_cmd = [sys.executable, str(ROOT / "bench" / "nnunet_segment.py"), str(image), str(d / "unetr_pp.pt"),
+               str(d / "arch.json"), PP_SPACING, PP_NORM, str(ref_out), device, "1" if mirror else "0"]
+    a, b, ra, rb = [], [], [], []
+    for _ in range(reps):
+        t, rss, _ = run_measured(lwi_cmd)
+        a.append(t), ra.append(rss)
+        t, rss, out = run_measured(ref_cmd)
+        b.append(t), rb.append(rss)
+    ma, mb = statistics.median(a), statistics.median(b)
+    same = (np.asarray(nib.load(str(lwi_out)).dataobj) == np.asarray(nib.load(str(ref_out)).dataobj)).mean()
+    print(f"  segment {device} {name:<36} lwi {ma:6.2f} s {max(ra):6.0f} MB   nnU-Net {mb:6.2f} s {max(rb):6.0f} MB"
+          f"   ratio {ma / mb:5.2f}   labels agree {same:.4%}   (nnU-Net stages {out.strip().splitlines()[-1]})",
+          flush=True)
+
+
+BENCHES = {"volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment",
+           "segment-unetr-pp"}
 
 
 def main():
@@ -260,6 +322,18 @@ def main():
         shape, spacing = (FULL, "1.5,1.5,2") if args.device != "cpu" else (dict(TINY, size=96), "3,3,3")
         print(f"end-to-end segmentation, file in -> label file out, UNETR {shape} at {spacing} mm, overlap 0.5, peak RSS")
         bench_segment(work, args.device, shape, spacing, args.batch, args.precision, max(1, args.reps // 2))
+    if args.only in (None, "segment-unetr-pp"):
+        # The CPU: the reduced UNETR++ on the real CT (3 mm, so resampled to 1.5x1.5x2 mm) without mirroring; the
+        # GPU: the Synapse UNETR++ with mirroring on the 512x512x200 phantom.
+        real = bench_real_ct()
+        if args.device == "cpu":
+            print("end-to-end UNETR++ segmentation (nnU-Net v1 pipeline), reduced model, no mirroring, peak RSS")
+            bench_segment_unetr_pp(work, "cpu", real, "real CT 122x101x112 @3 mm", PP_REDUCED, False,
+                                   max(1, args.reps // 2))
+        else:
+            print("end-to-end UNETR++ segmentation (nnU-Net v1 pipeline), Synapse model, 8 mirrorings, peak RSS")
+            bench_segment_unetr_pp(work, args.device, phantom_ct(work), "CT phantom 512x512x200 @0.8x0.8x2.5",
+                                   PP_SYNAPSE, True, 1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # (whose lib/ provides libtorch). Build the bundle first, here: `make gpu-bundle`; then run this
 # on the GPU machine from the repository root with target/gpu-bundle carried over.
 # Sections run most important first, so a run cut short by a time limit keeps what matters; name
-# some to run only those: tests sliding-window segment e2e memory train-step forward training abi.
+# some to run only those: tests sliding-window segment e2e memory unetr-pp train-step forward training abi.
 # Record what it prints in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 export PYTHONPATH="$B/py:${PYTHONPATH:-}"
 LWI="$B/bin/lwi --plugin $B/bin/liblwi.so"
 W=/tmp/lwi-gpu && rm -rf $W && mkdir -p $W
-SECTIONS=" ${*:-tests sliding-window segment e2e memory train-step forward training abi} "
+SECTIONS=" ${*:-tests sliding-window segment e2e memory unetr-pp train-step forward training abi} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 export LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W
 export LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz
@@ -112,6 +112,29 @@ if want memory && [ -f $W/full-1.5,1.5,1.5.safetensors ]; then
       --out $W/long-$precision.nii.gz --overwrite --device cuda:0 --sw-batch 4 --precision $precision || failed=1
     echo "  $precision: timings $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings_s"])' $W/long-$precision.nii.gz.json)"
   done
+fi
+
+if want unetr-pp && [ "$have_monai" = 1 ]; then
+  step "UNETR++ (Synapse model, seeded) segmenting CT phantoms on CUDA the nnU-Net way, 8 mirrorings"
+  pp=$("$PY" -c 'import sys; from pathlib import Path; sys.path[:0] = ["bench", "tests/python"]; import run
+print(run.unetr_pp_segment_model(Path(sys.argv[1]), run.PP_SYNAPSE))' $W) || failed=1
+  [ -f $W/ct/imagesTr/phantom_000.nii.gz ] ||
+    $LWI phantom --out $W/ct --cases 1 --size 512,512,200 --spacing 0.8,0.8,2.5 >/dev/null 2>&1
+  $LWI phantom --out $W/long --cases 1 --size 512,512,800 --spacing 0.8,0.8,1.5 >/dev/null 2>&1
+  for case in ct long; do
+    for precision in fp32 bf16; do
+      out=$W/pp-$case-$precision.nii.gz
+      peak=$(peak_gpu_memory $LWI segment --model $pp/model.safetensors $W/$case/imagesTr/phantom_000.nii.gz \
+        --out $out --overwrite --device cuda:0 --precision $precision) || failed=1
+      echo "lwi segment UNETR++ $case $precision: $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings_s"])' $out.json); $peak"
+    done
+  done
+  if "$PY" -c 'import nnunet, batchgenerators, skimage, scipy, SimpleITK' 2>/dev/null; then
+    step "GPU benchmark: UNETR++ end to end, lwi vs nnU-Net v1's predict_3D pipeline (fp32, 8 mirrorings)"
+    "$PY" bench/run.py --only segment-unetr-pp --device cuda:0 || failed=1
+  else
+    echo "(nnunet, scikit-image, scipy or SimpleITK not importable here: the nnU-Net comparison skipped)"
+  fi
 fi
 
 if want train-step && monai_or_skip "the training-step benchmark"; then

@@ -25,6 +25,7 @@ pub mod plans;
 pub mod postprocess;
 pub mod preprocess;
 pub mod pretext;
+pub mod resample;
 pub mod runtime;
 pub mod segment;
 pub mod train;

@@ -5,12 +5,13 @@
 //! sliding window of `nnunet==1.7.1`'s `SegmentationNetwork._internal_predict_3D_3Dconv_tiled`
 //! (step 0.5, Gaussian σ = patch/8, softmax per tile averaged over the 8 mirrorings), then the
 //! class probabilities back onto the cropped grid, argmax, pasted into the input's grid.
-//! One documented difference: resampling is trilinear (nnU-Net: cubic spline, nearest along z when
-//! anisotropic); a volume already at the model's spacing is not resampled, by either.
+//! Resampling is nnU-Net's (`crate::resample`): cubic spline for the image, linear for the
+//! probabilities, nearest along the low-resolution axis of an anisotropic spacing.
 
 use crate::bundle::CtNormalization;
 use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
+use crate::resample::{self, Order};
 use crate::volume::{DType, Volume};
 use tch::{Kind, Tensor};
 
@@ -21,6 +22,32 @@ pub struct Prepared {
     pub crop: ([i64; 3], [i64; 3]),
     /// The cropped size before resampling, (x, y, z).
     pub cropped: [i64; 3],
+    /// The axis resampled on its own (nearest), if the spacings are anisotropic.
+    pub separate: Option<usize>,
+}
+
+impl Prepared {
+    /// The network's input as a volume (x, y, z) on its own grid: the crop box resampled, each new
+    /// voxel centred where scipy's grid-mode zoom samples it, `(k + 0.5) · n / m − 0.5`.
+    pub fn to_volume(&self, volume: &Volume) -> Result<Volume> {
+        let size: [i64; 3] = std::array::from_fn(|d| self.image.size()[3 - d]);
+        let mut affine = volume.affine;
+        for row in 0..3 {
+            let mut origin = affine[row][3];
+            for d in 0..3 {
+                let scale = self.cropped[d] as f64 / size[d] as f64;
+                origin += affine[row][d] * (self.crop.0[d] as f64 + 0.5 * scale - 0.5);
+                affine[row][d] *= scale;
+            }
+            affine[row][3] = origin;
+        }
+        let data = self
+            .image
+            .f_squeeze_dim(0)?
+            .f_permute([2, 1, 0])?
+            .f_to_device(tch::Device::Cpu)?;
+        Volume::new(data.f_contiguous()?, affine, DType::F32)
+    }
 }
 
 /// The bounding box of the non-zero voxels (the whole volume when there are none). nnU-Net fills
@@ -43,25 +70,6 @@ fn nonzero_box(data: &Tensor) -> Result<([i64; 3], [i64; 3])> {
     Ok((start, end))
 }
 
-/// nnU-Net's resampled shape: round(old spacing / new spacing · shape).
-pub fn resampled_shape(shape: [i64; 3], spacing: [f64; 3], target: [f64; 3]) -> [i64; 3] {
-    std::array::from_fn(|d| {
-        ((spacing[d] / target[d]) * shape[d] as f64)
-            .round()
-            .max(1.0) as i64
-    })
-}
-
-/// Trilinear resize of `[C, X, Y, Z]` to `size` (pixel centres mapped as skimage's `resize`).
-fn resize(t: &Tensor, size: [i64; 3]) -> Result<Tensor> {
-    if t.size()[1..] == size {
-        return Ok(t.shallow_clone());
-    }
-    Ok(t.f_unsqueeze(0)?
-        .f_upsample_trilinear3d(size, false, None, None, None)?
-        .f_squeeze_dim(0)?)
-}
-
 /// Crops, resamples to `spacing` and normalises `volume`, and puts it in the network's axis order.
 pub fn prepare(volume: &Volume, spacing: [f64; 3], norm: &CtNormalization) -> Result<Prepared> {
     let data = volume.data.f_to_kind(Kind::Float)?;
@@ -71,9 +79,12 @@ pub fn prepare(volume: &Volume, spacing: [f64; 3], norm: &CtNormalization) -> Re
         cropped = cropped.f_narrow(d as i64, start[d], end[d] - start[d])?;
     }
     let cropped_size: [i64; 3] = std::array::from_fn(|d| end[d] - start[d]);
-    let target = resampled_shape(cropped_size, volume.spacing(), spacing);
-    let image = resize(&cropped.f_unsqueeze(0)?, target)?
-        .f_nan_to_num(0.0, None, None)?
+    let target = resample::resampled_shape(cropped_size, volume.spacing(), spacing);
+    let separate = resample::separate_axis(volume.spacing(), spacing);
+    // nnU-Net zeroes NaNs before resampling, then clips and z-scores.
+    let cropped = cropped.f_nan_to_num(0.0, None, None)?.f_unsqueeze(0)?;
+    let image = resample::resize(&cropped, target, Order::Cubic, separate)?
+        .f_to_kind(Kind::Float)?
         .f_clamp(norm.lower, norm.upper)?
         .f_sub_scalar(norm.mean)?
         .f_div_scalar(norm.sd)?
@@ -83,6 +94,7 @@ pub fn prepare(volume: &Volume, spacing: [f64; 3], norm: &CtNormalization) -> Re
         image,
         crop: (start, end),
         cropped: cropped_size,
+        separate,
     })
 }
 
@@ -251,6 +263,29 @@ pub fn sliding_window(
     Ok(probs)
 }
 
+/// The argmax of the probabilities `[K, x, y, z]` once resampled (linear, as float32) onto the
+/// cropped grid, one class at a time so that only one float64 channel exists at once; ties go to
+/// the lower class, as numpy's `argmax`.
+fn argmax_on_crop(prepared: &Prepared, probs: &Tensor) -> Result<Tensor> {
+    let channel = |k: i64| -> Result<Tensor> {
+        let p = probs.f_narrow(0, k, 1)?;
+        Ok(
+            resample::resize(&p, prepared.cropped, Order::Linear, prepared.separate)?
+                .f_to_kind(Kind::Float)?
+                .f_squeeze_dim(0)?,
+        )
+    };
+    let mut best = channel(0)?;
+    let mut labels = best.f_zeros_like()?.f_to_kind(Kind::Int64)?;
+    for k in 1..probs.size()[0] {
+        let p = channel(k)?;
+        let higher = p.f_gt_tensor(&best)?;
+        let _ = labels.f_masked_fill_(&higher, k)?;
+        best = best.f_maximum(&p)?;
+    }
+    Ok(labels)
+}
+
 /// Labels on the input's grid from the probabilities `[K, z, y, x]` of the prepared case.
 pub fn labels_back(
     volume: &Volume,
@@ -258,8 +293,7 @@ pub fn labels_back(
     probs: &Tensor,
     classes: i64,
 ) -> Result<Volume> {
-    let on_crop = resize(&probs.f_permute([0, 3, 2, 1])?, prepared.cropped)?;
-    let labels = on_crop.f_argmax(0, false)?;
+    let labels = argmax_on_crop(prepared, &probs.f_permute([0, 3, 2, 1])?)?;
     let (kind, dtype) = if classes > 256 {
         (Kind::Int, DType::U16)
     } else {

@@ -47,8 +47,9 @@ pub struct SegmentOptions {
     /// On CUDA, keep the sliding-window accumulators on the CPU when they would take more than
     /// this many MiB of GPU memory (they also move there, with a warning event, on out-of-memory).
     pub max_gpu_accumulator_mb: Option<u64>,
-    /// Also write the network's input (after reorientation, resampling, windowing and cropping) to
-    /// this volume file, on its own grid: for checking the preprocessing.
+    /// Also write the network's input (after reorientation, resampling, windowing and cropping; for
+    /// nnU-Net models after cropping, resampling and CT normalisation) to this volume file, on its
+    /// own grid: for checking the preprocessing.
     pub save_preprocessed: Option<std::path::PathBuf>,
     /// For DICOM input with several series: the Series Instance UID to segment (default: the
     /// largest CT/MR series).
@@ -194,6 +195,9 @@ fn segment_nnunet(
     let labels =
         crate::nnunet::labels_back(volume, &prepared, &probs, model.meta.arch.out_channels())?;
     report(progress, event("resample", 1, 1))?;
+    if let Some(path) = &opts.save_preprocessed {
+        crate::io::write_volume(&prepared.to_volume(volume)?, path)?;
+    }
     Ok(labels)
 }
 

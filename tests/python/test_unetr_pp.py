@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lwi_ctypes import ROOT, cli_path
 
 sys.path.insert(0, str(ROOT / "bench"))
+from nnunet_segment import ct_preprocessor, nnunet_network  # noqa: E402
 from pytorch_unetr_pp import UnetrPP  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "unetrpp"
@@ -162,48 +163,41 @@ def ct_case(path):
     return arr
 
 
-def nnunet_segmentation(arr, weights):
-    """nnunet==1.7.1's own code: crop_to_nonzero, GenericPreprocessor (CT), SegmentationNetwork.predict_3D with
-    step 0.5, the Gaussian and the 8 mirrorings, pasted back into the crop box."""
-    from nnunet.network_architecture.neural_network import SegmentationNetwork
+def nnunet_segmentation(arr, weights, spacing_xyz=(1.5, 1.5, 2.0)):
+    """nnunet==1.7.1's own code: crop_to_nonzero, GenericPreprocessor (CT; resample_patient: cubic spline, nearest
+    along an anisotropic axis), SegmentationNetwork.predict_3D with step 0.5, the Gaussian and the 8 mirrorings,
+    the probabilities resampled back as save_segmentation_nifti_from_softmax does (linear; separate z), argmax,
+    pasted back into the crop box."""
     from nnunet.preprocessing.cropping import crop_to_nonzero
-    from nnunet.preprocessing.preprocessing import GenericPreprocessor
+    from nnunet.preprocessing.preprocessing import get_do_separate_z, get_lowres_axis, resample_data_or_seg
 
-    class Net(SegmentationNetwork):
-        def __init__(self):
-            super().__init__()
-            self.net = UnetrPP(out_channels=3, feature_size=4, depths=(1, 1, 2, 2))
-            self.conv_op, self.num_classes, self.do_ds = torch.nn.Conv3d, 3, False
-            self.inference_apply_nonlin = lambda x: torch.nn.functional.softmax(x, 1)
-
-        def forward(self, x):
-            return self.net(x)[0]
-
-    net = Net()
-    net.net.load_state_dict(weights)
-    net.eval()
+    net = UnetrPP(out_channels=3, feature_size=4, depths=(1, 1, 2, 2))
+    net.load_state_dict(weights)
+    net = nnunet_network(net, 3).eval()
     data = arr.transpose(2, 1, 0)[None].astype(np.float32)  # SimpleITK's (z, y, x)
     cropped, _, bbox = crop_to_nonzero(data)
-    lo, hi, mean, sd = NORM
-    pre = GenericPreprocessor({0: "CT"}, {0: False}, [0, 1, 2],
-                              {0: {"percentile_00_5": lo, "percentile_99_5": hi, "mean": mean, "sd": sd}})
-    spacing = np.array([2.0, 1.5, 1.5])
-    prepared, _, _ = pre.resample_and_normalize(cropped, spacing, {"original_spacing": spacing}, None)
+    pre = ct_preprocessor(NORM)
+    original, target = np.array(spacing_xyz[::-1]), np.array([2.0, 1.5, 1.5])
+    prepared, _, _ = pre.resample_and_normalize(cropped, target, {"original_spacing": original}, None)
     with torch.no_grad():
-        seg, _ = net.predict_3D(prepared, do_mirroring=True, mirror_axes=(0, 1, 2), use_sliding_window=True,
-                                step_size=0.5, patch_size=(64, 128, 128), use_gaussian=True,
-                                pad_border_mode="constant", pad_kwargs={"constant_values": 0}, verbose=False,
-                                mixed_precision=False)
+        _, softmax = net.predict_3D(prepared, do_mirroring=True, mirror_axes=(0, 1, 2), use_sliding_window=True,
+                                    step_size=0.5, patch_size=(64, 128, 128), use_gaussian=True,
+                                    pad_border_mode="constant", pad_kwargs={"constant_values": 0}, verbose=False,
+                                    mixed_precision=False)
+    axis = None
+    for s in (original, target):
+        if get_do_separate_z(s):
+            axis = get_lowres_axis(s)
+            break
+    separate = axis is not None and len(axis) == 1
+    seg = resample_data_or_seg(softmax, cropped.shape[1:], False, axis, 1, separate, order_z=0).argmax(0)
     full = np.zeros(data.shape[1:], np.uint8)
     full[bbox[0][0]:bbox[0][1], bbox[1][0]:bbox[1][1], bbox[2][0]:bbox[2][1]] = seg
-    return full.transpose(2, 1, 0)
+    return full.transpose(2, 1, 0), prepared[0].transpose(2, 1, 0)
 
 
-def test_segmenting_with_a_unetr_pp_model_is_nnunets_inference(tmp_path, io):
-    """`lwi segment` of a UNETR++ model equals nnU-Net v1's pipeline (its own code as the oracle) on a CT at the
-    model's spacing, label for label, and lands on the input's grid."""
-    import nibabel as nib
-    weights = upstream_state_dict(["synapse_reduced.weights.safetensors"])
+def import_ct_model(tmp_path, weights):
+    """The reduced UNETR++ imported from an nnU-Net checkpoint at 1.5 x 1.5 x 2 mm with NORM."""
     ckpt, arch, labels = tmp_path / "pp.model", tmp_path / "arch.json", tmp_path / "labels.json"
     nnunet_checkpoint(weights, ckpt)
     arch.write_text(json.dumps({**REDUCED, "out_channels": 3}))
@@ -212,6 +206,14 @@ def test_segmenting_with_a_unetr_pp_model_is_nnunets_inference(tmp_path, io):
     r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--spacing", "1.5,1.5,2",
             "--ct-norm", ",".join(map(str, NORM)), "--out", model)
     assert r.returncode == 0, r.stderr
+    return model
+
+
+def test_segmenting_with_a_unetr_pp_model_is_nnunets_inference(tmp_path, io):
+    """`lwi segment` of a UNETR++ model equals nnU-Net v1's pipeline (its own code as the oracle) on a CT at the
+    model's spacing, label for label, and lands on the input's grid."""
+    import nibabel as nib
+    model = import_ct_model(tmp_path, upstream_state_dict(["synapse_reduced.weights.safetensors"]))
     image = tmp_path / "ct.nii.gz"
     arr = ct_case(image)
     out = tmp_path / "labels.nii.gz"
@@ -221,7 +223,7 @@ def test_segmenting_with_a_unetr_pp_model_is_nnunets_inference(tmp_path, io):
     np.testing.assert_array_equal(got.affine, nib.load(image).affine)
     manifest = json.loads((tmp_path / "labels.nii.gz.json").read_text())
     assert manifest["arch"] == "unetr_pp" and manifest["pipeline"] == "nn_unet"
-    want = nnunet_segmentation(arr, upstream_state_dict(["synapse_reduced.weights.safetensors"]))
+    want, _ = nnunet_segmentation(arr, upstream_state_dict(["synapse_reduced.weights.safetensors"]))
     agree = (np.asarray(got.dataobj) == want).mean()
     assert agree == 1.0, f"labels agree on {agree:.6%} of voxels"
     assert len(np.unique(want)) > 1
@@ -249,6 +251,38 @@ def test_segmenting_with_a_unetr_pp_model_is_nnunets_inference(tmp_path, io):
         result = nib.load(moved_out)
         np.testing.assert_allclose(result.affine, affine, atol=1e-5)
         np.testing.assert_array_equal(np.asarray(result.dataobj), want, err_msg=name)
+
+
+@pytest.mark.parametrize("spacing, shape", [((1.2, 1.25, 1.6), (136, 132, 76)),  # resampled on every axis
+                                            ((1.0, 1.0, 5.0), (120, 124, 22))])   # anisotropic: z on its own
+def test_a_ct_at_another_spacing_is_resampled_as_nnunet_does(tmp_path, spacing, shape):
+    """Away from the model's spacing nnU-Net resamples the image with a cubic spline (nearest along z when the
+    spacing is anisotropic) and the probabilities back linearly: lwi's labels equal its pipeline's."""
+    import nibabel as nib
+    weights = upstream_state_dict(["synapse_reduced.weights.safetensors"])
+    model = import_ct_model(tmp_path, weights)
+    rng = np.random.default_rng(11)
+    arr = np.zeros(shape, np.int16)
+    body = rng.normal(40, 300, (shape[0] - 8, shape[1] - 4, shape[2] - 4)).clip(-1024, 1500)
+    body[30:70, 40:80, 5:15] += 400
+    arr[4:-4, 2:-2, 2:-2] = body.astype(np.int16)
+    image, out, pre = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", tmp_path / "pre.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.diag([*spacing, 1.0])), image)
+    r = lwi("segment", "--model", model, image, "--out", out, "--device", "cpu", "--no-manifest",
+            "--save-preprocessed", pre)
+    assert r.returncode == 0, r.stderr
+    got = nib.load(out)
+    assert got.shape == arr.shape
+    want, prepared = nnunet_segmentation(arr, weights, spacing)
+    # The network's input itself: nnU-Net's preprocessed array, to float32 rounding, on the resampled crop's grid.
+    mine = nib.load(pre)
+    assert mine.shape == prepared.shape
+    np.testing.assert_allclose(np.asarray(mine.dataobj), prepared, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.abs(np.diag(mine.affine)[:3]), np.array(spacing) * (np.array(arr.shape) - [8, 4, 4])
+                               / prepared.shape, rtol=1e-6)
+    agree = (np.asarray(got.dataobj) == want).mean()
+    assert len(np.unique(want)) > 1
+    assert agree == 1.0, f"labels agree on {agree:.6%} of voxels"
 
 
 def test_a_unetr_pp_model_without_ct_normalisation_says_what_is_missing(tmp_path, io):

@@ -122,6 +122,9 @@ enum Command {
         /// Mirror test-time augmentation over x, y and z (4 forward passes per window).
         #[arg(long)]
         tta: bool,
+        /// nnU-Net models (UNETR++): one pass per window instead of nnU-Net's 8 mirrorings.
+        #[arg(long)]
+        no_mirror: bool,
         /// Resampling back to the input grid: class probabilities (keeps thin structures) or nearest labels.
         #[arg(long, default_value = "scores", value_parser = ["scores", "nearest"])]
         resample: String,
@@ -671,6 +674,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             blend,
             sw_batch,
             tta,
+            no_mirror,
             resample,
             precision,
             device,
@@ -716,6 +720,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             });
             if tta {
                 options["tta_axes"] = serde_json::json!([0, 1, 2]);
+            }
+            if no_mirror {
+                options["mirror"] = false.into();
             }
             if let Some(p) = &save_preprocessed {
                 options["save_preprocessed"] = serde_json::json!(p);
