@@ -6,6 +6,7 @@
 // Affine and lattice code indexes rows and columns by number: that reads like the maths.
 #![allow(clippy::needless_range_loop)]
 
+pub mod anatomy;
 pub mod bundle;
 pub mod dataset;
 pub mod engine;

@@ -265,7 +265,8 @@ pub fn sliding_window(
 
 /// The argmax of the probabilities `[K, x, y, z]` once resampled (linear, as float32) onto the
 /// cropped grid, one class at a time so that only one float64 channel exists at once; ties go to
-/// the lower class, as numpy's `argmax`.
+/// the lower class, as numpy's `argmax`. On the CPU, as nnU-Net: the full-resolution float64
+/// channels of a long CT would not fit beside the network in a GPU's memory.
 fn argmax_on_crop(prepared: &Prepared, probs: &Tensor) -> Result<Tensor> {
     let channel = |k: i64| -> Result<Tensor> {
         let p = probs.f_narrow(0, k, 1)?;
@@ -276,7 +277,7 @@ fn argmax_on_crop(prepared: &Prepared, probs: &Tensor) -> Result<Tensor> {
         )
     };
     let mut best = channel(0)?;
-    let mut labels = best.f_zeros_like()?.f_to_kind(Kind::Int64)?;
+    let mut labels = best.f_zeros_like()?.f_to_kind(Kind::Int16)?;
     for k in 1..probs.size()[0] {
         let p = channel(k)?;
         let higher = p.f_gt_tensor(&best)?;
@@ -293,7 +294,10 @@ pub fn labels_back(
     probs: &Tensor,
     classes: i64,
 ) -> Result<Volume> {
-    let labels = argmax_on_crop(prepared, &probs.f_permute([0, 3, 2, 1])?)?;
+    let probs = probs
+        .f_to_device(tch::Device::Cpu)?
+        .f_permute([0, 3, 2, 1])?;
+    let labels = argmax_on_crop(prepared, &probs)?;
     let (kind, dtype) = if classes > 256 {
         (Kind::Int, DType::U16)
     } else {

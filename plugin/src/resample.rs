@@ -124,7 +124,7 @@ pub fn zoom_axis(t: &Tensor, axis: i64, size: i64, order: Order) -> Result<Tenso
             weighted_taps(t, axis, &taps, &weights)
         }
         Order::Cubic => {
-            let coefficients = prefilter(&edge_pad(t, axis, SPLINE_PAD)?, axis)?;
+            let coefficients = prefilter(edge_pad(t, axis, SPLINE_PAD)?, axis)?;
             let len = n + 2 * SPLINE_PAD;
             let (mut taps, mut weights) = (vec![Vec::new(); 4], vec![Vec::new(); 4]);
             for k in 0..size {
@@ -140,23 +140,24 @@ pub fn zoom_axis(t: &Tensor, axis: i64, size: i64, order: Order) -> Result<Tenso
     }
 }
 
-/// Σ_j weights[j] · t[taps[j]] along `axis`.
+/// Σ_j weights[j] · t[taps[j]] along `axis`, accumulated in place (two full-size tensors at most).
 fn weighted_taps(t: &Tensor, axis: i64, taps: &[Vec<i64>], weights: &[Vec<f64>]) -> Result<Tensor> {
     let mut shape = vec![1i64; t.dim()];
     shape[axis as usize] = -1;
-    let mut sum: Option<Tensor> = None;
-    for (idx, w) in taps.iter().zip(weights) {
-        let idx = Tensor::from_slice(idx).f_to_device(t.device())?;
-        let w = Tensor::from_slice(w)
+    let term = |j: usize| -> Result<Tensor> {
+        let idx = Tensor::from_slice(&taps[j]).f_to_device(t.device())?;
+        let w = Tensor::from_slice(&weights[j])
             .f_to_device(t.device())?
             .f_view(shape.as_slice())?;
-        let term = t.f_index_select(axis, &idx)?.f_mul(&w)?;
-        sum = Some(match sum {
-            None => term,
-            Some(s) => s.f_add(&term)?,
-        });
+        let mut selected = t.f_index_select(axis, &idx)?;
+        let _ = selected.f_mul_(&w)?;
+        Ok(selected)
+    };
+    let mut sum = term(0)?;
+    for j in 1..taps.len() {
+        let _ = sum.f_add_(&term(j)?)?;
     }
-    sum.ok_or_else(|| Error::internal("no interpolation taps"))
+    Ok(sum)
 }
 
 /// The cubic B-spline's weights for the four coefficients around a point at fraction `t`.
@@ -178,18 +179,17 @@ fn edge_pad(t: &Tensor, axis: i64, pad: i64) -> Result<Tensor> {
 }
 
 /// The cubic spline coefficients along `axis` (scipy's `spline_filter1d`, mirror-symmetric
-/// initialisation): a causal then an anti-causal first-order recursion with the pole √3 − 2.
-fn prefilter(t: &Tensor, axis: i64) -> Result<Tensor> {
+/// initialisation): a causal then an anti-causal first-order recursion with the pole √3 − 2,
+/// in place on `t`.
+fn prefilter(t: Tensor, axis: i64) -> Result<Tensor> {
     let n = t.size()[axis as usize];
     if n < 2 {
-        return Ok(t.shallow_clone());
+        return Ok(t);
     }
     let z = POLE;
     // Axis first and contiguous, so each step of the recursion works on one contiguous slab.
-    let c = t
-        .f_movedim([axis], [0])?
-        .f_mul_scalar((1.0 - z) * (1.0 - 1.0 / z))?
-        .f_contiguous()?;
+    let mut c = t.f_movedim([axis], [0])?.f_contiguous()?;
+    let _ = c.f_mul_scalar_((1.0 - z) * (1.0 - 1.0 / z))?;
     // c₀ = (Σₖ zᵏ cₖ + Σ_{0<k<n−1} z^{2n−2−k} cₖ) / (1 − z^{2n−2}); terms below 1e-30 dropped.
     let init: Vec<f64> = (0..n)
         .map(|k| {

@@ -449,7 +449,7 @@ fn segment_file_staged(
     let t2 = std::time::Instant::now();
     match &source {
         Some(source) => crate::io::dicom_seg::write(&labels, source, &model.meta.labels, output)?,
-        None => crate::io::write_volume(&labels, output)?,
+        None => crate::io::write_labels(&labels, &model.meta.labels, output)?,
     }
     let t3 = std::time::Instant::now();
     let doc = serde_json::json!({

@@ -18,22 +18,6 @@ const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 /// lwi's implementation class UID: a UUID-derived UID (PS3.5 §B.2), fixed for the project.
 const IMPLEMENTATION_CLASS_UID: &str = "2.25.163954733928418417206478203436217125641";
 
-/// SNOMED CT codes of organs a model may label: (name as lwi models spell it, code, meaning).
-const ORGANS: &[(&str, &str, &str)] = &[
-    ("spleen", "78961009", "Spleen"),
-    ("kidney_right", "9846003", "Right kidney"),
-    ("kidney_left", "18639004", "Left kidney"),
-    ("gallbladder", "28231008", "Gallbladder"),
-    ("liver", "10200004", "Liver"),
-    ("stomach", "69695003", "Stomach"),
-    ("aorta", "15825003", "Aorta"),
-    ("pancreas", "15776009", "Pancreas"),
-    ("esophagus", "32849002", "Esophagus"),
-    ("inferior_vena_cava", "64131007", "Inferior vena cava"),
-    ("adrenal_gland_right", "281625009", "Right adrenal gland"),
-    ("adrenal_gland_left", "281624008", "Left adrenal gland"),
-];
-
 fn el(tag: Tag, vr: VR, value: impl Into<PrimitiveValue>) -> DataElement<InMemDicomObject> {
     DataElement::new(tag, vr, value.into())
 }
@@ -52,20 +36,6 @@ fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
         el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, scheme),
         el(tags::CODE_MEANING, VR::LO, meaning),
     ])
-}
-
-/// Names equal up to case, separators and word order ("kidney_right" is "Right kidney").
-fn same_words(a: &str, b: &str) -> bool {
-    let words = |s: &str| {
-        let mut w: Vec<String> = s
-            .split(|c: char| c == '_' || c == '-' || c.is_whitespace())
-            .filter(|w| !w.is_empty())
-            .map(str::to_ascii_lowercase)
-            .collect();
-        w.sort();
-        w
-    };
-    words(a) == words(b)
 }
 
 /// Is `path` a DICOM SEG output name (`.dcm`)?
@@ -137,12 +107,18 @@ fn segment_item(number: usize, value: u8, names: &BTreeMap<u32, String>) -> InMe
         .get(&(value as u32))
         .cloned()
         .unwrap_or_else(|| format!("label {value}"));
-    let known = ORGANS.iter().find(|(n, _, _)| same_words(n, &name));
-    let (category, kind) = match known {
-        Some((_, c, meaning)) => (
-            code("123037004", "SCT", "Anatomical Structure"),
-            code(c, "SCT", meaning),
-        ),
+    let sct = |c: crate::anatomy::Code| code(c.value, "SCT", c.meaning);
+    let (category, kind) = match crate::anatomy::organ(&name) {
+        Some(organ) => {
+            let mut kind = sct(organ.kind);
+            if let Some(m) = organ.modifier {
+                kind.put(seq(
+                    tags::SEGMENTED_PROPERTY_TYPE_MODIFIER_CODE_SEQUENCE,
+                    vec![sct(m)],
+                ));
+            }
+            (sct(crate::anatomy::ANATOMICAL_STRUCTURE), kind)
+        }
         None => (
             code("85756007", "SCT", "Tissue"),
             code("85756007", "SCT", "Tissue"),
@@ -532,12 +508,6 @@ mod tests {
         assert_eq!(label_values(&volume(255)).unwrap(), vec![0, 255, 7, 1]);
         let err = label_values(&volume(300)).unwrap_err();
         assert!(err.message.contains("up to 255"), "{}", err.message);
-    }
-
-    #[test]
-    fn organ_names_match_whatever_their_spelling() {
-        assert!(same_words("kidney_right", "Right kidney"));
-        assert!(!same_words("kidney_right", "kidney left"));
     }
 
     #[test]

@@ -6,12 +6,14 @@ pub mod dicom_seg;
 pub mod files;
 pub mod nifti;
 pub mod nrrd;
+pub mod seg_fields;
 
 pub use files::{all_or_nothing, check_regular, read_regular, read_text, write_atomically};
 
 use crate::error::{Error, Result};
 use crate::volume::Volume;
 use flate2::read::GzDecoder;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -75,7 +77,19 @@ pub fn read_volume_series(path: &Path, series_uid: Option<&str>) -> Result<Volum
 pub fn write_volume(volume: &Volume, path: &Path) -> Result<()> {
     match Format::from_path(path)? {
         Format::Nifti { gzip } => nifti::write(volume, path, gzip),
-        Format::Nrrd { detached } => nrrd::write(volume, path, detached),
+        Format::Nrrd { detached } => nrrd::write(volume, path, detached, &[]),
+    }
+}
+
+/// Writes a label map whose values `names` names; as NRRD it also carries 3D Slicer's segmentation
+/// fields ([`seg_fields`]), so that Slicer reads it as a segmentation with those names.
+pub fn write_labels(volume: &Volume, names: &BTreeMap<u32, String>, path: &Path) -> Result<()> {
+    match Format::from_path(path)? {
+        Format::Nifti { gzip } => nifti::write(volume, path, gzip),
+        Format::Nrrd { detached } => {
+            let fields = seg_fields::segmentation_fields(volume.dims(), names);
+            nrrd::write(volume, path, detached, &fields)
+        }
     }
 }
 

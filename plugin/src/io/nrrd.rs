@@ -535,8 +535,14 @@ fn type_name(dtype: DType) -> &'static str {
 }
 
 /// Writes NRRD as Slicer does: LPS space, gzip, little-endian. `detached` writes `X.nhdr` naming
-/// `X.raw.gz` beside it (data written first, so the header never names a missing file).
-pub fn write(volume: &Volume, path: &Path, detached: bool) -> Result<()> {
+/// `X.raw.gz` beside it (data written first, so the header never names a missing file). `fields`
+/// are written as `key:=value` lines.
+pub fn write(
+    volume: &Volume,
+    path: &Path,
+    detached: bool,
+    fields: &[(String, String)],
+) -> Result<()> {
     let lps = flip_lps_ras(&volume.affine);
     let dims = volume.dims();
     let vec3 = |v: [f64; 3]| format!("({},{},{})", v[0], v[1], v[2]);
@@ -553,6 +559,13 @@ pub fn write(volume: &Volume, path: &Path, detached: bool) -> Result<()> {
         column(2),
         vec3([lps[0][3], lps[1][3], lps[2][3]]),
     );
+    for (key, value) in fields {
+        header.push_str(&format!(
+            "{}:={}\n",
+            key.replace([':', '\n'], " "),
+            value.replace('\n', " ")
+        ));
+    }
     let data = super::deflate(&volume.dtype.le_bytes_from_tensor(&volume.data)?);
     if detached {
         let data_path: PathBuf = path.with_extension("raw.gz");
