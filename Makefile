@@ -15,6 +15,7 @@ all: build
 setup:
 	@./scripts/setup-system
 	@./scripts/setup-libtorch >/dev/null
+	@./scripts/setup-slicer >/dev/null
 
 ## build: liblwi.so, the lwi command and the tests (release; one profile for everything)
 build: setup

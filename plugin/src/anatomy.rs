@@ -34,9 +34,12 @@ const fn code(value: &'static str, meaning: &'static str) -> Code {
 const RIGHT: Option<Code> = Some(code("24028007", "Right"));
 const LEFT: Option<Code> = Some(code("7771000", "Left"));
 
-/// (names, type, modifier, colour). Inferior vena cava and portal vein are not in Slicer's list:
-/// their SNOMED CT codes, with Slicer's vessel colours.
-const ORGANS: &[(&[&str], Code, Option<Code>, [u8; 3])] = &[
+/// An organ's names (the first as Slicer's list spells it), type, modifier and colour.
+type Entry = (&'static [&'static str], Code, Option<Code>, [u8; 3]);
+
+/// Inferior vena cava and portal vein are not in Slicer's list: their SNOMED CT codes, with Slicer's
+/// vessel colours.
+const ORGANS: &[Entry] = &[
     (
         &["spleen"],
         code("78961009", "Spleen"),

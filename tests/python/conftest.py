@@ -41,6 +41,18 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hosts(tmp_path_factory):
+    """host-example/cpp configured, built and installed with CMake (lwi_host in bin/, the Slicer modules in
+    lib/Slicer-X.Y/cli-modules/: `lwi_ctypes.modules`)."""
+    d = tmp_path_factory.mktemp("cpp")
+    run = lambda *cmd: subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True)
+    run("cmake", "-S", ROOT / "host-example" / "cpp", "-B", d / "build", f"-DLWI_ROOT={ROOT}", "-DCMAKE_BUILD_TYPE=Release")
+    run("cmake", "--build", d / "build", "-j2")
+    run("cmake", "--install", d / "build", "--prefix", d / "install")
+    return d
+
+
+@pytest.fixture(scope="session")
 def report():
     """Tables a test wants shown at the end of the run (outcome per corpus file, ...)."""
     return REPORTS.append

@@ -20,6 +20,11 @@ def cli_path() -> Path:
     return Path(os.environ.get("LWI_CLI", ROOT / "target" / "release" / "lwi"))
 
 
+def modules(hosts: Path) -> Path:
+    """Where host-example/cpp installs the Slicer CLI modules under the `hosts` fixture's prefix."""
+    return next((hosts / "install" / "lib").glob("Slicer-*/cli-modules"))
+
+
 class LwiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(f"{STATUS[status]}: {message}")

@@ -863,6 +863,10 @@ fn keep_freed_memory() {}
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    // `lwi info M | head` closes the pipe early: end quietly, as a Unix tool does, instead of the
+    // panic Rust's ignored SIGPIPE turns the failed write into.
+    // SAFETY: resetting a signal's disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
