@@ -188,6 +188,18 @@ def segment_model(work, shape, spacing):
     return d
 
 
+def interleaved(lwi_cmd, ref_cmd, reps):
+    """Both commands `reps` times, alternating: (median s, peak MB) of lwi's, (median s, peak MB, last stdout) of
+    the reference's."""
+    a, b, ra, rb = [], [], [], []
+    for _ in range(reps):
+        t, rss, _ = run_measured(lwi_cmd)
+        a.append(t), ra.append(rss)
+        t, rss, out = run_measured(ref_cmd)
+        b.append(t), rb.append(rss)
+    return (statistics.median(a), max(ra)), (statistics.median(b), max(rb), out)
+
+
 def phantom_ct(work):
     """A 512x512x200 CT phantom at 0.8x0.8x2.5 mm (made once)."""
     ct = work / "ct" / "imagesTr" / "phantom_000.nii.gz"
@@ -219,16 +231,10 @@ def bench_segment(work, device, shape, spacing, sw_batch, precision, reps):
         ref_cmd = [sys.executable, str(ROOT / "bench" / "monai_segment.py"), str(image), str(d / "unetr.pt"),
                    str(d / "arch.json"), spacing, "-175,250", str(work / "monai_labels.nii.gz"), device,
                    str(sw_batch), precision]
-        a, b, ra, rb = [], [], [], []
-        for _ in range(reps):
-            t, rss, _ = run_measured(lwi_cmd)
-            a.append(t), ra.append(rss)
-            t, rss, out = run_measured(ref_cmd)
-            b.append(t), rb.append(rss)
-        ma, mb = statistics.median(a), statistics.median(b)
+        (ma, rss_a), (mb, rss_b, out) = interleaved(lwi_cmd, ref_cmd, reps)
         same = (np.asarray(nib.load(str(work / "lwi_labels.nii.gz")).dataobj)
                 == np.asarray(nib.load(str(work / "monai_labels.nii.gz")).dataobj)).mean()
-        print(f"  segment {device} {name:<36} lwi {ma:6.2f} s {max(ra):6.0f} MB   MONAI {mb:6.2f} s {max(rb):6.0f} MB"
+        print(f"  segment {device} {name:<36} lwi {ma:6.2f} s {rss_a:6.0f} MB   MONAI {mb:6.2f} s {rss_b:6.0f} MB"
               f"   ratio {ma / mb:5.2f}   labels agree {same:.2%}   (MONAI stages {out.strip()})", flush=True)
 
 
@@ -268,15 +274,9 @@ def bench_segment_unetr_pp(work, device, image, name, arch, mirror, reps):
                "--device", device, "--overwrite", "--no-manifest"] + ([] if mirror else ["--no-mirror"])
     ref_cmd = [sys.executable, str(ROOT / "bench" / "nnunet_segment.py"), str(image), str(d / "unetr_pp.pt"),
                str(d / "arch.json"), PP_SPACING, PP_NORM, str(ref_out), device, "1" if mirror else "0"]
-    a, b, ra, rb = [], [], [], []
-    for _ in range(reps):
-        t, rss, _ = run_measured(lwi_cmd)
-        a.append(t), ra.append(rss)
-        t, rss, out = run_measured(ref_cmd)
-        b.append(t), rb.append(rss)
-    ma, mb = statistics.median(a), statistics.median(b)
+    (ma, rss_a), (mb, rss_b, out) = interleaved(lwi_cmd, ref_cmd, reps)
     same = (np.asarray(nib.load(str(lwi_out)).dataobj) == np.asarray(nib.load(str(ref_out)).dataobj)).mean()
-    print(f"  segment {device} {name:<36} lwi {ma:6.2f} s {max(ra):6.0f} MB   nnU-Net {mb:6.2f} s {max(rb):6.0f} MB"
+    print(f"  segment {device} {name:<36} lwi {ma:6.2f} s {rss_a:6.0f} MB   nnU-Net {mb:6.2f} s {rss_b:6.0f} MB"
           f"   ratio {ma / mb:5.2f}   labels agree {same:.4%}   (nnU-Net stages {out.strip().splitlines()[-1]})",
           flush=True)
 
