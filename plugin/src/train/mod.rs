@@ -1,0 +1,330 @@
+//! The training engine shared by init-train (stage 1, self-supervised) and fine-tune (stage 2): a
+//! short driver ([`train_with`]) over parts that each do one thing — the config ([`config`]), the
+//! batch source ([`batches`]: crops and augmentation), the objective ([`objective`]), the
+//! optimizer ([`optimizer`]) and its schedule ([`schedule`]), the gradient seam ([`gradients`]),
+//! checkpoints that resume exactly ([`checkpoint`]), validation ([`validate`]) and the transfer
+//! from stage 1 to stage 2 ([`transfer`]).
+
+mod batches;
+mod checkpoint;
+mod config;
+pub mod gradients;
+mod objective;
+mod optimizer;
+mod schedule;
+mod transfer;
+mod validate;
+
+pub use config::{Augment, TrainConfig};
+pub use gradients::{GradientSync, Local};
+pub use optimizer::AdamW;
+pub use schedule::learning_rate;
+
+use crate::bundle::{EpochRecord, Model, ModelMetadata, Preprocessing, Stage};
+use crate::dataset::DatasetFile;
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{Error, Result};
+use crate::events::{Event, Progress, report};
+use crate::model::{ArchConfig, Precision};
+use batches::Prepared;
+use objective::Objective;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use tch::Device;
+
+/// Runs init-train (`stage` Init) or fine-tune (`stage` Segmentation) as `cfg` says, on `device`
+/// unless the config names one; writes the model file(s) and returns the final model.
+pub fn train(
+    stage: Stage,
+    cfg: &TrainConfig,
+    device: Device,
+    progress: &mut dyn Progress,
+) -> Result<Model> {
+    train_with(stage, cfg, device, progress, &mut Local)
+}
+
+/// [`train`], with `gradients` acting between each backward pass and optimizer step.
+pub fn train_with(
+    stage: Stage,
+    cfg: &TrainConfig,
+    device: Device,
+    progress: &mut dyn Progress,
+    gradients: &mut dyn GradientSync,
+) -> Result<Model> {
+    // A libtorch failure inside tch's infallible operations (out of memory among them) is an
+    // error of this call, not a panic.
+    crate::error::catch_panic(|| {
+        let mut run = Run::start(stage, cfg, device, progress)?;
+        for epoch in run.first_epoch..cfg.epochs {
+            let loss = run.train_epoch(epoch, progress, gradients)?;
+            run.finish_epoch(epoch, loss, progress)?;
+        }
+        run.model.save(&cfg.out)?;
+        Ok(run.model)
+    })
+}
+
+/// One training run's state.
+struct Run<'a> {
+    stage: Stage,
+    cfg: &'a TrainConfig,
+    device: Device,
+    dataset: DatasetFile,
+    model: Model,
+    opt: AdamW,
+    rng: ChaCha8Rng,
+    objective: Objective,
+    cases: Vec<Prepared>,
+    precision: Precision,
+    first_epoch: u64,
+    best: Option<f64>,
+}
+
+impl<'a> Run<'a> {
+    /// Everything before the first epoch: the device, the dataset, the model (seeded, from stage
+    /// 1's weights, or from a checkpoint), the optimizer and the prepared cases.
+    fn start(
+        stage: Stage,
+        cfg: &'a TrainConfig,
+        device: Device,
+        progress: &mut dyn Progress,
+    ) -> Result<Run<'a>> {
+        let device = run_device(cfg, device)?;
+        // Decided before any work: a pretext task that cannot split this roi is refused at once.
+        if stage == Stage::Init {
+            cfg.pretext
+                .validate(cfg.arch.img_size, cfg.arch.feat_size())
+                .map_err(|e| Error::invalid(format!("training config: {}", e.message)))?;
+        }
+        let dataset = DatasetFile::read(&cfg.dataset)?;
+        let pre = Preprocessing {
+            spacing: cfg.spacing,
+            intensity_window: cfg.window,
+            roi_size: cfg.arch.img_size,
+            ..Default::default()
+        };
+        let classes = stage_classes(stage, cfg, &dataset)?;
+        let mut arch = cfg.arch.clone();
+        if arch.out_channels != classes && cfg.out_channels_given && stage == Stage::Segmentation {
+            let message = format!(
+                "warning: out_channels {} overridden by the stage: {classes}",
+                arch.out_channels
+            );
+            report(
+                progress,
+                Event {
+                    stage: "setup",
+                    message,
+                    ..Default::default()
+                },
+            )?;
+        }
+        arch.out_channels = classes;
+        let labels: BTreeMap<u32, String> = match stage {
+            Stage::Init => BTreeMap::new(),
+            Stage::Segmentation => dataset.labels.clone(),
+        };
+        let mut meta =
+            ModelMetadata::new(ArchConfig::Unetr(arch.clone()), labels, pre.clone(), stage);
+        meta.order_classes = (stage == Stage::Init).then_some(cfg.pretext.slabs);
+        meta.provenance.seed = Some(cfg.seed);
+        meta.provenance.epochs = Some(cfg.epochs);
+        meta.provenance.dataset_fingerprint = Some(dataset.fingerprint());
+
+        tch::manual_seed(cfg.seed as i64);
+        let mut model = Model::new(meta, device)?;
+        if let (Stage::Segmentation, Some(init)) = (stage, &cfg.init) {
+            model.meta.provenance.history.init =
+                transfer::transfer_from_init(&model, init, device)?;
+        }
+        let mut opt = AdamW::new(&model.vs, cfg.weight_decay);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let (mut first_epoch, mut best) = (0, None);
+        let ckpt = cfg.checkpoint_path();
+        if cfg.resume && ckpt.exists() {
+            let r = checkpoint::resume(&ckpt, cfg, &mut model, &mut opt, &mut rng, device)?;
+            (first_epoch, best) = (r.first_epoch, r.best);
+        }
+        // Label values are checked against the classes when fine-tuning (init-train ignores them).
+        let label_classes = (stage == Stage::Segmentation).then_some(classes as u32);
+        let cases = batches::prepare_cases(
+            &dataset.training,
+            &pre,
+            arch.img_size,
+            label_classes,
+            progress,
+        )?;
+        // bf16 needs no loss scaling; on GPUs without it (before Ampere) training runs fp32 rather
+        // than fp16 without a scaler.
+        let precision = if cfg.amp && crate::model::precision::bf16_supported(device) {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+        Ok(Run {
+            stage,
+            cfg,
+            device,
+            dataset,
+            model,
+            opt,
+            rng,
+            objective: Objective::for_stage(stage, &cfg.pretext, arch.feat_size()),
+            cases,
+            precision,
+            first_epoch,
+            best,
+        })
+    }
+
+    /// One pass over the training cases in a shuffled order; returns the mean loss.
+    fn train_epoch(
+        &mut self,
+        epoch: u64,
+        progress: &mut dyn Progress,
+        gradients: &mut dyn GradientSync,
+    ) -> Result<f64> {
+        let cfg = self.cfg;
+        let lr = learning_rate(
+            cfg.lr,
+            cfg.warmup_epochs,
+            cfg.epochs,
+            epoch / cfg.sched_step_every,
+        );
+        let mut order: Vec<usize> = (0..self.cases.len()).collect();
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut self.rng);
+        let iters = self.cases.len() as u64;
+        let mut epoch_loss = 0.0;
+        for (it, &ci) in order.iter().enumerate() {
+            let roi = cfg.arch.img_size;
+            let (x, y) = batches::crops(&self.cases[ci], cfg, roi, &mut self.rng, self.device);
+            let (loss, parts) = self.objective.loss(
+                &self.model,
+                &x,
+                y,
+                &mut self.rng,
+                self.precision,
+                self.device,
+            )?;
+            self.opt.zero_grad();
+            loss.f_backward()?;
+            gradients.synchronize(self.opt.params())?;
+            self.opt.step(lr);
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(Error::invalid(format!(
+                    "training diverged: the loss became {l} at epoch {} iteration {} (lr {lr:e}): \
+                     lower \"lr\"",
+                    epoch + 1,
+                    it + 1
+                )));
+            }
+            epoch_loss += l;
+            report(
+                progress,
+                Event {
+                    stage: "train",
+                    done: epoch * iters + it as u64 + 1,
+                    total: cfg.epochs * iters,
+                    epoch: Some(epoch),
+                    loss: Some(l),
+                    message: format!("lr {lr:.3e} {parts}"),
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(epoch_loss / iters as f64)
+    }
+
+    /// After an epoch: validation when due (and the best model), the history, the checkpoint,
+    /// then the "epoch" event (so that it means its checkpoint is on disk).
+    fn finish_epoch(&mut self, epoch: u64, loss: f64, progress: &mut dyn Progress) -> Result<()> {
+        let cfg = self.cfg;
+        let done = epoch + 1;
+        let (mut metric, mut save_best) = (None, false);
+        if self.stage == Stage::Segmentation
+            && !self.dataset.validation.is_empty()
+            && (done % cfg.val_every == 0 || done == cfg.epochs)
+        {
+            let dice = validate::validate_and_report(&self.model, &self.dataset, epoch, progress)?;
+            metric = Some(dice);
+            if self.best.is_none_or(|b| dice > b) {
+                self.best = Some(dice);
+                save_best = true;
+            }
+        }
+        let record = EpochRecord {
+            epoch: done,
+            loss,
+            metric,
+        };
+        let history = &mut self.model.meta.provenance.history;
+        match self.stage {
+            Stage::Init => history.init.push(record),
+            Stage::Segmentation => history.fine_tune.push(record),
+        }
+        if save_best {
+            self.model
+                .save(&cfg.out.with_extension("best.safetensors"))?;
+        }
+        if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
+            let state = checkpoint::CheckpointState {
+                epochs_done: done,
+                adam_step: self.opt.step,
+                rng_word_pos: self.rng.get_word_pos().to_string(),
+                best_metric: self.best,
+                config: cfg.clone(),
+                model: self.model.meta.clone(),
+            };
+            checkpoint::save_checkpoint(&cfg.checkpoint_path(), &self.model, &self.opt, &state)?;
+        }
+        report(
+            progress,
+            Event {
+                stage: "epoch",
+                done,
+                total: cfg.epochs,
+                epoch: Some(epoch),
+                loss: Some(loss),
+                metric,
+                ..Default::default()
+            },
+        )
+    }
+}
+
+/// The config's device and threads when it names them, else `device`.
+fn run_device(cfg: &TrainConfig, device: Device) -> Result<Device> {
+    if cfg.device.is_none() && cfg.threads.is_none() {
+        return Ok(device);
+    }
+    let options = EngineOptions {
+        device: cfg
+            .device
+            .clone()
+            .unwrap_or_else(|| crate::bundle::device_name(device)),
+        threads: cfg.threads,
+    };
+    Ok(Engine::new(&options)?.device)
+}
+
+/// Output channels come from the stage: one reconstruction channel, or one per label value.
+fn stage_classes(stage: Stage, cfg: &TrainConfig, ds: &DatasetFile) -> Result<i64> {
+    if stage == Stage::Init {
+        return Ok(1);
+    }
+    if ds.training.iter().any(|e| e.label.is_none()) {
+        return Err(Error::invalid(format!(
+            "{}: fine-tune needs a label for every training case",
+            cfg.dataset.display()
+        )));
+    }
+    let largest = ds.labels.keys().max().copied().ok_or_else(|| {
+        Error::invalid(format!(
+            "{}: fine-tune needs the \"labels\" map (value → name) to know the classes",
+            cfg.dataset.display()
+        ))
+    })?;
+    Ok(i64::from(largest) + 1)
+}
