@@ -26,12 +26,6 @@ static std::string read_file(const std::string &path) {
   return s.str();
 }
 
-static std::string json_string(const std::string &s) {
-  std::string out = "\"";
-  for (char c : s) out += (c == '"' || c == '\\') ? std::string("\\") + c : std::string(1, c);
-  return out + "\"";
-}
-
 /// {"dataset": …, "out": …, "arch": ARCH, "epochs": N, <the fields of the stage's config file>}:
 /// the config file is a JSON object; its members are spliced after ours (no JSON library needed).
 static std::string stage_config(const std::string &dataset, const std::string &out, const std::string &arch,
@@ -41,7 +35,7 @@ static std::string stage_config(const std::string &dataset, const std::string &o
   if (open == std::string::npos) throw std::runtime_error(extra_file + " is not a JSON object");
   std::string rest = extra.substr(open + 1);
   bool empty = rest.find_first_not_of(" \t\r\n}") == std::string::npos;
-  return "{\"dataset\": " + json_string(dataset) + ", \"out\": " + json_string(out) + ", \"arch\": " + arch +
+  return "{\"dataset\": " + lwi::json_string(dataset) + ", \"out\": " + lwi::json_string(out) + ", \"arch\": " + arch +
          ", \"epochs\": " + std::to_string(epochs) + more + (empty ? "}" : ", " + rest);
 }
 
@@ -92,14 +86,14 @@ int main(int argc, char **argv) {
   std::signal(SIGINT, [](int) { interrupted = true; });
   try {
     lwi::require_abi();
-    lwi::Engine engine("{\"device\": " + json_string(device) + "}");
+    lwi::Engine engine("{\"device\": " + lwi::json_string(device) + "}");
     std::string arch = read_file(arch_file);
     std::filesystem::create_directories(work);
     std::string init = work + "/init.safetensors", model_path = work + "/model.safetensors";
     std::cout << "init-train → " << init << std::endl;
     engine.init_train(stage_config(dataset, init, arch, init_epochs, init_cfg), show);
     std::cout << "fine-tune → " << model_path << std::endl;
-    engine.fine_tune(stage_config(dataset, model_path, arch, tune_epochs, tune_cfg, ", \"init\": " + json_string(init)), show);
+    engine.fine_tune(stage_config(dataset, model_path, arch, tune_epochs, tune_cfg, ", \"init\": " + lwi::json_string(init)), show);
     lwi::Model model(engine, model_path);
     for (const auto &image : images) {
       std::string name = image.substr(image.find_last_of('/') + 1);

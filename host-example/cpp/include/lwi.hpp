@@ -4,6 +4,7 @@
 
 #include <lwi.h>
 
+#include <cstdio>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -29,6 +30,23 @@ inline void require_abi() {
   if (lwi_abi_version() != LWI_ABI_VERSION)
     throw Error(LWI_STATUS_INVALID_ARGUMENT, "liblwi.so implements ABI " + std::to_string(lwi_abi_version()) +
                                                  ", this program was built for " + std::to_string(LWI_ABI_VERSION));
+}
+
+/// `s` as a JSON string literal (quotes, backslashes and control characters escaped), for the
+/// config documents a host composes.
+inline std::string json_string(const std::string &s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
 }
 
 /// Progress: return false to cancel.

@@ -28,7 +28,7 @@ int main(int argc, char **argv) {
   try {
     lwi::require_abi();
     cli_module::start("LwiSegment", "loading model");
-    lwi::Engine engine("{\"device\": " + cli_module::json_string(args.get("--device", "auto")) + "}");
+    lwi::Engine engine("{\"device\": " + lwi::json_string(args.get("--device", "auto")) + "}");
     lwi::Model m(engine, model);
     // No manifest: Slicer deletes only the files it named, and OUTPUT.json would stay in its temp folder.
     std::string options = "{\"manifest\": false, \"overlap\": " + std::to_string(std::stod(args.get("--overlap", "0.5"))) +

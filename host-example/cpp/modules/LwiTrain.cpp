@@ -40,7 +40,7 @@ static std::string training_config(const cli_module::Args &a, const std::string 
     std::string inner = file.substr(1, file.size() - 2);
     if (inner.find_first_not_of(" \t\r\n") != std::string::npos) body = inner + ", ";
   }
-  using cli_module::json_string;
+  using lwi::json_string;
   body += "\"dataset\": " + json_string(dataset) + ", \"out\": " + json_string(out) +
           ", \"epochs\": " + std::to_string(std::stoull(a.get("--epochs", "100"))) +
           ", \"seed\": " + std::to_string(std::stoull(a.get("--seed", "0")));
@@ -82,7 +82,7 @@ int main(int argc, char **argv) {
     std::string config = training_config(args, dataset, args.positional[1]);
     lwi::require_abi();
     cli_module::start(kName, "preparing the training cases");
-    lwi::Engine engine("{\"device\": " + cli_module::json_string(args.get("--device", "auto")) + "}");
+    lwi::Engine engine("{\"device\": " + lwi::json_string(args.get("--device", "auto")) + "}");
     auto report = [](const LwiProgress &p) {
       std::string stage = p.stage;
       if (stage == "train" && p.total) {

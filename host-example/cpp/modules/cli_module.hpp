@@ -51,21 +51,6 @@ inline Args parse(int argc, char **argv, const char *descriptor, const std::set<
   return a;
 }
 
-inline std::string json_string(const std::string &s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
 inline void start(const char *name, const std::string &comment) {
   std::printf("<filter-start><filter-name>%s</filter-name><filter-comment>%s</filter-comment></filter-start>\n", name,
               comment.c_str());
