@@ -86,6 +86,19 @@ def test_module_errors_go_to_stderr_with_a_non_zero_exit(hosts, tmp_path):
     assert not (tmp_path / "out.nrrd").exists()
 
 
+@pytest.mark.parametrize("module, args, message", [
+    ("LwiSegment", ["--overlap", "half", "in.nrrd", "out.nrrd", "m.safetensors"], "--overlap: not a number: half"),
+    ("LwiInitTrain", ["--epochs", "ten", "d.json", "m.safetensors"], "--epochs: not a whole number >= 0: ten"),
+    ("LwiFineTune", ["--seed", "-1", "d.json", "m.safetensors"], "--seed: not a whole number >= 0: -1"),
+    ("LwiFineTune", ["--config", "missing.json", "d.json", "m.safetensors"], "training config missing.json: cannot be read"),
+])
+def test_a_bad_module_value_is_named_before_any_work(hosts, tmp_path, module, args, message):
+    r = subprocess.run([str(hosts / "build" / module), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert "<filter-start>" not in r.stdout
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
     d = tmp_path_factory.mktemp("host-data")

@@ -26,12 +26,13 @@ int main(int argc, char **argv) {
     return 2;
   }
   try {
+    double overlap = args.number("--overlap", 0.5);
     lwi::require_abi();
     cli_module::start("LwiSegment", "loading model");
     lwi::Engine engine("{\"device\": " + lwi::json_string(args.get("--device", "auto")) + "}");
     lwi::Model m(engine, model);
     // No manifest: Slicer deletes only the files it named, and OUTPUT.json would stay in its temp folder.
-    std::string options = "{\"manifest\": false, \"overlap\": " + std::to_string(std::stod(args.get("--overlap", "0.5"))) +
+    std::string options = "{\"manifest\": false, \"overlap\": " + std::to_string(overlap) +
                           (args.switches.count("--tta") ? ", \"tta_axes\": [0, 1, 2]" : "") + "}";
     // Stages map onto one progress bar: preprocess 0-10%, inference 10-90%, resampling 90-100%.
     m.segment_file(pos[0], pos[1], options, [](const LwiProgress &p) {

@@ -42,8 +42,8 @@ static std::string training_config(const cli_module::Args &a, const std::string 
   }
   using lwi::json_string;
   body += "\"dataset\": " + json_string(dataset) + ", \"out\": " + json_string(out) +
-          ", \"epochs\": " + std::to_string(std::stoull(a.get("--epochs", "100"))) +
-          ", \"seed\": " + std::to_string(std::stoull(a.get("--seed", "0")));
+          ", \"epochs\": " + std::to_string(a.count("--epochs", 100)) +
+          ", \"seed\": " + std::to_string(a.count("--seed", 0));
   std::string arch = a.get("--arch", "unetr");
   if (!a.get("--arch_config").empty()) {
     std::string kwargs = read_object(a.get("--arch_config"), "architecture config");

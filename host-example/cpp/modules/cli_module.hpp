@@ -5,7 +5,10 @@
 // the process: the engine writes every output under a temporary name, so nothing partial is left.
 #pragma once
 
+#include <cerrno>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -22,6 +25,28 @@ struct Args {
   std::string get(const std::string &flag, const std::string &fallback = "") const {
     auto it = values.find(flag);
     return it == values.end() ? fallback : it->second;
+  }
+
+  /// `flag`'s value as a number (`fallback` when absent); anything else is an error naming both.
+  double number(const std::string &flag, double fallback) const {
+    std::string text = get(flag);
+    if (text.empty()) return fallback;
+    char *end = nullptr;
+    double v = std::strtod(text.c_str(), &end);
+    if (*end != '\0' || !std::isfinite(v)) throw std::runtime_error(flag + ": not a number: " + text);
+    return v;
+  }
+
+  /// `flag`'s value as a whole number ≥ 0 (`fallback` when absent).
+  unsigned long long count(const std::string &flag, unsigned long long fallback) const {
+    std::string text = get(flag);
+    if (text.empty()) return fallback;
+    char *end = nullptr;
+    errno = 0;
+    unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+    if (text[0] == '-' || *end != '\0' || errno == ERANGE)
+      throw std::runtime_error(flag + ": not a whole number >= 0: " + text);
+    return v;
   }
 };
 

@@ -75,21 +75,21 @@ pub fn read_volume_series(path: &Path, series_uid: Option<&str>) -> Result<Volum
 
 /// Writes a volume, choosing the writer by extension.
 pub fn write_volume(volume: &Volume, path: &Path) -> Result<()> {
-    match Format::from_path(path)? {
-        Format::Nifti { gzip } => nifti::write(volume, path, gzip),
-        Format::Nrrd { detached } => nrrd::write(volume, path, detached, &[]),
-    }
+    write_with_fields(volume, path, &[])
 }
 
 /// Writes a label map whose values `names` names; as NRRD it also carries 3D Slicer's segmentation
 /// fields ([`seg_fields`]), so that Slicer reads it as a segmentation with those names.
 pub fn write_labels(volume: &Volume, names: &BTreeMap<u32, String>, path: &Path) -> Result<()> {
+    let fields = seg_fields::segmentation_fields(volume.dims(), names);
+    write_with_fields(volume, path, &fields)
+}
+
+/// The format by extension; NRRD gets `nrrd_fields` as `key:=value` lines (NIfTI has no place for them).
+fn write_with_fields(volume: &Volume, path: &Path, nrrd_fields: &[(String, String)]) -> Result<()> {
     match Format::from_path(path)? {
         Format::Nifti { gzip } => nifti::write(volume, path, gzip),
-        Format::Nrrd { detached } => {
-            let fields = seg_fields::segmentation_fields(volume.dims(), names);
-            nrrd::write(volume, path, detached, &fields)
-        }
+        Format::Nrrd { detached } => nrrd::write(volume, path, detached, nrrd_fields),
     }
 }
 
