@@ -37,3 +37,65 @@ fn permutation_to_channels_first(dims: usize) -> Vec<i64> {
         .chain(1..last)
         .collect()
 }
+
+/// nnU-Net v1's `DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False}, {})`:
+/// cross-entropy averaged over voxels plus the soft Dice loss −mean_c (2tp + 1e-5) /
+/// (2tp + fp + fn + 1e-5 + 1e-8) over the foreground classes, on softmax probabilities; tp, fp
+/// and fn summed over the batch and the voxels (`batch_dice`) or per sample.
+pub fn nnunet_dice_ce(logits: &Tensor, labels: &Tensor, batch_dice: bool) -> Tensor {
+    const SMOOTH: f64 = 1e-5;
+    let classes = logits.size()[1];
+    let logits = logits.to_kind(Kind::Float);
+    let target = labels.squeeze_dim(1).to_kind(Kind::Int64);
+    let probs = logits.softmax(1, Kind::Float);
+    let onehot = target
+        .one_hot(classes)
+        .permute(permutation_to_channels_first(logits.dim()))
+        .to_kind(Kind::Float);
+    let axes: Vec<i64> = batch_dice
+        .then_some(0)
+        .into_iter()
+        .chain(2..logits.dim() as i64)
+        .collect();
+    let sum = |t: Tensor| t.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+    let tp = sum(&probs * &onehot);
+    let fp = sum(&probs * (1.0 - &onehot));
+    let fn_ = sum((1.0 - &probs) * &onehot);
+    let dice: Tensor = (&tp * 2.0 + SMOOTH) / (&tp * 2.0 + fp + fn_ + SMOOTH + 1e-8);
+    // background excluded: the class axis is the last one left
+    let foreground = dice.narrow(-1, 1, classes - 1);
+    let ce = logits.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0);
+    ce - foreground.mean(Kind::Float)
+}
+
+/// The labels `[B, 1, …]` at an output's size as batchgenerators' `downsample_seg_for_ds_transform2`
+/// makes them (skimage order-0 resize: voxel ⌊(k + ½)·n/m⌋ of each axis).
+pub fn downsample_labels(labels: &Tensor, size: &[i64]) -> Tensor {
+    let mut out = labels.shallow_clone();
+    for (i, &m) in size.iter().enumerate() {
+        let axis = i as i64 + 2;
+        let n = out.size()[axis as usize];
+        if n != m {
+            let idx: Vec<i64> = (0..m)
+                .map(|k| (((k as f64 + 0.5) * n as f64 / m as f64) as i64).min(n - 1))
+                .collect();
+            out = out.index_select(axis, &Tensor::from_slice(&idx).to_device(labels.device()));
+        }
+    }
+    out
+}
+
+/// nnU-Net's `MultipleOutputLoss2`: Σ_i weights[i] · Dice+CE(outputs[i], labels at that size).
+pub fn deep_supervision(
+    outputs: &[Tensor],
+    labels: &Tensor,
+    weights: &[f64],
+    batch_dice: bool,
+) -> Tensor {
+    let mut total = Tensor::zeros([], (Kind::Float, labels.device()));
+    for (out, &w) in outputs.iter().zip(weights) {
+        let target = downsample_labels(labels, &out.size()[2..]);
+        total += nnunet_dice_ce(out, &target, batch_dice) * w;
+    }
+    total
+}

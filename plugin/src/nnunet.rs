@@ -50,9 +50,25 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// The case's label map on the network's grid `[1, z, y, x]` (uint8): cropped with the image's
+    /// box and resized as nnU-Net resizes segmentations.
+    pub fn labels_on_grid(&self, label: &Volume) -> Result<Tensor> {
+        let mut l = label.data.f_to_kind(Kind::Int64)?;
+        for d in 0..3 {
+            l = l.f_narrow(d as i64, self.crop.0[d], self.crop.1[d] - self.crop.0[d])?;
+        }
+        let size: [i64; 3] = std::array::from_fn(|d| self.image.size()[3 - d]);
+        Ok(resample::resize_labels(&l, size, self.separate)?
+            .f_permute([2, 1, 0])?
+            .f_unsqueeze(0)?
+            .f_contiguous()?)
+    }
+}
+
 /// The bounding box of the non-zero voxels (the whole volume when there are none). nnU-Net fills
 /// holes in the mask first, which never changes its box.
-fn nonzero_box(data: &Tensor) -> Result<([i64; 3], [i64; 3])> {
+pub(crate) fn nonzero_box(data: &Tensor) -> Result<([i64; 3], [i64; 3])> {
     let dims: [i64; 3] = std::array::from_fn(|d| data.size()[d]);
     let nonzero = data.f_ne(0.0)?;
     let mut start = [0; 3];

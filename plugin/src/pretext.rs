@@ -48,9 +48,9 @@ impl Default for PretextConfig {
 }
 
 impl PretextConfig {
-    /// The roi and token grid must split evenly into slabs and cubes. A refusal names the values
-    /// that would work for this roi.
-    pub fn validate(&self, roi: [i64; 3], tokens: [i64; 3]) -> Result<()> {
+    /// The roi and token grid must split evenly into slabs (along roi axis `depth`) and cubes. A
+    /// refusal names the values that would work for this roi.
+    pub fn validate(&self, roi: [i64; 3], tokens: [i64; 3], depth: usize) -> Result<()> {
         if !(0.0..=1.0).contains(&self.mask_ratio) {
             return Err(Error::invalid(format!(
                 "pretext mask_ratio {} must be in [0, 1]",
@@ -59,9 +59,9 @@ impl PretextConfig {
         }
         let slabs_ok = |m: i64| {
             m >= 2
-                && roi[2] % m == 0
+                && roi[depth] % m == 0
                 && match self.grouping {
-                    Grouping::Slab => tokens[2] % m == 0,
+                    Grouping::Slab => tokens[depth] % m == 0,
                     Grouping::Released => tokens.iter().product::<i64>() % m == 0,
                 }
         };
@@ -70,7 +70,7 @@ impl PretextConfig {
             return Ok(());
         }
         let list = |ok: &dyn Fn(i64) -> bool| {
-            let v: Vec<String> = (1..=roi[2].max(roi[0]).max(roi[1]))
+            let v: Vec<String> = (1..=roi[0].max(roi[1]).max(roi[2]))
                 .filter(|&v| ok(v))
                 .map(|v| v.to_string())
                 .collect();
@@ -101,10 +101,11 @@ pub struct PretextBatch {
     pub perms: Tensor,
 }
 
-/// Shuffles depth slabs and masks cubes of `x` (`[B, 1, X, Y, Z]`).
-pub fn transform(x: &Tensor, cfg: &PretextConfig, rng: &mut impl Rng) -> PretextBatch {
+/// Shuffles the slabs along `axis` (4 for UNETR's `[B, 1, X, Y, Z]`, 2 for UNETR++'s
+/// `[B, 1, z, y, x]`) and masks cubes of `x`.
+pub fn transform(x: &Tensor, cfg: &PretextConfig, axis: i64, rng: &mut impl Rng) -> PretextBatch {
     let s = x.size();
-    let (b, depth) = (s[0], s[4]);
+    let (b, depth) = (s[0], s[axis as usize]);
     let len = depth / cfg.slabs;
     let device = x.device();
     let draw_perm = |rng: &mut dyn rand::RngCore| {
@@ -140,8 +141,11 @@ pub fn transform(x: &Tensor, cfg: &PretextConfig, rng: &mut impl Rng) -> Pretext
     for i in 0..b {
         let perm = shared_perm.clone().unwrap_or_else(|| draw_perm(rng));
         let xi = x.get(i);
-        let slabs: Vec<Tensor> = perm.iter().map(|&p| xi.narrow(3, p * len, len)).collect();
-        let shuffled = Tensor::cat(&slabs, 3);
+        let slabs: Vec<Tensor> = perm
+            .iter()
+            .map(|&p| xi.narrow(axis - 1, p * len, len))
+            .collect();
+        let shuffled = Tensor::cat(&slabs, axis - 1);
         let mask = shared_mask
             .as_ref()
             .map(Tensor::shallow_clone)
@@ -232,7 +236,7 @@ mod tests {
             mask_ratio: 0.4,
             ..Default::default()
         };
-        let b = transform(&x, &cfg, &mut rng);
+        let b = transform(&x, &cfg, 4, &mut rng);
         for i in 0..2 {
             for k in 0..6 {
                 let p = b.perms.int64_value(&[i, k]);
@@ -254,6 +258,27 @@ mod tests {
     }
 
     #[test]
+    fn unetr_pp_slabs_run_along_the_first_network_axis() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        // [B, 1, z, y, x] with value = z index
+        let x = Tensor::arange(16, (Kind::Float, Device::Cpu))
+            .view([1, 1, 16, 1, 1])
+            .expand([1, 1, 16, 8, 8], true)
+            .contiguous();
+        let cfg = PretextConfig {
+            slabs: 4,
+            cube: 4,
+            mask_ratio: 0.0,
+            ..Default::default()
+        };
+        let b = transform(&x, &cfg, 2, &mut rng);
+        for k in 0..4 {
+            let p = b.perms.int64_value(&[0, k]);
+            assert!(b.target.narrow(2, k * 4, 4).equal(&x.narrow(2, p * 4, 4)));
+        }
+    }
+
+    #[test]
     fn per_batch_mode_shares_one_permutation() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let x = Tensor::rand([3, 1, 16, 16, 48], (Kind::Float, Device::Cpu));
@@ -263,7 +288,7 @@ mod tests {
             per_batch: true,
             ..Default::default()
         };
-        let b = transform(&x, &cfg, &mut rng);
+        let b = transform(&x, &cfg, 4, &mut rng);
         assert!(b.perms.get(0).equal(&b.perms.get(1)) && b.perms.get(1).equal(&b.perms.get(2)));
         let m0 = b.input.get(0).eq(0.0);
         assert!(m0.equal(&b.input.get(2).eq(0.0)), "same cubes masked");

@@ -80,6 +80,116 @@ pub fn resize(
     zoom_axis(&out, z as i64 + 1, size[z], Order::Nearest)
 }
 
+/// A label map `[a, b, c]` resized as `resample_data_or_seg(is_seg=True, order=1, order_z=0)`
+/// does it with batchgenerators 0.25.5's `resize_segmentation`: each label's indicator resized
+/// linearly (in-plane only when an axis is `separate`), the label with the highest score wins, an
+/// exact tie goes to the nearest-neighbour label when it is one of the tied ones
+/// (`seg_tiebreak="nearest"`); then nearest along `separate`. Returns uint8.
+pub fn resize_labels(labels: &Tensor, size: [i64; 3], separate: Option<usize>) -> Result<Tensor> {
+    let labels = labels.f_to_kind(Kind::Int64)?;
+    if labels.size() == size {
+        return Ok(labels.f_to_kind(Kind::Uint8)?);
+    }
+    let plane: Vec<i64> = (0..3).filter(|&d| Some(d as usize) != separate).collect();
+    let mut in_plane = size;
+    if let Some(z) = separate {
+        in_plane[z] = labels.size()[z];
+    }
+    let counts = labels
+        .f_reshape([-1])?
+        .f_clamp_min(0)?
+        .f_bincount::<Tensor>(None, 0)?;
+    let counts = Vec::<i64>::try_from(&counts).map_err(|e| Error::internal(e.to_string()))?;
+    let values: Vec<i64> = (0..counts.len() as i64)
+        .filter(|&v| counts[v as usize] > 0)
+        .collect();
+    let mut nearest = labels.f_to_kind(Kind::Double)?;
+    for &a in &plane {
+        nearest = zoom_axis(&nearest, a, in_plane[a as usize], Order::Nearest)?;
+    }
+    let nearest = nearest.f_to_kind(Kind::Int64)?;
+    let score = |v: i64| -> Result<Tensor> {
+        linear_zoom_as_scipy(&labels.f_eq(v)?.f_to_kind(Kind::Double)?, &plane, in_plane)
+    };
+    let mut win = Tensor::f_full(in_plane, values[0], (Kind::Int64, labels.device()))?;
+    let mut best = score(values[0])?;
+    let mut nearest_on_top = nearest.f_eq(values[0])?.f_logical_and(&best.f_gt(0.0)?)?;
+    for &v in &values[1..] {
+        let s = score(v)?;
+        let is_nearest = nearest.f_eq(v)?;
+        let level = s
+            .f_eq_tensor(&best)?
+            .f_logical_and(&s.f_gt(0.0)?)?
+            .f_logical_and(&is_nearest)?;
+        nearest_on_top = nearest_on_top.f_logical_or(&level)?;
+        let better = s.f_gt_tensor(&best)?;
+        nearest_on_top = is_nearest.f_where_self(&better, &nearest_on_top)?;
+        win = win.f_masked_fill(&better, v)?;
+        best = best.f_maximum(&s)?;
+    }
+    let mut out = nearest.f_where_self(&nearest_on_top, &win)?;
+    if let Some(z) = separate {
+        out = zoom_axis(
+            &out.f_to_kind(Kind::Double)?,
+            z as i64,
+            size[z],
+            Order::Nearest,
+        )?;
+    }
+    Ok(out.f_to_kind(Kind::Uint8)?)
+}
+
+/// scipy's order-1 `zoom` (grid mode, mode "nearest") of `axes` of `t` to `size`, summed as its C
+/// loop sums: over the corners, last axis fastest, value · w₀ · w₁ · w₂. A label indicator is often
+/// exactly ½ between two voxels; this order rounds those ties as scipy does, where resizing one
+/// axis at a time would not.
+fn linear_zoom_as_scipy(t: &Tensor, axes: &[i64], size: [i64; 3]) -> Result<Tensor> {
+    let device = t.device();
+    // per axis: the lower and upper source index and their weights
+    let mut corners = Vec::new();
+    for &a in axes {
+        let (n, m) = (t.size()[a as usize], size[a as usize]);
+        let scale = n as f64 / m as f64;
+        let (mut lo, mut hi, mut w_lo, mut w_hi) = (vec![], vec![], vec![], vec![]);
+        for k in 0..m {
+            let c = ((k as f64 + 0.5) * scale - 0.5).clamp(0.0, (n - 1) as f64);
+            let f = c.floor();
+            lo.push(f as i64);
+            hi.push((f as i64 + 1).min(n - 1));
+            w_lo.push(1.0 - (c - f));
+            w_hi.push(c - f);
+        }
+        let mut shape = vec![1i64; 3];
+        shape[a as usize] = m;
+        let tensor = |v: Vec<f64>| {
+            Tensor::from_slice(&v)
+                .to_device(device)
+                .view(shape.as_slice())
+        };
+        let index = |v: Vec<i64>| Tensor::from_slice(&v).to_device(device);
+        corners.push([(index(lo), tensor(w_lo)), (index(hi), tensor(w_hi))]);
+    }
+    let mut sum: Option<Tensor> = None;
+    for corner in 0..(1usize << axes.len()) {
+        let mut value = t.shallow_clone();
+        let mut weights = Vec::new();
+        for (i, &a) in axes.iter().enumerate() {
+            let (idx, w) = &corners[i][(corner >> (axes.len() - 1 - i)) & 1];
+            value = value.f_index_select(a, idx)?;
+            weights.push(w);
+        }
+        let mut term = value;
+        for w in weights {
+            term = term.f_mul(w)?;
+        }
+        sum = Some(match sum {
+            None => term,
+            Some(s) => s.f_add(&term)?,
+        });
+    }
+    sum.ok_or_else(|| Error::internal("no axis to resize"))
+}
+
 /// skimage's clip: `out` held to the range of `input` over `dims` (the axes of one resize call).
 fn clip_to(out: &Tensor, input: &Tensor, dims: &[i64]) -> Result<Tensor> {
     let lo = input.f_amin(dims, true)?;
@@ -141,7 +251,12 @@ pub fn zoom_axis(t: &Tensor, axis: i64, size: i64, order: Order) -> Result<Tenso
 }
 
 /// Σ_j weights[j] · t[taps[j]] along `axis`, accumulated in place (two full-size tensors at most).
-fn weighted_taps(t: &Tensor, axis: i64, taps: &[Vec<i64>], weights: &[Vec<f64>]) -> Result<Tensor> {
+pub(crate) fn weighted_taps(
+    t: &Tensor,
+    axis: i64,
+    taps: &[Vec<i64>],
+    weights: &[Vec<f64>],
+) -> Result<Tensor> {
     let mut shape = vec![1i64; t.dim()];
     shape[axis as usize] = -1;
     let term = |j: usize| -> Result<Tensor> {

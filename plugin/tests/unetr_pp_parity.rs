@@ -227,3 +227,60 @@ fn full_width_order_heads_pool_as_upstream() {
         );
     }
 }
+
+#[test]
+fn the_pretext_objective_reproduces_the_lwi_trainers_losses() {
+    use lwi::model::{Network, PretextHeads};
+    use lwi::pretext::{Grouping, PretextBatch, PretextConfig, loss};
+    let io = fixture("lwi_pretext_reduced.io.safetensors");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let arch = lwi::model::ArchConfig::UnetrPp(reduced(1));
+    let net = Network::new(&vs.root(), &arch).unwrap();
+    let heads = net.order_heads(&vs.root(), 4);
+    let mut tensors = weights(&["synapse_reduced.weights.safetensors"]);
+    tensors.extend(weights(&["lwi_pretext_reduced.weights.safetensors"]));
+    load_state_dict(&vs, &tensors).unwrap();
+    assert!(matches!(heads, PretextHeads::UnetrPp(_)));
+    // the released trainer: one permutation for the batch, the order heads pooled as upstream
+    let cfg = PretextConfig {
+        slabs: 4,
+        cube: 4,
+        grouping: Grouping::Released,
+        per_batch: true,
+        ..Default::default()
+    };
+    let batch = PretextBatch {
+        input: io["x_in"].shallow_clone(),
+        target: io["target"].shallow_clone(),
+        perms: io["perm"].view([1, 4]),
+    };
+    let (total, rec, cls) = tch::no_grad(|| {
+        let (recon, logits) = net.pretext(&batch.input, &heads, &cfg, false).unwrap();
+        loss(&recon, &batch, &logits, &cfg)
+    });
+    let want_cls: f64 = (1..=4)
+        .map(|j| io[&format!("loss_cls{j}")].double_value(&[]))
+        .sum();
+    for (what, got, want) in [
+        (
+            "loss_rec",
+            rec.double_value(&[]),
+            io["loss_rec"].double_value(&[]),
+        ),
+        ("Σ loss_cls", cls.double_value(&[]), want_cls),
+        (
+            "loss",
+            total.double_value(&[]),
+            io["loss"].double_value(&[]),
+        ),
+    ] {
+        report(
+            "unetr-pp-parity",
+            &format!("pretext {what:<10} lwi {got:.7} upstream {want:.7}"),
+        );
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "{what}: {got} vs {want}"
+        );
+    }
+}

@@ -385,7 +385,7 @@ struct TrainArgs {
     /// dataset.json (MSD / nnU-Net) or a MONAI datalist.
     #[arg(long)]
     dataset: PathBuf,
-    /// JSON of MONAI UNETR keyword arguments (out_channels is decided by the stage).
+    /// Architecture config: the upstream keyword arguments plus "arch" ("unetr", the default, or "unetr_pp"; out_channels is decided by the stage).
     #[arg(long, value_name = "ARCH.json")]
     arch_config: Option<PathBuf>,
     #[arg(long)]

@@ -6,6 +6,7 @@
 use super::unetr::{OrderHeads, Unetr, UnetrConfig};
 use super::unetr_pp::{PpOrderHeads, UnetrPp, UnetrPpConfig};
 use crate::error::{Error, Result};
+use crate::pretext::PretextConfig;
 use tch::{Tensor, nn};
 
 /// An architecture and its hyperparameters: the upstream constructor's keyword arguments.
@@ -112,6 +113,14 @@ impl ArchConfig {
             ArchConfig::UnetrPp(_) => &["out1.", "out2.", "out3."],
         }
     }
+    /// Where the pretext shuffles slabs: the roi axis (UNETR's z is its last, UNETR++'s first) and
+    /// the coarsest token grid every order head pools (all finer grids split where it does).
+    pub fn pretext_geometry(&self) -> (usize, [i64; 3]) {
+        match self {
+            ArchConfig::Unetr(c) => (2, c.feat_size()),
+            ArchConfig::UnetrPp(c) => (0, c.grid(3)),
+        }
+    }
     /// The pretext order heads' name prefix (not carried into stage 2).
     pub fn order_head_prefix(&self) -> &'static str {
         match self {
@@ -160,6 +169,41 @@ impl Network {
         match self {
             Network::Unetr(n) => n.forward_t(x, train),
             Network::UnetrPp(n) => n.forward_t(x, train),
+        }
+    }
+
+    /// Training outputs, finest first: UNETR's logits; UNETR++'s `out1..3` (deep supervision).
+    pub fn deep_outputs(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        match self {
+            Network::Unetr(n) => vec![n.forward_t(x, train)],
+            Network::UnetrPp(n) => {
+                let all = n.forward_all(x, train);
+                std::iter::once(all.out1).chain(all.deep).collect()
+            }
+        }
+    }
+
+    /// The pretext forward pass: the reconstruction and the order logits `[B, m, m]` of each head,
+    /// the tokens pooled by `cfg.grouping`.
+    pub fn pretext(
+        &self,
+        x: &Tensor,
+        heads: &PretextHeads,
+        cfg: &PretextConfig,
+        train: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        match (self, heads) {
+            (Network::Unetr(n), PretextHeads::Unetr(h)) => {
+                let (recon, features) = n.forward_features(x, train);
+                let logits = crate::pretext::order_logits(&features, h, cfg, n.config.feat_size());
+                Ok((recon, logits))
+            }
+            (Network::UnetrPp(n), PretextHeads::UnetrPp(h)) => {
+                let all = n.forward_all(x, train);
+                let logits = h.forward_grouped(&all.hidden, cfg.grouping);
+                Ok((all.out1, logits.into()))
+            }
+            _ => Err(Error::internal("order heads of another architecture")),
         }
     }
 

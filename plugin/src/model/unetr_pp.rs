@@ -8,6 +8,7 @@
 
 use super::blocks::{Conv, ConvBlock, GroupNorm, LayerNorm, Linear, NormKind, trunc_normal};
 use crate::error::{Error, Result};
+use crate::pretext::Grouping;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
@@ -52,6 +53,9 @@ impl Default for UnetrPpConfig {
 const STEM: [i64; 3] = [2, 4, 4];
 /// EPA projection size of every decoder stage (upstream never passes it to the decoders).
 const DECODER_PROJ: i64 = 64;
+/// Upstream's dropout on both EPA attention maps and (`Dropout3d`) before `conv8`.
+const ATTENTION_DROPOUT: f64 = 0.15;
+const TAIL_DROPOUT: f64 = 0.1;
 /// Depth of every decoder stage (upstream never passes it either).
 const DECODER_DEPTH: usize = 3;
 
@@ -154,8 +158,9 @@ impl Epa {
         }
     }
 
-    /// `[B, N, C]` → `[B, N, C]` (spatial half first, then channel half).
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// `[B, N, C]` → `[B, N, C]` (spatial half first, then channel half); in training, both
+    /// attention maps get upstream's dropout.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let [b, n, c] = x.size()[..] else {
             unreachable!("EPA input is [B, N, C]")
         };
@@ -177,13 +182,16 @@ impl Epa {
             t / norm
         };
         let (q, k) = (normalize(&q), normalize(&k));
-        let attn_ca = (q.matmul(&k.transpose(-2, -1)) * &self.temperature).softmax(-1, Kind::Float);
+        let attn_ca = (q.matmul(&k.transpose(-2, -1)) * &self.temperature)
+            .softmax(-1, Kind::Float)
+            .dropout(ATTENTION_DROPOUT, train);
         let x_ca = attn_ca
             .matmul(&v_ca)
             .permute([0, 3, 1, 2])
             .reshape([b, n, c]);
-        let attn_sa =
-            (q.transpose(-2, -1).matmul(&k_proj) * &self.temperature2).softmax(-1, Kind::Float);
+        let attn_sa = (q.transpose(-2, -1).matmul(&k_proj) * &self.temperature2)
+            .softmax(-1, Kind::Float)
+            .dropout(ATTENTION_DROPOUT, train);
         // [B, h, N, d] → [B, d, h, N], then reinterpreted as [B, N, C]: upstream's raw reshape.
         let x_sa = attn_sa
             .matmul(&v_proj.transpose(-2, -1))
@@ -224,12 +232,16 @@ impl TransformerBlock {
         let s = x.size();
         let (b, c) = (s[0], s[1]);
         let tokens = x.reshape([b, c, -1]).permute([0, 2, 1]) + &self.pos_embed;
-        let attended = &tokens + &self.gamma * self.epa.forward(&self.norm.forward(&tokens));
+        let attended =
+            &tokens + &self.gamma * self.epa.forward_t(&self.norm.forward(&tokens), train);
         let map = attended
             .reshape([b, s[2], s[3], s[4], c])
             .permute([0, 4, 1, 2, 3]);
         let tail = self.conv51.forward_t(&map, train);
-        let tail = self.conv8.forward(&tail.dropout(0.1, train));
+        // nn.Dropout3d: whole channels dropped
+        let tail = self
+            .conv8
+            .forward(&tail.feature_dropout(TAIL_DROPOUT, train));
         map + tail
     }
 }
@@ -307,9 +319,31 @@ impl PpOrderHeads {
             .mean_dim(1, false, Kind::Float)
     }
 
-    /// Order logits `[B, slabs, slabs]` per stage from each stage's tokens.
+    /// The pooling over the shuffled slabs: tokens are ordered `d·(H·W) + h·W + w` with the slabs
+    /// along d, so slab g is the g-th run of N/slabs tokens. `[B, N, C]` → `[B, slabs, C]`.
+    pub fn pool_slabs(&self, tokens: &Tensor) -> Tensor {
+        let [b, n, c] = tokens.size()[..] else {
+            unreachable!("tokens are [B, N, C]")
+        };
+        tokens
+            .reshape([b, self.slabs, n / self.slabs, c])
+            .mean_dim(2, false, Kind::Float)
+    }
+
+    /// Order logits `[B, slabs, slabs]` per stage from each stage's tokens, pooled as upstream.
     pub fn forward(&self, tokens: &[Tensor; 4]) -> [Tensor; 4] {
-        std::array::from_fn(|i| self.heads[i].forward(&self.pool_released(&tokens[i])))
+        self.forward_grouped(tokens, Grouping::Released)
+    }
+
+    /// Order logits with the tokens pooled by `grouping`.
+    pub fn forward_grouped(&self, tokens: &[Tensor; 4], grouping: Grouping) -> [Tensor; 4] {
+        std::array::from_fn(|i| {
+            let pooled = match grouping {
+                Grouping::Slab => self.pool_slabs(&tokens[i]),
+                Grouping::Released => self.pool_released(&tokens[i]),
+            };
+            self.heads[i].forward(&pooled)
+        })
     }
 }
 

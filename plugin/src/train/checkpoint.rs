@@ -2,7 +2,7 @@
 //! a resumed run continues exactly as an uninterrupted one.
 
 use super::TrainConfig;
-use super::optimizer::AdamW;
+use super::optimizer::Optimizer;
 use crate::bundle::{Model, ModelMetadata};
 use crate::error::{Error, Result};
 use crate::model::load_state_dict;
@@ -16,7 +16,9 @@ use tch::{Device, Tensor};
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct CheckpointState {
     pub epochs_done: u64,
-    pub adam_step: u64,
+    /// Optimizer steps taken (AdamW's bias correction).
+    #[serde(alias = "adam_step")]
+    pub optimizer_step: u64,
     pub rng_word_pos: String,
     pub best_metric: Option<f64>,
     pub config: TrainConfig,
@@ -26,7 +28,7 @@ pub(super) struct CheckpointState {
 pub(super) fn save_checkpoint(
     path: &Path,
     model: &Model,
-    opt: &AdamW,
+    opt: &Optimizer,
     state: &CheckpointState,
 ) -> Result<()> {
     let mut named: Vec<(String, Tensor)> = model
@@ -35,10 +37,7 @@ pub(super) fn save_checkpoint(
         .into_iter()
         .map(|(n, t)| (format!("model.{n}"), t))
         .collect();
-    for (i, name) in opt.names.iter().enumerate() {
-        named.push((format!("adam_m.{name}"), opt.m[i].shallow_clone()));
-        named.push((format!("adam_v.{name}"), opt.v[i].shallow_clone()));
-    }
+    named.extend(opt.state());
     let doc = serde_json::to_string(state).map_err(|e| Error::internal(e.to_string()))?;
     crate::bundle::write_safetensors(
         path,
@@ -84,7 +83,7 @@ pub(super) fn resume(
     path: &Path,
     cfg: &TrainConfig,
     model: &mut Model,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     rng: &mut ChaCha8Rng,
     device: Device,
 ) -> Result<Resumed> {
@@ -107,18 +106,7 @@ pub(super) fn resume(
         })
         .collect();
     load_state_dict(&model.vs, &weights)?;
-    tch::no_grad(|| {
-        for (i, name) in opt.names.iter().enumerate() {
-            if let (Some(m), Some(v)) = (
-                tensors.get(&format!("adam_m.{name}")),
-                tensors.get(&format!("adam_v.{name}")),
-            ) {
-                opt.m[i].copy_(m);
-                opt.v[i].copy_(v);
-            }
-        }
-    });
-    opt.step = state.adam_step;
+    opt.load_state(&tensors, state.optimizer_step);
     rng.set_word_pos(
         state
             .rng_word_pos

@@ -1,11 +1,61 @@
-//! What a training run is asked to do: the dataset, the architecture, the stage's schedule,
-//! sampling and augmentation, checked when read.
+//! What a training run is asked to do: the dataset, the architecture, the recipe (the stage's
+//! optimizer, schedule, sampling, augmentation and loss, as data) and any field of it overridden,
+//! checked when read.
 
+use super::nnunet_augment::NnUnetAugment;
+use crate::bundle::Stage;
 use crate::error::{Error, Result};
-use crate::model::UnetrConfig;
-use crate::pretext::PretextConfig;
+use crate::model::ArchConfig;
+use crate::pretext::{Grouping, PretextConfig};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
+
+/// A training recipe: the defaults of every field, chosen from the architecture unless given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recipe {
+    /// MONAI's BTCV recipe (UNETR): RAS and HU window, AdamW, warmup-cosine, pos/neg crops, DiceCE.
+    Unetr,
+    /// nnU-Net v1's (UNETR++): dataset fingerprint, median spacing, CT normalisation, SGD with
+    /// Nesterov momentum, poly 0.9, patches with foreground oversampling, nnU-Net's augmentation,
+    /// Dice + CE over the deep-supervision outputs.
+    UnetrPp,
+}
+
+impl Recipe {
+    fn name(self) -> &'static str {
+        match self {
+            Recipe::Unetr => "unetr",
+            Recipe::UnetrPp => "unetr_pp",
+        }
+    }
+
+    fn for_arch(arch: &ArchConfig) -> Recipe {
+        match arch {
+            ArchConfig::Unetr(_) => Recipe::Unetr,
+            ArchConfig::UnetrPp(_) => Recipe::UnetrPp,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8).
+    Adamw,
+    /// `torch.optim.SGD` with `momentum` and `nesterov`.
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// Linear warmup over `warmup_epochs`, then cosine to 0, stepped every `sched_step_every`.
+    WarmupCosine,
+    /// nnU-Net's `poly_lr`: lr · (1 − epoch / epochs)^`poly_exponent`.
+    Poly,
+}
 
 /// Augmentation probabilities (method §1.1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,7 +82,8 @@ impl Default for Augment {
     }
 }
 
-/// Everything a training run is told; every field has a default and unknown fields are errors.
+/// Everything a training run is told; every field has its recipe's default and unknown fields are
+/// errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -41,28 +92,55 @@ pub struct TrainConfig {
     /// The model file to write; fine-tune also keeps the best validation model as `NAME.best.safetensors`;
     /// the resumable checkpoint is `OUT.ckpt`.
     pub out: PathBuf,
-    /// MONAI UNETR keyword arguments; `out_channels` is decided by the stage.
-    pub arch: UnetrConfig,
+    /// The architecture document: `"arch"` ("unetr", the default, or "unetr_pp") and the upstream
+    /// constructor's keyword arguments; `out_channels` is decided by the stage.
+    #[serde(with = "arch_document")]
+    pub arch: ArchConfig,
+    /// Where the other fields' defaults come from; absent: the architecture's.
+    pub recipe: Recipe,
     /// fine-tune: the init-train model to start from; absent = random initialisation.
     pub init: Option<PathBuf>,
     pub epochs: u64,
+    /// Iterations per epoch; absent: one per training case.
+    pub iterations_per_epoch: Option<u64>,
     pub seed: u64,
     /// "auto", "cpu" or "cuda:N"; absent: the engine's device.
     pub device: Option<String>,
     pub threads: Option<i32>,
-    pub lr: f64,
+    /// Absent: the recipe's for the stage (unetr 1e-4; unetr_pp 1e-4 for init-train, 1e-2 for
+    /// fine-tune).
+    pub lr: Option<f64>,
+    pub optimizer: OptimizerKind,
+    /// SGD only.
+    pub momentum: f64,
+    pub nesterov: bool,
     pub weight_decay: f64,
+    pub schedule: ScheduleKind,
     pub warmup_epochs: u64,
     /// Epochs between scheduler steps: 1 (upstream MONAI), 100 reproduces the released code (§7.2).
     pub sched_step_every: u64,
-    /// Crops per volume per iteration.
+    pub poly_exponent: f64,
+    /// The gradients' total L2 norm is clipped to this (`clip_grad_norm_`).
+    pub grad_clip: Option<f64>,
+    /// unetr recipe: crops per volume per iteration.
     pub num_samples: i64,
-    /// Positive : negative crop-centre ratio.
+    /// unetr recipe: positive : negative crop-centre ratio.
     pub pos: f64,
     pub neg: f64,
-    pub spacing: [f64; 3],
+    /// unetr_pp recipe: patches per iteration.
+    pub batch_size: i64,
+    /// unetr_pp recipe: the share of each batch forced to hold foreground (nnU-Net's 0.33).
+    pub oversample_foreground: f64,
+    /// Voxel spacing in mm (x, y, z); absent: the unetr_pp recipe uses the training cases' median.
+    pub spacing: Option<[f64; 3]>,
+    /// unetr recipe: the HU window mapped to [0, 1].
     pub window: [f64; 2],
+    /// unetr recipe's augmentation.
     pub augment: Augment,
+    /// unetr_pp recipe's augmentation (nnU-Net v1's).
+    pub nnunet_augment: NnUnetAugment,
+    /// unetr_pp recipe: Dice over the whole batch (nnU-Net's `batch_dice`) rather than per sample.
+    pub batch_dice: bool,
     pub pretext: PretextConfig,
     /// bf16 autocast on CUDA.
     pub amp: bool,
@@ -78,32 +156,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig {
-            dataset: PathBuf::new(),
-            out: PathBuf::new(),
-            arch: UnetrConfig::default(),
-            init: None,
-            epochs: 100,
-            seed: 0,
-            device: None,
-            threads: None,
-            lr: 1e-4,
-            weight_decay: 1e-5,
-            warmup_epochs: 50,
-            sched_step_every: 1,
-            num_samples: 4,
-            pos: 1.0,
-            neg: 1.0,
-            spacing: [1.5, 1.5, 2.0],
-            window: [-175.0, 250.0],
-            augment: Augment::default(),
-            pretext: PretextConfig::default(),
-            amp: true,
-            val_every: 100,
-            checkpoint_every: 1,
-            resume: false,
-            out_channels_given: false,
-        }
+        TrainConfig::recipe(Recipe::Unetr, ArchConfig::default())
     }
 }
 
@@ -112,38 +165,127 @@ impl Default for TrainConfig {
 pub const MAX_EPOCHS: u64 = 1_000_000;
 
 impl TrainConfig {
-    /// Parses and checks a training configuration: every value out of range is
-    /// `InvalidArgument` naming the field and the value.
-    pub fn from_json(json: &str) -> Result<TrainConfig> {
-        let json = Self::without_arch_name(json)?;
-        let mut c: TrainConfig = crate::options::parse(&json, "training config")?;
-        c.out_channels_given = serde_json::from_str::<serde_json::Value>(&json)
-            .is_ok_and(|v| v.pointer("/arch/out_channels").is_some());
-        c.check()?;
-        Ok(c)
+    /// A recipe's defaults for `arch`.
+    pub fn recipe(recipe: Recipe, arch: ArchConfig) -> TrainConfig {
+        let unetr = TrainConfig {
+            dataset: PathBuf::new(),
+            out: PathBuf::new(),
+            arch,
+            recipe,
+            init: None,
+            epochs: 100,
+            iterations_per_epoch: None,
+            seed: 0,
+            device: None,
+            threads: None,
+            lr: None,
+            optimizer: OptimizerKind::Adamw,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 1e-5,
+            schedule: ScheduleKind::WarmupCosine,
+            warmup_epochs: 50,
+            sched_step_every: 1,
+            poly_exponent: 0.9,
+            grad_clip: None,
+            num_samples: 4,
+            pos: 1.0,
+            neg: 1.0,
+            batch_size: 2,
+            oversample_foreground: 0.33,
+            spacing: Some([1.5, 1.5, 2.0]),
+            window: [-175.0, 250.0],
+            augment: Augment::default(),
+            nnunet_augment: NnUnetAugment::default(),
+            batch_dice: true,
+            pretext: PretextConfig::default(),
+            amp: true,
+            val_every: 100,
+            checkpoint_every: 1,
+            resume: false,
+            out_channels_given: false,
+        };
+        match recipe {
+            Recipe::Unetr => unetr,
+            // unetrpp.md (d): the upstream trainer's settings, LWI's pretext (b.6).
+            Recipe::UnetrPp => TrainConfig {
+                epochs: 1000,
+                iterations_per_epoch: Some(250),
+                optimizer: OptimizerKind::Sgd,
+                momentum: 0.99,
+                nesterov: true,
+                weight_decay: 3e-5,
+                schedule: ScheduleKind::Poly,
+                grad_clip: Some(12.0),
+                spacing: None,
+                amp: false,
+                val_every: 50,
+                pretext: PretextConfig {
+                    slabs: 4,
+                    cube: 4,
+                    mask_ratio: 0.4,
+                    grouping: Grouping::Slab,
+                    per_batch: true,
+                    ..Default::default()
+                },
+                ..unetr
+            },
+        }
     }
 
-    /// An architecture config may name its architecture (`"arch": "unetr"`, as `--arch-config`
-    /// files do): accepted for UNETR, refused for UNETR++, which lwi does not train yet.
-    fn without_arch_name(json: &str) -> Result<String> {
-        let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(json) else {
-            return Ok(json.to_string()); // the parser below words the error
+    /// The learning rate of `stage`: the config's, else the recipe's.
+    pub fn learning_rate(&self, stage: Stage) -> f64 {
+        self.lr.unwrap_or(match (self.recipe, stage) {
+            (Recipe::UnetrPp, Stage::Segmentation) => 1e-2,
+            _ => 1e-4,
+        })
+    }
+
+    /// Parses and checks a training configuration: the recipe's defaults (from `"recipe"`, else the
+    /// architecture's), then every field the document gives (nested objects field by field); every
+    /// value out of range is `InvalidArgument` naming the field and the value.
+    pub fn from_json(json: &str) -> Result<TrainConfig> {
+        const WHAT: &str = "training config";
+        let doc: Value = match serde_json::from_str(json) {
+            Ok(v @ Value::Object(_)) => v,
+            // the parser words the error
+            _ => return crate::options::parse::<TrainConfig>(json, WHAT),
         };
-        let name = doc
-            .get_mut("arch")
-            .and_then(|a| a.as_object_mut())
-            .and_then(|a| a.remove("arch"));
-        match name {
-            None => Ok(json.to_string()),
-            Some(n) if n == "unetr" => Ok(doc.to_string()),
-            Some(n) if n == "unetr_pp" => Err(Error::unsupported(
-                "training config: lwi does not train UNETR++ yet; import a trained checkpoint with \
-                 `lwi import --arch unetr_pp` (docs/models.md)",
-            )),
-            Some(other) => Err(Error::unsupported(format!(
-                "training config: \"arch\": {other} is not an architecture lwi trains (unetr)"
-            ))),
+        let arch = match doc.get("arch") {
+            None => ArchConfig::default(),
+            Some(a @ Value::Object(_)) => ArchConfig::from_document(a, "training config: arch")?,
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "{WHAT}: \"arch\" must be an architecture document {{\"arch\": \"unetr_pp\", …}}, got {other}"
+                )));
+            }
+        };
+        let out_channels_given = doc.pointer("/arch/out_channels").is_some();
+        let recipe = match doc.get("recipe") {
+            None => Recipe::for_arch(&arch),
+            Some(r) => serde_json::from_value(r.clone()).map_err(|_| {
+                Error::invalid(format!(
+                    "{WHAT}: \"recipe\" must be \"unetr\" or \"unetr_pp\", got {r}"
+                ))
+            })?,
+        };
+        let mut merged = serde_json::to_value(TrainConfig::recipe(recipe, arch))
+            .map_err(|e| Error::internal(e.to_string()))?;
+        let shape = merged.clone();
+        if let (Value::Object(base), Value::Object(given)) = (&mut merged, doc) {
+            for (key, value) in given {
+                match (base.get_mut(&key), value) {
+                    (Some(Value::Object(b)), Value::Object(g)) if key != "arch" => b.extend(g),
+                    (_, value) => {
+                        base.insert(key, value);
+                    }
+                }
+            }
         }
+        let mut c: TrainConfig = crate::options::parse_shaped(&merged.to_string(), WHAT, &shape)?;
+        c.out_channels_given = out_channels_given;
+        c.check()?;
+        Ok(c)
     }
 
     /// Every value in range, or an error naming the field and the value.
@@ -154,32 +296,71 @@ impl TrainConfig {
                 "training config: \"dataset\" and \"out\" are required",
             ));
         }
+        if c.recipe != Recipe::for_arch(&c.arch) {
+            return Err(Error::unsupported(format!(
+                "training config: the {} recipe trains the {} architecture, not {} (each recipe \
+                 brings its own preprocessing pipeline)",
+                c.recipe.name(),
+                c.recipe.name(),
+                c.arch.name()
+            )));
+        }
         let counts = [
             ("epochs", c.epochs as i64),
             ("num_samples", c.num_samples),
+            ("batch_size", c.batch_size),
             ("sched_step_every", c.sched_step_every as i64),
             ("checkpoint_every", c.checkpoint_every as i64),
             ("val_every", c.val_every as i64),
+            (
+                "iterations_per_epoch",
+                c.iterations_per_epoch.map_or(1, |n| n as i64),
+            ),
         ];
         if let Some((name, v)) = counts.iter().find(|(_, v)| *v < 1) {
             return Err(Error::invalid(format!(
                 "training config: {name} must be at least 1, got {v}"
             )));
         }
-        if !(c.lr > 0.0
-            && c.weight_decay >= 0.0
-            && c.pos >= 0.0
-            && c.neg >= 0.0
-            && c.pos + c.neg > 0.0)
+        let ranges = [
+            ("lr", c.lr.unwrap_or(1.0), f64::MIN_POSITIVE, f64::MAX),
+            ("weight_decay", c.weight_decay, 0.0, f64::MAX),
+            ("momentum", c.momentum, 0.0, 1.0),
+            ("poly_exponent", c.poly_exponent, 0.0, f64::MAX),
+            (
+                "grad_clip",
+                c.grad_clip.unwrap_or(1.0),
+                f64::MIN_POSITIVE,
+                f64::MAX,
+            ),
+            ("oversample_foreground", c.oversample_foreground, 0.0, 1.0),
+            ("pos", c.pos, 0.0, f64::MAX),
+            ("neg", c.neg, 0.0, f64::MAX),
+        ];
+        if let Some((name, v, lo, hi)) = ranges.iter().find(|(_, v, lo, hi)| !(v >= lo && v <= hi))
         {
+            let range = if *hi == f64::MAX {
+                if *lo > 0.0 {
+                    "positive".to_string()
+                } else {
+                    "non-negative".to_string()
+                }
+            } else {
+                format!("in [{lo}, {hi}]")
+            };
+            return Err(Error::invalid(format!(
+                "training config: {name} must be {range}, got {v}"
+            )));
+        }
+        if c.pos + c.neg <= 0.0 {
             return Err(Error::invalid(
-                "training config: lr must be positive; weight_decay, pos and neg non-negative",
+                "training config: pos + neg must be positive",
             ));
         }
-        if c.epochs > MAX_EPOCHS {
+        if c.epochs > MAX_EPOCHS || c.iterations_per_epoch.unwrap_or(0) > MAX_EPOCHS {
             return Err(Error::invalid(format!(
-                "training config: epochs {} is more than {MAX_EPOCHS}",
-                c.epochs
+                "training config: epochs {} or iterations_per_epoch {:?} is more than {MAX_EPOCHS}",
+                c.epochs, c.iterations_per_epoch
             )));
         }
         if c.window[0].partial_cmp(&c.window[1]) != Some(std::cmp::Ordering::Less) {
@@ -188,12 +369,21 @@ impl TrainConfig {
                 c.window
             )));
         }
-        if c.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        if let Some(s) = c.spacing
+            && s.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
             return Err(Error::invalid(format!(
-                "training config: spacing {:?} must be three positive millimetre values",
-                c.spacing
+                "training config: spacing {s:?} must be three positive millimetre values",
             )));
         }
+        if c.recipe == Recipe::Unetr && c.spacing.is_none() {
+            return Err(Error::invalid(
+                "training config: the unetr recipe needs \"spacing\" (it has no dataset fingerprint)",
+            ));
+        }
+        c.nnunet_augment.check().map_err(|e| {
+            Error::invalid(format!("training config: nnunet_augment: {}", e.message))
+        })?;
         c.arch
             .validate()
             .map_err(|e| Error::invalid(format!("training config: arch: {}", e.message)))
@@ -201,6 +391,25 @@ impl TrainConfig {
 
     pub(super) fn checkpoint_path(&self) -> PathBuf {
         with_suffix(&self.out, ".ckpt")
+    }
+}
+
+/// `arch` as the document users write: `{"arch": name, …keyword arguments}`.
+mod arch_document {
+    use crate::model::ArchConfig;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(arch: &ArchConfig, s: S) -> Result<S::Ok, S::Error> {
+        let mut doc = arch.keyword_arguments();
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("arch".into(), arch.name().into());
+        }
+        serde::Serialize::serialize(&doc, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ArchConfig, D::Error> {
+        let doc = serde_json::Value::deserialize(d)?;
+        ArchConfig::from_document(&doc, "arch").map_err(|e| serde::de::Error::custom(e.message))
     }
 }
 
@@ -222,22 +431,45 @@ mod tests {
                 .unwrap_err();
         assert!(err.message.contains("epoch"), "{}", err.message);
         assert!(TrainConfig::from_json(r#"{"dataset": "d.json"}"#).is_err());
-        assert_eq!(
-            TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#)
-                .unwrap()
-                .lr,
-            1e-4
-        );
+        let c = TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#).unwrap();
+        assert_eq!(c.learning_rate(Stage::Init), 1e-4);
+        assert_eq!(c.optimizer, OptimizerKind::Adamw);
     }
 
     #[test]
-    fn an_architecture_file_may_name_its_architecture() {
+    fn the_recipe_follows_the_architecture_and_any_field_overrides_it() {
         let named =
             r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr", "feature_size": 8}}"#;
-        assert_eq!(TrainConfig::from_json(named).unwrap().arch.feature_size, 8);
-        let pp = r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr_pp"}}"#;
-        let err = TrainConfig::from_json(pp).unwrap_err();
+        assert_eq!(TrainConfig::from_json(named).unwrap().recipe, Recipe::Unetr);
+        let pp = r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr_pp"},
+                     "pretext": {"grouping": "released"}, "momentum": 0.95}"#;
+        let c = TrainConfig::from_json(pp).unwrap();
+        assert_eq!(c.recipe, Recipe::UnetrPp);
+        assert_eq!(
+            (c.optimizer, c.momentum, c.schedule),
+            (OptimizerKind::Sgd, 0.95, ScheduleKind::Poly)
+        );
+        assert_eq!(
+            (
+                c.learning_rate(Stage::Init),
+                c.learning_rate(Stage::Segmentation)
+            ),
+            (1e-4, 1e-2)
+        );
+        // a nested field overrides that field alone
+        assert_eq!(
+            (c.pretext.grouping, c.pretext.slabs),
+            (Grouping::Released, 4)
+        );
+        let mut back = TrainConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        back.out_channels_given = c.out_channels_given;
+        assert_eq!(back, c, "a checkpoint's config reads back as itself");
+        let mixed = r#"{"dataset": "d.json", "out": "m", "recipe": "unetr_pp"}"#;
+        let err = TrainConfig::from_json(mixed).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unsupported);
-        assert!(err.message.contains("UNETR++"), "{}", err.message);
+        let wrong =
+            r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr_pp"}, "batch_size": "2"}"#;
+        let err = TrainConfig::from_json(wrong).unwrap_err();
+        assert!(err.message.contains("batch_size"), "{}", err.message);
     }
 }

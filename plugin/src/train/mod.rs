@@ -1,32 +1,37 @@
 //! The training engine shared by init-train (stage 1, self-supervised) and fine-tune (stage 2): a
-//! short driver ([`train_with`]) over parts that each do one thing — the config ([`config`]), the
-//! batch source ([`batches`]: crops and augmentation), the objective ([`objective`]), the
-//! optimizer ([`optimizer`]) and its schedule ([`schedule`]), the gradient seam ([`gradients`]),
-//! checkpoints that resume exactly ([`checkpoint`]), validation ([`validate`]) and the transfer
-//! from stage 1 to stage 2 ([`transfer`]).
+//! short driver ([`train_with`]) over parts that each do one thing — the config and its recipes
+//! ([`config`]), the batch sources (MONAI-style crops in [`batches`]; nnU-Net's patches in
+//! [`patches`], with its [`fingerprint`] and [`nnunet_augment`]), the objective ([`objective`]),
+//! the optimizer ([`optimizer`]) and its schedule ([`schedule`]), the gradient seam
+//! ([`gradients`]), checkpoints that resume exactly ([`checkpoint`]), validation ([`validate`])
+//! and the transfer from stage 1 to stage 2 ([`transfer`]).
 
 mod batches;
 mod checkpoint;
 mod config;
+pub mod fingerprint;
 pub mod gradients;
+pub mod nnunet_augment;
 mod objective;
 mod optimizer;
+mod patches;
 mod schedule;
 mod transfer;
 mod validate;
 
-pub use config::{Augment, TrainConfig};
+pub use config::{Augment, OptimizerKind, Recipe, ScheduleKind, TrainConfig};
 pub use gradients::{GradientSync, Local};
-pub use optimizer::AdamW;
-pub use schedule::learning_rate;
+pub use nnunet_augment::NnUnetAugment;
+pub use objective::deep_supervision_weights;
+pub use optimizer::{AdamW, Optimizer, Sgd, clip_grad_norm};
+pub use schedule::{learning_rate, poly};
 
-use crate::bundle::{EpochRecord, Model, ModelMetadata, Preprocessing, Stage};
+use crate::bundle::{EpochRecord, Model, ModelMetadata, Pipeline, Preprocessing, Stage};
 use crate::dataset::DatasetFile;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
-use crate::model::{ArchConfig, Precision};
-use batches::Prepared;
+use crate::model::Precision;
 use objective::Objective;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -72,10 +77,10 @@ struct Run<'a> {
     device: Device,
     dataset: DatasetFile,
     model: Model,
-    opt: AdamW,
+    opt: Optimizer,
     rng: ChaCha8Rng,
     objective: Objective,
-    cases: Vec<Prepared>,
+    source: Source,
     precision: Precision,
     first_epoch: u64,
     best: Option<f64>,
@@ -93,23 +98,20 @@ impl<'a> Run<'a> {
         let device = run_device(cfg, device)?;
         // Decided before any work: a pretext task that cannot split this roi is refused at once.
         if stage == Stage::Init {
+            let (depth, tokens) = cfg.arch.pretext_geometry();
             cfg.pretext
-                .validate(cfg.arch.img_size, cfg.arch.feat_size())
+                .validate(cfg.arch.img_size(), tokens, depth)
                 .map_err(|e| Error::invalid(format!("training config: {}", e.message)))?;
         }
         let dataset = DatasetFile::read(&cfg.dataset)?;
-        let pre = Preprocessing {
-            spacing: cfg.spacing,
-            intensity_window: cfg.window,
-            roi_size: cfg.arch.img_size,
-            ..Default::default()
-        };
         let classes = stage_classes(stage, cfg, &dataset)?;
+        let pre = preprocessing(cfg, &dataset, progress)?;
         let mut arch = cfg.arch.clone();
-        if arch.out_channels != classes && cfg.out_channels_given && stage == Stage::Segmentation {
+        if arch.out_channels() != classes && cfg.out_channels_given && stage == Stage::Segmentation
+        {
             let message = format!(
                 "warning: out_channels {} overridden by the stage: {classes}",
-                arch.out_channels
+                arch.out_channels()
             );
             report(
                 progress,
@@ -120,13 +122,12 @@ impl<'a> Run<'a> {
                 },
             )?;
         }
-        arch.out_channels = classes;
+        arch.set_out_channels(classes);
         let labels: BTreeMap<u32, String> = match stage {
             Stage::Init => BTreeMap::new(),
             Stage::Segmentation => dataset.labels.clone(),
         };
-        let mut meta =
-            ModelMetadata::new(ArchConfig::Unetr(arch.clone()), labels, pre.clone(), stage);
+        let mut meta = ModelMetadata::new(arch.clone(), labels, pre.clone(), stage);
         meta.order_classes = (stage == Stage::Init).then_some(cfg.pretext.slabs);
         meta.provenance.seed = Some(cfg.seed);
         meta.provenance.epochs = Some(cfg.epochs);
@@ -138,7 +139,15 @@ impl<'a> Run<'a> {
             model.meta.provenance.history.init =
                 transfer::transfer_from_init(&model, init, device)?;
         }
-        let mut opt = AdamW::new(&model.vs, cfg.weight_decay);
+        let mut opt = match cfg.optimizer {
+            OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(&model.vs, cfg.weight_decay)),
+            OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(
+                &model.vs,
+                cfg.momentum,
+                cfg.nesterov,
+                cfg.weight_decay,
+            )),
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let (mut first_epoch, mut best) = (0, None);
         let ckpt = cfg.checkpoint_path();
@@ -148,13 +157,7 @@ impl<'a> Run<'a> {
         }
         // Label values are checked against the classes when fine-tuning (init-train ignores them).
         let label_classes = (stage == Stage::Segmentation).then_some(classes as u32);
-        let cases = batches::prepare_cases(
-            &dataset.training,
-            &pre,
-            arch.img_size,
-            label_classes,
-            progress,
-        )?;
+        let source = Source::prepare(cfg, &dataset, &pre, label_classes, progress)?;
         // bf16 needs no loss scaling; on GPUs without it (before Ampere) training runs fp32 rather
         // than fp16 without a scaler.
         let precision = if cfg.amp && crate::model::precision::bf16_supported(device) {
@@ -170,8 +173,8 @@ impl<'a> Run<'a> {
             model,
             opt,
             rng,
-            objective: Objective::for_stage(stage, &cfg.pretext, arch.feat_size()),
-            cases,
+            objective: Objective::new(stage, cfg),
+            source,
             precision,
             first_epoch,
             best,
@@ -186,19 +189,33 @@ impl<'a> Run<'a> {
         gradients: &mut dyn GradientSync,
     ) -> Result<f64> {
         let cfg = self.cfg;
-        let lr = learning_rate(
-            cfg.lr,
-            cfg.warmup_epochs,
-            cfg.epochs,
-            epoch / cfg.sched_step_every,
-        );
-        let mut order: Vec<usize> = (0..self.cases.len()).collect();
-        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut self.rng);
-        let iters = self.cases.len() as u64;
+        let lr = match cfg.schedule {
+            ScheduleKind::WarmupCosine => learning_rate(
+                cfg.learning_rate(self.stage),
+                cfg.warmup_epochs,
+                cfg.epochs,
+                epoch / cfg.sched_step_every,
+            ),
+            ScheduleKind::Poly => poly(
+                cfg.learning_rate(self.stage),
+                epoch,
+                cfg.epochs,
+                cfg.poly_exponent,
+            ),
+        };
+        if cfg.recipe == Recipe::UnetrPp {
+            // Dropout and voxel noise draw from libtorch's generator: seeded per epoch, so that a
+            // resumed run draws what an uninterrupted one does.
+            tch::manual_seed(cfg.seed.wrapping_add(epoch) as i64);
+        }
+        let plan = self.source.plan(cfg, &mut self.rng);
+        let iters = plan.len() as u64;
         let mut epoch_loss = 0.0;
-        for (it, &ci) in order.iter().enumerate() {
-            let roi = cfg.arch.img_size;
-            let (x, y) = batches::crops(&self.cases[ci], cfg, roi, &mut self.rng, self.device);
+        for (it, &case) in plan.iter().enumerate() {
+            let roi = cfg.arch.img_size();
+            let (x, y) = self
+                .source
+                .batch(case, cfg, roi, &mut self.rng, self.device)?;
             let (loss, parts) = self.objective.loss(
                 &self.model,
                 &x,
@@ -210,6 +227,9 @@ impl<'a> Run<'a> {
             self.opt.zero_grad();
             loss.f_backward()?;
             gradients.synchronize(self.opt.params())?;
+            if let Some(max) = cfg.grad_clip {
+                clip_grad_norm(self.opt.params(), max);
+            }
             self.opt.step(lr);
             let l = loss.double_value(&[]);
             if !l.is_finite() {
@@ -271,7 +291,7 @@ impl<'a> Run<'a> {
         if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
             let state = checkpoint::CheckpointState {
                 epochs_done: done,
-                adam_step: self.opt.step,
+                optimizer_step: self.opt.steps(),
                 rng_word_pos: self.rng.get_word_pos().to_string(),
                 best_metric: self.best,
                 config: cfg.clone(),
@@ -291,6 +311,111 @@ impl<'a> Run<'a> {
                 ..Default::default()
             },
         )
+    }
+}
+
+/// How the model's input is prepared: the unetr recipe's MONAI pipeline as configured, or nnU-Net's
+/// with the dataset's fingerprint (the median spacing unless `spacing` is given).
+fn preprocessing(
+    cfg: &TrainConfig,
+    dataset: &DatasetFile,
+    progress: &mut dyn Progress,
+) -> Result<Preprocessing> {
+    let roi_size = cfg.arch.img_size();
+    match cfg.recipe {
+        Recipe::Unetr => Ok(Preprocessing {
+            spacing: cfg.spacing.unwrap_or(Preprocessing::default().spacing),
+            intensity_window: cfg.window,
+            roi_size,
+            ..Default::default()
+        }),
+        Recipe::UnetrPp => {
+            let print = fingerprint::compute(&dataset.training, progress)?;
+            Ok(Preprocessing {
+                spacing: cfg.spacing.unwrap_or(print.spacing),
+                roi_size,
+                pipeline: Pipeline::NnUnet,
+                ct_normalization: Some(print.ct),
+                ..Default::default()
+            })
+        }
+    }
+}
+
+/// Where batches come from.
+enum Source {
+    /// The unetr recipe: random crops of one case per iteration.
+    Crops(Vec<batches::Prepared>),
+    /// The unetr_pp recipe: nnU-Net's patch batches.
+    Patches(Vec<patches::PatchCase>),
+}
+
+impl Source {
+    fn prepare(
+        cfg: &TrainConfig,
+        dataset: &DatasetFile,
+        pre: &Preprocessing,
+        classes: Option<u32>,
+        progress: &mut dyn Progress,
+    ) -> Result<Source> {
+        let roi = cfg.arch.img_size();
+        Ok(match cfg.recipe {
+            Recipe::Unetr => Source::Crops(batches::prepare_cases(
+                &dataset.training,
+                pre,
+                roi,
+                classes,
+                progress,
+            )?),
+            Recipe::UnetrPp => {
+                let norm = pre
+                    .ct_normalization
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("nnU-Net pipeline without its normalisation"))?;
+                Source::Patches(patches::prepare_cases(
+                    &dataset.training,
+                    pre.spacing,
+                    norm,
+                    classes,
+                    cfg.seed,
+                    progress,
+                )?)
+            }
+        })
+    }
+
+    /// The epoch's iterations: for crops, the case of each (shuffled, one pass per
+    /// `iterations_per_epoch` cases); patches pick their cases as they go.
+    fn plan(&self, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Vec<usize> {
+        match self {
+            Source::Crops(cases) => {
+                let n = cfg.iterations_per_epoch.unwrap_or(cases.len() as u64) as usize;
+                let mut plan = Vec::with_capacity(n);
+                while plan.len() < n {
+                    let mut order: Vec<usize> = (0..cases.len()).collect();
+                    rand::seq::SliceRandom::shuffle(order.as_mut_slice(), rng);
+                    plan.extend(order.into_iter().take(n - plan.len()));
+                }
+                plan
+            }
+            Source::Patches(cases) => {
+                vec![0; cfg.iterations_per_epoch.unwrap_or(cases.len() as u64) as usize]
+            }
+        }
+    }
+
+    fn batch(
+        &self,
+        case: usize,
+        cfg: &TrainConfig,
+        roi: [i64; 3],
+        rng: &mut ChaCha8Rng,
+        device: Device,
+    ) -> Result<(tch::Tensor, Option<tch::Tensor>)> {
+        match self {
+            Source::Crops(cases) => Ok(batches::crops(&cases[case], cfg, roi, rng, device)),
+            Source::Patches(cases) => patches::batch(cases, cfg, roi, rng, device),
+        }
     }
 }
 

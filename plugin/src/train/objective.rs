@@ -1,35 +1,41 @@
-//! What a stage minimises: the pretext loss of learned initialization (stage 1) or DiceCE
-//! (stage 2).
+//! What a stage minimises: the pretext loss of learned initialization (stage 1), MONAI's DiceCE
+//! (stage 2, unetr recipe) or nnU-Net's Dice + CE over the deep-supervision outputs (stage 2,
+//! unetr_pp recipe).
 
+use super::{Recipe, TrainConfig};
 use crate::bundle::{Model, Stage};
 use crate::error::{Error, Result};
-use crate::model::{Network, Precision, PretextHeads, with_precision};
+use crate::model::{Precision, with_precision};
 use crate::pretext::PretextConfig;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
 pub(super) enum Objective {
-    /// Depth-slab shuffling + cube masking; reconstruction + order prediction (method §1).
-    Pretext {
-        config: PretextConfig,
-        tokens: [i64; 3],
-    },
+    /// Depth-slab shuffling (along batch axis `axis`) + cube masking; reconstruction + order
+    /// prediction (method §1).
+    Pretext { config: PretextConfig, axis: i64 },
     /// Dice + cross-entropy on the labels (MONAI `DiceCELoss`).
     DiceCe,
+    /// nnU-Net's `MultipleOutputLoss2(DC_and_CE_loss)`: weights halving per output, normalised
+    /// (4/7, 2/7, 1/7 for UNETR++'s three).
+    DeepSupervision { batch_dice: bool },
 }
 
 impl Objective {
-    pub fn for_stage(stage: Stage, pretext: &PretextConfig, tokens: [i64; 3]) -> Objective {
-        match stage {
-            Stage::Init => Objective::Pretext {
-                config: pretext.clone(),
-                tokens,
+    pub fn new(stage: Stage, cfg: &TrainConfig) -> Objective {
+        match (stage, cfg.recipe) {
+            (Stage::Init, _) => Objective::Pretext {
+                config: cfg.pretext.clone(),
+                axis: 2 + cfg.arch.pretext_geometry().0 as i64,
             },
-            Stage::Segmentation => Objective::DiceCe,
+            (Stage::Segmentation, Recipe::Unetr) => Objective::DiceCe,
+            (Stage::Segmentation, Recipe::UnetrPp) => Objective::DeepSupervision {
+                batch_dice: cfg.batch_dice,
+            },
         }
     }
 
-    /// The loss of `model` (in training mode) on the crops `x` (labels `y`), and a note on its
+    /// The loss of `model` (in training mode) on the batch `x` (labels `y`), and a note on its
     /// parts for the progress message.
     pub fn loss(
         &self,
@@ -40,19 +46,18 @@ impl Objective {
         precision: Precision,
         device: Device,
     ) -> Result<(Tensor, String)> {
+        let labels = || y.ok_or_else(|| Error::internal("segmentation batch without labels"));
         match self {
-            Objective::Pretext { config, tokens } => {
-                let batch = crate::pretext::transform(x, config, rng);
-                let (Some(PretextHeads::Unetr(heads)), Network::Unetr(net)) =
-                    (&model.order_heads, &model.net)
-                else {
-                    return Err(Error::internal("init model without UNETR order heads"));
-                };
+            Objective::Pretext { config, axis } => {
+                let batch = crate::pretext::transform(x, config, *axis, rng);
+                let heads = model
+                    .order_heads
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("init model without order heads"))?;
                 let (total, rec, cls) = with_precision(precision, device, || {
-                    let (recon, features) = net.forward_features(&batch.input, true);
-                    let logits = crate::pretext::order_logits(&features, heads, config, *tokens);
-                    crate::pretext::loss(&recon, &batch, &logits, config)
-                })?;
+                    let (recon, logits) = model.net.pretext(&batch.input, heads, config, true)?;
+                    Ok::<_, Error>(crate::pretext::loss(&recon, &batch, &logits, config))
+                })??;
                 let note = format!(
                     "rec {:.4} cls {:.4}",
                     rec.double_value(&[]),
@@ -61,12 +66,28 @@ impl Objective {
                 Ok((total, note))
             }
             Objective::DiceCe => {
-                let y = y.ok_or_else(|| Error::internal("segmentation batch without labels"))?;
+                let y = labels()?;
                 let loss = with_precision(precision, device, || {
                     crate::loss::dice_ce(&model.net.forward_t(x, true), &y)
                 })?;
                 Ok((loss, String::new()))
             }
+            Objective::DeepSupervision { batch_dice } => {
+                let y = labels()?;
+                let loss = with_precision(precision, device, || {
+                    let outputs = model.net.deep_outputs(x, true);
+                    let weights = deep_supervision_weights(outputs.len());
+                    crate::loss::deep_supervision(&outputs, &y, &weights, *batch_dice)
+                })?;
+                Ok((loss, String::new()))
+            }
         }
     }
+}
+
+/// nnU-Net's deep-supervision weights for `n` outputs: 1, ½, ¼, … normalised to sum 1.
+pub fn deep_supervision_weights(n: usize) -> Vec<f64> {
+    let raw: Vec<f64> = (0..n).map(|i| 0.5f64.powi(i as i32)).collect();
+    let total: f64 = raw.iter().sum();
+    raw.iter().map(|w| w / total).collect()
 }

@@ -17,6 +17,11 @@ pub fn learning_rate(base: f64, warmup: u64, max: u64, steps: u64) -> f64 {
     }
 }
 
+/// nnU-Net's `poly_lr`: the rate of (0-based) `epoch` out of `max`, base · (1 − epoch/max)^exponent.
+pub fn poly(base: f64, epoch: u64, max: u64, exponent: f64) -> f64 {
+    base * (1.0 - epoch as f64 / max as f64).powf(exponent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! From stage 1 to stage 2: the learned initialization carried into a fine-tune model.
 
-use crate::bundle::{Model, Stage};
+use crate::bundle::{Model, Pipeline, Stage};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::load_state_dict;
 use std::collections::HashMap;
@@ -36,6 +36,20 @@ pub(super) fn transfer_from_init(
                 init.display(),
                 serde_json::to_string(&stage1.meta.arch).unwrap_or_default(),
                 serde_json::to_string(&model.meta.arch).unwrap_or_default()
+            ),
+        ));
+    }
+    let (had, has) = (&stage1.meta.preprocessing, &model.meta.preprocessing);
+    if has.pipeline == Pipeline::NnUnet && had != has {
+        return Err(Error::new(
+            ErrorKind::ModelIncompatible,
+            format!(
+                "{}: its dataset fingerprint (spacing {:?}, CT normalisation {:?}) does not match                  this dataset's (spacing {:?}, CT normalisation {:?}): fine-tune on the cases it                  was init-trained on, with their labels",
+                init.display(),
+                had.spacing,
+                had.ct_normalization,
+                has.spacing,
+                has.ct_normalization
             ),
         ));
     }

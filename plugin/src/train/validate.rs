@@ -15,6 +15,8 @@ pub(super) fn validate(
 ) -> Result<(f64, BTreeMap<u32, f64>)> {
     let opts = crate::segment::SegmentOptions {
         blend: crate::infer::Blend::Constant,
+        // nnU-Net validates online without mirroring
+        mirror: Some(false),
         ..Default::default()
     };
     let mut sum = 0.0;

@@ -1,0 +1,163 @@
+//! The unetr_pp recipe's batch source, nnU-Net v1's `DataLoader3D`: each case prepared once as
+//! nnU-Net prepares it (`crate::nnunet::prepare`: non-zero crop, resampling to the fingerprint's
+//! spacing, CT normalisation; labels resampled as nnU-Net resamples segmentations), then batches
+//! of patches from cases drawn with replacement, the last `round(batch · oversample)` of each
+//! batch centred on a voxel of a random foreground class, the others anywhere (padding with
+//! zeros where the case is smaller than the patch), each augmented (`nnunet_augment`).
+
+use super::TrainConfig;
+use crate::bundle::CtNormalization;
+use crate::dataset::{Entry, check_label};
+use crate::error::Result;
+use crate::events::{Event, Progress, report};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Tensor};
+
+/// nnU-Net keeps up to this many voxel positions per class to centre patches on (or 1 % of the
+/// class's voxels, if more).
+const LOCATIONS_PER_CLASS: usize = 10_000;
+
+/// One case in the network's axes `[1, z, y, x]`.
+pub(super) struct PatchCase {
+    image: Tensor,
+    label: Option<Tensor>,
+    /// Per foreground class present: flat voxel indices to centre a patch on.
+    locations: Vec<Tensor>,
+}
+
+/// Prepares each training case; `classes` checks label values (fine-tune).
+pub(super) fn prepare_cases(
+    entries: &[Entry],
+    spacing: [f64; 3],
+    norm: &CtNormalization,
+    classes: Option<u32>,
+    seed: u64,
+    progress: &mut dyn Progress,
+) -> Result<Vec<PatchCase>> {
+    // Its own RNG: a resumed run prepares the same locations before restoring the run's RNG.
+    let mut rng: ChaCha8Rng = rand::SeedableRng::seed_from_u64(seed ^ 0x6c6f_6361_7469_6f6e);
+    let mut cases = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let volume = crate::io::read_volume(&entry.image)?;
+        let prepared = crate::nnunet::prepare(&volume, spacing, norm)?;
+        let label = match (&entry.label, classes) {
+            (Some(path), Some(_)) => {
+                let label = crate::io::read_volume(path)?;
+                check_label(&volume, &label, path, classes)?;
+                Some(prepared.labels_on_grid(&label)?)
+            }
+            _ => None,
+        };
+        let locations = match &label {
+            Some(l) => class_locations(l, &mut rng)?,
+            None => Vec::new(),
+        };
+        cases.push(PatchCase {
+            image: prepared.image,
+            label,
+            locations,
+        });
+        report(
+            progress,
+            Event {
+                stage: "preprocess",
+                done: i as u64 + 1,
+                total: entries.len() as u64,
+                ..Default::default()
+            },
+        )?;
+    }
+    Ok(cases)
+}
+
+/// nnU-Net's `class_locations`: per class present, a random subset of its voxels.
+fn class_locations(label: &Tensor, rng: &mut ChaCha8Rng) -> Result<Vec<Tensor>> {
+    let flat = label.f_reshape([-1])?;
+    let largest = flat.f_max()?.int64_value(&[]);
+    let mut out = Vec::new();
+    for class in 1..=largest {
+        let all = flat.f_eq(class)?.f_nonzero()?.f_squeeze_dim(1)?;
+        let n = all.size()[0] as usize;
+        if n == 0 {
+            continue;
+        }
+        let keep = LOCATIONS_PER_CLASS.min(n).max(n.div_ceil(100));
+        let chosen: Vec<i64> = rand::seq::index::sample(rng, n, keep)
+            .into_iter()
+            .map(|i| i as i64)
+            .collect();
+        out.push(all.f_index_select(0, &Tensor::from_slice(&chosen))?);
+    }
+    Ok(out)
+}
+
+/// One batch `[B, 1, patch]` and its labels.
+pub(super) fn batch(
+    cases: &[PatchCase],
+    cfg: &TrainConfig,
+    patch: [i64; 3],
+    rng: &mut ChaCha8Rng,
+    device: Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let b = cfg.batch_size;
+    // `get_do_oversample`: sample j is forced when j ≥ round(B · (1 − oversample)).
+    let random_ones = (b as f64 * (1.0 - cfg.oversample_foreground)).round_ties_even() as i64;
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    for j in 0..b {
+        let case = &cases[rng.random_range(0..cases.len())];
+        let start = patch_start(case, patch, j >= random_ones, rng);
+        let image = cut(&case.image, start, patch)?.f_to_device(device)?;
+        let label = case
+            .label
+            .as_ref()
+            .map(|l| -> Result<Tensor> { Ok(cut(l, start, patch)?.f_to_device(device)?) })
+            .transpose()?;
+        let (image, label) = cfg.nnunet_augment.apply(image, label, rng)?;
+        images.push(image);
+        labels.extend(label);
+    }
+    let labels = (!labels.is_empty())
+        .then(|| Tensor::f_stack(&labels, 0))
+        .transpose()?;
+    Ok((Tensor::f_stack(&images, 0)?, labels))
+}
+
+/// The patch's first voxel per axis (may be negative or run past the end: padded there).
+fn patch_start(
+    case: &PatchCase,
+    patch: [i64; 3],
+    force_fg: bool,
+    rng: &mut ChaCha8Rng,
+) -> [i64; 3] {
+    let shape: [i64; 3] = std::array::from_fn(|d| case.image.size()[d + 1]);
+    let pad: [i64; 3] = std::array::from_fn(|d| (patch[d] - shape[d]).max(0));
+    let lb: [i64; 3] = std::array::from_fn(|d| (-pad[d]).div_euclid(2));
+    let ub: [i64; 3] = std::array::from_fn(|d| shape[d] + pad[d] / 2 + pad[d] % 2 - patch[d]);
+    if force_fg && !case.locations.is_empty() {
+        let class = &case.locations[rng.random_range(0..case.locations.len())];
+        let flat = class.int64_value(&[rng.random_range(0..class.size()[0])]);
+        let voxel = [
+            flat / (shape[1] * shape[2]),
+            (flat / shape[2]) % shape[1],
+            flat % shape[2],
+        ];
+        return std::array::from_fn(|d| lb[d].max(voxel[d] - patch[d] / 2));
+    }
+    std::array::from_fn(|d| rng.random_range(lb[d]..=ub[d]))
+}
+
+/// `t` `[1, z, y, x]` from `start` over `patch`, zero outside.
+fn cut(t: &Tensor, start: [i64; 3], patch: [i64; 3]) -> Result<Tensor> {
+    let mut out = t.shallow_clone();
+    let mut pads = [0i64; 6];
+    for d in 0..3 {
+        let n = out.size()[d + 1];
+        let (lo, hi) = (start[d].max(0), (start[d] + patch[d]).min(n));
+        out = out.f_narrow(d as i64 + 1, lo, hi - lo)?;
+        // constant_pad_nd lists the last axis first
+        pads[2 * (2 - d)] = lo - start[d];
+        pads[2 * (2 - d) + 1] = start[d] + patch[d] - hi;
+    }
+    Ok(out.f_constant_pad_nd(pads.as_slice())?)
+}
