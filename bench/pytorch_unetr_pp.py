@@ -1,6 +1,7 @@
 """UNETR++ in plain PyTorch, for the benchmarks: written from shared/design/unetrpp.md §(b) with upstream's parameter
 names, and proved equal to the upstream code on its fixtures (tests/python/test_unetr_pp.py), so that timings compare
-lwi against the real network. Eval-mode semantics as the fixtures': BatchNorm running statistics, dropout off.
+lwi against the real network. Eval-mode semantics as the fixtures': BatchNorm running statistics, dropout off; in
+training mode upstream's dropout (0.15 on both attention maps, Dropout3d 0.1) and batch statistics.
 
 Usage as a benchmark: pytorch_unetr_pp.py DEVICE BATCH PRECISION REPS [FEATURE DEPTHS...] — times the forward of
 the Synapse model (64×128×128; feature 16, depths 3 3 3 3 unless given) and prints one JSON line."""
@@ -30,9 +31,11 @@ class EPA(nn.Module):
         q, k, v_ca, v_sa = (t.transpose(-2, -1) for t in self.qkvv(x).reshape(b, n, 4, h, d).permute(2, 0, 3, 1, 4))
         k_proj, v_proj = self.E(k), self.F(v_sa)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        x_ca = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(-1) @ v_ca
+        # upstream's attention dropout (0.15), active in training only
+        x_ca = F.dropout(((q @ k.transpose(-2, -1)) * self.temperature).softmax(-1), 0.15, self.training) @ v_ca
         x_ca = x_ca.permute(0, 3, 1, 2).reshape(b, n, c)
-        x_sa = ((q.transpose(-2, -1) @ k_proj) * self.temperature2).softmax(-1) @ v_proj.transpose(-2, -1)
+        attn_sa = F.dropout(((q.transpose(-2, -1) @ k_proj) * self.temperature2).softmax(-1), 0.15, self.training)
+        x_sa = attn_sa @ v_proj.transpose(-2, -1)
         x_sa = x_sa.permute(0, 3, 1, 2).reshape(b, n, c)  # the raw reshape of the spatial branch
         return torch.cat((self.out_proj(x_sa), self.out_proj2(x_ca)), dim=-1)
 

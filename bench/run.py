@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,6 +118,55 @@ def bench_train_step(device, batch, precision, shape, rounds=3, reps=3):
     alternate(f"  train step {device} batch {batch} {shape['size']}^3 {precision}", [str(BIN / "train_step"), *tail],
               [sys.executable, str(ROOT / "bench" / "monai_train_step.py"), *tail],
               "MONAI+AMP" if precision != "fp32" else "MONAI", rounds)
+
+
+def bench_unetr_pp_train_step(device, batch, precision, feature, depths, rounds=3, reps=3):
+    """A UNETR++ training step as the unetr_pp recipe runs it (deep-supervision Dice + CE, backward, clipping, SGD
+    with Nesterov momentum) on 64x128x128 patches: lwi (plugin/examples/unetr_pp_train_step.rs) vs the PyTorch
+    UNETR++ with nnunet 1.7.1's loss and torch.optim.SGD (bench/pytorch_unetr_pp_train_step.py)."""
+    tail = [device, str(batch), precision, str(reps), str(feature), *map(str, depths)]
+    ref = "PyTorch+AMP" if precision != "fp32" else "PyTorch"
+    alternate(f"  UNETR++ train step {device} batch {batch} feature {feature} {precision}",
+              [str(BIN / "unetr_pp_train_step"), *tail],
+              [sys.executable, str(ROOT / "bench" / "pytorch_unetr_pp_train_step.py"), *tail], ref, rounds)
+
+
+def bench_train_cache(work, cases=100):
+    """Fine-tuning a tiny UNETR++ (unetr_pp recipe) on `cases` phantoms, twice with a fresh cache then once more:
+    the peak RSS of each run and how long preparation (fingerprint and cases, from the first event to the last
+    "preprocess" one) takes without and with the cache's entries."""
+    data = work / f"cache-phantoms-{cases}"
+    if not (data / "dataset.json").exists():
+        subprocess.run([str(cli_path()), "phantom", "--out", str(data), "--cases", str(cases), "--seed", "4",
+                        "--size", "128,128,64"], check=True, capture_output=True)
+    arch = work / "cache-arch.json"
+    arch.write_text(json.dumps({"arch": "unetr_pp", "img_size": [32, 64, 64], "feature_size": 2, "hidden_size": 32,
+                                "num_heads": 2, "dims": [4, 8, 16, 32], "depths": [1, 1, 1, 1],
+                                "proj_size": [16, 16, 16, 8]}))
+    cache = work / "cache-entries"
+    shutil.rmtree(cache, ignore_errors=True)
+    config = work / "cache-config.json"
+    config.write_text(json.dumps({"epochs": 1, "iterations_per_epoch": 2, "val_every": 100, "cache_dir": str(cache)}))
+    cmd = [str(cli_path()), "fine-tune", "--from-scratch", "--dataset", str(data / "dataset.json"), "--arch-config",
+           str(arch), "--config", str(config), "--device", "cpu", "--json", "--out", str(work / "cache-model.safetensors")]
+    results = []
+    for run in ("first (prepares)", "second (cache)"):
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = last = None
+        for line in p.stdout:
+            if line.startswith("{"):
+                stage = json.loads(line).get("stage")
+                now = time.perf_counter() - t0
+                first = now if first is None else first
+                last = now if stage == "preprocess" else last
+        _, status, usage = os.wait4(p.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(p.stderr.read()[-2000:])
+        results.append((last - first, usage.ru_maxrss / 1024))
+        print(f"  {run:<17} preparation {last - first:7.2f} s, peak RSS {usage.ru_maxrss / 1024:7.0f} MB", flush=True)
+    print(f"  {cases} cases of 128x128x64: second preparation {results[0][0] / results[1][0]:.1f}x faster "
+          f"(target >= 10); peak RSS {max(r[1] for r in results):.0f} MB (target <= 3072)", flush=True)
 
 
 def bench_sliding_window(device, reps=3):
@@ -282,7 +332,7 @@ def bench_segment_unetr_pp(work, device, image, name, arch, mirror, reps):
 
 
 BENCHES = {"volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment",
-           "segment-unetr-pp"}
+           "segment-unetr-pp", "unetr-pp-train-step", "train-cache"}
 
 
 def main():
@@ -313,6 +363,17 @@ def main():
         print(f"training step (DiceCE + AdamW), UNETR {shape}")
         bench_train_step(args.device, args.batch if args.device != "cpu" else 2, args.precision, shape,
                          rounds=3 if args.device == "cpu" else 1)
+    if args.only in (None, "unetr-pp-train-step"):
+        # 2 CPU cores: the reduced UNETR++ in fp32; a GPU: the Synapse model, lwi's bf16 against PyTorch's AMP.
+        feature, depths = (4, (1, 1, 2, 2)) if args.device == "cpu" else (16, (3, 3, 3, 3))
+        precision = args.precision if args.device == "cpu" else "bf16"
+        print(f"UNETR++ training step (nnU-Net's deep-supervision loss, SGD), feature {feature}, depths {depths}")
+        bench_unetr_pp_train_step(args.device, 2, precision, feature, depths, rounds=3 if args.device == "cpu" else 1)
+        if args.device != "cpu":
+            bench_unetr_pp_train_step(args.device, 2, "fp16", feature, depths, rounds=1)
+    if args.only in (None, "train-cache") and args.device == "cpu":
+        print("preprocessed cache: fine-tuning UNETR++ (unetr_pp recipe) on 100 phantoms, first and second run")
+        bench_train_cache(work)
     if args.only in (None, "sliding-window") and args.device != "cpu":
         # 125 full-size windows: minutes per pass on 2 CPU cores, so a GPU benchmark only.
         print("sliding-window inference alone, full UNETR, 273x273x250 on the device, overlap 0.5, gaussian")

@@ -46,24 +46,24 @@ pub fn nnunet_dice_ce(logits: &Tensor, labels: &Tensor, batch_dice: bool) -> Ten
     const SMOOTH: f64 = 1e-5;
     let classes = logits.size()[1];
     let logits = logits.to_kind(Kind::Float);
-    let target = labels.squeeze_dim(1).to_kind(Kind::Int64);
+    let index = labels.to_kind(Kind::Int64);
     let probs = logits.softmax(1, Kind::Float);
-    let onehot = target
-        .one_hot(classes)
-        .permute(permutation_to_channels_first(logits.dim()))
-        .to_kind(Kind::Float);
+    // one-hot by scatter, in the logits' layout (as nnU-Net builds it)
+    let onehot = probs.zeros_like().scatter_value(1, &index, 1.0);
     let axes: Vec<i64> = batch_dice
         .then_some(0)
         .into_iter()
         .chain(2..logits.dim() as i64)
         .collect();
-    let sum = |t: Tensor| t.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
-    let tp = sum(&probs * &onehot);
-    let fp = sum(&probs * (1.0 - &onehot));
-    let fn_ = sum((1.0 - &probs) * &onehot);
+    let sum = |t: &Tensor| t.sum_dim_intlist(axes.as_slice(), false, Kind::Float);
+    let tp = sum(&(&probs * &onehot));
+    // Σp(1 − g) = Σp − tp and Σ(1 − p)g = Σg − tp: no full-size temporaries for fp and fn
+    let fp = sum(&probs) - &tp;
+    let fn_ = sum(&onehot) - &tp;
     let dice: Tensor = (&tp * 2.0 + SMOOTH) / (&tp * 2.0 + fp + fn_ + SMOOTH + 1e-8);
     // background excluded: the class axis is the last one left
     let foreground = dice.narrow(-1, 1, classes - 1);
+    let target = index.squeeze_dim(1);
     let ce = logits.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0);
     ce - foreground.mean(Kind::Float)
 }

@@ -143,6 +143,8 @@ fn statistics(out: &Tensor, input: &Tensor) -> [f64; 6] {
 /// The augmentation with one transform at probability `p` and the others off.
 fn only(name: &str, p: f64) -> NnUnetAugment {
     let mut a = NnUnetAugment {
+        rotation_p: 0.0,
+        scale_p: 0.0,
         noise_p: 0.0,
         blur_p: 0.0,
         brightness_p: 0.0,
@@ -161,10 +163,43 @@ fn only(name: &str, p: f64) -> NnUnetAugment {
         "low_res" => &mut a.low_res_p,
         "gamma_inverted" => &mut a.gamma_inverted_p,
         "gamma" => &mut a.gamma_p,
+        "spatial" => {
+            a.scale_p = p;
+            &mut a.rotation_p
+        }
         _ => &mut a.mirror_p,
     };
     *slot = p;
     a
+}
+
+/// Compares the mean of each statistic over the draws with the reference's; returns the failures.
+fn compare(name: &str, tag: &str, rows: &[[f64; 6]], reference: &Tensor) -> Vec<String> {
+    let names = ["mean", "sd", "min", "max", "mean|Δ|", "changed"];
+    let n = rows.len() as f64;
+    let mut failures = Vec::new();
+    for (k, stat) in names.iter().enumerate() {
+        let values: Vec<f64> = rows.iter().map(|row| row[k]).collect();
+        let mean = values.iter().sum::<f64>() / n;
+        let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let (want, want_sd) = (
+            reference.double_value(&[0, k as i64]),
+            reference.double_value(&[1, k as i64]),
+        );
+        // four standard errors of the difference of two means, plus float32 rounding
+        let tolerance = 4.0 * ((sd * sd + want_sd * want_sd) / n).sqrt() + 1e-4;
+        let ok = (mean - want).abs() <= tolerance;
+        report(format!(
+            "{name:<15} {tag:<6} {stat:<8} lwi {mean:>9.4} (sd {sd:.4})  batchgenerators {want:>9.4} (sd {want_sd:.4})  tol {tolerance:.4}{}",
+            if ok { "" } else { "  FAIL" }
+        ));
+        if !ok {
+            failures.push(format!(
+                "{name} {tag} {stat}: {mean} vs {want} (± {tolerance})"
+            ));
+        }
+    }
+    failures
 }
 
 #[test]
@@ -184,7 +219,6 @@ fn each_augmentation_has_batchgenerators_statistics() {
         // batchgenerators' MirrorTransform flips each axis with probability 0.5
         ("mirror", recipe.mirror_p),
     ];
-    let names = ["mean", "sd", "min", "max", "mean|Δ|", "changed"];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
     tch::manual_seed(17);
     let mut failures = Vec::new();
@@ -200,30 +234,37 @@ fn each_augmentation_has_batchgenerators_statistics() {
                     statistics(&out, &input)
                 })
                 .collect();
-            let reference = &r[&format!("augment.{name}.{tag}")];
-            for (k, stat) in names.iter().enumerate() {
-                let values: Vec<f64> = rows.iter().map(|row| row[k]).collect();
-                let mean = values.iter().sum::<f64>() / DRAWS as f64;
-                let sd =
-                    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / DRAWS as f64).sqrt();
-                let (want, want_sd) = (
-                    reference.double_value(&[0, k as i64]),
-                    reference.double_value(&[1, k as i64]),
-                );
-                // four standard errors of the difference of two means, plus float32 rounding
-                let tolerance = 4.0 * ((sd * sd + want_sd * want_sd) / DRAWS as f64).sqrt() + 1e-4;
-                let ok = (mean - want).abs() <= tolerance;
-                report(format!(
-                    "{name:<15} {tag:<6} {stat:<8} lwi {mean:>9.4} (sd {sd:.4})  batchgenerators {want:>9.4} (sd {want_sd:.4})  tol {tolerance:.4}{}",
-                    if ok { "" } else { "  FAIL" }
-                ));
-                if !ok {
-                    failures.push(format!(
-                        "{name} {tag} {stat}: {mean} vs {want} (± {tolerance})"
-                    ));
-                }
-            }
+            failures.extend(compare(
+                name,
+                tag,
+                &rows,
+                &r[&format!("augment.{name}.{tag}")],
+            ));
         }
+    }
+    let wide = r["augment.spatial_input"].unsqueeze(0).to_kind(Kind::Float);
+    let centre = wide.narrow(2, 6, 32).narrow(3, 6, 32);
+    for (tag, p) in [("always", 1.0), ("recipe", recipe.rotation_p)] {
+        let aug = only("spatial", p);
+        assert_eq!(
+            aug.sampled_patch([16, 32, 32]),
+            [16, 45, 45],
+            "get_patch_size"
+        );
+        let rows: Vec<[f64; 6]> = (0..DRAWS)
+            .map(|_| {
+                let (out, _) = aug
+                    .spatial(wide.copy(), None, [16, 32, 32], &mut rng)
+                    .unwrap();
+                statistics(&out, &centre)
+            })
+            .collect();
+        failures.extend(compare(
+            "spatial",
+            tag,
+            &rows,
+            &r[&format!("augment.spatial.{tag}")],
+        ));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -9,6 +9,7 @@ Usage: nnunet_recipe_reference.py OUT.safetensors
              fixed gradients
   labels:    a label map [24, 20, 6] resized as resample_data_or_seg(is_seg=True, order=1, order_z=0) does, to
              [31, 15, 6] (all axes) and to [30, 26, 12] (separate z, nearest along the last axis)
+  spatial:   the spatial transform (dummy 2D) on a 16 x 45 x 45 sample cut to 32 x 32, as augment below
   augment:   per transform of get_moreDA_augmentation, over 400 draws on one fixed sample, the mean and standard
              deviation of five statistics of the output (mean, sd, min, max, mean |out - in|) and the share of draws
              that changed it; once with the transform always applied, once with nnU-Net's probability
@@ -23,7 +24,7 @@ from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativ
                                                          ContrastAugmentationTransform, GammaTransform)
 from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
-from batchgenerators.transforms.spatial_transforms import MirrorTransform
+from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from nnunet.training.data_augmentation.downsampling import downsample_seg_for_ds_transform2
 from nnunet.training.learning_rate.poly_lr import poly_lr
 from nnunet.training.loss_functions.deep_supervision import MultipleOutputLoss2
@@ -51,6 +52,33 @@ TRANSFORMS = {
 def statistics(out, x):
     changed = float(not np.array_equal(out, x))
     return [out.mean(), out.std(), out.min(), out.max(), np.abs(out - x).mean(), changed]
+
+
+def spatial(p):
+    """get_moreDA_augmentation's SpatialTransform in dummy-2D mode on a 45 x 45 sampled patch (get_patch_size of
+    32 x 32) cut to 32 x 32: rotation +-180 degrees, scale (0.7, 1.4), cubic image, linear labels, no elastic."""
+    return SpatialTransform((32, 32), patch_center_dist_from_border=None, do_elastic_deform=False,
+                            do_rotation=True, angle_x=(-np.pi, np.pi), angle_y=(0, 0), angle_z=(0, 0),
+                            p_rot_per_axis=1, do_scale=True, scale=(0.7, 1.4), border_mode_data="constant",
+                            border_cval_data=0, order_data=3, border_mode_seg="constant", border_cval_seg=-1,
+                            order_seg=1, random_crop=False, p_el_per_sample=0, p_scale_per_sample=p,
+                            p_rot_per_sample=p, independent_scale_for_each_axis=False)
+
+
+def spatial_statistics(sample):
+    """As augmentation(), for the spatial transform; the change is measured against the centre cut."""
+    tensors = {"augment.spatial_input": torch.from_numpy(sample[0].copy())}
+    centre = sample[0, :, 6:38, 6:38].astype(np.float64)
+    for tag, prob in (("always", 1.0), ("recipe", 0.2)):
+        transform = spatial(prob)
+        rows = []
+        for _ in range(DRAWS):
+            batch = {"data": sample.copy(), "seg": np.zeros_like(sample)}  # (b, c·z, y, x): the dummy-2D layout
+            out = transform(**batch)["data"][0].astype(np.float64)
+            rows.append(statistics(out, centre))
+        rows = np.array(rows)
+        tensors[f"augment.spatial.{tag}"] = torch.tensor(np.stack([rows.mean(0), rows.std(0)]))
+    return tensors
 
 
 def augmentation(sample):
@@ -132,6 +160,9 @@ def main():
     z, y, x = np.meshgrid(np.arange(16), np.arange(32), np.arange(32), indexing="ij")
     sample = (np.sin(x / 5.0) + np.cos(y / 7.0) + z / 16.0 + np.random.normal(0, 0.3, (16, 32, 32)))[None]
     tensors.update(augmentation(sample.astype(np.float32)))
+    z, y, x = np.meshgrid(np.arange(16), np.arange(45), np.arange(45), indexing="ij")
+    wide = (np.sin(x / 5.0) + np.cos(y / 7.0) + z / 16.0 + np.random.normal(0, 0.3, (16, 45, 45)))[None]
+    tensors.update(spatial_statistics(wide.astype(np.float32)))
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, sys.argv[1])
 
 

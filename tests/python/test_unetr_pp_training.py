@@ -199,3 +199,40 @@ def test_fine_tuning_on_other_cases_than_stage1_saw_is_refused(data, tmp_path):
     assert r.returncode != 0
     assert "fingerprint" in r.stderr and str(init) in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_the_preprocessed_cache_is_reused_rebuilt_when_broken_and_keyed_by_content(data, tmp_path):
+    d, dataset = data
+    config = {"epochs": 1, "iterations_per_epoch": 2, "val_every": 100, "cache_dir": str(tmp_path / "cache")}
+    runs = [tmp_path / f"{n}.safetensors" for n in ("first", "second", "memory", "repaired")]
+    assert train("fine-tune", d, dataset, runs[0], config, "--from-scratch").returncode == 0
+    entries = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(entries) == 3, "one entry per training case"
+    stamps = [e.stat().st_mtime_ns for e in entries]
+    assert train("fine-tune", d, dataset, runs[1], config, "--from-scratch").returncode == 0
+    assert [e.stat().st_mtime_ns for e in entries] == stamps, "the second run reads the entries, it does not rewrite"
+    assert train("fine-tune", d, dataset, runs[2], dict(config, cache=False), "--from-scratch").returncode == 0
+    entries[0].write_bytes(entries[0].read_bytes()[:1000])  # a damaged entry
+    r = train("fine-tune", d, dataset, runs[3], config, "--from-scratch")
+    assert r.returncode == 0, r.stderr
+    assert "unreadable" in r.stdout + r.stderr
+    first = runs[0].read_bytes()
+    for other in runs[1:]:
+        assert other.read_bytes() == first, f"{other.name}: the cache changes nothing the run computes"
+
+    # a changed file is prepared afresh under a new key
+    doc = json.loads(dataset.read_text())
+    image = dataset.parent / doc["training"][0]["image"]
+    nii = nib.load(image)
+    arr = np.asarray(nii.dataobj).copy()
+    arr[arr.shape[0] // 2, arr.shape[1] // 2, arr.shape[2] // 2] += 7
+    changed = tmp_path / "changed"
+    (changed / "imagesTr").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(arr, nii.affine, nii.header), changed / "imagesTr" / image.name)
+    for case in doc["training"][1:] + doc["validation"]:
+        (changed / "imagesTr" / (dataset.parent / case["image"]).name).symlink_to(dataset.parent / case["image"])
+    doc = json.loads(json.dumps(doc).replace("./labelsTr", str(dataset.parent / "labelsTr")))
+    (changed / "dataset.json").write_text(json.dumps(doc))
+    assert train("fine-tune", d, changed / "dataset.json", tmp_path / "c.safetensors", config,
+                 "--from-scratch").returncode == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4, "only the changed case is prepared again"

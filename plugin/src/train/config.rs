@@ -139,6 +139,11 @@ pub struct TrainConfig {
     pub augment: Augment,
     /// unetr_pp recipe's augmentation (nnU-Net v1's).
     pub nnunet_augment: NnUnetAugment,
+    /// unetr_pp recipe: keep each prepared case in the preprocessed cache on disk (read
+    /// memory-mapped) instead of in memory.
+    pub cache: bool,
+    /// The cache's folder; absent: `lwi-cache` beside `out`.
+    pub cache_dir: Option<PathBuf>,
     /// unetr_pp recipe: Dice over the whole batch (nnU-Net's `batch_dice`) rather than per sample.
     pub batch_dice: bool,
     pub pretext: PretextConfig,
@@ -197,6 +202,8 @@ impl TrainConfig {
             window: [-175.0, 250.0],
             augment: Augment::default(),
             nnunet_augment: NnUnetAugment::default(),
+            cache: true,
+            cache_dir: None,
             batch_dice: true,
             pretext: PretextConfig::default(),
             amp: true,
@@ -387,6 +394,14 @@ impl TrainConfig {
         c.arch
             .validate()
             .map_err(|e| Error::invalid(format!("training config: arch: {}", e.message)))
+    }
+
+    /// Where the preprocessed cache lives.
+    pub(super) fn cache_path(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| {
+            let dir = self.out.parent().filter(|p| !p.as_os_str().is_empty());
+            dir.unwrap_or(Path::new(".")).join("lwi-cache")
+        })
     }
 
     pub(super) fn checkpoint_path(&self) -> PathBuf {

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
 use tch::{Kind, Tensor};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Fingerprint {
     /// Median spacing per stored axis (x, y, z), mm.
     pub spacing: [f64; 3],

@@ -7,6 +7,7 @@
 //! and the transfer from stage 1 to stage 2 ([`transfer`]).
 
 mod batches;
+mod cache;
 mod checkpoint;
 mod config;
 pub mod fingerprint;
@@ -105,7 +106,8 @@ impl<'a> Run<'a> {
         }
         let dataset = DatasetFile::read(&cfg.dataset)?;
         let classes = stage_classes(stage, cfg, &dataset)?;
-        let pre = preprocessing(cfg, &dataset, progress)?;
+        let store = Store::open(cfg, &dataset)?;
+        let pre = preprocessing(cfg, &dataset, &store, progress)?;
         let mut arch = cfg.arch.clone();
         if arch.out_channels() != classes && cfg.out_channels_given && stage == Stage::Segmentation
         {
@@ -157,7 +159,7 @@ impl<'a> Run<'a> {
         }
         // Label values are checked against the classes when fine-tuning (init-train ignores them).
         let label_classes = (stage == Stage::Segmentation).then_some(classes as u32);
-        let source = Source::prepare(cfg, &dataset, &pre, label_classes, progress)?;
+        let source = Source::prepare(cfg, &dataset, &pre, label_classes, &store, progress)?;
         // bf16 needs no loss scaling; on GPUs without it (before Ampere) training runs fp32 rather
         // than fp16 without a scaler.
         let precision = if cfg.amp && crate::model::precision::bf16_supported(device) {
@@ -319,6 +321,7 @@ impl<'a> Run<'a> {
 fn preprocessing(
     cfg: &TrainConfig,
     dataset: &DatasetFile,
+    store: &Store,
     progress: &mut dyn Progress,
 ) -> Result<Preprocessing> {
     let roi_size = cfg.arch.img_size();
@@ -330,7 +333,11 @@ fn preprocessing(
             ..Default::default()
         }),
         Recipe::UnetrPp => {
-            let print = fingerprint::compute(&dataset.training, progress)?;
+            let mut compute = || fingerprint::compute(&dataset.training, progress);
+            let print = match &store.cache {
+                Some(cache) => cache.fingerprint(&store.hashes, compute)?,
+                None => compute()?,
+            };
             Ok(Preprocessing {
                 spacing: cfg.spacing.unwrap_or(print.spacing),
                 roi_size,
@@ -339,6 +346,33 @@ fn preprocessing(
                 ..Default::default()
             })
         }
+    }
+}
+
+/// The unetr_pp recipe's prepared data: the training cases' file hashes and the cache on disk.
+struct Store {
+    hashes: Vec<String>,
+    cache: Option<cache::Cache>,
+}
+
+impl Store {
+    fn open(cfg: &TrainConfig, dataset: &DatasetFile) -> Result<Store> {
+        if cfg.recipe != Recipe::UnetrPp {
+            return Ok(Store {
+                hashes: Vec::new(),
+                cache: None,
+            });
+        }
+        let hashes = dataset
+            .training
+            .iter()
+            .map(|e| cache::case_hash(e, true))
+            .collect::<Result<_>>()?;
+        let cache = cfg
+            .cache
+            .then(|| cache::Cache::open(&cfg.cache_path()))
+            .transpose()?;
+        Ok(Store { hashes, cache })
     }
 }
 
@@ -356,6 +390,7 @@ impl Source {
         dataset: &DatasetFile,
         pre: &Preprocessing,
         classes: Option<u32>,
+        store: &Store,
         progress: &mut dyn Progress,
     ) -> Result<Source> {
         let roi = cfg.arch.img_size();
@@ -374,10 +409,11 @@ impl Source {
                     .ok_or_else(|| Error::internal("nnU-Net pipeline without its normalisation"))?;
                 Source::Patches(patches::prepare_cases(
                     &dataset.training,
-                    pre.spacing,
+                    &store.hashes,
                     norm,
+                    pre.spacing,
                     classes,
-                    cfg.seed,
+                    store.cache.as_ref(),
                     progress,
                 )?)
             }

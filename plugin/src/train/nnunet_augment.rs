@@ -1,9 +1,9 @@
 //! nnU-Net v1's training augmentation for UNETR++ (`get_moreDA_augmentation`, batchgenerators'
 //! transforms, in their order and with the UNETR++ Synapse trainer's probabilities and ranges;
-//! unetrpp.md (d)): Gaussian noise, Gaussian blur, multiplicative brightness, contrast, simulated
-//! low resolution, inverted gamma, gamma, mirroring. Each draw comes from the run's RNG (voxel
-//! noise from libtorch's, reseeded per epoch), so a resumed run repeats them. Not included:
-//! the spatial transform (rotation, scaling); see docs/training.md.
+//! unetrpp.md (d)): the spatial transform (in-plane rotation and scaling of a larger sampled patch,
+//! dummy-2D), Gaussian noise, Gaussian blur, multiplicative brightness, contrast, simulated low
+//! resolution, inverted gamma, gamma, mirroring. Each draw comes from the run's RNG (voxel noise
+//! from libtorch's, reseeded per epoch), so a resumed run repeats them.
 //! Statistics checked against batchgenerators in `plugin/tests/nnunet_recipe.rs`.
 
 use crate::error::{Error, Result};
@@ -17,6 +17,13 @@ use tch::{Kind, Tensor};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NnUnetAugment {
+    /// `SpatialTransform` in dummy-2D mode: each z slice rotated in-plane by U(±degrees) and scaled
+    /// by one factor from `scale_range` (half the time below 1), sampled from a larger patch
+    /// (`get_patch_size`); bicubic for the image, nearest for the labels, zero outside.
+    pub rotation_p: f64,
+    pub rotation_degrees: f64,
+    pub scale_p: f64,
+    pub scale_range: [f64; 2],
     /// `GaussianNoiseTransform`: v + N(0, s²), s ~ U(range) (batchgenerators draws the standard
     /// deviation from what it calls the variance range).
     pub noise_p: f64,
@@ -50,6 +57,10 @@ pub struct NnUnetAugment {
 impl Default for NnUnetAugment {
     fn default() -> Self {
         NnUnetAugment {
+            rotation_p: 0.2,
+            rotation_degrees: 180.0,
+            scale_p: 0.2,
+            scale_range: [0.7, 1.4],
             noise_p: 0.1,
             noise_sd: [0.0, 0.1],
             blur_p: 0.2,
@@ -75,6 +86,8 @@ impl NnUnetAugment {
     /// Probabilities in [0, 1], ranges ordered and positive where a factor is drawn.
     pub fn check(&self) -> Result<()> {
         let p = [
+            ("rotation_p", self.rotation_p),
+            ("scale_p", self.scale_p),
             ("noise_p", self.noise_p),
             ("blur_p", self.blur_p),
             ("blur_p_channel", self.blur_p_channel),
@@ -92,6 +105,7 @@ impl NnUnetAugment {
             )));
         }
         let ranges = [
+            ("scale_range", self.scale_range, f64::MIN_POSITIVE),
             ("noise_sd", self.noise_sd, 0.0),
             ("blur_sigma", self.blur_sigma, f64::MIN_POSITIVE),
             ("brightness_range", self.brightness_range, 0.0),
@@ -108,6 +122,12 @@ impl NnUnetAugment {
                 "{name} {r:?} must be [low, high] with {sign} low ≤ high"
             )));
         }
+        if !(0.0..=180.0).contains(&self.rotation_degrees) {
+            return Err(Error::invalid(format!(
+                "rotation_degrees {} must be in [0, 180]",
+                self.rotation_degrees
+            )));
+        }
         if self.low_res_zoom[1] > 1.0 {
             return Err(Error::invalid(format!(
                 "low_res_zoom {:?} must lie within (0, 1]",
@@ -115,6 +135,87 @@ impl NnUnetAugment {
             )));
         }
         Ok(())
+    }
+
+    /// The patch to sample for a final `patch`: with rotation or scaling on, nnU-Net's
+    /// `get_patch_size` of the in-plane size (rotated by up to 90°, divided by the smallest scale).
+    pub fn sampled_patch(&self, patch: [i64; 3]) -> [i64; 3] {
+        if self.rotation_p == 0.0 && self.scale_p == 0.0 {
+            return patch;
+        }
+        let angle = self
+            .rotation_degrees
+            .to_radians()
+            .min(std::f64::consts::FRAC_PI_2);
+        let (h, w) = (patch[1] as f64, patch[2] as f64);
+        let (c, s) = (angle.cos(), angle.sin());
+        let rotated = [(h * c + w * s).abs(), (-h * s + w * c).abs()];
+        let smallest = self.scale_range[0];
+        [
+            patch[0],
+            (rotated[0].max(h) / smallest) as i64,
+            (rotated[1].max(w) / smallest) as i64,
+        ]
+    }
+
+    /// `SpatialTransform` (dummy 2D, `random_crop=False`): the sampled patch `[C, z, H, W]` rotated
+    /// and scaled about its centre onto the final `patch`, or its centre cut when neither is drawn.
+    pub fn spatial(
+        &self,
+        image: Tensor,
+        labels: Option<Tensor>,
+        patch: [i64; 3],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let angle = (rng.random::<f64>() < self.rotation_p).then(|| {
+            let a = self.rotation_degrees.to_radians();
+            uniform(rng, [-a, a])
+        });
+        let scale = (rng.random::<f64>() < self.scale_p).then(|| factor(rng, self.scale_range));
+        let s = image.size();
+        let (big_h, big_w) = (s[2], s[3]);
+        let (h, w) = (patch[1], patch[2]);
+        if angle.is_none() && scale.is_none() {
+            let cut = |t: Tensor| -> Result<Tensor> {
+                Ok(t.f_narrow(2, (big_h - h) / 2, h)?
+                    .f_narrow(3, (big_w - w) / 2, w)?)
+            };
+            return Ok((cut(image)?, labels.map(cut).transpose()?));
+        }
+        let (sin, cos) = angle.unwrap_or(0.0).sin_cos();
+        let sc = scale.unwrap_or(1.0);
+        // batchgenerators' coordinates: centred on the final patch, rotated as a row vector by
+        // [[cos, −sin], [sin, cos]], scaled, then moved to the sampled patch's centre
+        let mut grid = Vec::with_capacity((h * w * 2) as usize);
+        for i in 0..h {
+            for j in 0..w {
+                let (ci, cj) = (
+                    i as f64 - (h - 1) as f64 / 2.0,
+                    j as f64 - (w - 1) as f64 / 2.0,
+                );
+                let y = (ci * cos + cj * sin) * sc + big_h as f64 / 2.0 - 0.5;
+                let x = (-ci * sin + cj * cos) * sc + big_w as f64 / 2.0 - 0.5;
+                // grid_sample's normalised (x, y), corners aligned
+                grid.push((2.0 * x / (big_w - 1) as f64 - 1.0) as f32);
+                grid.push((2.0 * y / (big_h - 1) as f64 - 1.0) as f32);
+            }
+        }
+        let grid = Tensor::from_slice(&grid)
+            .f_view([1, h, w, 2])?
+            .f_to_device(image.device())?;
+        // each z slice is a channel of one 2D image, as Convert3DTo2DTransform makes it
+        let sample = |t: &Tensor, mode: i64| -> Result<Tensor> {
+            let planes = t.f_reshape([1, -1, big_h, big_w])?.f_to_kind(Kind::Float)?;
+            let out = planes.f_grid_sampler_2d(&grid, mode, 0, true)?;
+            Ok(out.f_reshape([s[0], s[1], h, w])?)
+        };
+        const BICUBIC: i64 = 2;
+        const NEAREST: i64 = 1;
+        let image = sample(&image, BICUBIC)?;
+        let labels = labels
+            .map(|l| -> Result<Tensor> { Ok(sample(&l, NEAREST)?.f_round()?.f_to_kind(l.kind())?) })
+            .transpose()?;
+        Ok((image, labels))
     }
 
     /// One sample's image `[C, z, y, x]` (float) and labels, transformed in batchgenerators' order.

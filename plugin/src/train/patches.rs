@@ -3,12 +3,15 @@
 //! spacing, CT normalisation; labels resampled as nnU-Net resamples segmentations), then batches
 //! of patches from cases drawn with replacement, the last `round(batch · oversample)` of each
 //! batch centred on a voxel of a random foreground class, the others anywhere (padding with
-//! zeros where the case is smaller than the patch), each augmented (`nnunet_augment`).
+//! zeros where the case is smaller than the patch) — sampled larger in-plane when the spatial
+//! augmentation is on, as nnU-Net does — each augmented (`nnunet_augment`). Prepared
+//! cases are kept in the preprocessed cache on disk (`cache`) unless the config turns it off.
 
 use super::TrainConfig;
+use super::cache::{self, Cache};
 use crate::bundle::CtNormalization;
 use crate::dataset::{Entry, check_label};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -24,40 +27,32 @@ pub(super) struct PatchCase {
     label: Option<Tensor>,
     /// Per foreground class present: flat voxel indices to centre a patch on.
     locations: Vec<Tensor>,
+    /// The cache entry the tensors are mapped from (declared last: dropped after them).
+    _entry: Option<memmap2::Mmap>,
 }
 
-/// Prepares each training case; `classes` checks label values (fine-tune).
+/// Prepares each training case, or reads it from `cache`; `classes` checks label values
+/// (fine-tune). `hashes` are the cases' file hashes ([`cache::case_hash`]).
 pub(super) fn prepare_cases(
     entries: &[Entry],
-    spacing: [f64; 3],
+    hashes: &[String],
     norm: &CtNormalization,
+    spacing: [f64; 3],
     classes: Option<u32>,
-    seed: u64,
+    cache: Option<&Cache>,
     progress: &mut dyn Progress,
 ) -> Result<Vec<PatchCase>> {
-    // Its own RNG: a resumed run prepares the same locations before restoring the run's RNG.
-    let mut rng: ChaCha8Rng = rand::SeedableRng::seed_from_u64(seed ^ 0x6c6f_6361_7469_6f6e);
+    let settings =
+        serde_json::json!({"spacing": spacing, "norm": norm, "classes": classes}).to_string();
     let mut cases = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
-        let volume = crate::io::read_volume(&entry.image)?;
-        let prepared = crate::nnunet::prepare(&volume, spacing, norm)?;
-        let label = match (&entry.label, classes) {
-            (Some(path), Some(_)) => {
-                let label = crate::io::read_volume(path)?;
-                check_label(&volume, &label, path, classes)?;
-                Some(prepared.labels_on_grid(&label)?)
-            }
-            _ => None,
+        let key = cache::key(&hashes[i..=i], &settings);
+        let prepare = || prepare_case(entry, &key, spacing, norm, classes);
+        let case = match cache {
+            None => in_memory(prepare()?),
+            Some(c) => cached(c, &key, prepare, &entry.image, progress)?,
         };
-        let locations = match &label {
-            Some(l) => class_locations(l, &mut rng)?,
-            None => Vec::new(),
-        };
-        cases.push(PatchCase {
-            image: prepared.image,
-            label,
-            locations,
-        });
+        cases.push(case);
         report(
             progress,
             Event {
@@ -71,8 +66,98 @@ pub(super) fn prepare_cases(
     Ok(cases)
 }
 
+/// The case from its cache entry, prepared and stored first when there is none (or a broken one).
+fn cached(
+    cache: &Cache,
+    key: &str,
+    prepare: impl Fn() -> Result<Vec<(String, Tensor)>>,
+    image: &std::path::Path,
+    progress: &mut dyn Progress,
+) -> Result<PatchCase> {
+    match cache.get(key) {
+        Some(Ok(entry)) => return Ok(from_entry(entry)),
+        Some(Err(why)) => report(
+            progress,
+            Event {
+                stage: "preprocess",
+                message: format!(
+                    "warning: the cache entry of {} is unreadable ({why}): preparing it again",
+                    image.display()
+                ),
+                ..Default::default()
+            },
+        )?,
+        None => {}
+    }
+    cache.put(key, &prepare()?)?;
+    match cache.get(key) {
+        Some(Ok(entry)) => Ok(from_entry(entry)),
+        Some(Err(why)) => Err(Error::internal(format!(
+            "cache entry written but unreadable: {why}"
+        ))),
+        None => Err(Error::internal("cache entry written but absent")),
+    }
+}
+
+fn from_entry(mut entry: cache::Entry) -> PatchCase {
+    let mut locations: Vec<(i64, Tensor)> = entry
+        .tensors
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("loc.")?.parse().ok()?, v.shallow_clone())))
+        .collect();
+    locations.sort_by_key(|(c, _)| *c);
+    PatchCase {
+        image: entry.tensors.remove("image").unwrap_or_default(),
+        label: entry.tensors.remove("label"),
+        locations: locations.into_iter().map(|(_, t)| t).collect(),
+        _entry: Some(entry.map),
+    }
+}
+
+fn in_memory(mut tensors: Vec<(String, Tensor)>) -> PatchCase {
+    let mut take = |name: &str| {
+        tensors
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| tensors.remove(i).1)
+    };
+    let (image, label) = (take("image").unwrap_or_default(), take("label"));
+    PatchCase {
+        image,
+        label,
+        locations: tensors.into_iter().map(|(_, t)| t).collect(),
+        _entry: None,
+    }
+}
+
+/// One case as nnU-Net prepares it: `image`, `label` (when `classes`) and `loc.N`, the locations
+/// drawn from an RNG seeded by the case's key (the same with or without the cache).
+fn prepare_case(
+    entry: &Entry,
+    key: &str,
+    spacing: [f64; 3],
+    norm: &CtNormalization,
+    classes: Option<u32>,
+) -> Result<Vec<(String, Tensor)>> {
+    let volume = crate::io::read_volume(&entry.image)?;
+    let prepared = crate::nnunet::prepare(&volume, spacing, norm)?;
+    let mut out = vec![("image".to_string(), prepared.image.shallow_clone())];
+    if let (Some(path), Some(_)) = (&entry.label, classes) {
+        let label = crate::io::read_volume(path)?;
+        check_label(&volume, &label, path, classes)?;
+        let label = prepared.labels_on_grid(&label)?;
+        let seed = u64::from_str_radix(&key[..16], 16).unwrap_or(0);
+        let mut rng: ChaCha8Rng = rand::SeedableRng::seed_from_u64(seed);
+        for (class, locations) in class_locations(&label, &mut rng)? {
+            out.push((format!("loc.{class}"), locations));
+        }
+        out.push(("label".to_string(), label));
+    }
+    Ok(out)
+}
+
 /// nnU-Net's `class_locations`: per class present, a random subset of its voxels.
-fn class_locations(label: &Tensor, rng: &mut ChaCha8Rng) -> Result<Vec<Tensor>> {
+fn class_locations(label: &Tensor, rng: &mut ChaCha8Rng) -> Result<Vec<(i64, Tensor)>> {
     let flat = label.f_reshape([-1])?;
     let largest = flat.f_max()?.int64_value(&[]);
     let mut out = Vec::new();
@@ -87,7 +172,7 @@ fn class_locations(label: &Tensor, rng: &mut ChaCha8Rng) -> Result<Vec<Tensor>> 
             .into_iter()
             .map(|i| i as i64)
             .collect();
-        out.push(all.f_index_select(0, &Tensor::from_slice(&chosen))?);
+        out.push((class, all.f_index_select(0, &Tensor::from_slice(&chosen))?));
     }
     Ok(out)
 }
@@ -103,17 +188,20 @@ pub(super) fn batch(
     let b = cfg.batch_size;
     // `get_do_oversample`: sample j is forced when j ≥ round(B · (1 − oversample)).
     let random_ones = (b as f64 * (1.0 - cfg.oversample_foreground)).round_ties_even() as i64;
+    let aug = &cfg.nnunet_augment;
+    let sampled = aug.sampled_patch(patch);
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     for j in 0..b {
         let case = &cases[rng.random_range(0..cases.len())];
-        let start = patch_start(case, patch, j >= random_ones, rng);
-        let image = cut(&case.image, start, patch)?.f_to_device(device)?;
+        let start = patch_start(case, sampled, j >= random_ones, rng);
+        let image = cut(&case.image, start, sampled)?.f_to_device(device)?;
         let label = case
             .label
             .as_ref()
-            .map(|l| -> Result<Tensor> { Ok(cut(l, start, patch)?.f_to_device(device)?) })
+            .map(|l| -> Result<Tensor> { Ok(cut(l, start, sampled)?.f_to_device(device)?) })
             .transpose()?;
-        let (image, label) = cfg.nnunet_augment.apply(image, label, rng)?;
+        let (image, label) = aug.spatial(image, label, patch, rng)?;
+        let (image, label) = aug.apply(image, label, rng)?;
         images.push(image);
         labels.extend(label);
     }
