@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RELEASE := target/release
 DEMO := out/demo
 
-.PHONY: fuzz all setup build lint test test-rust test-c test-python testdata demo bench header gpu-bundle gpu-check clean
+.PHONY: fuzz all setup build lint test test-rust test-c test-python testdata demo demo-unetrpp bench header gpu-bundle gpu-check clean
 
 all: build
 
@@ -56,6 +56,10 @@ fuzz: testdata
 demo: build
 	./scripts/demo/run
 
+## demo-unetrpp: the same with a tiny UNETR++ and nnU-Net v1's recipe (out/demo-unetr-pp/)
+demo-unetrpp: build
+	./scripts/demo/run unetr_pp
+
 ## bench: benchmarks against the reference implementations (prints ratios; see docs/performance.md)
 bench: build testdata
 	$(CARGO) build --release --examples
@@ -76,7 +80,8 @@ gpu-bundle: build
 	$(CARGO) test --release -p lwi --test cuda --no-run
 	rm -rf target/gpu-bundle && mkdir -p target/gpu-bundle/bin target/gpu-bundle/py target/gpu-bundle/data
 	cp $(RELEASE)/liblwi.so $(RELEASE)/lwi $(RELEASE)/examples/unetr_forward $(RELEASE)/examples/train_step \
-		$(RELEASE)/examples/sliding_window $(RELEASE)/examples/unetr_pp_forward target/gpu-bundle/bin/
+		$(RELEASE)/examples/sliding_window $(RELEASE)/examples/unetr_pp_forward \
+		$(RELEASE)/examples/unetr_pp_train_step target/gpu-bundle/bin/
 	cp "$$(scripts/fetch-test-data)/totalsegmentator/totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz" target/gpu-bundle/data/
 	cp "$$(ls -t $(RELEASE)/deps/cuda-* | grep -v '\.d$$' | head -n 1)" target/gpu-bundle/bin/cuda-tests
 	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o target/gpu-bundle/bin/abi_misuse

@@ -132,9 +132,9 @@ def bench_unetr_pp_train_step(device, batch, precision, feature, depths, rounds=
 
 
 def bench_train_cache(work, cases=100):
-    """Fine-tuning a tiny UNETR++ (unetr_pp recipe) on `cases` phantoms, twice with a fresh cache then once more:
-    the peak RSS of each run and how long preparation (fingerprint and cases, from the first event to the last
-    "preprocess" one) takes without and with the cache's entries."""
+    """Fine-tuning a tiny UNETR++ (unetr_pp recipe) on `cases` phantoms, twice, the cache fresh before the first:
+    the peak RSS of each run and how long preparation takes without and with the cache's entries (from the
+    process's start, libtorch's loading included, to its last "preprocess" event)."""
     data = work / f"cache-phantoms-{cases}"
     if not (data / "dataset.json").exists():
         subprocess.run([str(cli_path()), "phantom", "--out", str(data), "--cases", str(cases), "--seed", "4",
@@ -153,13 +153,10 @@ def bench_train_cache(work, cases=100):
     for run in ("first (prepares)", "second (cache)"):
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = last = None
+        first, last = 0.0, None
         for line in p.stdout:
-            if line.startswith("{"):
-                stage = json.loads(line).get("stage")
-                now = time.perf_counter() - t0
-                first = now if first is None else first
-                last = now if stage == "preprocess" else last
+            if line.startswith("{") and json.loads(line).get("stage") == "preprocess":
+                last = time.perf_counter() - t0
         _, status, usage = os.wait4(p.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(p.stderr.read()[-2000:])

@@ -3,7 +3,8 @@
 # (whose lib/ provides libtorch). Build the bundle first, here: `make gpu-bundle`; then run this
 # on the GPU machine from the repository root with target/gpu-bundle carried over.
 # Sections run most important first, so a run cut short by a time limit keeps what matters; name
-# some to run only those: tests sliding-window segment e2e memory unetr-pp train-step forward training abi.
+# some to run only those: tests sliding-window segment e2e memory unetr-pp train-step unetr-pp-train
+# forward training study abi.
 # Record what it prints in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 export PYTHONPATH="$B/py:${PYTHONPATH:-}"
 LWI="$B/bin/lwi --plugin $B/bin/liblwi.so"
 W=/tmp/lwi-gpu && rm -rf $W && mkdir -p $W
-SECTIONS=" ${*:-tests sliding-window segment e2e memory unetr-pp train-step forward training abi} "
+SECTIONS=" ${*:-tests sliding-window segment e2e memory unetr-pp train-step unetr-pp-train forward training study abi} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 export LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W
 export LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz
@@ -99,6 +100,15 @@ if want segment && [ -f $W/full-1.5,1.5,2.safetensors ]; then
   done
 fi
 
+if want unetr-pp-train; then
+  step "GPU benchmark: UNETR++ training step, Synapse model, batch 2 of 64x128x128 (nnU-Net's loss, SGD; lwi bf16 vs PyTorch AMP)"
+  "$PY" bench/run.py --only unetr-pp-train-step --device cuda || failed=1
+  for precision in bf16 fp16; do
+    peak_gpu_memory "$B/bin/unetr_pp_train_step" cuda 2 $precision 5 16 3 3 3 3 || failed=1
+    echo "lwi $precision: $(tail -n 1 $W/last.log)"
+  done
+fi
+
 if want e2e && monai_or_skip "the end-to-end benchmark"; then
   step "GPU benchmark: end-to-end segmentation, file in -> label file out, full UNETR, window batch 4, fp32"
   "$PY" bench/run.py --only segment --device cuda:0 --batch 4 --precision fp32 --reps 4 || failed=1
@@ -144,6 +154,15 @@ if want train-step && monai_or_skip "the training-step benchmark"; then
   done
 fi
 
+if want unetr-pp-train; then
+  step "GPU benchmark: UNETR++ training step, Synapse model, batch 2 of 64x128x128 (nnU-Net's loss, SGD; lwi bf16 vs PyTorch AMP)"
+  "$PY" bench/run.py --only unetr-pp-train-step --device cuda || failed=1
+  for precision in bf16 fp16; do
+    peak_gpu_memory "$B/bin/unetr_pp_train_step" cuda 2 $precision 5 16 3 3 3 3 || failed=1
+    echo "lwi $precision: $(tail -n 1 $W/last.log)"
+  done
+fi
+
 if want e2e && monai_or_skip "the end-to-end benchmark"; then
   step "GPU benchmark: end-to-end segmentation in bf16"
   "$PY" bench/run.py --only segment --device cuda:0 --batch 4 --precision bf16 --reps 2 || failed=1
@@ -173,6 +192,13 @@ if want training; then
   $LWI fine-tune --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
     --init $W/init.safetensors --epochs 3 --device cuda:0 --out $W/model.safetensors 2>&1 | tail -n 2 || failed=1
   echo "training wall time: $(( $(date +%s) - t0 )) s"
+fi
+
+if want study; then
+  step "the learned-initialization study at full size (one seed, 2 training cases; bench/lwi_vs_random.py --full)"
+  for arch in unetr unetr_pp; do
+    "$PY" bench/lwi_vs_random.py --full --arch $arch --seeds 0 --train-cases 2 --device cuda:0 | tail -n 3 || failed=1
+  done
 fi
 
 if want abi; then

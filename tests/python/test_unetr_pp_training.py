@@ -190,6 +190,14 @@ def test_bad_configurations_are_refused_naming_the_field(data, tmp_path, config,
     assert not out.exists()
 
 
+def test_validation_labels_must_be_the_datasets(data, tmp_path):
+    d, dataset = data
+    out = tmp_path / "m.safetensors"
+    r = train("fine-tune", d, dataset, out, dict(FINE, val_labels=[1, 99]), "--from-scratch")
+    assert r.returncode != 0 and "val_labels: 99" in r.stderr, r.stderr
+    assert not out.exists()
+
+
 def test_fine_tuning_on_other_cases_than_stage1_saw_is_refused(data, tmp_path):
     d, dataset = data
     other = phantoms(tmp_path / "other", 9)

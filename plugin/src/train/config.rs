@@ -150,6 +150,9 @@ pub struct TrainConfig {
     /// bf16 autocast on CUDA.
     pub amp: bool,
     pub val_every: u64,
+    /// The labels the validation Dice is the mean of; absent: every label of the dataset
+    /// (Synapse's 8 organs of the method: `[1, 2, 3, 4, 6, 7, 8, 11]`).
+    pub val_labels: Option<Vec<u32>>,
     pub checkpoint_every: u64,
     /// Continue from `OUT.ckpt` if it exists.
     pub resume: bool,
@@ -208,6 +211,7 @@ impl TrainConfig {
             pretext: PretextConfig::default(),
             amp: true,
             val_every: 100,
+            val_labels: None,
             checkpoint_every: 1,
             resume: false,
             out_channels_given: false,

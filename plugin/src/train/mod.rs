@@ -17,6 +17,7 @@ mod objective;
 mod optimizer;
 mod patches;
 mod schedule;
+mod source;
 mod transfer;
 mod validate;
 
@@ -27,7 +28,7 @@ pub use objective::deep_supervision_weights;
 pub use optimizer::{AdamW, Optimizer, Sgd, clip_grad_norm};
 pub use schedule::{learning_rate, poly};
 
-use crate::bundle::{EpochRecord, Model, ModelMetadata, Pipeline, Preprocessing, Stage};
+use crate::bundle::{EpochRecord, Model, ModelMetadata, Stage};
 use crate::dataset::DatasetFile;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
@@ -36,6 +37,7 @@ use crate::model::Precision;
 use objective::Objective;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use source::{Source, Store};
 use std::collections::BTreeMap;
 use tch::Device;
 
@@ -107,7 +109,7 @@ impl<'a> Run<'a> {
         let dataset = DatasetFile::read(&cfg.dataset)?;
         let classes = stage_classes(stage, cfg, &dataset)?;
         let store = Store::open(cfg, &dataset)?;
-        let pre = preprocessing(cfg, &dataset, &store, progress)?;
+        let pre = source::preprocessing(cfg, &dataset, &store, progress)?;
         let mut arch = cfg.arch.clone();
         if arch.out_channels() != classes && cfg.out_channels_given && stage == Stage::Segmentation
         {
@@ -191,20 +193,7 @@ impl<'a> Run<'a> {
         gradients: &mut dyn GradientSync,
     ) -> Result<f64> {
         let cfg = self.cfg;
-        let lr = match cfg.schedule {
-            ScheduleKind::WarmupCosine => learning_rate(
-                cfg.learning_rate(self.stage),
-                cfg.warmup_epochs,
-                cfg.epochs,
-                epoch / cfg.sched_step_every,
-            ),
-            ScheduleKind::Poly => poly(
-                cfg.learning_rate(self.stage),
-                epoch,
-                cfg.epochs,
-                cfg.poly_exponent,
-            ),
-        };
+        let lr = schedule::rate(cfg, self.stage, epoch);
         if cfg.recipe == Recipe::UnetrPp {
             // Dropout and voxel noise draw from libtorch's generator: seeded per epoch, so that a
             // resumed run draws what an uninterrupted one does.
@@ -269,7 +258,9 @@ impl<'a> Run<'a> {
             && !self.dataset.validation.is_empty()
             && (done % cfg.val_every == 0 || done == cfg.epochs)
         {
-            let dice = validate::validate_and_report(&self.model, &self.dataset, epoch, progress)?;
+            let only = cfg.val_labels.as_deref();
+            let dice =
+                validate::validate_and_report(&self.model, &self.dataset, only, epoch, progress)?;
             metric = Some(dice);
             if self.best.is_none_or(|b| dice > b) {
                 self.best = Some(dice);
@@ -316,145 +307,6 @@ impl<'a> Run<'a> {
     }
 }
 
-/// How the model's input is prepared: the unetr recipe's MONAI pipeline as configured, or nnU-Net's
-/// with the dataset's fingerprint (the median spacing unless `spacing` is given).
-fn preprocessing(
-    cfg: &TrainConfig,
-    dataset: &DatasetFile,
-    store: &Store,
-    progress: &mut dyn Progress,
-) -> Result<Preprocessing> {
-    let roi_size = cfg.arch.img_size();
-    match cfg.recipe {
-        Recipe::Unetr => Ok(Preprocessing {
-            spacing: cfg.spacing.unwrap_or(Preprocessing::default().spacing),
-            intensity_window: cfg.window,
-            roi_size,
-            ..Default::default()
-        }),
-        Recipe::UnetrPp => {
-            let mut compute = || fingerprint::compute(&dataset.training, progress);
-            let print = match &store.cache {
-                Some(cache) => cache.fingerprint(&store.hashes, compute)?,
-                None => compute()?,
-            };
-            Ok(Preprocessing {
-                spacing: cfg.spacing.unwrap_or(print.spacing),
-                roi_size,
-                pipeline: Pipeline::NnUnet,
-                ct_normalization: Some(print.ct),
-                ..Default::default()
-            })
-        }
-    }
-}
-
-/// The unetr_pp recipe's prepared data: the training cases' file hashes and the cache on disk.
-struct Store {
-    hashes: Vec<String>,
-    cache: Option<cache::Cache>,
-}
-
-impl Store {
-    fn open(cfg: &TrainConfig, dataset: &DatasetFile) -> Result<Store> {
-        if cfg.recipe != Recipe::UnetrPp {
-            return Ok(Store {
-                hashes: Vec::new(),
-                cache: None,
-            });
-        }
-        let hashes = dataset
-            .training
-            .iter()
-            .map(|e| cache::case_hash(e, true))
-            .collect::<Result<_>>()?;
-        let cache = cfg
-            .cache
-            .then(|| cache::Cache::open(&cfg.cache_path()))
-            .transpose()?;
-        Ok(Store { hashes, cache })
-    }
-}
-
-/// Where batches come from.
-enum Source {
-    /// The unetr recipe: random crops of one case per iteration.
-    Crops(Vec<batches::Prepared>),
-    /// The unetr_pp recipe: nnU-Net's patch batches.
-    Patches(Vec<patches::PatchCase>),
-}
-
-impl Source {
-    fn prepare(
-        cfg: &TrainConfig,
-        dataset: &DatasetFile,
-        pre: &Preprocessing,
-        classes: Option<u32>,
-        store: &Store,
-        progress: &mut dyn Progress,
-    ) -> Result<Source> {
-        let roi = cfg.arch.img_size();
-        Ok(match cfg.recipe {
-            Recipe::Unetr => Source::Crops(batches::prepare_cases(
-                &dataset.training,
-                pre,
-                roi,
-                classes,
-                progress,
-            )?),
-            Recipe::UnetrPp => {
-                let norm = pre
-                    .ct_normalization
-                    .as_ref()
-                    .ok_or_else(|| Error::internal("nnU-Net pipeline without its normalisation"))?;
-                Source::Patches(patches::prepare_cases(
-                    &dataset.training,
-                    &store.hashes,
-                    norm,
-                    pre.spacing,
-                    classes,
-                    store.cache.as_ref(),
-                    progress,
-                )?)
-            }
-        })
-    }
-
-    /// The epoch's iterations: for crops, the case of each (shuffled, one pass per
-    /// `iterations_per_epoch` cases); patches pick their cases as they go.
-    fn plan(&self, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Vec<usize> {
-        match self {
-            Source::Crops(cases) => {
-                let n = cfg.iterations_per_epoch.unwrap_or(cases.len() as u64) as usize;
-                let mut plan = Vec::with_capacity(n);
-                while plan.len() < n {
-                    let mut order: Vec<usize> = (0..cases.len()).collect();
-                    rand::seq::SliceRandom::shuffle(order.as_mut_slice(), rng);
-                    plan.extend(order.into_iter().take(n - plan.len()));
-                }
-                plan
-            }
-            Source::Patches(cases) => {
-                vec![0; cfg.iterations_per_epoch.unwrap_or(cases.len() as u64) as usize]
-            }
-        }
-    }
-
-    fn batch(
-        &self,
-        case: usize,
-        cfg: &TrainConfig,
-        roi: [i64; 3],
-        rng: &mut ChaCha8Rng,
-        device: Device,
-    ) -> Result<(tch::Tensor, Option<tch::Tensor>)> {
-        match self {
-            Source::Crops(cases) => Ok(batches::crops(&cases[case], cfg, roi, rng, device)),
-            Source::Patches(cases) => patches::batch(cases, cfg, roi, rng, device),
-        }
-    }
-}
-
 /// The config's device and threads when it names them, else `device`.
 fn run_device(cfg: &TrainConfig, device: Device) -> Result<Device> {
     if cfg.device.is_none() && cfg.threads.is_none() {
@@ -479,6 +331,18 @@ fn stage_classes(stage: Stage, cfg: &TrainConfig, ds: &DatasetFile) -> Result<i6
         return Err(Error::invalid(format!(
             "{}: fine-tune needs a label for every training case",
             cfg.dataset.display()
+        )));
+    }
+    if let Some(l) = cfg
+        .val_labels
+        .iter()
+        .flatten()
+        .find(|l| !ds.labels.contains_key(l))
+    {
+        return Err(Error::invalid(format!(
+            "training config: val_labels: {l} is not one of the labels of {} ({:?})",
+            cfg.dataset.display(),
+            ds.labels.keys().collect::<Vec<_>>()
         )));
     }
     let largest = ds.labels.keys().max().copied().ok_or_else(|| {

@@ -1,4 +1,21 @@
-//! The learning-rate schedule.
+//! The learning-rate schedules: warmup-cosine (the unetr recipe) and poly (nnU-Net's).
+
+use super::{ScheduleKind, TrainConfig};
+use crate::bundle::Stage;
+
+/// The learning rate of (0-based) `epoch` of `stage`, as the config's schedule gives it.
+pub fn rate(cfg: &TrainConfig, stage: Stage, epoch: u64) -> f64 {
+    let base = cfg.learning_rate(stage);
+    match cfg.schedule {
+        ScheduleKind::WarmupCosine => learning_rate(
+            base,
+            cfg.warmup_epochs,
+            cfg.epochs,
+            epoch / cfg.sched_step_every,
+        ),
+        ScheduleKind::Poly => poly(base, epoch, cfg.epochs, cfg.poly_exponent),
+    }
+}
 
 /// Linear warmup then cosine annealing to 0 (LinearWarmupCosineAnnealingLR, warmup from 0),
 /// after `steps` scheduler steps.

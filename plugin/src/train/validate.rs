@@ -7,10 +7,11 @@ use crate::events::{Event, Progress, report};
 use std::collections::BTreeMap;
 
 /// Dice on the validation cases (sliding window on the whole volume, back on the original grid, as
-/// `segment` does): the mean over cases and labels, and the mean per label.
+/// `segment` does): the mean over cases and labels (`only` those, when given), and the mean per label.
 pub(super) fn validate(
     model: &Model,
     ds: &DatasetFile,
+    only: Option<&[u32]>,
     progress: &mut dyn Progress,
 ) -> Result<(f64, BTreeMap<u32, f64>)> {
     let opts = crate::segment::SegmentOptions {
@@ -36,7 +37,7 @@ pub(super) fn validate(
             .labels
             .keys()
             .copied()
-            .filter(|&l| l != 0)
+            .filter(|&l| l != 0 && only.is_none_or(|o| o.contains(&l)))
             .collect();
         for (l, s) in crate::metrics::score(&pred, &reference, &labels)? {
             if let Some(d) = s.dice {
@@ -68,10 +69,11 @@ pub(super) fn validate(
 pub(super) fn validate_and_report(
     model: &Model,
     ds: &DatasetFile,
+    only: Option<&[u32]>,
     epoch: u64,
     progress: &mut dyn Progress,
 ) -> Result<f64> {
-    let (dice, per_label) = validate(model, ds, progress)?;
+    let (dice, per_label) = validate(model, ds, only, progress)?;
     let table: Vec<String> = per_label
         .iter()
         .map(|(l, d)| {
