@@ -100,15 +100,6 @@ if want segment && [ -f $W/full-1.5,1.5,2.safetensors ]; then
   done
 fi
 
-if want unetr-pp-train; then
-  step "GPU benchmark: UNETR++ training step, Synapse model, batch 2 of 64x128x128 (nnU-Net's loss, SGD; lwi bf16 vs PyTorch AMP)"
-  "$PY" bench/run.py --only unetr-pp-train-step --device cuda || failed=1
-  for precision in bf16 fp16; do
-    peak_gpu_memory "$B/bin/unetr_pp_train_step" cuda 2 $precision 5 16 3 3 3 3 || failed=1
-    echo "lwi $precision: $(tail -n 1 $W/last.log)"
-  done
-fi
-
 if want e2e && monai_or_skip "the end-to-end benchmark"; then
   step "GPU benchmark: end-to-end segmentation, file in -> label file out, full UNETR, window batch 4, fp32"
   "$PY" bench/run.py --only segment --device cuda:0 --batch 4 --precision fp32 --reps 4 || failed=1

@@ -5,22 +5,10 @@ mod common;
 
 use lwi::pretext::{PretextBatch, PretextConfig, loss};
 use std::collections::HashMap;
-use std::process::Command;
 use tch::{Kind, Tensor};
 
 fn references() -> HashMap<String, Tensor> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("losses.safetensors");
-    let status = Command::new(common::python())
-        .arg(common::root().join("tests/python/loss_reference.py"))
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    Tensor::read_safetensors(&out)
-        .unwrap()
-        .into_iter()
-        .collect()
+    common::python_reference("loss_reference.py")
 }
 
 #[test]

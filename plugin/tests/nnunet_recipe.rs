@@ -10,26 +10,10 @@ mod common;
 use lwi::train::{NnUnetAugment, Sgd, clip_grad_norm, deep_supervision_weights, poly};
 use rand::SeedableRng;
 use std::collections::HashMap;
-use std::process::Command;
 use tch::{Kind, Tensor, nn};
 
 fn references() -> HashMap<String, Tensor> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("recipe.safetensors");
-    let output = Command::new(common::python())
-        .arg(common::root().join("tests/python/nnunet_recipe_reference.py"))
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Tensor::read_safetensors(&out)
-        .unwrap()
-        .into_iter()
-        .collect()
+    common::python_reference("nnunet_recipe_reference.py")
 }
 
 fn scalar(t: &Tensor) -> f64 {

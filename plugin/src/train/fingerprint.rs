@@ -66,12 +66,7 @@ pub fn compute(entries: &[Entry], progress: &mut dyn Progress) -> Result<Fingerp
         }
         report(
             progress,
-            Event {
-                stage: "fingerprint",
-                done: i as u64 + 1,
-                total: entries.len() as u64,
-                ..Default::default()
-            },
+            Event::progress("fingerprint", i as u64 + 1, entries.len() as u64),
         )?;
     }
     let all = Tensor::f_cat(&voxels, 0)?.f_to_kind(Kind::Double)?;

@@ -55,12 +55,7 @@ pub(super) fn prepare_cases(
         cases.push(case);
         report(
             progress,
-            Event {
-                stage: "preprocess",
-                done: i as u64 + 1,
-                total: entries.len() as u64,
-                ..Default::default()
-            },
+            Event::progress("preprocess", i as u64 + 1, entries.len() as u64),
         )?;
     }
     Ok(cases)

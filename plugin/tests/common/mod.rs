@@ -32,6 +32,26 @@ pub fn monai_reference(args: &[&str]) -> tempfile::TempDir {
     dir
 }
 
+/// The tensors a reference script (`tests/python/SCRIPT OUT.safetensors`) writes.
+pub fn python_reference(script: &str) -> std::collections::HashMap<String, Tensor> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("reference.safetensors");
+    let output = Command::new(python())
+        .arg(root().join("tests/python").join(script))
+        .arg(&out)
+        .output()
+        .expect("run the Python reference (make setup installs it)");
+    assert!(
+        output.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 /// Appends a line to target/test-reports/NAME.txt (make test prints these at the end).
 pub fn report(name: &str, line: &str) {
     use std::io::Write;
