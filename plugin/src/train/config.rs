@@ -259,8 +259,12 @@ impl TrainConfig {
         const WHAT: &str = "training config";
         let doc: Value = match serde_json::from_str(json) {
             Ok(v @ Value::Object(_)) => v,
-            // the parser words the error
-            _ => return crate::options::parse::<TrainConfig>(json, WHAT),
+            // not an object (or empty): the parser words the error, the check the missing fields
+            _ => {
+                let c: TrainConfig = crate::options::parse(json, WHAT)?;
+                c.check()?;
+                return Ok(c);
+            }
         };
         let arch = match doc.get("arch") {
             None => ArchConfig::default(),
@@ -450,6 +454,8 @@ mod tests {
                 .unwrap_err();
         assert!(err.message.contains("epoch"), "{}", err.message);
         assert!(TrainConfig::from_json(r#"{"dataset": "d.json"}"#).is_err());
+        assert!(TrainConfig::from_json("").is_err(), "dataset and out are required");
+        assert!(TrainConfig::from_json("[1]").is_err());
         let c = TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#).unwrap();
         assert_eq!(c.learning_rate(Stage::Init), 1e-4);
         assert_eq!(c.optimizer, OptimizerKind::Adamw);
