@@ -81,7 +81,7 @@ gpu-bundle: build
 	rm -rf target/gpu-bundle && mkdir -p target/gpu-bundle/bin target/gpu-bundle/py target/gpu-bundle/data
 	cp $(RELEASE)/liblwi.so $(RELEASE)/lwi $(RELEASE)/examples/unetr_forward $(RELEASE)/examples/train_step \
 		$(RELEASE)/examples/sliding_window $(RELEASE)/examples/unetr_pp_forward \
-		$(RELEASE)/examples/unetr_pp_train_step target/gpu-bundle/bin/
+		$(RELEASE)/examples/unetr_pp_train_step $(RELEASE)/examples/dist_step target/gpu-bundle/bin/
 	cp "$$(scripts/fetch-test-data)/totalsegmentator/totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz" target/gpu-bundle/data/
 	cp "$$(ls -t $(RELEASE)/deps/cuda-* | grep -v '\.d$$' | head -n 1)" target/gpu-bundle/bin/cuda-tests
 	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o target/gpu-bundle/bin/abi_misuse

@@ -328,7 +328,34 @@ def bench_segment_unetr_pp(work, device, image, name, arch, mirror, reps):
           flush=True)
 
 
-BENCHES = {"volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment",
+def bench_dist_step(device, batch, shape, ranks, backend, rounds=2, reps=3):
+    """Data-parallel UNETR training steps under torchrun, `ranks` ranks: lwi (plugin/examples/dist_step.rs: the
+    gradients averaged after the backward pass in 25 MiB buckets) vs PyTorch's DistributedDataParallel on MONAI's
+    UNETR (all-reduce overlapped with the backward pass), each job in turn `rounds` times; plus one all-reduce of
+    92.8 M floats (371 MB, the full UNETR's gradient) on each side."""
+    tail = [device, str(batch), "fp32" if device == "cpu" else "bf16", str(reps),
+            *(str(shape[k]) for k in ("size", "feature", "hidden", "mlp", "heads"))]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    env = dict(os.environ, LWI_DIST_BACKEND=backend, GLOO_SOCKET_IFNAME="lo",
+               OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
+    run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                                 .stdout.strip().splitlines()[-1])
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(run([*torchrun, "--no-python", str(BIN / "dist_step"), *tail]))
+        b.append(run([*torchrun, str(ROOT / "bench" / "torch_dist_step.py"), *tail]))
+    m = lambda runs, key: statistics.median(r[key] for r in runs)
+    for key, what in [("step_ms", "step, gradients not averaged"), ("synced_ms", "step, gradients averaged"),
+                      ("flat_ms", "all-reduce of 92.8 M floats")]:
+        ref = "DDP" if key == "synced_ms" else "PyTorch"
+        print(f"  {ranks} ranks {backend} {device}: {what:<31} lwi {m(a, key):9.1f} ms   {ref:<8} {m(b, key):9.1f} ms"
+              f"   ratio {m(a, key) / m(b, key):5.2f}", flush=True)
+    over_a, over_b = m(a, "synced_ms") - m(a, "step_ms"), m(b, "synced_ms") - m(b, "step_ms")
+    print(f"  per-step cost of averaging {a[0]['gradient_floats'] / 1e6:.1f} M gradient floats: lwi {over_a:.1f} ms "
+          f"(the averaging alone {m(a, 'averaging_ms'):.1f} ms), DDP {over_b:.1f} ms", flush=True)
+
+
+BENCHES = {"dist-step", "volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment",
            "segment-unetr-pp", "unetr-pp-train-step", "train-cache"}
 
 
@@ -339,6 +366,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="for unetr-forward: cpu or cuda")
     ap.add_argument("--batch", type=int, default=1, help="for unetr-forward")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="for unetr-forward (autocast on cuda)")
+    ap.add_argument("--ranks", type=int, default=2, help="for dist-step")
+    ap.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="for dist-step (default: gloo on cpu, nccl on cuda)")
     args = ap.parse_args()
     lwi = Lwi(plugin_path())
     work = Path(os.environ.get("LWI_BENCH_DIR", ROOT / "target" / "bench"))
@@ -371,6 +400,11 @@ def main():
     if args.only in (None, "train-cache") and args.device == "cpu":
         print("preprocessed cache: fine-tuning UNETR++ (unetr_pp recipe) on 100 phantoms, first and second run")
         bench_train_cache(work)
+    if args.only in (None, "dist-step"):
+        shape = FULL if args.device != "cpu" else TINY
+        backend = args.backend or ("gloo" if args.device == "cpu" else "nccl")
+        print(f"data-parallel training step (DiceCE + AdamW), UNETR {shape}, batch 2 per rank")
+        bench_dist_step(args.device, 2, shape, args.ranks, backend)
     if args.only in (None, "sliding-window") and args.device != "cpu":
         # 125 full-size windows: minutes per pass on 2 CPU cores, so a GPU benchmark only.
         print("sliding-window inference alone, full UNETR, 273x273x250 on the device, overlap 0.5, gaussian")

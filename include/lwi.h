@@ -99,6 +99,8 @@ typedef struct LwiProgress {
   double loss;
   double metric;
   const char *message;
+  // This process's rank in a data-parallel training job, or -1 for a single process.
+  int32_t rank;
 } LwiProgress;
 
 // Progress callback: return 0 to go on, anything else to cancel (the call then returns
@@ -358,6 +360,18 @@ void lwi_string_free(char *s);
 // Checkpoints go to `OUT.ckpt` every `checkpoint_every` epochs; `"resume": true` continues from
 // one. A non-zero return from `progress` stops within one iteration with `LWI_STATUS_CANCELLED`,
 // leaving the last checkpoint intact.
+//
+// Data-parallel training (docs/distributed.md): under torchrun (`RANK`, `WORLD_SIZE`,
+// `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) or an srun step (`SLURM_PROCID`,
+// `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`, the address from the node list) each process calling
+// this is one rank of a job over libtorch's c10d (Gloo; NCCL on CUDA). A host that starts the
+// ranks itself says so in the config: `"distributed": {"rank": R, "world_size": W,
+// "local_rank": L, "master_addr": "HOST", "master_port": P}`, with `"backend"` ("auto", "gloo",
+// "nccl"), `"timeout_s"` (a step's collectives, default 60) and `"wait_s"` (joining, validation,
+// checkpoints; default 1800); `"enabled": false` ignores the environment. `batch_size` is per
+// rank; every rank must pass the same config (its own rank, device and threads aside) or all
+// fail; rank 0 alone writes files; progress events carry `rank` (-1 for one process). A rank that
+// fails, dies or stops answering ends the others with `LWI_STATUS_IO` within `timeout_s`.
 //
 // # Safety
 // `config_json` is NULL or a NUL-terminated string; `progress` may be NULL.

@@ -40,8 +40,44 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .warnings(false)
         .compile("lwi_torch_shim");
+    dist_shim(&lib, &include);
     println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");
     println!("cargo:rustc-link-lib=dl");
     println!("cargo:rustc-link-search=native={lib}");
+}
+
+/// csrc/dist.cpp, over libtorch's c10d: Gloo always (its headers come from the system's
+/// libgloo-dev, which the wheel lacks), NCCL too when libtorch has CUDA and the CUDA headers that
+/// ProcessGroupNCCL.hpp includes are installed beside it (scripts/setup-libtorch).
+fn dist_shim(lib: &str, include: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .file("csrc/dist.cpp")
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .define("USE_C10D_GLOO", None)
+        .warnings(false);
+    let nvidia = std::path::Path::new(lib).join("../../nvidia");
+    let cuda_include = nvidia.join("cu13/include");
+    let nccl = std::path::Path::new(lib).join("libtorch_cuda.so").exists()
+        && cuda_include.join("crt/host_config.h").exists()
+        && cuda_include.join("nv/target").exists()
+        && nvidia.join("nccl/include/nccl.h").exists();
+    if nccl {
+        b.include(&cuda_include)
+            .include(nvidia.join("nccl/include"))
+            .define("USE_C10D_NCCL", None)
+            .define("LWI_WITH_NCCL", None);
+        println!("cargo:rustc-link-lib=torch_cuda");
+        println!("cargo:rustc-link-lib=c10_cuda");
+    }
+    println!(
+        "cargo:rustc-env=LWI_DIST_NCCL={}",
+        if nccl { "1" } else { "0" }
+    );
+    b.compile("lwi_dist_shim");
 }

@@ -4,7 +4,7 @@
 # on the GPU machine from the repository root with target/gpu-bundle carried over.
 # Sections run most important first, so a run cut short by a time limit keeps what matters; name
 # some to run only those: tests sliding-window segment e2e memory unetr-pp train-step unetr-pp-train
-# forward training study abi.
+# forward training dist study abi.
 # Record what it prints in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 export PYTHONPATH="$B/py:${PYTHONPATH:-}"
 LWI="$B/bin/lwi --plugin $B/bin/liblwi.so"
 W=/tmp/lwi-gpu && rm -rf $W && mkdir -p $W
-SECTIONS=" ${*:-tests sliding-window segment e2e memory unetr-pp train-step unetr-pp-train forward training study abi} "
+SECTIONS=" ${*:-tests sliding-window segment e2e memory unetr-pp train-step unetr-pp-train forward training dist study abi} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 export LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W
 export LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz
@@ -183,6 +183,48 @@ if want training; then
   $LWI fine-tune --dataset $W/data/dataset.json --arch-config $W/arch.json --config $W/c.json \
     --init $W/init.safetensors --epochs 3 --device cuda:0 --out $W/model.safetensors 2>&1 | tail -n 2 || failed=1
   echo "training wall time: $(( $(date +%s) - t0 )) s"
+fi
+
+if want dist; then
+  step "data-parallel training on c10d: NCCL at world size 1, 2 Gloo ranks sharing cuda:0, 2 NCCL ranks on one GPU"
+  [ -d $W/data ] || $LWI phantom --out $W/data --cases 12 --size 48,48,32 --spacing 6,6,8 >/dev/null 2>&1
+  echo '{"img_size": [32,32,32], "feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}' > $W/arch.json
+  port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  dist_config() {  # BATCH [DISTRIBUTED-JSON]
+    local d=${2:-}; [ -n "$d" ] || d='{}'
+    echo "{\"spacing\": [8,8,8], \"num_samples\": 2, \"optimizer\": \"sgd\", \"momentum\": 0.9, \"lr\": 1e-2,
+      \"warmup_epochs\": 0, \"val_every\": 1, \"amp\": false, \"batch_size\": $1, \"distributed\": $d}"
+  }
+  fine() {  # DIR CONFIG [LAUNCHER...]
+    mkdir -p $1 && echo "$2" > $1/c.json
+    local bin; bin=$(cd $B/bin && pwd)
+    (cd $1 && "${@:3}" $bin/lwi --plugin $bin/liblwi.so fine-tune --from-scratch --dataset $W/data/dataset.json \
+      --arch-config $W/arch.json --config c.json --epochs 2 --seed 4 --device cuda:0 --out model.safetensors --json \
+      > out.jsonl 2> err.log) || { echo "FAILED: fine-tune in $1"; tail -n 5 $1/err.log; return 1; }
+  }
+  fine $W/nccl1 "$(dist_config 2 "{\"rank\": 0, \"world_size\": 1, \"master_addr\": \"127.0.0.1\", \"master_port\": $port, \"backend\": \"nccl\"}")" \
+    && echo "NCCL, world size 1: 2 epochs trained" || failed=1
+  fine $W/one "$(dist_config 2)" || failed=1
+  TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=2 --no-python"
+  fine $W/gloo2 "$(dist_config 1 '{"backend": "gloo"}')" env CUDA_VISIBLE_DEVICES=0 $TORCHRUN || failed=1
+  "$PY" - $W/one/model.safetensors $W/gloo2/model.safetensors <<'PYEOF' || failed=1
+import json, struct, sys, torch
+def load(p):
+    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); h.pop("__metadata__", None)
+    return {k: torch.frombuffer(bytearray(b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]), dtype=torch.float32)
+            for k, v in h.items() if v["dtype"] == "F32"}
+a, b = load(sys.argv[1]), load(sys.argv[2])
+d = max(float((a[k] - b[k]).abs().max()) for k in a)
+print(f"2 Gloo ranks on cuda:0 x batch 1 vs 1 process x batch 2: max |dw| = {d:.2e} (cuDNN is not bit-deterministic)")
+sys.exit(0 if d <= 1e-4 else 1)
+PYEOF
+  echo "2 NCCL ranks on one GPU (NCCL refuses a duplicate GPU; expected to fail, the message recorded):"
+  fine $W/nccl2 "$(dist_config 1 '{"backend": "nccl", "wait_s": 60, "timeout_s": 30}')" env CUDA_VISIBLE_DEVICES=0 $TORCHRUN \
+    && echo "  (it trained)" || grep -m 2 -E "LWI|rror|uplicate" $W/nccl2/err.log | cut -c1-300
+  if monai_or_skip "the data-parallel step against DDP"; then
+    "$PY" bench/run.py --only dist-step --device cuda --ranks 1 --backend nccl | tail -n 4 || failed=1
+    "$PY" bench/run.py --only dist-step --device cuda --ranks 2 --backend gloo | tail -n 4 || failed=1
+  fi
 fi
 
 if want study; then

@@ -6,31 +6,19 @@
 
 mod common;
 
-use lwi::model::{Unetr, with_precision};
-use lwi::train::AdamW;
-use tch::{Kind, Tensor, nn};
+use lwi::model::with_precision;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = common::args()?;
-    tch::manual_seed(0);
-    let vs = nn::VarStore::new(a.device);
-    let net = Unetr::new(&vs.root(), &a.cfg)?;
-    let mut opt = AdamW::new(&vs, 1e-5);
-    let [x, y, z] = a.cfg.img_size;
-    let input = Tensor::randn([a.batch, 1, x, y, z], (Kind::Float, a.device));
-    let labels = Tensor::randint(
-        a.cfg.out_channels,
-        [a.batch, 1, x, y, z],
-        (Kind::Int64, a.device),
-    );
+    let mut t = common::training_step(&a)?;
     let mut losses = Vec::new();
     let times = common::time(&a, || {
         let loss = with_precision(a.precision, a.device, || {
-            lwi::loss::dice_ce(&net.forward_t(&input, true), &labels)
+            lwi::loss::dice_ce(&t.net.forward_t(&t.input, true), &t.labels)
         })?;
-        opt.zero_grad();
+        t.opt.zero_grad();
         loss.f_backward()?;
-        opt.step(1e-4);
+        t.opt.step(1e-4);
         losses.push(loss.double_value(&[])); // reads the loss back, as the training loop does
         Ok(())
     })?;

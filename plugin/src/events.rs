@@ -15,6 +15,8 @@ pub struct Event {
     pub loss: Option<f64>,
     pub metric: Option<f64>,
     pub message: String,
+    /// This process's rank in a data-parallel job; None for a single process.
+    pub rank: Option<u32>,
 }
 
 impl Event {

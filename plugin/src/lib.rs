@@ -9,6 +9,7 @@
 pub mod anatomy;
 pub mod bundle;
 pub mod dataset;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod events;

@@ -1,6 +1,7 @@
 //! Losses: MONAI's `DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0,
 //! smooth_dr=1e-6)` for segmentation.
 
+use crate::error::Result;
 use tch::{Kind, Tensor};
 
 /// Dice + cross-entropy. `logits` `[B, C, …]`, `labels` `[B, 1, …]` integer class values.
@@ -43,8 +44,42 @@ fn permutation_to_channels_first(dims: usize) -> Vec<i64> {
 /// (2tp + fp + fn + 1e-5 + 1e-8) over the foreground classes, on softmax probabilities; tp, fp
 /// and fn summed over the batch and the voxels (`batch_dice`) or per sample.
 pub fn nnunet_dice_ce(logits: &Tensor, labels: &Tensor, batch_dice: bool) -> Tensor {
-    const SMOOTH: f64 = 1e-5;
-    let classes = logits.size()[1];
+    let (totals, ce) = dice_totals_and_ce(logits, labels, batch_dice);
+    ce - foreground_dice(&totals)
+}
+
+/// How a data-parallel job sums batch-Dice totals over its ranks.
+pub struct AcrossRanks<'a> {
+    pub world: f64,
+    /// The element-wise sum over the ranks of a (detached) tensor.
+    pub sum: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+}
+
+/// [`nnunet_dice_ce`] of a rank's share of a global batch: with `batch_dice`, tp, fp and fn are
+/// summed over every rank's share, so that the loss, and the gradients averaged over the ranks,
+/// are those of the whole batch in one process (as nnU-Net v2's `AllGatherGrad` makes them).
+pub fn nnunet_dice_ce_across(
+    logits: &Tensor,
+    labels: &Tensor,
+    batch_dice: bool,
+    ranks: &AcrossRanks,
+) -> Result<Tensor> {
+    let (totals, ce) = dice_totals_and_ce(logits, labels, batch_dice);
+    if !batch_dice || ranks.world <= 1.0 {
+        return Ok(ce - foreground_dice(&totals));
+    }
+    let own = totals.detach();
+    // the global totals, differentiable through this rank's own share only
+    let global = &totals + ((ranks.sum)(&own)? - own);
+    let dice = foreground_dice(&global);
+    // averaging gradients over the ranks divides this share's by W: scaled back, value unchanged
+    let w = ranks.world;
+    Ok(ce - (&dice * w - dice.detach() * (w - 1.0)))
+}
+
+/// tp, fp and fn stacked `[3, (B,) C]` (summed over the batch too when `batch_dice`), and the
+/// cross-entropy averaged over voxels.
+fn dice_totals_and_ce(logits: &Tensor, labels: &Tensor, batch_dice: bool) -> (Tensor, Tensor) {
     let logits = logits.to_kind(Kind::Float);
     let index = labels.to_kind(Kind::Int64);
     let probs = logits.softmax(1, Kind::Float);
@@ -60,12 +95,19 @@ pub fn nnunet_dice_ce(logits: &Tensor, labels: &Tensor, batch_dice: bool) -> Ten
     // Σp(1 − g) = Σp − tp and Σ(1 − p)g = Σg − tp: no full-size temporaries for fp and fn
     let fp = sum(&probs) - &tp;
     let fn_ = sum(&onehot) - &tp;
-    let dice: Tensor = (&tp * 2.0 + SMOOTH) / (&tp * 2.0 + fp + fn_ + SMOOTH + 1e-8);
-    // background excluded: the class axis is the last one left
-    let foreground = dice.narrow(-1, 1, classes - 1);
     let target = index.squeeze_dim(1);
     let ce = logits.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0);
-    ce - foreground.mean(Kind::Float)
+    (Tensor::stack(&[tp, fp, fn_], 0), ce)
+}
+
+/// The mean soft Dice (2tp + 1e-5) / (2tp + fp + fn + 1e-5 + 1e-8) over the foreground classes.
+fn foreground_dice(totals: &Tensor) -> Tensor {
+    const SMOOTH: f64 = 1e-5;
+    let (tp, fp, fn_) = (totals.get(0), totals.get(1), totals.get(2));
+    let dice: Tensor = (&tp * 2.0 + SMOOTH) / (&tp * 2.0 + fp + fn_ + SMOOTH + 1e-8);
+    // background excluded: the class axis is the last one left
+    let classes = dice.size()[dice.dim() - 1];
+    dice.narrow(-1, 1, classes - 1).mean(Kind::Float)
 }
 
 /// The labels `[B, 1, …]` at an output's size as batchgenerators' `downsample_seg_for_ds_transform2`
@@ -98,4 +140,20 @@ pub fn deep_supervision(
         total += nnunet_dice_ce(out, &target, batch_dice) * w;
     }
     total
+}
+
+/// [`deep_supervision`] of a rank's share of a global batch ([`nnunet_dice_ce_across`]).
+pub fn deep_supervision_across(
+    outputs: &[Tensor],
+    labels: &Tensor,
+    weights: &[f64],
+    batch_dice: bool,
+    ranks: &AcrossRanks,
+) -> Result<Tensor> {
+    let mut total = Tensor::zeros([], (Kind::Float, labels.device()));
+    for (out, &w) in outputs.iter().zip(weights) {
+        let target = downsample_labels(labels, &out.size()[2..]);
+        total += nnunet_dice_ce_across(out, &target, batch_dice, ranks)? * w;
+    }
+    Ok(total)
 }

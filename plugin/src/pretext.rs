@@ -102,54 +102,100 @@ pub struct PretextBatch {
 }
 
 /// Shuffles the slabs along `axis` (4 for UNETR's `[B, 1, X, Y, Z]`, 2 for UNETR++'s
-/// `[B, 1, z, y, x]`) and masks cubes of `x`.
+/// `[B, 1, z, y, x]`) and masks cubes of `x`, every draw from `rng`.
 pub fn transform(x: &Tensor, cfg: &PretextConfig, axis: i64, rng: &mut impl Rng) -> PretextBatch {
-    let s = x.size();
-    let (b, depth) = (s[0], s[axis as usize]);
-    let len = depth / cfg.slabs;
-    let device = x.device();
-    let draw_perm = |rng: &mut dyn rand::RngCore| {
-        let mut p: Vec<i64> = (0..cfg.slabs).collect();
-        p.shuffle(rng);
-        p
-    };
-    let grid = [s[2] / cfg.cube, s[3] / cfg.cube, s[4] / cfg.cube];
-    let cubes = grid.iter().product::<i64>();
-    let masked = (cubes as f64 * cfg.mask_ratio).floor() as usize;
-    let draw_mask = |rng: &mut dyn rand::RngCore| {
+    let draws = Draws::new(x, cfg);
+    let shared = cfg.per_batch.then(|| draws.draw(rng));
+    transform_with(x, cfg, axis, shared, &mut |_| draws.draw(rng))
+}
+
+/// [`transform`] for a batch whose rows belong to `rngs.len()` equal groups (the slots of a
+/// data-parallel batch): a `per_batch` draw comes from `shared`, a row's own from its group's RNG.
+pub fn transform_grouped<R: Rng>(
+    x: &Tensor,
+    cfg: &PretextConfig,
+    axis: i64,
+    shared: &mut R,
+    rngs: &mut [R],
+) -> PretextBatch {
+    let draws = Draws::new(x, cfg);
+    let per_group = (x.size()[0] / rngs.len().max(1) as i64).max(1);
+    let shared = cfg.per_batch.then(|| draws.draw(shared));
+    transform_with(x, cfg, axis, shared, &mut |row| {
+        draws.draw(&mut rngs[(row / per_group) as usize])
+    })
+}
+
+/// One sample's draws: the slab permutation and the cube mask.
+type Draw = (Vec<i64>, Tensor);
+
+/// What a draw needs to know of the batch.
+struct Draws {
+    slabs: i64,
+    cube: i64,
+    grid: [i64; 3],
+    masked: usize,
+    device: tch::Device,
+}
+
+impl Draws {
+    fn new(x: &Tensor, cfg: &PretextConfig) -> Draws {
+        let s = x.size();
+        let grid = [s[2] / cfg.cube, s[3] / cfg.cube, s[4] / cfg.cube];
+        let cubes = grid.iter().product::<i64>();
+        Draws {
+            slabs: cfg.slabs,
+            cube: cfg.cube,
+            grid,
+            masked: (cubes as f64 * cfg.mask_ratio).floor() as usize,
+            device: x.device(),
+        }
+    }
+
+    fn draw(&self, rng: &mut (impl Rng + ?Sized)) -> Draw {
+        let mut perm: Vec<i64> = (0..self.slabs).collect();
+        perm.shuffle(rng);
+        let cubes = self.grid.iter().product::<i64>();
         let mut idx: Vec<i64> = (0..cubes).collect();
         idx.shuffle(rng);
         let mut keep = vec![1f32; cubes as usize];
-        for &i in &idx[..masked] {
+        for &i in &idx[..self.masked] {
             keep[i as usize] = 0.0;
         }
-        Tensor::from_slice(&keep)
-            .view([grid[0], grid[1], grid[2]])
-            .repeat_interleave_self_int(cfg.cube, 0, None)
-            .repeat_interleave_self_int(cfg.cube, 1, None)
-            .repeat_interleave_self_int(cfg.cube, 2, None)
-            .to_device(device)
-    };
-    let (shared_perm, shared_mask) = if cfg.per_batch {
-        (Some(draw_perm(rng)), Some(draw_mask(rng)))
-    } else {
-        (None, None)
-    };
+        let mask = Tensor::from_slice(&keep)
+            .view(self.grid)
+            .repeat_interleave_self_int(self.cube, 0, None)
+            .repeat_interleave_self_int(self.cube, 1, None)
+            .repeat_interleave_self_int(self.cube, 2, None)
+            .to_device(self.device);
+        (perm, mask)
+    }
+}
+
+fn transform_with(
+    x: &Tensor,
+    cfg: &PretextConfig,
+    axis: i64,
+    shared: Option<Draw>,
+    own: &mut dyn FnMut(i64) -> Draw,
+) -> PretextBatch {
+    let s = x.size();
+    let (b, depth) = (s[0], s[axis as usize]);
+    let len = depth / cfg.slabs;
     let mut targets = Vec::new();
     let mut inputs = Vec::new();
     let mut perms = Vec::new();
     for i in 0..b {
-        let perm = shared_perm.clone().unwrap_or_else(|| draw_perm(rng));
+        let (perm, mask) = match &shared {
+            Some((p, m)) => (p.clone(), m.shallow_clone()),
+            None => own(i),
+        };
         let xi = x.get(i);
         let slabs: Vec<Tensor> = perm
             .iter()
             .map(|&p| xi.narrow(axis - 1, p * len, len))
             .collect();
         let shuffled = Tensor::cat(&slabs, axis - 1);
-        let mask = shared_mask
-            .as_ref()
-            .map(Tensor::shallow_clone)
-            .unwrap_or_else(|| draw_mask(rng));
         inputs.push(&shuffled * mask.to_kind(shuffled.kind()));
         targets.push(shuffled);
         perms.extend(perm);
@@ -159,7 +205,7 @@ pub fn transform(x: &Tensor, cfg: &PretextConfig, axis: i64, rng: &mut impl Rng)
         target: Tensor::stack(&targets, 0),
         perms: Tensor::from_slice(&perms)
             .view([b, cfg.slabs])
-            .to_device(device),
+            .to_device(x.device()),
     }
 }
 

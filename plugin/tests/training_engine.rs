@@ -71,7 +71,7 @@ fn the_seam_sees_every_step_between_backward_and_the_optimizer() {
         &cfg,
         Device::Cpu,
         &mut silent,
-        &mut probe,
+        Some(&mut probe),
     )
     .unwrap();
     assert_eq!(
@@ -98,7 +98,7 @@ fn the_seam_sees_every_step_between_backward_and_the_optimizer() {
         &cfg2,
         Device::Cpu,
         &mut silent,
-        &mut zeroing,
+        Some(&mut zeroing),
     )
     .unwrap();
     tch::manual_seed(cfg2.seed as i64);

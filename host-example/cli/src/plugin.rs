@@ -485,6 +485,7 @@ pub struct Progress {
     pub loss: f64,
     pub metric: f64,
     pub message: *const c_char,
+    pub rank: i32,
 }
 
 /// What a progress callback is told, in Rust terms.
@@ -496,6 +497,8 @@ pub struct ProgressEvent<'a> {
     pub loss: Option<f64>,
     pub metric: Option<f64>,
     pub message: &'a str,
+    /// The rank of a data-parallel training job's process, if it is one.
+    pub rank: Option<u32>,
 }
 
 /// An engine and a model loaded through it.
@@ -529,6 +532,9 @@ unsafe extern "C" fn forward_progress(user: *mut c_void, p: *const Progress) -> 
             loss: finite(p.loss),
             metric: finite(p.metric),
             message: text(p.message),
+            // a field appended after the first ABI: read only when the library's struct has it
+            rank: (p.struct_size as usize >= std::mem::size_of::<Progress>() && p.rank >= 0)
+                .then_some(p.rank as u32),
         };
         if f(&event) { 0 } else { 1 }
     }

@@ -9,6 +9,9 @@ pub struct Bar {
     json: bool,
     label: String,
     bar: Option<ProgressBar>,
+    /// The rank of a data-parallel job, once an event has told it: ranks other than 0 stay quiet
+    /// (their JSON lines carry it).
+    rank: std::cell::Cell<Option<u32>>,
 }
 
 /// One line for an event: `epoch 3/15 loss 0.8123 dice 0.7100`, `train 12/60 (epoch 3) loss …`,
@@ -52,17 +55,29 @@ impl Bar {
         if !json && bar.is_none() {
             eprintln!("{label}: started");
         }
-        Bar { json, label, bar }
+        Bar {
+            json,
+            label,
+            bar,
+            rank: Default::default(),
+        }
     }
 
     /// Shows an event; never cancels (Ctrl-C ends the process, and outputs are written atomically).
     pub fn update(&self, e: &ProgressEvent) -> bool {
+        if e.rank.is_some() {
+            self.rank.set(e.rank);
+        }
         if self.json {
-            println!(
-                "{}",
-                serde_json::json!({"event": "progress", "case": self.label, "stage": e.stage, "done": e.done, "total": e.total,
-                                   "epoch": e.epoch, "loss": e.loss, "metric": e.metric, "message": e.message})
-            );
+            let mut line = serde_json::json!({"event": "progress", "case": self.label, "stage": e.stage, "done": e.done, "total": e.total,
+                                   "epoch": e.epoch, "loss": e.loss, "metric": e.metric, "message": e.message});
+            if let Some(r) = e.rank {
+                line["rank"] = r.into();
+            }
+            println!("{line}");
+            return true;
+        }
+        if self.quiet() {
             return true;
         }
         let text = describe(e);
@@ -89,12 +104,23 @@ impl Bar {
         true
     }
 
+    /// A rank other than 0 of a data-parallel job, without `--json`.
+    fn quiet(&self) -> bool {
+        !self.json && self.rank.get().is_some_and(|r| r > 0)
+    }
+
     pub fn finish(&self, output: &std::path::Path) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::json!({"event": "done", "case": self.label, "output": output})
-            );
+            let mut line =
+                serde_json::json!({"event": "done", "case": self.label, "output": output});
+            if let Some(r) = self.rank.get() {
+                line["rank"] = r.into();
+            }
+            println!("{line}");
+        } else if self.quiet() {
+            if let Some(b) = &self.bar {
+                b.finish_and_clear();
+            }
         } else if let Some(b) = &self.bar {
             b.finish_and_clear();
             eprintln!("{}: wrote {}", self.label, output.display());
@@ -117,6 +143,7 @@ mod tests {
             loss: Some(0.5),
             metric: None,
             message: "",
+            rank: None,
         }
     }
 

@@ -85,3 +85,35 @@ pub fn report(a: &Args, times: &[f64], extra: serde_json::Value) {
     }
     println!("{doc}");
 }
+
+/// What a UNETR training-step benchmark trains: the seeded network, AdamW, a random batch and its
+/// labels.
+pub struct TrainingStep {
+    pub vs: tch::nn::VarStore,
+    pub net: lwi::model::Unetr,
+    pub opt: lwi::train::AdamW,
+    pub input: tch::Tensor,
+    pub labels: tch::Tensor,
+}
+
+pub fn training_step(a: &Args) -> Result<TrainingStep, Box<dyn std::error::Error>> {
+    use tch::{Kind, Tensor};
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(a.device);
+    let net = lwi::model::Unetr::new(&vs.root(), &a.cfg)?;
+    let opt = lwi::train::AdamW::new(&vs, 1e-5);
+    let [x, y, z] = a.cfg.img_size;
+    let input = Tensor::randn([a.batch, 1, x, y, z], (Kind::Float, a.device));
+    let labels = Tensor::randint(
+        a.cfg.out_channels,
+        [a.batch, 1, x, y, z],
+        (Kind::Int64, a.device),
+    );
+    Ok(TrainingStep {
+        vs,
+        net,
+        opt,
+        input,
+        labels,
+    })
+}

@@ -4,6 +4,7 @@
 
 use super::nnunet_augment::NnUnetAugment;
 use crate::bundle::Stage;
+use crate::dist::DistributedConfig;
 use crate::error::{Error, Result};
 use crate::model::ArchConfig;
 use crate::pretext::{Grouping, PretextConfig};
@@ -101,7 +102,7 @@ pub struct TrainConfig {
     /// fine-tune: the init-train model to start from; absent = random initialisation.
     pub init: Option<PathBuf>,
     pub epochs: u64,
-    /// Iterations per epoch; absent: one per training case.
+    /// Iterations per epoch; absent: one pass over the training cases (⌈cases / global batch⌉).
     pub iterations_per_epoch: Option<u64>,
     pub seed: u64,
     /// "auto", "cpu" or "cuda:N"; absent: the engine's device.
@@ -127,7 +128,8 @@ pub struct TrainConfig {
     /// unetr recipe: positive : negative crop-centre ratio.
     pub pos: f64,
     pub neg: f64,
-    /// unetr_pp recipe: patches per iteration.
+    /// Samples per iteration on each rank (the global batch is this times the world size): unetr
+    /// recipe, volumes (each giving `num_samples` crops); unetr_pp recipe, patches.
     pub batch_size: i64,
     /// unetr_pp recipe: the share of each batch forced to hold foreground (nnU-Net's 0.33).
     pub oversample_foreground: f64,
@@ -156,6 +158,11 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Continue from `OUT.ckpt` if it exists.
     pub resume: bool,
+    /// false: train without the network's dropout (for ablations, and for a data-parallel run
+    /// to equal one process exactly: dropout masks are drawn per rank).
+    pub dropout: bool,
+    /// Data-parallel training: the launcher's environment is read unless `enabled` is false.
+    pub distributed: DistributedConfig,
     /// Whether the document set `arch.out_channels` (the stage decides it; a different explicit
     /// value is worth a warning, the default is not).
     #[serde(skip)]
@@ -199,7 +206,7 @@ impl TrainConfig {
             num_samples: 4,
             pos: 1.0,
             neg: 1.0,
-            batch_size: 2,
+            batch_size: 1,
             oversample_foreground: 0.33,
             spacing: Some([1.5, 1.5, 2.0]),
             window: [-175.0, 250.0],
@@ -214,6 +221,8 @@ impl TrainConfig {
             val_labels: None,
             checkpoint_every: 1,
             resume: false,
+            dropout: true,
+            distributed: DistributedConfig::default(),
             out_channels_given: false,
         };
         match recipe {
@@ -222,6 +231,7 @@ impl TrainConfig {
             Recipe::UnetrPp => TrainConfig {
                 epochs: 1000,
                 iterations_per_epoch: Some(250),
+                batch_size: 2,
                 optimizer: OptimizerKind::Sgd,
                 momentum: 0.99,
                 nesterov: true,
@@ -396,6 +406,7 @@ impl TrainConfig {
                 "training config: the unetr recipe needs \"spacing\" (it has no dataset fingerprint)",
             ));
         }
+        c.distributed.check()?;
         c.nnunet_augment.check().map_err(|e| {
             Error::invalid(format!("training config: nnunet_augment: {}", e.message))
         })?;
@@ -414,6 +425,17 @@ impl TrainConfig {
 
     pub(super) fn checkpoint_path(&self) -> PathBuf {
         with_suffix(&self.out, ".ckpt")
+    }
+
+    /// What every rank of a data-parallel job must agree on: the config without the fields that
+    /// are each rank's own (its rank, its device and threads).
+    pub(super) fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut common = self.clone();
+        (common.distributed.rank, common.distributed.local_rank) = (None, None);
+        (common.device, common.threads) = (None, None);
+        let text = serde_json::to_string(&common).unwrap_or_default();
+        sha2::Sha256::digest(text.as_bytes()).into()
     }
 }
 
@@ -454,7 +476,10 @@ mod tests {
                 .unwrap_err();
         assert!(err.message.contains("epoch"), "{}", err.message);
         assert!(TrainConfig::from_json(r#"{"dataset": "d.json"}"#).is_err());
-        assert!(TrainConfig::from_json("").is_err(), "dataset and out are required");
+        assert!(
+            TrainConfig::from_json("").is_err(),
+            "dataset and out are required"
+        );
         assert!(TrainConfig::from_json("[1]").is_err());
         let c = TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#).unwrap();
         assert_eq!(c.learning_rate(Stage::Init), 1e-4);

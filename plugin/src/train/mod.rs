@@ -3,8 +3,11 @@
 //! ([`config`]), the batch sources (MONAI-style crops in [`batches`]; nnU-Net's patches in
 //! [`patches`], with its [`fingerprint`] and [`nnunet_augment`]), the objective ([`objective`]),
 //! the optimizer ([`optimizer`]) and its schedule ([`schedule`]), the gradient seam
-//! ([`gradients`]), checkpoints that resume exactly ([`checkpoint`]), validation ([`validate`])
-//! and the transfer from stage 1 to stage 2 ([`transfer`]).
+//! ([`gradients`]), the random streams ([`streams`]), checkpoints that resume exactly
+//! ([`checkpoint`]), validation ([`validate`]) and the transfer from stage 1 to stage 2
+//! ([`transfer`]). Under a launcher (torchrun, srun) the same driver runs on every rank of a
+//! data-parallel job ([`crate::dist`]): rank 0's weights to all, each rank its slots of the global
+//! batch, gradients averaged, rank 0 alone writing files.
 
 mod batches;
 mod cache;
@@ -18,6 +21,7 @@ mod optimizer;
 mod patches;
 mod schedule;
 mod source;
+mod streams;
 mod transfer;
 mod validate;
 
@@ -30,47 +34,79 @@ pub use schedule::{learning_rate, poly};
 
 use crate::bundle::{EpochRecord, Model, ModelMetadata, Stage};
 use crate::dataset::DatasetFile;
+use crate::dist::Peers;
 use crate::engine::{Engine, EngineOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::model::Precision;
 use objective::Objective;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use source::{Source, Store};
 use std::collections::BTreeMap;
 use tch::Device;
 
 /// Runs init-train (`stage` Init) or fine-tune (`stage` Segmentation) as `cfg` says, on `device`
-/// unless the config names one; writes the model file(s) and returns the final model.
+/// unless the config names one; writes the model file(s) and returns the final model. Under a
+/// launcher this process is one rank of a data-parallel job.
 pub fn train(
     stage: Stage,
     cfg: &TrainConfig,
     device: Device,
     progress: &mut dyn Progress,
 ) -> Result<Model> {
-    train_with(stage, cfg, device, progress, &mut Local)
+    train_with(stage, cfg, device, progress, None)
 }
 
-/// [`train`], with `gradients` acting between each backward pass and optimizer step.
+/// [`train`], with `gradients` acting between each backward pass and optimizer step (absent:
+/// averaged over the ranks of a data-parallel job).
 pub fn train_with(
     stage: Stage,
     cfg: &TrainConfig,
     device: Device,
     progress: &mut dyn Progress,
-    gradients: &mut dyn GradientSync,
+    gradients: Option<&mut dyn GradientSync>,
 ) -> Result<Model> {
     // A libtorch failure inside tch's infallible operations (out of memory among them) is an
     // error of this call, not a panic.
+    let mut gradients = gradients;
     crate::error::catch_panic(|| {
-        let mut run = Run::start(stage, cfg, device, progress)?;
+        let device = run_device(cfg, device)?;
+        let pinned = cfg.device.as_deref().is_some_and(|d| d.contains(':'));
+        let (peers, device) = Peers::join(&cfg.distributed, device, pinned)?;
+        let mut progress = RankProgress {
+            inner: progress,
+            rank: (peers.world() > 1).then(|| peers.rank()),
+        };
+        peers.agree("training config", &cfg.digest())?;
+        let mut run = Run::start(stage, cfg, device, peers, &mut progress)?;
         for epoch in run.first_epoch..cfg.epochs {
-            let loss = run.train_epoch(epoch, progress, gradients)?;
-            run.finish_epoch(epoch, loss, progress)?;
+            let loss = run.train_epoch(epoch, &mut progress, &mut gradients)?;
+            run.finish_epoch(epoch, loss, &mut progress)?;
         }
-        run.model.save(&cfg.out)?;
+        if run.peers.lead() {
+            run.model.save(&cfg.out)?;
+        }
+        run.peers.barrier("finishing the run")?;
         Ok(run.model)
     })
+}
+
+/// A rank's progress sink: its events carry its rank in a data-parallel job.
+struct RankProgress<'a> {
+    inner: &'a mut dyn Progress,
+    rank: Option<u32>,
+}
+
+impl Progress for RankProgress<'_> {
+    fn report(&mut self, e: &Event) -> bool {
+        match self.rank {
+            None => self.inner.report(e),
+            Some(rank) => self.inner.report(&Event {
+                rank: Some(rank),
+                ..e.clone()
+            }),
+        }
+    }
 }
 
 /// One training run's state.
@@ -81,7 +117,7 @@ struct Run<'a> {
     dataset: DatasetFile,
     model: Model,
     opt: Optimizer,
-    rng: ChaCha8Rng,
+    peers: Peers,
     objective: Objective,
     source: Source,
     precision: Precision,
@@ -96,9 +132,9 @@ impl<'a> Run<'a> {
         stage: Stage,
         cfg: &'a TrainConfig,
         device: Device,
+        peers: Peers,
         progress: &mut dyn Progress,
     ) -> Result<Run<'a>> {
-        let device = run_device(cfg, device)?;
         // Decided before any work: a pretext task that cannot split this roi is refused at once.
         if stage == Stage::Init {
             let (depth, tokens) = cfg.arch.pretext_geometry();
@@ -152,13 +188,9 @@ impl<'a> Run<'a> {
                 cfg.weight_decay,
             )),
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let (mut first_epoch, mut best) = (0, None);
-        let ckpt = cfg.checkpoint_path();
-        if cfg.resume && ckpt.exists() {
-            let r = checkpoint::resume(&ckpt, cfg, &mut model, &mut opt, &mut rng, device)?;
-            (first_epoch, best) = (r.first_epoch, r.best);
-        }
+        let slots = slots(cfg, &peers);
+        let resumed = checkpoint::resume(cfg, slots, &mut model, &mut opt, &peers, device)?;
+        let (first_epoch, best) = resumed.map_or((0, None), |r| (r.first_epoch, r.best));
         // Label values are checked against the classes when fine-tuning (init-train ignores them).
         let label_classes = (stage == Stage::Segmentation).then_some(classes as u32);
         let source = Source::prepare(cfg, &dataset, &pre, label_classes, &store, progress)?;
@@ -176,7 +208,7 @@ impl<'a> Run<'a> {
             dataset,
             model,
             opt,
-            rng,
+            peers,
             objective: Objective::new(stage, cfg),
             source,
             precision,
@@ -185,67 +217,99 @@ impl<'a> Run<'a> {
         })
     }
 
-    /// One pass over the training cases in a shuffled order; returns the mean loss.
+    /// One epoch: each step this rank's slots of the global batch, a backward pass, the
+    /// gradients made the global batch's, an optimizer step; returns the mean loss.
     fn train_epoch(
         &mut self,
         epoch: u64,
         progress: &mut dyn Progress,
-        gradients: &mut dyn GradientSync,
+        gradients: &mut Option<&mut dyn GradientSync>,
     ) -> Result<f64> {
         let cfg = self.cfg;
         let lr = schedule::rate(cfg, self.stage, epoch);
-        if cfg.recipe == Recipe::UnetrPp {
-            // Dropout and voxel noise draw from libtorch's generator: seeded per epoch, so that a
-            // resumed run draws what an uninterrupted one does.
-            tch::manual_seed(cfg.seed.wrapping_add(epoch) as i64);
-        }
-        let plan = self.source.plan(cfg, &mut self.rng);
-        let iters = plan.len() as u64;
+        let slots = slots(cfg, &self.peers);
+        let mine = streams::local_slots(slots, self.peers.rank(), self.peers.world());
+        let mut streams = streams::Epoch::new(cfg.seed, epoch, mine.clone());
+        let plan = self.source.plan(cfg, slots as usize, &mut streams.shared);
+        let steps = plan.steps as u64;
         let mut epoch_loss = 0.0;
-        for (it, &case) in plan.iter().enumerate() {
-            let roi = cfg.arch.img_size();
-            let (x, y) = self
-                .source
-                .batch(case, cfg, roi, &mut self.rng, self.device)?;
+        for step in 0..plan.steps {
+            // dropout draws from libtorch's generator: seeded per step (and rank), so that a
+            // resumed run draws what an uninterrupted one does
+            let dropout_seed = (streams.shared.random::<u64>() >> 1) + u64::from(self.peers.rank());
+            tch::manual_seed(dropout_seed as i64);
+            let batch = self.source.batch(
+                &plan,
+                step,
+                mine.clone(),
+                &mut streams.slots,
+                cfg,
+                self.device,
+            )?;
             let (loss, parts) = self.objective.loss(
                 &self.model,
-                &x,
-                y,
-                &mut self.rng,
+                (&batch.0, batch.1),
+                &mut streams,
+                &self.peers,
                 self.precision,
-                self.device,
+                cfg.dropout,
             )?;
             self.opt.zero_grad();
             loss.f_backward()?;
-            gradients.synchronize(self.opt.params())?;
-            if let Some(max) = cfg.grad_clip {
-                clip_grad_norm(self.opt.params(), max);
+            match gradients {
+                Some(g) => g.synchronize(self.opt.params())?,
+                None => self.peers.average_gradients(self.opt.params())?,
             }
-            self.opt.step(lr);
-            let l = loss.double_value(&[]);
+            let l = self
+                .peers
+                .sum("averaging the loss", &[loss.double_value(&[])], false)?[0]
+                / f64::from(self.peers.world());
             if !l.is_finite() {
                 return Err(Error::invalid(format!(
                     "training diverged: the loss became {l} at epoch {} iteration {} (lr {lr:e}): \
                      lower \"lr\"",
                     epoch + 1,
-                    it + 1
+                    step + 1
                 )));
             }
+            if let Some(max) = cfg.grad_clip {
+                clip_grad_norm(self.opt.params(), max);
+            }
+            self.opt.step(lr);
             epoch_loss += l;
-            report(
-                progress,
-                Event {
-                    stage: "train",
-                    done: epoch * iters + it as u64 + 1,
-                    total: cfg.epochs * iters,
-                    epoch: Some(epoch),
-                    loss: Some(l),
-                    message: format!("lr {lr:.3e} {parts}"),
-                    ..Default::default()
-                },
-            )?;
+            let event = Event {
+                stage: "train",
+                done: epoch * steps + step as u64 + 1,
+                total: cfg.epochs * steps,
+                epoch: Some(epoch),
+                loss: Some(l),
+                message: format!("lr {lr:.3e} {parts}"),
+                ..Default::default()
+            };
+            self.report_together(progress, event)?;
         }
-        Ok(epoch_loss / iters as f64)
+        Ok(epoch_loss / steps as f64)
+    }
+
+    /// Reports `event`; a cancel on any rank stops every rank here.
+    fn report_together(&self, progress: &mut dyn Progress, event: Event) -> Result<()> {
+        let stage = event.stage;
+        let cancelled = !progress.report(&event);
+        let ranks = self
+            .peers
+            .flagged("checking the other ranks for a cancel", cancelled)?;
+        if ranks.is_empty() {
+            return Ok(());
+        }
+        let by = if self.peers.world() == 1 {
+            "the caller".to_string()
+        } else {
+            format!("the caller of rank(s) {ranks:?}")
+        };
+        Err(Error::new(
+            ErrorKind::Cancelled,
+            format!("cancelled by {by} during {stage}"),
+        ))
     }
 
     /// After an epoch: validation when due (and the best model), the history, the checkpoint,
@@ -259,8 +323,9 @@ impl<'a> Run<'a> {
             && (done % cfg.val_every == 0 || done == cfg.epochs)
         {
             let only = cfg.val_labels.as_deref();
+            let (model, dataset) = (&self.model, &self.dataset);
             let dice =
-                validate::validate_and_report(&self.model, &self.dataset, only, epoch, progress)?;
+                validate::validate_and_report(model, dataset, only, epoch, &self.peers, progress)?;
             metric = Some(dice);
             if self.best.is_none_or(|b| dice > b) {
                 self.best = Some(dice);
@@ -277,34 +342,40 @@ impl<'a> Run<'a> {
             Stage::Init => history.init.push(record),
             Stage::Segmentation => history.fine_tune.push(record),
         }
-        if save_best {
+        let lead = self.peers.lead();
+        if save_best && lead {
             self.model
                 .save(&cfg.out.with_extension("best.safetensors"))?;
         }
-        if done % cfg.checkpoint_every == 0 || done == cfg.epochs {
+        if (done % cfg.checkpoint_every == 0 || done == cfg.epochs) && lead {
             let state = checkpoint::CheckpointState {
                 epochs_done: done,
                 optimizer_step: self.opt.steps(),
-                rng_word_pos: self.rng.get_word_pos().to_string(),
+                slots: Some(slots(cfg, &self.peers)),
                 best_metric: self.best,
                 config: cfg.clone(),
                 model: self.model.meta.clone(),
             };
             checkpoint::save_checkpoint(&cfg.checkpoint_path(), &self.model, &self.opt, &state)?;
         }
-        report(
-            progress,
-            Event {
-                stage: "epoch",
-                done,
-                total: cfg.epochs,
-                epoch: Some(epoch),
-                loss: Some(loss),
-                metric,
-                ..Default::default()
-            },
-        )
+        // the others wait here while rank 0 writes, not in a step's (shorter) collective
+        self.peers.barrier("waiting for rank 0's checkpoint")?;
+        let event = Event {
+            stage: "epoch",
+            done,
+            total: cfg.epochs,
+            epoch: Some(epoch),
+            loss: Some(loss),
+            metric,
+            ..Default::default()
+        };
+        self.report_together(progress, event)
     }
+}
+
+/// The global batch's slots: `batch_size` per rank.
+fn slots(cfg: &TrainConfig, peers: &Peers) -> u64 {
+    u64::from(peers.world()) * cfg.batch_size as u64
 }
 
 /// The config's device and threads when it names them, else `device`.

@@ -2,13 +2,14 @@
 //! (stage 2, unetr recipe) or nnU-Net's Dice + CE over the deep-supervision outputs (stage 2,
 //! unetr_pp recipe).
 
+use super::streams::Epoch;
 use super::{Recipe, TrainConfig};
 use crate::bundle::{Model, Stage};
+use crate::dist::Peers;
 use crate::error::{Error, Result};
 use crate::model::{Precision, with_precision};
 use crate::pretext::PretextConfig;
-use rand_chacha::ChaCha8Rng;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 pub(super) enum Objective {
     /// Depth-slab shuffling (along batch axis `axis`) + cube masking; reconstruction + order
@@ -37,25 +38,35 @@ impl Objective {
 
     /// The loss of `model` (in training mode) on the batch `x` (labels `y`), and a note on its
     /// parts for the progress message.
+    /// Randomness comes from `streams` (a sample's from its slot's); `peers` sum nnU-Net's batch
+    /// Dice totals over the global batch; `dropout`: the network's dropout is on.
     pub fn loss(
         &self,
         model: &Model,
-        x: &Tensor,
-        y: Option<Tensor>,
-        rng: &mut ChaCha8Rng,
+        (x, y): (&Tensor, Option<Tensor>),
+        streams: &mut Epoch,
+        peers: &Peers,
         precision: Precision,
-        device: Device,
+        dropout: bool,
     ) -> Result<(Tensor, String)> {
+        let device = x.device();
         let labels = || y.ok_or_else(|| Error::internal("segmentation batch without labels"));
         match self {
             Objective::Pretext { config, axis } => {
-                let batch = crate::pretext::transform(x, config, *axis, rng);
+                let batch = crate::pretext::transform_grouped(
+                    x,
+                    config,
+                    *axis,
+                    &mut streams.shared,
+                    &mut streams.slots,
+                );
                 let heads = model
                     .order_heads
                     .as_ref()
                     .ok_or_else(|| Error::internal("init model without order heads"))?;
                 let (total, rec, cls) = with_precision(precision, device, || {
-                    let (recon, logits) = model.net.pretext(&batch.input, heads, config, true)?;
+                    let (recon, logits) =
+                        model.net.pretext(&batch.input, heads, config, dropout)?;
                     Ok::<_, Error>(crate::pretext::loss(&recon, &batch, &logits, config))
                 })??;
                 let note = format!(
@@ -68,17 +79,28 @@ impl Objective {
             Objective::DiceCe => {
                 let y = labels()?;
                 let loss = with_precision(precision, device, || {
-                    crate::loss::dice_ce(&model.net.forward_t(x, true), &y)
+                    crate::loss::dice_ce(&model.net.forward_t(x, dropout), &y)
                 })?;
                 Ok((loss, String::new()))
             }
             Objective::DeepSupervision { batch_dice } => {
                 let y = labels()?;
+                let sum = |t: &Tensor| peers.sum_tensor("summing the batch Dice totals", t);
+                let ranks = crate::loss::AcrossRanks {
+                    world: f64::from(peers.world()),
+                    sum: &sum,
+                };
                 let loss = with_precision(precision, device, || {
-                    let outputs = model.net.deep_outputs(x, true);
+                    let outputs = model.net.deep_outputs(x, dropout);
                     let weights = deep_supervision_weights(outputs.len());
-                    crate::loss::deep_supervision(&outputs, &y, &weights, *batch_dice)
-                })?;
+                    crate::loss::deep_supervision_across(
+                        &outputs,
+                        &y,
+                        &weights,
+                        *batch_dice,
+                        &ranks,
+                    )
+                })??;
                 Ok((loss, String::new()))
             }
         }

@@ -172,21 +172,24 @@ fn class_locations(label: &Tensor, rng: &mut ChaCha8Rng) -> Result<Vec<(i64, Ten
     Ok(out)
 }
 
-/// One batch `[B, 1, patch]` and its labels.
+/// The patches `[b, 1, patch]` (and labels) of the global batch slots `mine`, out of `slots`:
+/// slot j is forced onto foreground when j ≥ round(slots · (1 − oversample)), as nnU-Net's
+/// `get_do_oversample` decides for a batch of that size; each patch's draws come from its slot's
+/// RNG (`rngs`), which also seeds libtorch's generator for the voxel noise.
 pub(super) fn batch(
     cases: &[PatchCase],
     cfg: &TrainConfig,
     patch: [i64; 3],
-    rng: &mut ChaCha8Rng,
+    mine: std::ops::Range<u64>,
+    slots: u64,
+    rngs: &mut [ChaCha8Rng],
     device: Device,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let b = cfg.batch_size;
-    // `get_do_oversample`: sample j is forced when j ≥ round(B · (1 − oversample)).
-    let random_ones = (b as f64 * (1.0 - cfg.oversample_foreground)).round_ties_even() as i64;
+    let random_ones = (slots as f64 * (1.0 - cfg.oversample_foreground)).round_ties_even() as u64;
     let aug = &cfg.nnunet_augment;
     let sampled = aug.sampled_patch(patch);
     let (mut images, mut labels) = (Vec::new(), Vec::new());
-    for j in 0..b {
+    for (j, rng) in mine.zip(rngs) {
         let case = &cases[rng.random_range(0..cases.len())];
         let start = patch_start(case, sampled, j >= random_ones, rng);
         let image = cut(&case.image, start, sampled)?.f_to_device(device)?;
@@ -195,6 +198,7 @@ pub(super) fn batch(
             .as_ref()
             .map(|l| -> Result<Tensor> { Ok(cut(l, start, sampled)?.f_to_device(device)?) })
             .transpose()?;
+        tch::manual_seed((rng.random::<u64>() >> 1) as i64);
         let (image, label) = aug.spatial(image, label, patch, rng)?;
         let (image, label) = aug.apply(image, label, rng)?;
         images.push(image);

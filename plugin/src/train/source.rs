@@ -2,7 +2,7 @@
 //! nnU-Net's from the dataset fingerprint), the prepared cases (in memory, or in the preprocessed
 //! cache on disk) and the batches drawn from them each iteration.
 
-use super::{Recipe, TrainConfig, batches, cache, fingerprint, patches};
+use super::{Recipe, TrainConfig, batches, cache, fingerprint, patches, streams};
 use crate::bundle::{Pipeline, Preprocessing};
 use crate::dataset::DatasetFile;
 use crate::error::{Error, Result};
@@ -114,37 +114,71 @@ impl Source {
         })
     }
 
-    /// The epoch's iterations: for crops, the case of each (shuffled, one pass per
-    /// `iterations_per_epoch` cases); patches pick their cases as they go.
-    pub(super) fn plan(&self, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    fn len(&self) -> usize {
         match self {
-            Source::Crops(cases) => {
-                let n = cfg.iterations_per_epoch.unwrap_or(cases.len() as u64) as usize;
-                let mut plan = Vec::with_capacity(n);
-                while plan.len() < n {
-                    let mut order: Vec<usize> = (0..cases.len()).collect();
-                    rand::seq::SliceRandom::shuffle(order.as_mut_slice(), rng);
-                    plan.extend(order.into_iter().take(n - plan.len()));
-                }
-                plan
-            }
-            Source::Patches(cases) => {
-                vec![0; cfg.iterations_per_epoch.unwrap_or(cases.len() as u64) as usize]
-            }
+            Source::Crops(c) => c.len(),
+            Source::Patches(c) => c.len(),
         }
     }
 
-    pub(super) fn batch(
-        &self,
-        case: usize,
-        cfg: &TrainConfig,
-        roi: [i64; 3],
-        rng: &mut ChaCha8Rng,
-        device: Device,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        match self {
-            Source::Crops(cases) => Ok(batches::crops(&cases[case], cfg, roi, rng, device)),
-            Source::Patches(cases) => patches::batch(cases, cfg, roi, rng, device),
+    /// The epoch's steps for a global batch of `slots`: `iterations_per_epoch`, else one pass
+    /// over the cases; for crops also the case of each slot of each step, drawn from `shared`
+    /// (patches pick their cases as they go).
+    pub(super) fn plan(&self, cfg: &TrainConfig, slots: usize, shared: &mut ChaCha8Rng) -> Plan {
+        let n = self.len();
+        let steps = cfg
+            .iterations_per_epoch
+            .map_or(n.div_ceil(slots), |i| i as usize);
+        let order = match self {
+            Source::Crops(_) => {
+                let one_pass = cfg.iterations_per_epoch.is_none();
+                streams::epoch_order(n, steps, slots, one_pass, shared)
+            }
+            Source::Patches(_) => Vec::new(),
+        };
+        Plan {
+            steps,
+            slots,
+            order,
         }
     }
+
+    /// This rank's share of step `step`'s global batch: the samples of the global slots `mine`,
+    /// each drawn from its own stream (`rngs`, one per slot of `mine`).
+    pub(super) fn batch(
+        &self,
+        plan: &Plan,
+        step: usize,
+        mine: std::ops::Range<u64>,
+        rngs: &mut [ChaCha8Rng],
+        cfg: &TrainConfig,
+        device: Device,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let roi = cfg.arch.img_size();
+        match self {
+            Source::Crops(cases) => {
+                let (mut images, mut labels) = (Vec::new(), Vec::new());
+                for (slot, rng) in mine.zip(rngs) {
+                    let case = plan.order[step * plan.slots + slot as usize];
+                    let (x, y) = batches::crops(&cases[case], cfg, roi, rng, device);
+                    images.push(x);
+                    labels.extend(y);
+                }
+                let labels = (!labels.is_empty()).then(|| Tensor::cat(&labels, 0));
+                Ok((Tensor::cat(&images, 0), labels))
+            }
+            Source::Patches(cases) => {
+                patches::batch(cases, cfg, roi, mine, plan.slots as u64, rngs, device)
+            }
+        }
+    }
+}
+
+/// One epoch's schedule.
+pub(super) struct Plan {
+    pub steps: usize,
+    /// The global batch's slots per step.
+    pub slots: usize,
+    /// Crops: the case of slot j at step i is `order[i · slots + j]`.
+    order: Vec<usize>,
 }

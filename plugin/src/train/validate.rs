@@ -1,17 +1,22 @@
-//! Online validation: Dice on the dataset's validation cases, as `segment` would produce them.
+//! Online validation: Dice on the dataset's validation cases, as `segment` would produce them;
+//! in a data-parallel job each rank scores its share of the cases and the sums are added up, so
+//! the figures are one process's.
 
 use crate::bundle::Model;
 use crate::dataset::DatasetFile;
+use crate::dist::Peers;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
 use std::collections::BTreeMap;
 
 /// Dice on the validation cases (sliding window on the whole volume, back on the original grid, as
-/// `segment` does): the mean over cases and labels (`only` those, when given), and the mean per label.
+/// `segment` does): the mean over cases and labels (`only` those, when given), and the mean per
+/// label. Rank r of W scores cases r, r + W, …
 pub(super) fn validate(
     model: &Model,
     ds: &DatasetFile,
     only: Option<&[u32]>,
+    peers: &Peers,
     progress: &mut dyn Progress,
 ) -> Result<(f64, BTreeMap<u32, f64>)> {
     let opts = crate::segment::SegmentOptions {
@@ -23,8 +28,16 @@ pub(super) fn validate(
     let mut sum = 0.0;
     let mut n = 0usize;
     let mut per_label: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
+    let (rank, world) = (peers.rank() as usize, peers.world() as usize);
+    let labels: Vec<u32> = model
+        .meta
+        .labels
+        .keys()
+        .copied()
+        .filter(|&l| l != 0 && only.is_none_or(|o| o.contains(&l)))
+        .collect();
     for (i, entry) in ds.validation.iter().enumerate() {
-        let Some(label_path) = &entry.label else {
+        let Some(label_path) = entry.label.as_ref().filter(|_| i % world == rank) else {
             continue;
         };
         let image = crate::io::read_volume(&entry.image)?;
@@ -32,13 +45,6 @@ pub(super) fn validate(
         let classes = model.meta.arch.out_channels() as u32;
         crate::dataset::check_label(&image, &reference, label_path, Some(classes))?;
         let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
-        let labels: Vec<u32> = model
-            .meta
-            .labels
-            .keys()
-            .copied()
-            .filter(|&l| l != 0 && only.is_none_or(|o| o.contains(&l)))
-            .collect();
         for (l, s) in crate::metrics::score(&pred, &reference, &labels)? {
             if let Some(d) = s.dice {
                 sum += d;
@@ -58,11 +64,21 @@ pub(super) fn validate(
             },
         )?;
     }
-    let per_label = per_label
-        .into_iter()
-        .map(|(l, (s, k))| (l, s / k as f64))
+    // [sum, n, then (sum, count) per label]: the same layout on every rank
+    let mut totals = vec![sum, n as f64];
+    for l in &labels {
+        let (s, k) = per_label.get(l).copied().unwrap_or_default();
+        totals.extend([s, k as f64]);
+    }
+    let totals = peers.sum("adding up the validation Dice", &totals, true)?;
+    let per_label = labels
+        .iter()
+        .zip(totals[2..].chunks(2))
+        .filter(|(_, sk)| sk[1] > 0.0)
+        .map(|(&l, sk)| (l, sk[0] / sk[1]))
         .collect();
-    Ok((if n > 0 { sum / n as f64 } else { 0.0 }, per_label))
+    let (sum, n) = (totals[0], totals[1]);
+    Ok((if n > 0.0 { sum / n } else { 0.0 }, per_label))
 }
 
 /// [`validate`], reported as a "validate" event with the Dice per label; returns the mean Dice.
@@ -71,9 +87,10 @@ pub(super) fn validate_and_report(
     ds: &DatasetFile,
     only: Option<&[u32]>,
     epoch: u64,
+    peers: &Peers,
     progress: &mut dyn Progress,
 ) -> Result<f64> {
-    let (dice, per_label) = validate(model, ds, only, progress)?;
+    let (dice, per_label) = validate(model, ds, only, peers, progress)?;
     let table: Vec<String> = per_label
         .iter()
         .map(|(l, d)| {

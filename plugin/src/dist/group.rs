@@ -1,0 +1,244 @@
+//! The process group: a safe handle over csrc/dist.cpp (libtorch's TCPStore + ProcessGroupGloo or
+//! ProcessGroupNCCL). One per process at a time; dropping it ends it.
+
+use super::launch::Launch;
+use crate::error::{Error, ErrorKind, Result};
+use std::ffi::{CString, c_char};
+use std::time::Duration;
+use tch::Tensor;
+
+type CTensor = *const torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn lwi_dist_init(
+        backend: *const c_char,
+        addr: *const c_char,
+        port: i32,
+        rank: i32,
+        world: i32,
+        store_server: i32,
+        device_index: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn lwi_dist_all_reduce(
+        ts: *const CTensor,
+        n: usize,
+        bucket_bytes: i64,
+        average: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn lwi_dist_broadcast(
+        ts: *const CTensor,
+        n: usize,
+        root: i32,
+        bucket_bytes: i64,
+        timeout_ms: i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+    fn lwi_dist_barrier(timeout_ms: i64, err: *mut c_char, len: usize) -> i32;
+    fn lwi_dist_destroy();
+}
+
+/// Whether this build can use NCCL (libtorch with CUDA and its headers at build time).
+pub const HAS_NCCL: bool = matches!(env!("LWI_DIST_NCCL").as_bytes(), b"1");
+
+/// DDP's default bucket: gradients travel in all-reduces of at most 25 MiB.
+pub const BUCKET_BYTES: i64 = 25 << 20;
+
+/// Which c10d backend carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    Nccl,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+/// A joined process group.
+pub struct Group {
+    pub rank: u32,
+    pub world: u32,
+    pub backend: Backend,
+}
+
+fn call(
+    what: &str,
+    rank: u32,
+    world: u32,
+    f: impl FnOnce(*mut c_char, usize) -> i32,
+) -> Result<()> {
+    let mut buf = vec![0u8; 2048];
+    if f(buf.as_mut_ptr().cast(), buf.len()) == 0 {
+        return Ok(());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let msg = String::from_utf8_lossy(&buf[..end]);
+    let lower = msg.to_lowercase();
+    let hint = if lower.contains("timed out") || lower.contains("timeout") {
+        " (another rank did not answer within the limit: \"distributed\": timeout_s, wait_s)"
+    } else if ["closed by peer", "connection reset", "broken pipe"]
+        .iter()
+        .any(|s| lower.contains(s))
+    {
+        " (another rank has ended: its own output says why)"
+    } else {
+        ""
+    };
+    Err(Error::new(
+        ErrorKind::Io,
+        format!(
+            "distributed training, rank {rank} of {world}: {what} failed: {}{hint}",
+            msg.trim()
+        ),
+    ))
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().clamp(1, i64::MAX as u128) as i64
+}
+
+fn pointers(ts: &[Tensor]) -> Vec<CTensor> {
+    ts.iter().map(|t| t.as_ptr()).collect()
+}
+
+impl Group {
+    /// Joins the job `launch` describes; waits up to `timeout` for every rank to arrive.
+    pub fn join(
+        launch: &Launch,
+        backend: Backend,
+        device_index: i32,
+        timeout: Duration,
+    ) -> Result<Group> {
+        let (rank, world) = (launch.rank, launch.world);
+        if backend == Backend::Nccl && !HAS_NCCL {
+            return Err(Error::unsupported(
+                "distributed training: this build has no NCCL (its libtorch lacked CUDA or the CUDA \
+                 headers): use \"backend\": \"gloo\"",
+            ));
+        }
+        let nul = |s: &str| {
+            CString::new(s).map_err(|_| Error::invalid(format!("distributed: {s:?} holds a NUL")))
+        };
+        let (name, addr) = (nul(backend.name())?, nul(&launch.addr)?);
+        let what = format!(
+            "joining the job at {}:{} over {}{}",
+            launch.addr,
+            launch.port,
+            backend.name(),
+            if launch.store_server {
+                " (hosting its store)"
+            } else {
+                ""
+            }
+        );
+        let (port, server, device) = (
+            i32::from(launch.port),
+            i32::from(launch.store_server),
+            device_index,
+        );
+        let ms = millis(timeout);
+        // The store client can wait past its timeout on a port where something that is not a
+        // store accepted the connection: joining runs on its own thread, watched here.
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = call(&what, rank, world, |err, len| unsafe {
+                lwi_dist_init(
+                    name.as_ptr(),
+                    addr.as_ptr(),
+                    port,
+                    rank as i32,
+                    world as i32,
+                    server,
+                    device,
+                    ms,
+                    err,
+                    len,
+                )
+            });
+            let _ = done.send(r);
+        });
+        match outcome.recv_timeout(timeout + Duration::from_secs(5)) {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "distributed training, rank {rank} of {world}: joining the job at {}:{} did \
+                         not finish within {} s (are all ranks started, and is it rank 0's store \
+                         that listens there?)",
+                        launch.addr,
+                        launch.port,
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+        }
+        Ok(Group {
+            rank,
+            world,
+            backend,
+        })
+    }
+
+    /// Sums `ts` in place across the ranks (then divides by the world size when `average`).
+    pub fn all_reduce(
+        &self,
+        what: &str,
+        ts: &[Tensor],
+        average: bool,
+        timeout: Duration,
+    ) -> Result<()> {
+        let ptrs = pointers(ts);
+        call(what, self.rank, self.world, |err, len| unsafe {
+            lwi_dist_all_reduce(
+                ptrs.as_ptr(),
+                ptrs.len(),
+                BUCKET_BYTES,
+                i32::from(average),
+                millis(timeout),
+                err,
+                len,
+            )
+        })
+    }
+
+    /// Overwrites `ts` with rank 0's.
+    pub fn broadcast(&self, what: &str, ts: &[Tensor], timeout: Duration) -> Result<()> {
+        let ptrs = pointers(ts);
+        call(what, self.rank, self.world, |err, len| unsafe {
+            lwi_dist_broadcast(
+                ptrs.as_ptr(),
+                ptrs.len(),
+                0,
+                BUCKET_BYTES,
+                millis(timeout),
+                err,
+                len,
+            )
+        })
+    }
+
+    pub fn barrier(&self, what: &str, timeout: Duration) -> Result<()> {
+        call(what, self.rank, self.world, |err, len| unsafe {
+            lwi_dist_barrier(millis(timeout), err, len)
+        })
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        unsafe { lwi_dist_destroy() }
+    }
+}
