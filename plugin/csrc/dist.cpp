@@ -18,6 +18,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -172,6 +173,84 @@ void nccl_backend(Group& d, const c10::intrusive_ptr<c10d::Store>& store,
 }
 }  // namespace
 
+// Sums `t` in place over the ranks within `timeout_ms`.
+void sum_everywhere(at::Tensor& t, int64_t timeout_ms) {
+  c10d::AllreduceOptions o;
+  o.timeout = limit(timeout_ms);
+  std::vector<at::Tensor> one{t};
+  need().backend->allreduce(one, o)->wait(wait_limit(timeout_ms));
+}
+
+// BatchNorm in training over the batches of every rank together (PyTorch's SyncBatchNorm): the
+// mean and the variance from sums over all ranks (two passes, as exact as one process's), and in
+// the backward pass the sums of dy and dy·x̂ over all ranks, so that the gradients averaged over
+// the ranks are those of the whole batch in one process. Computed in float32.
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
+  static std::vector<int64_t> reduced(const at::Tensor& x) {
+    std::vector<int64_t> dims;
+    for (int64_t d = 0; d < x.dim(); ++d)
+      if (d != 1) dims.push_back(d);
+    return dims;
+  }
+  static std::vector<int64_t> per_channel(const at::Tensor& x) {
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[1] = x.size(1);
+    return shape;
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor running_mean, at::Tensor running_var, double momentum,
+                            double eps, int64_t timeout_ms) {
+    auto xf = x.to(at::kFloat);
+    auto dims = reduced(xf);
+    auto shape = per_channel(xf);
+    int64_t c = xf.size(1);
+    auto first = at::cat({xf.sum(dims), at::full({1}, double(xf.numel() / c), xf.options())});
+    sum_everywhere(first, timeout_ms);
+    auto n = first[c];
+    auto mean = first.narrow(0, 0, c) / n;
+    auto centred = xf - mean.view(shape);
+    auto squares = centred.square().sum(dims);
+    sum_everywhere(squares, timeout_ms);
+    auto var = squares / n;
+    auto invstd = (var + eps).rsqrt();
+    {
+      at::NoGradGuard no_grad;
+      double count = n.item<double>();
+      running_mean.mul_(1 - momentum).add_(mean.to(running_mean.scalar_type()) * momentum);
+      auto unbiased = var * (count / std::max(count - 1, 1.0));
+      running_var.mul_(1 - momentum).add_(unbiased.to(running_var.scalar_type()) * momentum);
+    }
+    auto xhat = centred * invstd.view(shape);
+    ctx->save_for_backward({xhat, weight, invstd});
+    ctx->saved_data["n"] = n.item<double>();
+    ctx->saved_data["timeout_ms"] = timeout_ms;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    return xhat * weight.to(at::kFloat).view(shape) + bias.to(at::kFloat).view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto xhat = saved[0], weight = saved[1].to(at::kFloat), invstd = saved[2];
+    double n = ctx->saved_data["n"].toDouble();
+    int64_t timeout_ms = ctx->saved_data["timeout_ms"].toInt();
+    auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    auto dy = grads[0].to(at::kFloat);
+    auto dims = reduced(dy);
+    auto shape = per_channel(dy);
+    int64_t c = dy.size(1);
+    auto sum_dy = dy.sum(dims), sum_dy_xhat = (dy * xhat).sum(dims);
+    auto both = at::cat({sum_dy, sum_dy_xhat});
+    sum_everywhere(both, timeout_ms);
+    auto all_dy = both.narrow(0, 0, c).view(shape), all_dy_xhat = both.narrow(0, c, c).view(shape);
+    auto dx = (weight * invstd).view(shape) * (dy - (all_dy + xhat * all_dy_xhat) / n);
+    return {dx.to(dtype), sum_dy_xhat, sum_dy, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
 extern "C" {
 // `backend` "gloo" or "nccl"; rank 0 hosts the store when `store_server`.
 int lwi_dist_init(const char* backend, const char* addr, int port, int rank, int world,
@@ -250,6 +329,21 @@ int lwi_dist_barrier(int64_t timeout_ms, char* err, size_t len) {
     o.timeout = limit(timeout_ms);
     if (d.nccl) o.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(d.device_index));
     d.backend->barrier(o)->wait(wait_limit(timeout_ms));
+  });
+}
+
+// Whether a group of more than one rank exists (training batch norm is then synchronised).
+int lwi_dist_active(void) { return group && group->world > 1 ? 1 : 0; }
+
+// Training BatchNorm over every rank's batch (SyncBatchNorm above); the result in `*out`.
+int lwi_dist_sync_batch_norm(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
+                             at::Tensor* running_mean, at::Tensor* running_var, double momentum,
+                             double eps, int64_t timeout_ms, at::Tensor** out, char* err,
+                             size_t len) {
+  return guard(err, len, [&] {
+    need();
+    *out = new at::Tensor(SyncBatchNorm::apply(*x, *weight, *bias, *running_mean, *running_var,
+                                               momentum, eps, timeout_ms));
   });
 }
 

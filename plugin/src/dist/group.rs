@@ -4,6 +4,7 @@
 use super::launch::Launch;
 use crate::error::{Error, ErrorKind, Result};
 use std::ffi::{CString, c_char};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::Relaxed};
 use std::time::Duration;
 use tch::Tensor;
 
@@ -42,6 +43,65 @@ unsafe extern "C" {
     ) -> i32;
     fn lwi_dist_barrier(timeout_ms: i64, err: *mut c_char, len: usize) -> i32;
     fn lwi_dist_destroy();
+    fn lwi_dist_active() -> i32;
+    #[allow(clippy::too_many_arguments)]
+    fn lwi_dist_sync_batch_norm(
+        x: CTensor,
+        weight: CTensor,
+        bias: CTensor,
+        running_mean: CTensor,
+        running_var: CTensor,
+        momentum: f64,
+        eps: f64,
+        timeout_ms: i64,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> i32;
+}
+
+/// A training step's collective limit, for the collectives inside the model (set on joining),
+/// and this process's rank and world size while it is in a job (for messages).
+static STEP_LIMIT_MS: AtomicI64 = AtomicI64::new(60_000);
+static JOB: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(1)];
+
+/// Training batch norm over the batches of every rank of this process's job (PyTorch's
+/// `SyncBatchNorm`, as MONAI's recipe converts batch norm to under DDP): None when the process
+/// is in no job of more than one rank (plain batch norm applies), else the normalised `x`.
+pub fn sync_batch_norm(
+    x: &Tensor,
+    [weight, bias, running_mean, running_var]: [&Tensor; 4],
+    momentum: f64,
+    eps: f64,
+) -> Option<Result<Tensor>> {
+    if unsafe { lwi_dist_active() } == 0 {
+        return None;
+    }
+    let timeout = STEP_LIMIT_MS.load(Relaxed);
+    let (rank, world) = (JOB[0].load(Relaxed), JOB[1].load(Relaxed));
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    let r = call("synchronising batch norm", rank, world, |err, len| unsafe {
+        lwi_dist_sync_batch_norm(
+            x.as_ptr(),
+            weight.as_ptr(),
+            bias.as_ptr(),
+            running_mean.as_ptr(),
+            running_var.as_ptr(),
+            momentum,
+            eps,
+            timeout,
+            &mut out,
+            err,
+            len,
+        )
+    });
+    // SAFETY: on success the shim handed over a new tensor, now owned here.
+    Some(r.map(|()| unsafe { Tensor::from_ptr(out) }))
+}
+
+/// Sets the limit of the collectives inside the model.
+pub fn set_step_limit(limit: Duration) {
+    STEP_LIMIT_MS.store(millis(limit), Relaxed);
 }
 
 /// Whether this build can use NCCL (libtorch with CUDA and its headers at build time).
@@ -185,6 +245,8 @@ impl Group {
                 ));
             }
         }
+        JOB[0].store(rank, Relaxed);
+        JOB[1].store(world, Relaxed);
         Ok(Group {
             rank,
             world,

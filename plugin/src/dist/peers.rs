@@ -59,6 +59,7 @@ impl Peers {
         };
         let wait_limit = Duration::from_secs_f64(cfg.wait_s);
         let group = Group::join(&launch, backend, index, wait_limit)?;
+        super::group::set_step_limit(Duration::from_secs_f64(cfg.timeout_s));
         let small = if backend == Backend::Nccl {
             device
         } else {

@@ -225,6 +225,23 @@ impl Norm {
                 bias,
                 running_mean,
                 running_var,
+            } if train
+                && let Some(synced) = crate::dist::group::sync_batch_norm(
+                    x,
+                    [weight, bias, running_mean, running_var],
+                    0.1,
+                    1e-5,
+                ) =>
+            {
+                // inside a forward pass there is no error path: the training call's panic guard
+                // turns this into its error
+                synced.unwrap_or_else(|e| panic!("{}", e.message))
+            }
+            Norm::Batch {
+                weight,
+                bias,
+                running_mean,
+                running_var,
             } => x.batch_norm(
                 Some(weight),
                 Some(bias),

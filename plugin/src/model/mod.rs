@@ -1,6 +1,7 @@
 //! Segmentation architectures as `tch::nn` modules, named like their reference state dicts.
 
 pub mod blocks;
+pub mod dropout;
 pub mod fused;
 pub mod network;
 pub mod precision;

@@ -182,16 +182,15 @@ impl Epa {
             t / norm
         };
         let (q, k) = (normalize(&q), normalize(&k));
-        let attn_ca = (q.matmul(&k.transpose(-2, -1)) * &self.temperature)
-            .softmax(-1, Kind::Float)
-            .dropout(ATTENTION_DROPOUT, train);
+        let attn_ca = (q.matmul(&k.transpose(-2, -1)) * &self.temperature).softmax(-1, Kind::Float);
+        let attn_ca = super::dropout::dropout(&attn_ca, ATTENTION_DROPOUT, train);
         let x_ca = attn_ca
             .matmul(&v_ca)
             .permute([0, 3, 1, 2])
             .reshape([b, n, c]);
-        let attn_sa = (q.transpose(-2, -1).matmul(&k_proj) * &self.temperature2)
-            .softmax(-1, Kind::Float)
-            .dropout(ATTENTION_DROPOUT, train);
+        let attn_sa =
+            (q.transpose(-2, -1).matmul(&k_proj) * &self.temperature2).softmax(-1, Kind::Float);
+        let attn_sa = super::dropout::dropout(&attn_sa, ATTENTION_DROPOUT, train);
         // [B, h, N, d] → [B, d, h, N], then reinterpreted as [B, N, C]: upstream's raw reshape.
         let x_sa = attn_sa
             .matmul(&v_proj.transpose(-2, -1))
@@ -241,7 +240,7 @@ impl TransformerBlock {
         // nn.Dropout3d: whole channels dropped
         let tail = self
             .conv8
-            .forward(&tail.feature_dropout(TAIL_DROPOUT, train));
+            .forward(&super::dropout::feature_dropout(&tail, TAIL_DROPOUT, train));
         map + tail
     }
 }

@@ -74,7 +74,7 @@ impl PatchEmbedding {
                     .transpose(-1, -2)
             }
         };
-        (tokens + &self.position_embeddings).dropout(self.dropout, train)
+        super::dropout::dropout(&(tokens + &self.position_embeddings), self.dropout, train)
     }
 }
 
@@ -98,7 +98,11 @@ impl SelfAttention {
             .reshape([b, n, 3, self.heads, dh])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let p = if train { self.dropout } else { 0.0 };
+        let p = if super::dropout::active(train) {
+            self.dropout
+        } else {
+            0.0
+        };
         let att = Tensor::scaled_dot_product_attention(
             &q,
             &k,
@@ -110,7 +114,7 @@ impl SelfAttention {
             false,
         );
         let merged = att.permute([0, 2, 1, 3]).reshape([b, n, hidden]);
-        self.out_proj.forward(&merged).dropout(self.dropout, train)
+        super::dropout::dropout(&self.out_proj.forward(&merged), self.dropout, train)
     }
 }
 
@@ -151,12 +155,9 @@ impl TransformerBlock {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let x = x + self.attn.forward_t(&self.norm1.forward(x), train);
-        let mlp = self
-            .linear1
-            .forward(&self.norm2.forward(&x))
-            .gelu("none")
-            .dropout(self.dropout, train);
-        &x + self.linear2.forward(&mlp).dropout(self.dropout, train)
+        let mlp = self.linear1.forward(&self.norm2.forward(&x)).gelu("none");
+        let mlp = super::dropout::dropout(&mlp, self.dropout, train);
+        &x + super::dropout::dropout(&self.linear2.forward(&mlp), self.dropout, train)
     }
 }
 

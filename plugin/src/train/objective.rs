@@ -39,7 +39,7 @@ impl Objective {
     /// The loss of `model` (in training mode) on the batch `x` (labels `y`), and a note on its
     /// parts for the progress message.
     /// Randomness comes from `streams` (a sample's from its slot's); `peers` sum nnU-Net's batch
-    /// Dice totals over the global batch; `dropout`: the network's dropout is on.
+    /// Dice totals over the global batch; `dropout` false: the network's dropout is off.
     pub fn loss(
         &self,
         model: &Model,
@@ -48,6 +48,19 @@ impl Objective {
         peers: &Peers,
         precision: Precision,
         dropout: bool,
+    ) -> Result<(Tensor, String)> {
+        crate::model::dropout::without(!dropout, || {
+            self.loss_of(model, (x, y), streams, peers, precision)
+        })
+    }
+
+    fn loss_of(
+        &self,
+        model: &Model,
+        (x, y): (&Tensor, Option<Tensor>),
+        streams: &mut Epoch,
+        peers: &Peers,
+        precision: Precision,
     ) -> Result<(Tensor, String)> {
         let device = x.device();
         let labels = || y.ok_or_else(|| Error::internal("segmentation batch without labels"));
@@ -65,8 +78,7 @@ impl Objective {
                     .as_ref()
                     .ok_or_else(|| Error::internal("init model without order heads"))?;
                 let (total, rec, cls) = with_precision(precision, device, || {
-                    let (recon, logits) =
-                        model.net.pretext(&batch.input, heads, config, dropout)?;
+                    let (recon, logits) = model.net.pretext(&batch.input, heads, config, true)?;
                     Ok::<_, Error>(crate::pretext::loss(&recon, &batch, &logits, config))
                 })??;
                 let note = format!(
@@ -79,7 +91,7 @@ impl Objective {
             Objective::DiceCe => {
                 let y = labels()?;
                 let loss = with_precision(precision, device, || {
-                    crate::loss::dice_ce(&model.net.forward_t(x, dropout), &y)
+                    crate::loss::dice_ce(&model.net.forward_t(x, true), &y)
                 })?;
                 Ok((loss, String::new()))
             }
@@ -91,7 +103,7 @@ impl Objective {
                     sum: &sum,
                 };
                 let loss = with_precision(precision, device, || {
-                    let outputs = model.net.deep_outputs(x, dropout);
+                    let outputs = model.net.deep_outputs(x, true);
                     let weights = deep_supervision_weights(outputs.len());
                     crate::loss::deep_supervision_across(
                         &outputs,
