@@ -234,36 +234,7 @@ impl<'a> Run<'a> {
         let steps = plan.steps as u64;
         let mut epoch_loss = 0.0;
         for step in 0..plan.steps {
-            // dropout draws from libtorch's generator: seeded per step (and rank), so that a
-            // resumed run draws what an uninterrupted one does
-            let dropout_seed = (streams.shared.random::<u64>() >> 1) + u64::from(self.peers.rank());
-            tch::manual_seed(dropout_seed as i64);
-            let batch = self.source.batch(
-                &plan,
-                step,
-                mine.clone(),
-                &mut streams.slots,
-                cfg,
-                self.device,
-            )?;
-            let (loss, parts) = self.objective.loss(
-                &self.model,
-                (&batch.0, batch.1),
-                &mut streams,
-                &self.peers,
-                self.precision,
-                cfg.dropout,
-            )?;
-            self.opt.zero_grad();
-            loss.f_backward()?;
-            match gradients {
-                Some(g) => g.synchronize(self.opt.params())?,
-                None => self.peers.average_gradients(self.opt.params())?,
-            }
-            let l = self
-                .peers
-                .sum("averaging the loss", &[loss.double_value(&[])], false)?[0]
-                / f64::from(self.peers.world());
+            let (l, parts) = self.step(&plan, step, mine.clone(), &mut streams, gradients, lr)?;
             if !l.is_finite() {
                 return Err(Error::invalid(format!(
                     "training diverged: the loss became {l} at epoch {} iteration {} (lr {lr:e}): \
@@ -272,10 +243,6 @@ impl<'a> Run<'a> {
                     step + 1
                 )));
             }
-            if let Some(max) = cfg.grad_clip {
-                clip_grad_norm(self.opt.params(), max);
-            }
-            self.opt.step(lr);
             epoch_loss += l;
             let event = Event {
                 stage: "train",
@@ -289,6 +256,52 @@ impl<'a> Run<'a> {
             self.report_together(progress, event)?;
         }
         Ok(epoch_loss / steps as f64)
+    }
+
+    /// One optimizer step on this rank's slots `mine` of step `step`'s global batch; returns the
+    /// loss averaged over the ranks (the step is not taken when it is not finite) and the
+    /// objective's note.
+    fn step(
+        &mut self,
+        plan: &source::Plan,
+        step: usize,
+        mine: std::ops::Range<u64>,
+        streams: &mut streams::Epoch,
+        gradients: &mut Option<&mut dyn GradientSync>,
+        lr: f64,
+    ) -> Result<(f64, String)> {
+        let cfg = self.cfg;
+        // dropout draws from libtorch's generator: seeded per step (and rank), so that a resumed
+        // run draws what an uninterrupted one does
+        let dropout_seed = (streams.shared.random::<u64>() >> 1) + u64::from(self.peers.rank());
+        tch::manual_seed(dropout_seed as i64);
+        let (x, y) = self
+            .source
+            .batch(plan, step, mine, &mut streams.slots, cfg, self.device)?;
+        let (loss, parts) = self.objective.loss(
+            &self.model,
+            (&x, y),
+            streams,
+            &self.peers,
+            self.precision,
+            cfg.dropout,
+        )?;
+        self.opt.zero_grad();
+        loss.f_backward()?;
+        match gradients {
+            Some(g) => g.synchronize(self.opt.params())?,
+            None => self.peers.average_gradients(self.opt.params())?,
+        }
+        let local = loss.double_value(&[]);
+        let l = self.peers.sum("averaging the loss", &[local], false)?[0]
+            / f64::from(self.peers.world());
+        if l.is_finite() {
+            if let Some(max) = cfg.grad_clip {
+                clip_grad_norm(self.opt.params(), max);
+            }
+            self.opt.step(lr);
+        }
+        Ok((l, parts))
     }
 
     /// Reports `event`; a cancel on any rank stops every rank here.
