@@ -25,9 +25,6 @@ pub(super) fn validate(
         mirror: Some(false),
         ..Default::default()
     };
-    let mut sum = 0.0;
-    let mut n = 0usize;
-    let mut per_label: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
     let (rank, world) = (peers.rank() as usize, peers.world() as usize);
     let labels: Vec<u32> = model
         .meta
@@ -36,6 +33,8 @@ pub(super) fn validate(
         .copied()
         .filter(|&l| l != 0 && only.is_none_or(|o| o.contains(&l)))
         .collect();
+    // (sum of Dice, count) per label of `labels`: added up over the ranks afterwards
+    let mut totals = vec![0.0; 2 * labels.len()];
     for (i, entry) in ds.validation.iter().enumerate() {
         let Some(label_path) = entry.label.as_ref().filter(|_| i % world == rank) else {
             continue;
@@ -46,12 +45,9 @@ pub(super) fn validate(
         crate::dataset::check_label(&image, &reference, label_path, Some(classes))?;
         let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
         for (l, s) in crate::metrics::score(&pred, &reference, &labels)? {
-            if let Some(d) = s.dice {
-                sum += d;
-                n += 1;
-                let e = per_label.entry(l).or_default();
-                e.0 += d;
-                e.1 += 1;
+            if let (Some(d), Some(k)) = (s.dice, labels.iter().position(|&x| x == l)) {
+                totals[2 * k] += d;
+                totals[2 * k + 1] += 1.0;
             }
         }
         report(
@@ -64,20 +60,16 @@ pub(super) fn validate(
             },
         )?;
     }
-    // [sum, n, then (sum, count) per label]: the same layout on every rank
-    let mut totals = vec![sum, n as f64];
-    for l in &labels {
-        let (s, k) = per_label.get(l).copied().unwrap_or_default();
-        totals.extend([s, k as f64]);
-    }
     let totals = peers.sum("adding up the validation Dice", &totals, true)?;
     let per_label = labels
         .iter()
-        .zip(totals[2..].chunks(2))
+        .zip(totals.chunks(2))
         .filter(|(_, sk)| sk[1] > 0.0)
         .map(|(&l, sk)| (l, sk[0] / sk[1]))
         .collect();
-    let (sum, n) = (totals[0], totals[1]);
+    let (sum, n) = totals
+        .chunks(2)
+        .fold((0.0, 0.0), |(s, n), sk| (s + sk[0], n + sk[1]));
     Ok((if n > 0.0 { sum / n } else { 0.0 }, per_label))
 }
 
