@@ -447,7 +447,7 @@ fn a_rank_that_hangs_or_cancels_stops_the_other_within_the_limits() {
     let dataset = phantoms(tmp.path());
     let config = with(
         unetr(&dataset),
-        json!({"epochs": 1, "batch_size": 1, "val_every": 1000, "distributed": {"timeout_s": 5, "wait_s": 60}}),
+        json!({"epochs": 1, "batch_size": 1, "val_every": 1000, "distributed": {"timeout_s": 10, "wait_s": 60}}),
     );
     let part = Part {
         config,
@@ -508,7 +508,7 @@ fn ranks_that_disagree_or_do_not_arrive_are_refused_with_a_message() {
     let dataset = phantoms(tmp.path());
     let config = with(
         unetr(&dataset),
-        json!({"epochs": 1, "batch_size": 1, "val_every": 1000, "distributed": {"timeout_s": 5, "wait_s": 5}}),
+        json!({"epochs": 1, "batch_size": 1, "val_every": 1000, "distributed": {"timeout_s": 10, "wait_s": 10}}),
     );
     let part = Part {
         config: config.clone(),
