@@ -332,6 +332,18 @@ int lwi_dist_barrier(int64_t timeout_ms, char* err, size_t len) {
   });
 }
 
+// Makes CUDA device `index` the calling thread's current one (the group may have been joined on
+// another thread); a no-op without NCCL.
+int lwi_dist_use_device(int index, char* err, size_t len) {
+  return guard(err, len, [&] {
+#ifdef LWI_WITH_NCCL
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(index));
+#else
+    (void)index;
+#endif
+  });
+}
+
 // Whether a group of more than one rank exists (training batch norm is then synchronised).
 int lwi_dist_active(void) { return group && group->world > 1 ? 1 : 0; }
 

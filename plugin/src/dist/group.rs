@@ -44,6 +44,7 @@ unsafe extern "C" {
     fn lwi_dist_barrier(timeout_ms: i64, err: *mut c_char, len: usize) -> i32;
     fn lwi_dist_destroy();
     fn lwi_dist_active() -> i32;
+    fn lwi_dist_use_device(index: i32, err: *mut c_char, len: usize) -> i32;
     #[allow(clippy::too_many_arguments)]
     fn lwi_dist_sync_batch_norm(
         x: CTensor,
@@ -247,11 +248,18 @@ impl Group {
         }
         JOB[0].store(rank, Relaxed);
         JOB[1].store(world, Relaxed);
-        Ok(Group {
+        let group = Group {
             rank,
             world,
             backend,
-        })
+        };
+        if backend == Backend::Nccl {
+            // joined on the watcher thread: this thread's current device is set here
+            call("selecting the GPU", rank, world, |err, len| unsafe {
+                lwi_dist_use_device(device_index, err, len)
+            })?;
+        }
+        Ok(group)
     }
 
     /// Sums `ts` in place across the ranks (then divides by the world size when `average`).
