@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Tensor};
 
-/// Stage 2 starts from every stage-1 tensor except the output conv, which is fresh for the
-/// dataset's classes; the order heads are not carried (they get no gradient in stage 2). Returns
-/// stage 1's training history.
+/// Stage 2 starts from every stage-1 tensor except the output heads (the network names them),
+/// fresh for the dataset's classes; the order heads are not carried (they get no gradient in
+/// stage 2). Returns stage 1's training history.
 pub(super) fn transfer_from_init(
     model: &Model,
     init: &Path,
