@@ -177,3 +177,22 @@ def test_pictures_show_three_planes_a_legend_and_the_training_curves(work, tiny_
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     (w1, h1), (w2, h2) = Image.open(work / "one.png").size, Image.open(work / "two.png").size
     assert w1 == w2 and h2 > 1.8 * h1 and w1 > 3 * 300  # a second row; three planes of ~320 px and a legend
+
+
+def test_an_output_the_command_writes_itself_fails_whole(work, tiny_model):
+    """`lwi render` and `lwi evaluate --json` write their files through a temporary name: an output
+    that cannot be made is exit 1 naming it (the work failed, the command line was fine), and no
+    partial or temporary file stays behind."""
+    image, label = work / "data" / "imagesTr" / "phantom_000.nii.gz", work / "data" / "labelsTr" / "phantom_000.nii.gz"
+    taken = work / "taken.png"
+    taken.mkdir()  # the output's place is a folder: the rename cannot replace it
+    r = lwi("render", "--image", image, "--labels", label, "--out", taken)
+    assert r.returncode == 1 and "taken.png" in error_line(r), r.stderr
+    report = work / "taken.json"
+    report.mkdir()
+    r = lwi("evaluate", "--pred", label, "--ref", label, "--json", report)
+    assert r.returncode == 1 and "taken.json" in error_line(r), r.stderr
+    assert "dice" in r.stdout  # the table was printed before the report failed
+    assert not [p.name for p in work.iterdir() if ".tmp-" in p.name]
+    r = lwi("segment", "--model", tiny_model, image, "--out", work / "data" / "dataset.json" / "x", "--device", "cpu")
+    assert r.returncode == 1 and "dataset.json" in error_line(r), r.stderr

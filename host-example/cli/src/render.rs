@@ -5,7 +5,6 @@
 
 use font8x8::UnicodeFonts;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// Distinct colours for label values 1, 2, …
 pub const PALETTE: [[u8; 3]; 12] = [
@@ -77,15 +76,16 @@ impl Canvas {
             self.rect(x.round() as i64 - 1, y.round() as i64 - 1, 2, 2, c);
         }
     }
-    fn save(&self, out: &Path) -> Result<(), String> {
-        let file = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
-        let mut enc =
-            png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
+    /// The picture as a PNG file's bytes.
+    fn png(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut enc = png::Encoder::new(&mut bytes, self.w as u32, self.h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         enc.write_header()
             .and_then(|mut wr| wr.write_image_data(&self.rgb))
-            .map_err(|e| format!("{}: {e}", out.display()))
+            .expect("encoding into memory cannot fail: the header matches the pixels");
+        bytes
     }
 }
 
@@ -181,15 +181,14 @@ fn draw_plane(
     (w, h)
 }
 
-/// Writes the overlay picture: a row per label map (prediction, then reference), the three planes
+/// The overlay picture (PNG bytes): a row per label map (prediction, then reference), the three planes
 /// in each, and a legend of the label values present with their names.
 pub fn overlays(
     grid: &Grid,
     rows: &[(&str, &[f32])],
     names: &BTreeMap<u32, String>,
     window: [f32; 2],
-    out: &Path,
-) -> Result<(), String> {
+) -> Vec<u8> {
     let first = rows.first().map(|r| r.1);
     let at = centre(grid, first);
     let px_per_mm = scale_for(grid, 320.0);
@@ -259,7 +258,7 @@ pub fn overlays(
         canvas.rect(lx, y, 16, 16, colour(l));
         canvas.text(lx + 24, y, &label_text(l, names), 2, white);
     }
-    canvas.save(out)
+    canvas.png()
 }
 
 fn label_text(l: usize, names: &BTreeMap<u32, String>) -> String {
@@ -272,9 +271,9 @@ fn label_text(l: usize, names: &BTreeMap<u32, String>) -> String {
 /// One stage's per-epoch history: (epoch, loss, validation Dice).
 pub type History = Vec<(u64, f64, Option<f64>)>;
 
-/// Writes the training curves: loss per epoch (init-train, then fine-tune after it) on the left
+/// The training curves (PNG bytes): loss per epoch (init-train, then fine-tune after it) on the left
 /// axis, validation Dice (0..1) as dots on the right axis.
-pub fn curves(stages: &[(&str, History)], out: &Path) -> Result<(), String> {
+pub fn curves(stages: &[(&str, History)]) -> Result<Vec<u8>, String> {
     let (w, h, left, right, top, bottom) = (900.0, 480.0, 90.0, 70.0, 50.0, 60.0);
     let epochs: u64 = stages.iter().map(|s| s.1.len() as u64).sum();
     if epochs == 0 {
@@ -346,5 +345,5 @@ pub fn curves(stages: &[(&str, History)], out: &Path) -> Result<(), String> {
     }
     c.line((left, h - bottom), (w - right, h - bottom), black);
     c.text((w / 2.0) as i64 - 20, (h - 20.0) as i64, "epoch", 2, black);
-    c.save(out)
+    Ok(c.png())
 }
