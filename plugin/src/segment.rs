@@ -11,7 +11,7 @@ use crate::events::{Event, Progress, report};
 use crate::infer::{Blend, WindowOptions, sliding_window};
 use crate::model::fused::with_fused;
 use crate::model::{Precision, with_precision};
-use crate::preprocess::{Grid, Interp, prepare, sample};
+use crate::preprocess::{Grid, Interp, Prepared, prepare, sample};
 use crate::volume::{DType, Volume};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -214,22 +214,56 @@ pub fn run(
     let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
     settle(device);
     report(progress, event("preprocess", 1, 1))?;
+    let probs = infer_views(pipeline, &prepared, opts, progress)?;
+    settle(device);
+    report(progress, event("resample", 0, 1))?;
+    let kind = if pipeline.classes > 256 {
+        Kind::Int
+    } else {
+        Kind::Uint8
+    };
+    let mut labels = labels_back(&probs, &prepared, volume, opts, kind)?;
+    report(progress, event("resample", 1, 1))?;
+    if opts.largest_component {
+        labels = largest_components(&labels, volume.dims())?.to_kind(kind);
+    }
+    // Written last, when nothing can cancel the call any more.
+    if let Some(path) = &opts.save_preprocessed {
+        let image = prepared.image.squeeze_dim(0).to_device(Device::Cpu);
+        crate::io::write_volume(&Volume::new(image, prepared.grid.affine, DType::F32)?, path)?;
+    }
+    let dtype = if kind == Kind::Uint8 {
+        DType::U8
+    } else {
+        DType::U16
+    };
+    Volume::new(labels, volume.affine, dtype)
+}
 
+/// The summed class probabilities of the sliding window over the image and each mirrored view of
+/// it (test-time augmentation). The sums live on the GPU unless capped or out of memory there:
+/// then they move to the CPU, with a warning event.
+fn infer_views(
+    pipeline: &Pipeline,
+    prepared: &Prepared,
+    opts: &SegmentOptions,
+    progress: &mut dyn Progress,
+) -> Result<Tensor> {
     let wopts = WindowOptions {
         roi: pipeline.preprocessing.roi_size,
         overlap: opts.overlap,
         blend: opts.blend,
-        batch: opts.window_batch(device),
-        fill_last_batch: device.is_cuda(),
+        batch: opts.window_batch(pipeline.device),
+        fill_last_batch: pipeline.device.is_cuda(),
     };
     let mut views: Vec<Vec<i64>> = vec![Vec::new()];
     views.extend(opts.tta_axes.iter().map(|&a| vec![2 + a]));
     // The sums need (classes + 1) float maps of the preprocessed volume.
     let bytes = (pipeline.classes as u64 + 1) * prepared.image.numel() as u64 * 4;
-    let on = accumulator_device(device, bytes, opts.max_gpu_accumulator_mb);
+    let on = accumulator_device(pipeline.device, bytes, opts.max_gpu_accumulator_mb);
     let mut probs: Option<Tensor> = None;
     // The predictor and the out-of-memory warning both report progress.
-    let sink = std::cell::RefCell::new(&mut *progress);
+    let sink = std::cell::RefCell::new(progress);
     for (v, flip) in views.iter().enumerate() {
         let mut batches = 0u64;
         let mut predict = |batch: &Tensor| -> Result<Tensor> {
@@ -276,74 +310,53 @@ pub fn run(
             }
         });
     }
-    let probs = probs.ok_or_else(|| Error::internal("no inference view"))?;
-    settle(device);
-    report(progress, event("resample", 0, 1))?;
+    probs.ok_or_else(|| Error::internal("no inference view"))
+}
+
+/// The labels on the input's own grid, slab by slab along z (bounding the sampling grid's
+/// memory): the argmax of the resampled scores, or (`resample: "nearest"`) the model grid's
+/// argmax sampled by nearest neighbour. Outside the crop everything is background: zero padding
+/// gives label 0 and all-zero scores.
+fn labels_back(
+    probs: &Tensor,
+    prepared: &Prepared,
+    volume: &Volume,
+    opts: &SegmentOptions,
+    kind: Kind,
+) -> Result<Tensor> {
     let dst = Grid {
         affine: volume.affine,
         dims: volume.dims(),
     };
-    let kind = if pipeline.classes > 256 {
-        Kind::Int
-    } else {
-        Kind::Uint8
-    };
-    let mut slabs = Vec::new();
     let labels_on_model_grid = (opts.resample == ResampleBack::Nearest)
         .then(|| probs.argmax(0, true).to_kind(Kind::Float));
+    let mut slabs = Vec::new();
     for z0 in (0..dst.dims[2]).step_by(opts.slab as usize) {
         let z = z0..(z0 + opts.slab).min(dst.dims[2]);
+        let from = &prepared.grid.affine;
         let slab = match &labels_on_model_grid {
-            // Outside the crop everything is background: zero padding gives label 0 / all-zero scores.
-            Some(labels) => sample(
-                labels,
-                &prepared.grid.affine,
-                &dst,
-                z,
-                Interp::Nearest,
-                false,
-            )?
-            .squeeze_dim(0)
-            .round(),
-            None => sample(
-                &probs,
-                &prepared.grid.affine,
-                &dst,
-                z,
-                Interp::Linear,
-                false,
-            )?
-            .argmax(0, false),
+            Some(labels) => sample(labels, from, &dst, z, Interp::Nearest, false)?
+                .squeeze_dim(0)
+                .round(),
+            None => sample(probs, from, &dst, z, Interp::Linear, false)?.argmax(0, false),
         };
         slabs.push(slab.to_kind(kind).to_device(Device::Cpu));
     }
-    report(progress, event("resample", 1, 1))?;
-    let mut labels = Tensor::f_cat(&slabs, 2)?;
-    let dtype = if kind == Kind::Uint8 {
-        DType::U8
-    } else {
-        DType::U16
-    };
-    if opts.largest_component {
-        let bytes = DType::U32.le_bytes_from_tensor(&labels)?;
-        let mut values: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let d = volume.dims();
-        crate::postprocess::keep_largest_components(
-            &mut values,
-            [d[0] as usize, d[1] as usize, d[2] as usize],
-        );
-        let back: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        labels = DType::U32.tensor_from_le_bytes(&back, d)?.to_kind(kind);
-    }
-    // Written last, when nothing can cancel the call any more.
-    if let Some(path) = &opts.save_preprocessed {
-        let image = prepared.image.squeeze_dim(0).to_device(Device::Cpu);
-        crate::io::write_volume(&Volume::new(image, prepared.grid.affine, DType::F32)?, path)?;
-    }
-    Volume::new(labels, volume.affine, dtype)
+    Ok(Tensor::f_cat(&slabs, 2)?)
+}
+
+/// Each label reduced to its largest 26-connected component (a uint32 round trip through
+/// `postprocess`, which works on plain voxel values).
+fn largest_components(labels: &Tensor, dims: [i64; 3]) -> Result<Tensor> {
+    let bytes = DType::U32.le_bytes_from_tensor(labels)?;
+    let mut values: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let size = [dims[0] as usize, dims[1] as usize, dims[2] as usize];
+    crate::postprocess::keep_largest_components(&mut values, size);
+    let back: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    DType::U32.tensor_from_le_bytes(&back, dims)
 }
 
 /// Waits for the GPU's queued work, so that a stage's end event marks when its work ended.
