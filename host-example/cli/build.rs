@@ -1,5 +1,8 @@
-// The ABI version the CLI speaks is the one in the checked-in header (itself generated from ffi/),
-// so the two can never drift apart silently.
+// What the CLI knows of the C ABI comes from the checked-in header (itself generated from ffi/), so
+// the two can never drift apart silently: the ABI version, and every enum value (`LWI_STATUS_*`,
+// `LWI_DTYPE_*`, `LWI_SPACE_*`) as a Rust constant in `$OUT_DIR/abi.rs`.
+use std::fmt::Write;
+
 fn main() {
     let header = concat!(env!("CARGO_MANIFEST_DIR"), "/../../include/lwi.h");
     println!("cargo:rerun-if-changed={header}");
@@ -9,5 +12,49 @@ fn main() {
         .find_map(|l| l.strip_prefix("#define LWI_ABI_VERSION "))
         .expect("LWI_ABI_VERSION in include/lwi.h")
         .trim();
-    println!("cargo:rustc-env=LWI_ABI_VERSION={version}");
+    let mut abi = format!("pub const ABI_VERSION: u32 = {version};\n");
+    let mut dtypes: Vec<(i32, String)> = Vec::new();
+    for line in text.lines() {
+        // `  LWI_STATUS_OK = 0,`
+        let Some((name, value)) = line.trim().trim_end_matches(',').split_once(" = ") else {
+            continue;
+        };
+        let (Some(name), Ok(value)) = (name.strip_prefix("LWI_"), value.parse::<i32>()) else {
+            continue;
+        };
+        writeln!(abi, "pub const {name}: i32 = {value};").unwrap();
+        if let Some(dtype) = name.strip_prefix("DTYPE_") {
+            dtypes.push((value, dtype.to_lowercase()));
+        }
+    }
+    dtypes.sort();
+    assert!(
+        dtypes.iter().enumerate().all(|(i, d)| d.0 == i as i32),
+        "LWI_DTYPE_* values run 0, 1, 2, …"
+    );
+    // The bit width closes each type's name (uint8 … float64).
+    let bytes = |name: &str| {
+        name.trim_start_matches(char::is_alphabetic)
+            .parse::<usize>()
+            .unwrap()
+            / 8
+    };
+    let names: Vec<String> = dtypes.iter().map(|d| format!("{:?}", d.1)).collect();
+    let sizes: Vec<String> = dtypes.iter().map(|d| bytes(&d.1).to_string()).collect();
+    writeln!(
+        abi,
+        "pub const DTYPE_NAMES: [&str; {}] = [{}];",
+        names.len(),
+        names.join(", ")
+    )
+    .unwrap();
+    writeln!(
+        abi,
+        "pub const DTYPE_SIZES: [usize; {}] = [{}];",
+        sizes.len(),
+        sizes.join(", ")
+    )
+    .unwrap();
+    let out = std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("abi.rs");
+    std::fs::write(out, abi).expect("write abi.rs");
 }

@@ -3,12 +3,8 @@
 
 use crate::Failure;
 use crate::files::is_dicom_path;
-use crate::plugin::Plugin;
+use crate::plugin::{Plugin, abi};
 use std::path::Path;
-
-const DTYPES: [&str; 10] = [
-    "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64",
-];
 
 pub fn show(plugin: &Plugin, path: Option<&Path>) -> Result<(), Failure> {
     match path {
@@ -79,7 +75,7 @@ fn volume(plugin: &Plugin, p: &Path) -> Result<(), Failure> {
     let info = serde_json::json!({
         "path": p.display().to_string(),
         "dims": dims,
-        "dtype": DTYPES.get(dtype as usize).copied().unwrap_or("?"),
+        "dtype": abi::DTYPE_NAMES.get(dtype as usize).copied().unwrap_or("?"),
         "spacing_mm": spacing,
         "affine_ras": [&a[0..4], &a[4..8], &a[8..12], &a[12..16]],
     });
