@@ -18,6 +18,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 #include <ATen/ATen.h>
+#include <c10/util/Logging.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <chrono>
@@ -61,6 +62,21 @@ int guard(char* err, size_t len, F&& f) {
   }
   return -1;
 }
+
+// While a rank waits for the others to join, the store's client logs every retry and its final
+// failure, each with a C++ stack trace: noise beside lwi's own error, which carries the same
+// message. c10's log level is raised to fatal-only for the join and restored after; a level the
+// user set with TORCH_CPP_LOG_LEVEL is left alone.
+struct QuietJoin {
+  int before = FLAGS_caffe2_log_level;
+  bool quiet = std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr && before < c10::GLOG_FATAL;
+  QuietJoin() {
+    if (quiet) FLAGS_caffe2_log_level = c10::GLOG_FATAL;
+  }
+  ~QuietJoin() {
+    if (quiet) FLAGS_caffe2_log_level = before;
+  }
+};
 
 Group& need() {
   TORCH_CHECK(group, "no process group (lwi_dist_init was not called)");
@@ -267,6 +283,7 @@ int lwi_dist_init(const char* backend, const char* addr, int port, int rank, int
     d->nccl = be == "nccl";
     d->device_index = device_index;
     std::chrono::milliseconds timeout(timeout_ms);
+    QuietJoin quiet;
     c10d::TCPStoreOptions o;
     o.port = static_cast<uint16_t>(port);
     o.isServer = store_server != 0;

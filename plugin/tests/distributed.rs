@@ -27,6 +27,8 @@ struct Part {
     die_at: Option<u64>,
     stop_at: Option<u64>,
     cancel_at: Option<u64>,
+    /// Started as this rank instead of its place in the launch.
+    rank: Option<usize>,
 }
 
 /// The child side: a no-op unless started by [`launch`].
@@ -98,8 +100,8 @@ fn launch_on(
                 .args(["rank", "--exact", "--nocapture", "--test-threads=1"])
                 .current_dir(dirs[r])
                 .env(CHILD, serde_json::to_string(part).unwrap())
-                .env("RANK", r.to_string())
-                .env("LOCAL_RANK", r.to_string())
+                .env("RANK", part.rank.unwrap_or(r).to_string())
+                .env("LOCAL_RANK", part.rank.unwrap_or(r).to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
@@ -549,7 +551,32 @@ fn ranks_that_disagree_or_do_not_arrive_are_refused_with_a_message() {
             e.stderr
         );
         assert!(e.after < 60.0, "gave up after {} s", e.after);
+        assert!(
+            !e.stderr.contains("Exception raised from"),
+            "c10d's stack traces: {}",
+            e.stderr
+        );
     }
+
+    // rank 1 alone: nobody hosts the store; it gives up after wait_s with lwi's message only, not
+    // the store client's logged retries and their C++ stack traces
+    let [lone, _] = dirs(tmp.path(), "lone");
+    let alone = Part {
+        rank: Some(1),
+        ..part.clone()
+    };
+    let e = &launch(&[alone], 2, &[&lone], Duration::from_secs(120))[0];
+    assert_eq!(e.code, Some(3), "{}", e.stderr);
+    assert!(
+        e.stderr.contains("joining the job at 127.0.0.1:"),
+        "{}",
+        e.stderr
+    );
+    assert!(
+        !e.stderr.contains("Exception raised from"),
+        "c10d's stack traces: {}",
+        e.stderr
+    );
 
     // the port taken by something else: rank 0 cannot host the store
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -563,4 +590,11 @@ fn ranks_that_disagree_or_do_not_arrive_are_refused_with_a_message() {
         "{message}"
     );
     assert_eq!(exits[1].code, Some(3), "{}", exits[1].stderr);
+    for e in &exits {
+        assert!(
+            !e.stderr.contains("Exception raised from"),
+            "c10d's stack traces: {}",
+            e.stderr
+        );
+    }
 }
