@@ -6,7 +6,7 @@ use crate::model::LwiModel;
 use crate::progress::{CallbackSink, LwiProgressFn};
 use crate::status::{LwiStatus, guard};
 use crate::volume::{LwiVolume, dtype_of, volume_arg};
-use lwi::{DType, Error};
+use lwi::Error;
 use std::ffi::{c_char, c_void};
 
 /// Segments a volume lent by the host into `out_labels`, a caller-allocated buffer of the input's
@@ -45,11 +45,7 @@ pub unsafe extern "C" fn lwi_segment(
             )
         };
         let out_type = dtype_of(out_dtype)?;
-        if !matches!(out_type, DType::U8 | DType::U16) {
-            return Err(Error::invalid(
-                "out_dtype must be LWI_DTYPE_UINT8 or LWI_DTYPE_UINT16",
-            ));
-        }
+        lwi::segment::check_label_type(&m.model, out_type)?;
         let need = out_type.byte_size(input.dims())?;
         if out_labels.is_null() {
             return Err(null("out_labels"));
@@ -58,11 +54,6 @@ pub unsafe extern "C" fn lwi_segment(
             return Err(Error::invalid(format!(
                 "out_bytes is {out_bytes}; the labels need exactly {need}"
             )));
-        }
-        if out_type == DType::U8 && m.model.meta.arch.out_channels() > 256 {
-            return Err(Error::invalid(
-                "the model has more than 256 classes: use LWI_DTYPE_UINT16",
-            ));
         }
         let opts = lwi::segment::SegmentOptions::from_json(json)?;
         let labels = lwi::segment::segment(

@@ -119,6 +119,21 @@ pub struct Pipeline<'a> {
     pub predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
 }
 
+/// Whether a label map of `dtype` can hold every class of `model`: uint8 up to 256 classes,
+/// uint16 for any (the types a host's buffer may have).
+pub fn check_label_type(model: &Model, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::U8 if model.meta.arch.out_channels() > 256 => Err(Error::invalid(format!(
+            "out_dtype: the model has {} classes, more than uint8 holds: use LWI_DTYPE_UINT16",
+            model.meta.arch.out_channels()
+        ))),
+        DType::U8 | DType::U16 => Ok(()),
+        other => Err(Error::invalid(format!(
+            "out_dtype {other:?}: labels are written as LWI_DTYPE_UINT8 or LWI_DTYPE_UINT16"
+        ))),
+    }
+}
+
 /// Segments `volume` with `model`: a label map (uint8, or uint16 beyond 256 classes) with the
 /// input's dims and affine.
 pub fn segment(

@@ -314,3 +314,43 @@ fn a_file_that_is_not_a_checkpoint_is_a_format_error() {
     let err = import_unetr(&p, &options).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Format, "{}", err.message);
 }
+
+#[test]
+fn a_label_buffer_must_hold_every_class_of_the_model() {
+    use lwi::DType;
+    use lwi::segment::check_label_type;
+    let small = tiny_model(None);
+    assert!(check_label_type(&small, DType::U8).is_ok());
+    assert!(check_label_type(&small, DType::U16).is_ok());
+    let err = check_label_type(&small, DType::F32).unwrap_err();
+    assert!(
+        err.message.contains("LWI_DTYPE_UINT8 or LWI_DTYPE_UINT16"),
+        "{}",
+        err.message
+    );
+    let classes = 300;
+    let labels = (0..classes)
+        .map(|c| (c as u32, format!("label {c}")))
+        .collect();
+    let arch = ArchConfig::Unetr(UnetrConfig {
+        out_channels: classes,
+        ..tiny()
+    });
+    let pre = Preprocessing {
+        roi_size: [32, 32, 32],
+        ..Default::default()
+    };
+    let many = Model::new(
+        ModelMetadata::new(arch, labels, pre, Stage::Segmentation),
+        Device::Cpu,
+    )
+    .unwrap();
+    let err = check_label_type(&many, DType::U8).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    assert!(
+        err.message.contains("300 classes") && err.message.contains("LWI_DTYPE_UINT16"),
+        "{}",
+        err.message
+    );
+    assert!(check_label_type(&many, DType::U16).is_ok());
+}
