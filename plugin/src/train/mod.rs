@@ -278,14 +278,12 @@ impl<'a> Run<'a> {
         let (x, y) = self
             .source
             .batch(plan, step, mine, &mut streams.slots, cfg, self.device)?;
-        let (loss, parts) = self.objective.loss(
-            &self.model,
-            (&x, y),
-            streams,
-            &self.peers,
-            self.precision,
-            cfg.dropout,
-        )?;
+        // `"dropout": false`: the network's dropout off, the rest of training mode kept
+        let (loss, parts) = crate::model::dropout::without(!cfg.dropout, || {
+            let batch = (&x, y);
+            self.objective
+                .loss(&self.model, batch, streams, &self.peers, self.precision)
+        })?;
         self.opt.zero_grad();
         loss.f_backward()?;
         match gradients {

@@ -39,22 +39,8 @@ impl Objective {
     /// The loss of `model` (in training mode) on the batch `x` (labels `y`), and a note on its
     /// parts for the progress message.
     /// Randomness comes from `streams` (a sample's from its slot's); `peers` sum nnU-Net's batch
-    /// Dice totals over the global batch; `dropout` false: the network's dropout is off.
+    /// Dice totals over the global batch.
     pub fn loss(
-        &self,
-        model: &Model,
-        (x, y): (&Tensor, Option<Tensor>),
-        streams: &mut Epoch,
-        peers: &Peers,
-        precision: Precision,
-        dropout: bool,
-    ) -> Result<(Tensor, String)> {
-        crate::model::dropout::without(!dropout, || {
-            self.loss_of(model, (x, y), streams, peers, precision)
-        })
-    }
-
-    fn loss_of(
         &self,
         model: &Model,
         (x, y): (&Tensor, Option<Tensor>),
