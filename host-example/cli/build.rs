@@ -1,6 +1,7 @@
 // What the CLI knows of the C ABI comes from the checked-in header (itself generated from ffi/), so
-// the two can never drift apart silently: the ABI version, and every enum value (`LWI_STATUS_*`,
-// `LWI_DTYPE_*`, `LWI_SPACE_*`) as a Rust constant in `$OUT_DIR/abi.rs`.
+// the two can never drift apart silently: the ABI version, every enum value (`LWI_STATUS_*`,
+// `LWI_DTYPE_*`, `LWI_SPACE_*`) as a Rust constant, and the `LwiProgress` struct, in
+// `$OUT_DIR/abi.rs`.
 use std::fmt::Write;
 
 fn main() {
@@ -55,6 +56,38 @@ fn main() {
         sizes.join(", ")
     )
     .unwrap();
+    abi.push_str(&progress_struct(&text));
     let out = std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("abi.rs");
     std::fs::write(out, abi).expect("write abi.rs");
+}
+
+/// `typedef struct LwiProgress { … }` of the header as a `#[repr(C)]` Rust struct, field for field.
+fn progress_struct(header: &str) -> String {
+    let body = header
+        .split_once("typedef struct LwiProgress {")
+        .and_then(|(_, rest)| rest.split_once("} LwiProgress;"))
+        .expect("typedef struct LwiProgress in include/lwi.h")
+        .0;
+    let mut out = String::from("#[repr(C)]\npub struct LwiProgress {\n");
+    for field in body.lines().map(str::trim) {
+        if field.is_empty() || field.starts_with("//") {
+            continue;
+        }
+        // `uint64_t done;`, `const char *stage;`
+        let (c_type, name) = field
+            .trim_end_matches(';')
+            .rsplit_once([' ', '*'])
+            .expect("a C field declaration");
+        let rust = match c_type.trim() {
+            "uint32_t" => "u32",
+            "int32_t" => "i32",
+            "uint64_t" => "u64",
+            "int64_t" => "i64",
+            "double" => "f64",
+            "const char" => "*const std::ffi::c_char",
+            other => panic!("LwiProgress field {name}: C type {other:?} has no Rust type here"),
+        };
+        writeln!(out, "    pub {name}: {rust},").unwrap();
+    }
+    out + "}\n"
 }

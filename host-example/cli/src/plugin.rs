@@ -6,8 +6,9 @@ use std::ffi::{CStr, CString, c_char, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// The header's constants: `ABI_VERSION`, `STATUS_*`, `DTYPE_*`, `SPACE_*`, `DTYPE_NAMES`,
-/// `DTYPE_SIZES` (build.rs): the whole table, of which the command uses a part.
+/// The header's constants (`ABI_VERSION`, `STATUS_*`, `DTYPE_*`, `SPACE_*`, `DTYPE_NAMES`,
+/// `DTYPE_SIZES`) and its `LwiProgress` (build.rs): the whole table, of which the command uses a
+/// part.
 #[allow(dead_code)]
 pub mod abi {
     include!(concat!(env!("OUT_DIR"), "/abi.rs"));
@@ -35,7 +36,7 @@ impl std::fmt::Display for PluginError {
     }
 }
 
-type ProgressCallback = unsafe extern "C" fn(*mut c_void, *const Progress) -> i32;
+type ProgressCallback = unsafe extern "C" fn(*mut c_void, *const abi::LwiProgress) -> i32;
 type Str = *const c_char;
 
 /// The exports the command calls, with their C types (include/lwi.h). Valid while the
@@ -426,20 +427,6 @@ impl Plugin {
     }
 }
 
-/// The C `LwiProgress` (include/lwi.h).
-#[repr(C)]
-pub struct Progress {
-    pub struct_size: u32,
-    pub stage: *const c_char,
-    pub done: u64,
-    pub total: u64,
-    pub epoch: i64,
-    pub loss: f64,
-    pub metric: f64,
-    pub message: *const c_char,
-    pub rank: i32,
-}
-
 /// What a progress callback is told, in Rust terms.
 pub struct ProgressEvent<'a> {
     pub stage: &'a str,
@@ -465,7 +452,7 @@ fn callback_state(on_progress: &mut &mut dyn FnMut(&ProgressEvent) -> bool) -> *
     on_progress as *mut &mut dyn FnMut(&ProgressEvent) -> bool as *mut c_void
 }
 
-unsafe extern "C" fn forward_progress(user: *mut c_void, p: *const Progress) -> i32 {
+unsafe extern "C" fn forward_progress(user: *mut c_void, p: *const abi::LwiProgress) -> i32 {
     // SAFETY: `user` is the `&mut dyn FnMut` of `callback_state`, alive for the call (segment_file
     // or train); `p` and its strings are valid during the callback.
     unsafe {
@@ -488,7 +475,8 @@ unsafe extern "C" fn forward_progress(user: *mut c_void, p: *const Progress) -> 
             metric: finite(p.metric),
             message: text(p.message),
             // a field appended after the first ABI: read only when the library's struct has it
-            rank: (p.struct_size as usize >= std::mem::size_of::<Progress>() && p.rank >= 0)
+            rank: (p.struct_size as usize >= std::mem::size_of::<abi::LwiProgress>()
+                && p.rank >= 0)
                 .then_some(p.rank as u32),
         };
         if f(&event) { 0 } else { 1 }
