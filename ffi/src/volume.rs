@@ -284,6 +284,25 @@ pub unsafe extern "C" fn lwi_volume_write(
     })
 }
 
+/// Writes a volume lent by the host (`LwiVolume`: its voxels in its dtype, its matrix in its
+/// `space`) to `path` (format by extension), through a temporary name: how a host saves an array it
+/// holds, a label map from [`lwi_segment`] for instance, without a handle. The library keeps no
+/// pointer after returning.
+///
+/// # Safety
+/// `volume` is NULL or valid as documented on `LwiVolume`; `path` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lwi_volume_write_lent(
+    volume: *const LwiVolume,
+    path: *const c_char,
+) -> LwiStatus {
+    guard("lwi_volume_write_lent", || {
+        // SAFETY: forwarded caller contract.
+        let (v, p) = unsafe { (volume_arg(volume)?, path_arg(path, "path")?) };
+        lwi::io::write_volume(&v, p)
+    })
+}
+
 /// Voxels along x, y, z (x varies fastest in [`lwi_volume_copy_voxels`]).
 ///
 /// # Safety

@@ -21,6 +21,8 @@
 #include <c10/util/Logging.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <dlfcn.h>
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -359,6 +361,19 @@ int lwi_dist_use_device(int index, char* err, size_t len) {
     (void)index;
 #endif
   });
+}
+
+// Whether NCCL can run: compiled in, and libtorch_cuda loaded with liblwi (its libtorch.so needs it in
+// a CUDA build), so the weak references into it (build.rs) are bound. Against a CPU-only libtorch: 0.
+int lwi_dist_nccl_usable(void) {
+#ifdef LWI_WITH_NCCL
+  void* cuda = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
+  if (!cuda) return 0;
+  dlclose(cuda);
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 // Whether a group of more than one rank exists (training batch norm is then synchronised).

@@ -40,6 +40,7 @@ static struct {
   LwiStatus (*dicom_series_json)(const char *, char **);
   LwiStatus (*volume_read_dicom_files)(const char *const *, size_t, const char *, LwiVolumeHandle **);
   LwiStatus (*volume_write)(const LwiVolumeHandle *, const char *);
+  LwiStatus (*volume_write_lent)(const LwiVolume *, const char *);
   LwiStatus (*volume_dims)(const LwiVolumeHandle *, int64_t *);
   LwiStatus (*volume_dtype)(const LwiVolumeHandle *, LwiDtype *);
   LwiStatus (*volume_affine)(const LwiVolumeHandle *, int32_t, double *);
@@ -325,6 +326,7 @@ int main(int argc, char **argv) {
   lwi.volume_convert = (LwiStatus(*)(const char *, const char *))need(lib, "lwi_volume_convert");
   lwi.volume_read = (LwiStatus(*)(const char *, LwiVolumeHandle **))need(lib, "lwi_volume_read");
   lwi.volume_write = (LwiStatus(*)(const LwiVolumeHandle *, const char *))need(lib, "lwi_volume_write");
+  lwi.volume_write_lent = (LwiStatus(*)(const LwiVolume *, const char *))need(lib, "lwi_volume_write_lent");
   lwi.volume_dims = (LwiStatus(*)(const LwiVolumeHandle *, int64_t *))need(lib, "lwi_volume_dims");
   lwi.volume_dtype = (LwiStatus(*)(const LwiVolumeHandle *, LwiDtype *))need(lib, "lwi_volume_dtype");
   lwi.volume_affine = (LwiStatus(*)(const LwiVolumeHandle *, int32_t, double *))need(lib, "lwi_volume_affine");
@@ -432,6 +434,28 @@ int main(int argc, char **argv) {
   double affine2[16];
   expect(lwi.volume_affine(h2, LWI_SPACE_RAS, affine2), LWI_STATUS_OK, "affine(written)");
   for (int i = 0; i < 16; i++) CHECK(affine[i] == affine2[i], "affine[%d] %.17g != %.17g", i, affine[i], affine2[i]);
+  lwi.volume_free(h2);
+
+  /* The same voxels lent by the host, with the matrix in LPS, written without a handle. */
+  double lps_affine[16];
+  expect(lwi.volume_affine(h, LWI_SPACE_LPS, lps_affine), LWI_STATUS_OK, "affine(LPS) for a lent copy");
+  LwiVolume lent = {sizeof(LwiVolume), (int32_t)dtype, {dims[0], dims[1], dims[2]}, buf, {0}, LWI_SPACE_LPS};
+  memcpy(lent.affine, lps_affine, sizeof lps_affine);
+  snprintf(path, sizeof path, "%s/lent.nii.gz", argv[3]);
+  expect(lwi.volume_write_lent(NULL, path), LWI_STATUS_INVALID_ARGUMENT, "write_lent(NULL)");
+  expect(lwi.volume_write_lent(&lent, NULL), LWI_STATUS_INVALID_ARGUMENT, "write_lent(v, NULL)");
+  lent.struct_size = 8;
+  expect(lwi.volume_write_lent(&lent, path), LWI_STATUS_INVALID_ARGUMENT, "write_lent(wrong struct_size)");
+  CHECK(access(path, F_OK) != 0, "a refused write_lent leaves no file");
+  lent.struct_size = sizeof(LwiVolume);
+  expect(lwi.volume_write_lent(&lent, path), LWI_STATUS_OK, "write_lent(.nii.gz)");
+  h2 = NULL;
+  expect(lwi.volume_read(path, &h2), LWI_STATUS_OK, "read(written lent .nii.gz)");
+  expect(lwi.volume_copy_voxels(h2, buf2, n), LWI_STATUS_OK, "copy_voxels(written lent)");
+  CHECK(memcmp(buf, buf2, n) == 0, "lent voxels survive a .nii.gz round trip");
+  expect(lwi.volume_affine(h2, LWI_SPACE_RAS, affine2), LWI_STATUS_OK, "affine(written lent)");
+  for (int i = 0; i < 16; i++)
+    CHECK(fabs(affine[i] - affine2[i]) < 1e-5, "lent affine[%d] %.17g != %.17g", i, affine[i], affine2[i]);
   free(buf);
   free(buf2);
   lwi.volume_free(h2);

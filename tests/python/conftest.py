@@ -41,10 +41,27 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def coarse_model(tiny_model):
+    """`tiny_model`'s weights working at 8 mm: a real CT (TotalSegmentator's, 122x101x112 at 3 mm) becomes ~27
+    windows, a second or two on the CPU, for tests that segment it many times."""
+    out = tiny_model.parent / "coarse.safetensors"
+    if not out.exists():
+        d = tiny_model.parent
+        r = subprocess.run([str(cli_path()), "import", "--from", str(d / "monai_layout.pt"), "--arch-config",
+                            str(d / "arch.json"), "--labels", str(d / "labels.json"), "--spacing", "8,8,8", "--out",
+                            str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def hosts(tmp_path_factory):
     """host-example/cpp configured, built and installed with CMake (lwi_host in bin/, the Slicer modules in
-    lib/Slicer-X.Y/cli-modules/: `lwi_ctypes.modules`)."""
+    lib/Slicer-X.Y/cli-modules/: `lwi_ctypes.modules`). The prefix `install/` lies beside `torch/` as a package
+    of a Python environment lies beside torch's (the installed liblwi.so's default RUNPATH, `$ORIGIN/../../torch/lib`):
+    what is installed names nothing of the checkout."""
     d = tmp_path_factory.mktemp("cpp")
+    (d / "torch").symlink_to((ROOT / ".venv" / "libtorch").resolve())
     run = lambda *cmd: subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True)
     run("cmake", "-S", ROOT / "host-example" / "cpp", "-B", d / "build", f"-DLWI_ROOT={ROOT}", "-DCMAKE_BUILD_TYPE=Release")
     run("cmake", "--build", d / "build", "-j2")

@@ -193,8 +193,11 @@ def temp_leftovers(tmpdir):
 
 def main():
     ap = argparse.ArgumentParser()
-    for a in ("modules", "work", "dataset", "arch", "init-config", "tune-config", "ct", "terminology", "report"):
+    for a in ("modules", "work", "ct", "report"):
         ap.add_argument("--" + a, required=True)
+    for a in ("dataset", "arch", "init-config", "tune-config", "terminology"):
+        ap.add_argument("--" + a)
+    ap.add_argument("--model", help="segment with this model only (no training, no other cases)")
     a = ap.parse_args()
     report = {}
     tmpdir = os.path.join(a.work, "SlicerTemp")
@@ -215,6 +218,10 @@ def main():
                   for p in range(node.GetNumberOfParametersInGroup(g))]
         report["descriptors"][name] = {"parse_rc": rc, "title": node.GetModuleTitle(), "parameters": params}
         host.scene.RemoveNode(node)
+
+    if a.model:
+        segment_only(host, a, report)
+        return
 
     # Training through the modules: init-train, then fine-tune from it.
     model_dir = os.path.join(a.work, "models")
@@ -296,6 +303,19 @@ def main():
     report["model_labels"] = json.loads(os.popen(f"{os.environ.get('LWI_CLI', 'lwi')} info {model}").read())["labels"]
     host.events()
     report["temp_leftovers"] = temp_leftovers(tmpdir)
+    json.dump(report, open(a.report, "w"), indent=1)
+
+
+def segment_only(host, a, report):
+    """LwiSegment on the CT, loaded as Slicer loads a file, into a label map: its geometry and values."""
+    volumes = host.logics["Volumes"]
+    ct = volumes.AddArchetypeVolume(a.ct, "CT", 0)
+    out = host.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    run = host.run("LwiSegment", {"inputVolume": ct.GetID(), "outputVolume": out.GetID(), "model": a.model,
+                                  "device": "cpu"})
+    if out.GetImageData() is not None:
+        run.update(values=label_values(out), geometry_differs=volumes.CompareVolumeGeometry(ct, out))
+    report["segment"] = run
     json.dump(report, open(a.report, "w"), indent=1)
 
 

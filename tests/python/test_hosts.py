@@ -137,6 +137,20 @@ def test_cpp_host_cancels_on_ctrl_c(hosts, phantoms, tmp_path):
     assert (tmp_path / "init.safetensors.ckpt").exists(), "its last complete checkpoint stays"
 
 
+def test_nothing_installed_names_the_checkout(hosts):
+    """`cmake --install` rewrites liblwi.so's RUNPATH (the build's names the checkout's libtorch) to the installed
+    layout's, and gives the executables paths relative to themselves."""
+    runpaths = {}
+    for f in sorted((hosts / "install").rglob("*")):
+        if f.is_file() and f.read_bytes()[:4] == b"\x7fELF":
+            out = subprocess.run(["readelf", "-d", str(f)], capture_output=True, text=True, check=True).stdout
+            runpaths[f.relative_to(hosts / "install").as_posix()] = re.findall(r"R(?:UN)?PATH\)\s+Library r(?:un)?path: \[(.+)\]", out)
+    assert runpaths["lib/liblwi.so"] == ["$ORIGIN/../../torch/lib"]
+    assert runpaths["bin/lwi_host"] == ["$ORIGIN/../lib"]
+    assert all(p.startswith("$ORIGIN") for paths in runpaths.values() for entry in paths for p in entry.split(":")), \
+        runpaths
+
+
 def test_installed_package_serves_cmake_and_pkg_config_hosts(hosts, tmp_path):
     prefix = hosts / "install"
     run = lambda *cmd, **kw: subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)

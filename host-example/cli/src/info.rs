@@ -85,3 +85,33 @@ fn volume(plugin: &Plugin, p: &Path) -> Result<(), Failure> {
     );
     Ok(())
 }
+
+/// `lwi slicer-path`: the folder of the 3D Slicer CLI modules installed beside this command
+/// (`lwi/lib/Slicer-X.Y/cli-modules` of the wheel, next to `lwi/bin/lwi`).
+pub fn slicer_path() -> Result<(), Failure> {
+    let lib = crate::plugin::exe_dir().join("../lib");
+    let found = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("cli-modules"))
+        .filter(|p| p.is_dir() && p.parent().is_some_and(|s| is_slicer_dir(s)))
+        .max();
+    match found.map(|p| p.canonicalize().unwrap_or(p)) {
+        Some(p) => {
+            println!("{}", p.display());
+            Ok(())
+        }
+        None => Err(Failure::Io(format!(
+            "no Slicer CLI modules beside this lwi (looked for {}/Slicer-X.Y/cli-modules): they are \
+             installed with the wheel (`make wheel`, then `pip install`)",
+            lib.display()
+        ))),
+    }
+}
+
+fn is_slicer_dir(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("Slicer-"))
+}

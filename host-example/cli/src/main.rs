@@ -88,9 +88,15 @@ enum Command {
     Forward(tools::ForwardArgs),
     /// Write a synthetic abdominal CT dataset (MSD layout: imagesTr/, labelsTr/, dataset.json).
     Phantom(tools::PhantomArgs),
+    /// Print the folder of the 3D Slicer CLI modules installed with this lwi (the wheel's), to add
+    /// to Slicer's module paths.
+    SlicerPath,
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::SlicerPath = cli.command {
+        return info::slicer_path();
+    }
     let path = plugin::locate(cli.plugin.as_deref());
     let plugin = Plugin::load(&path).map_err(Failure::Plugin)?;
     match cli.command {
@@ -104,6 +110,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Render(a) => figures::run(&plugin, a),
         Command::Forward(a) => tools::forward(&plugin, a),
         Command::Phantom(a) => tools::phantom(&plugin, a),
+        Command::SlicerPath => info::slicer_path(),
     }
 }
 

@@ -124,7 +124,8 @@ pub struct Plugin {
     pub path: PathBuf,
 }
 
-/// Where to find liblwi.so: `--plugin`, then `LWI_PLUGIN`, then beside this executable.
+/// Where to find liblwi.so: `--plugin`, then `LWI_PLUGIN`, then beside this executable, then in
+/// `../lib/` (the installed layout: `lwi/bin/lwi` beside `lwi/lib/liblwi.so` in the wheel).
 pub fn locate(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
@@ -132,11 +133,21 @@ pub fn locate(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = std::env::var_os("LWI_PLUGIN") {
         return PathBuf::from(p);
     }
-    let exe_dir = std::env::current_exe()
+    let exe_dir = exe_dir();
+    let beside = exe_dir.join("liblwi.so");
+    let installed = exe_dir.join("../lib/liblwi.so");
+    if !beside.exists() && installed.exists() {
+        return installed;
+    }
+    beside
+}
+
+/// The folder of this executable ("" if the system cannot say).
+pub fn exe_dir() -> PathBuf {
+    std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
-    exe_dir.join("liblwi.so")
+        .unwrap_or_default()
 }
 
 fn cstring(p: &Path) -> CString {

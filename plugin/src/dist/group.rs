@@ -44,6 +44,7 @@ unsafe extern "C" {
     fn lwi_dist_barrier(timeout_ms: i64, err: *mut c_char, len: usize) -> i32;
     fn lwi_dist_destroy();
     fn lwi_dist_active() -> i32;
+    fn lwi_dist_nccl_usable() -> i32;
     fn lwi_dist_use_device(index: i32, err: *mut c_char, len: usize) -> i32;
     #[allow(clippy::too_many_arguments)]
     fn lwi_dist_sync_batch_norm(
@@ -105,8 +106,12 @@ pub fn set_step_limit(limit: Duration) {
     STEP_LIMIT_MS.store(millis(limit), Relaxed);
 }
 
-/// Whether this build can use NCCL (libtorch with CUDA and its headers at build time).
-pub const HAS_NCCL: bool = matches!(env!("LWI_DIST_NCCL").as_bytes(), b"1");
+/// Whether NCCL is usable here: built in (libtorch with CUDA and its headers at build time) and
+/// the libtorch loaded now has CUDA (a CPU-only libtorch leaves NCCL's references unbound).
+pub fn has_nccl() -> bool {
+    // SAFETY: a plain query of the shim without arguments.
+    (unsafe { lwi_dist_nccl_usable() }) == 1
+}
 
 /// DDP's default bucket: gradients travel in all-reduces of at most 25 MiB.
 pub const BUCKET_BYTES: i64 = 25 << 20;
@@ -183,10 +188,10 @@ impl Group {
         timeout: Duration,
     ) -> Result<Group> {
         let (rank, world) = (launch.rank, launch.world);
-        if backend == Backend::Nccl && !HAS_NCCL {
+        if backend == Backend::Nccl && !has_nccl() {
             return Err(Error::unsupported(
-                "distributed training: this build has no NCCL (its libtorch lacked CUDA or the CUDA \
-                 headers): use \"backend\": \"gloo\"",
+                "distributed training: NCCL is not available (this build's libtorch lacked CUDA or \
+                 the CUDA headers, or the libtorch loaded now has no CUDA): use \"backend\": \"gloo\"",
             ));
         }
         let nul = |s: &str| {

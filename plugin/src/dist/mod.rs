@@ -6,6 +6,6 @@ pub mod group;
 pub mod launch;
 pub mod peers;
 
-pub use group::{Backend, HAS_NCCL};
+pub use group::{Backend, has_nccl};
 pub use launch::{DistributedConfig, Launch, Launcher, first_host};
 pub use peers::Peers;

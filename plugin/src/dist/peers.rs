@@ -50,7 +50,7 @@ impl Peers {
                      rank trains on the CPU): use \"gloo\"",
                 ));
             }
-            (_, Device::Cuda(_)) if super::HAS_NCCL => Backend::Nccl,
+            (_, Device::Cuda(_)) if super::has_nccl() => Backend::Nccl,
             _ => Backend::Gloo,
         };
         let index = match device {

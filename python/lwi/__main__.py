@@ -1,0 +1,4 @@
+"""`python -m lwi ...` is the `lwi` command."""
+from ._cli import main
+
+main()
