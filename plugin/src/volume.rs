@@ -7,6 +7,31 @@
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
+/// The most voxels a volume read from a file may hold: 2³⁰ (1024³, or 512 × 512 × 4096 slices).
+/// Readers check a header's claim against it (and against the bytes that exist) before reading
+/// or allocating anything.
+pub const MAX_VOXELS: u64 = 1 << 30;
+
+/// The voxel count of `dims` read from `path`, or a format error naming the file and the sizes when
+/// it exceeds [`MAX_VOXELS`] (or a size is not positive).
+pub fn voxel_count(dims: &[i64], path: &std::path::Path) -> Result<u64> {
+    let count = dims.iter().try_fold(1u64, |n, &d| {
+        u64::try_from(d)
+            .ok()
+            .filter(|&d| d >= 1)
+            .and_then(|d| n.checked_mul(d))
+    });
+    match count {
+        Some(n) if n <= MAX_VOXELS => Ok(n),
+        _ => Err(Error::format(
+            path,
+            format!(
+                "sizes {dims:?} need more voxels than the {MAX_VOXELS} (2^30) a volume may hold"
+            ),
+        )),
+    }
+}
+
 /// A 4×4 homogeneous matrix, row-major: `world = M · [i, j, k, 1]ᵀ`.
 pub type Affine = [[f64; 4]; 4];
 
