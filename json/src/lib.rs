@@ -22,14 +22,12 @@ pub const QUOTE_CHARS: usize = 64;
 /// backslashes), cut to [`QUOTE_CHARS`] characters with "…" and the full length in bytes.
 pub fn quote(text: &str) -> String {
     let mut out = String::from("\"");
-    let mut shown = 0;
-    for c in text.chars() {
+    for (shown, c) in text.chars().enumerate() {
         if shown == QUOTE_CHARS {
             out.push_str(&format!("…\" ({} bytes)", text.len()));
             return out;
         }
         out.extend(c.escape_debug());
-        shown += 1;
     }
     out.push('"');
     out

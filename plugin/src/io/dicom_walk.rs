@@ -353,3 +353,106 @@ fn first_nonzero(file: &File, from: u64, end: u64) -> Result<Option<u64>, String
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+
+    /// A small explicit VR little endian file: a name, then 8 bytes of native Pixel Data, then `tail`.
+    fn file(dir: &Path, extra: &[u8], tail: &[u8]) -> std::path::PathBuf {
+        let mut obj = InMemDicomObject::new_empty();
+        obj.put(DataElement::new(
+            tags::PATIENT_NAME,
+            VR::PN,
+            PrimitiveValue::from("Doe"),
+        ));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::from(vec![7u8; 8]),
+        ));
+        let meta = FileMetaTableBuilder::new()
+            .transfer_syntax("1.2.840.10008.1.2.1")
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.2")
+            .media_storage_sop_instance_uid("1.2.3");
+        let mut bytes = Vec::new();
+        obj.with_meta(meta).unwrap().write_all(&mut bytes).unwrap();
+        // `extra` goes before Pixel Data (at the end: 12 bytes of header, 8 of value).
+        let at = bytes.len() - 20;
+        bytes.splice(at..at, extra.iter().copied());
+        bytes.extend_from_slice(tail);
+        let path = dir.join("f.dcm");
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn nested(n: usize) -> Vec<u8> {
+        let open = [
+            &[
+                0x08, 0x00, 0x40, 0x11, b'S', b'Q', 0, 0, 0xff, 0xff, 0xff, 0xff,
+            ][..],
+            &[0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff],
+        ]
+        .concat();
+        let close = [
+            [0xfe, 0xff, 0x0d, 0xe0, 0, 0, 0, 0],
+            [0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0],
+        ]
+        .concat();
+        [open.repeat(n), close.repeat(n)].concat()
+    }
+
+    #[test]
+    fn trailing_zeros_end_the_data_set_and_other_bytes_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = file(dir.path(), &[], &[]);
+        let len = std::fs::metadata(&plain).unwrap().len();
+        let layout = walk(&plain).unwrap();
+        assert_eq!(
+            layout,
+            Layout {
+                end: len,
+                pixel_data: Some(PixelData::Native(8))
+            }
+        );
+        for zeros in [5, 12, 13, 2_500_001] {
+            let padded = file(dir.path(), &[], &vec![0; zeros]);
+            assert_eq!(walk(&padded).unwrap().end, len, "{zeros} zero bytes");
+            let (obj, _) = open(&padded, None).unwrap();
+            assert_eq!(
+                obj.element(tags::PIXEL_DATA)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap()
+                    .len(),
+                8
+            );
+        }
+        // A zero run followed by something else is parsed (and here fails) as elements.
+        let garbage = file(dir.path(), &[], &[[0u8; 24].as_slice(), &[9; 5]].concat());
+        assert!(walk(&garbage).is_err());
+    }
+
+    #[test]
+    fn nesting_and_lengths_are_bounded_before_anything_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(walk(&file(dir.path(), &nested(MAX_DEPTH), &[])).is_ok());
+        let deep = file(dir.path(), &nested(10_000), &[]);
+        let e = walk(&deep).unwrap_err();
+        assert!(e.contains("nested more than 64 deep"), "{e}");
+        assert!(open(&deep, None).is_err());
+        // (0009,1010) OB claiming 4 GiB in a file of a few hundred bytes.
+        let claim = [
+            &[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0][..],
+            &0xFFFF_FFF0u32.to_le_bytes(),
+        ]
+        .concat();
+        let e = walk(&file(dir.path(), &claim, &[])).unwrap_err();
+        assert!(
+            e.contains("element (0009,1010) at byte") && e.contains("claims 4294967280 bytes"),
+            "{e}"
+        );
+    }
+}

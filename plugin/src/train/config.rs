@@ -282,7 +282,7 @@ impl TrainConfig {
             Some(other) => {
                 return Err(Error::invalid(format!(
                     "{WHAT}: \"arch\" must be an architecture document {{\"arch\": \"unetr_pp\", …}}, got {}",
-                    crate::options::describe(&other)
+                    crate::options::describe(other)
                 )));
             }
         };
