@@ -154,13 +154,13 @@ impl DType {
             DType::U16 => {
                 widened = recode(bytes, 2, |b| {
                     i32::from(u16::from_le_bytes([b[0], b[1]])).to_le_bytes()
-                });
+                })?;
                 &widened[..]
             }
             DType::U32 => {
                 widened = recode(bytes, 4, |b| {
                     i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
-                });
+                })?;
                 &widened[..]
             }
             DType::U64 => {
@@ -188,21 +188,30 @@ impl DType {
         let n = t.numel();
         let mut held = vec![0u8; n * self.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut held, n)?;
-        Ok(match self {
+        match self {
             DType::U16 => recode(&held, 4, |b| {
                 (i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u16).to_le_bytes()
             }),
             DType::U32 => recode(&held, 8, |b| {
                 (i64::from_le_bytes(b.try_into().expect("8-byte chunk")) as u32).to_le_bytes()
             }),
-            _ => held,
-        })
+            _ => Ok(held),
+        }
     }
 }
 
-/// Re-encodes packed voxels `step` bytes at a time.
-fn recode<const N: usize>(bytes: &[u8], step: usize, f: impl Fn(&[u8]) -> [u8; N]) -> Vec<u8> {
-    bytes.chunks_exact(step).flat_map(f).collect()
+/// Re-encodes packed voxels `step` bytes at a time, into a buffer allocated fallibly (its size
+/// comes from a file's header).
+fn recode<const N: usize>(
+    bytes: &[u8],
+    step: usize,
+    f: impl Fn(&[u8]) -> [u8; N],
+) -> Result<Vec<u8>> {
+    let mut out = crate::error::try_vec(bytes.len() / step * N, 0u8, "the voxels")?;
+    for (o, b) in out.chunks_exact_mut(N).zip(bytes.chunks_exact(step)) {
+        o.copy_from_slice(&f(b));
+    }
+    Ok(out)
 }
 
 /// A scalar 3-D volume on a regular grid with its place in the world.
