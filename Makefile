@@ -67,7 +67,7 @@ test-c: build
 test-python: build testdata wheel
 	$(PY) -m pytest -q tests/python
 
-## fuzz: cargo-fuzz (nightly Rust) on the NIfTI, NRRD and options readers, FUZZ_SECONDS each (default 60)
+## fuzz: cargo-fuzz (nightly Rust) on the NIfTI, NRRD, DICOM and options readers, FUZZ_SECONDS each (default 60)
 FUZZ_SECONDS ?= 60
 fuzz: testdata
 	./scripts/fuzz $(FUZZ_SECONDS)

@@ -344,12 +344,13 @@ impl Model {
             .as_ref()
             .and_then(|m| m.get("lwi"))
             .ok_or_else(|| Error::format(path, "safetensors file without lwi metadata (import PyTorch checkpoints with `lwi import`)"))?;
-        let meta: ModelMetadata = serde_json::from_str(doc).map_err(|e| {
-            Error::new(
-                ErrorKind::ModelIncompatible,
-                format!("{}: model metadata: {e}", path.display()),
-            )
-        })?;
+        let meta: ModelMetadata =
+            crate::options::from_document(doc, "model metadata").map_err(|e| {
+                Error::new(
+                    ErrorKind::ModelIncompatible,
+                    format!("{}: {}", path.display(), e.message),
+                )
+            })?;
         let file = safetensors::SafeTensors::deserialize(&bytes).map_err(corrupt)?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {

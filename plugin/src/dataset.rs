@@ -30,8 +30,7 @@ impl DatasetFile {
     /// path) and `labels`; relative paths resolve against the JSON's folder.
     pub fn read(path: &Path) -> Result<DatasetFile> {
         let text = crate::io::read_text(path)?;
-        let doc: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not JSON: {e}")))?;
+        let doc = crate::options::document(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |s: &str| -> PathBuf {
             let p = Path::new(s);

@@ -3,6 +3,14 @@
 
 use std::path::Path;
 
+/// How a message shows a piece of input (a key, a value, a header line): escaped and at most a
+/// short prefix, never the input whole. Every message that quotes input goes through it.
+pub use lwi_json::{quote, shorten_quotes};
+
+/// The longest message an error carries; anything longer is cut (a second line of defence: the
+/// messages themselves quote input through [`quote`]).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
 /// The class of a failure; each maps to one `LwiStatus` of the C ABI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -28,10 +36,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error {
-            kind,
-            message: message.into(),
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let total = message.len();
+            let mut end = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(&format!("… (message cut at {end} of {total} bytes)"));
         }
+        Error { kind, message }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, message)
@@ -54,6 +69,23 @@ impl Error {
         };
         Self::new(kind, format!("{}: {err}", path.display()))
     }
+}
+
+/// `n` copies of `value` in a vector allocated fallibly: a size that comes from input must not
+/// abort the process when memory runs out (Rust aborts on a failed infallible allocation).
+pub fn try_vec<T: Clone>(n: usize, value: T, what: impl std::fmt::Display) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "cannot allocate {} bytes for {what}",
+                n.saturating_mul(std::mem::size_of::<T>())
+            ),
+        )
+    })?;
+    v.resize(n, value);
+    Ok(v)
 }
 
 /// libtorch reports allocation failures only in its message text.
@@ -105,6 +137,22 @@ pub fn catch_panic<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
 mod tests {
     use super::*;
     use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn a_message_never_grows_with_the_input() {
+        let e = Error::invalid(format!("bad value {}", "x".repeat(100 << 20)));
+        assert!(
+            e.message.len() < MAX_MESSAGE_BYTES + 100,
+            "{}",
+            e.message.len()
+        );
+        assert!(
+            e.message.ends_with("bytes)"),
+            "{}",
+            &e.message[e.message.len() - 60..]
+        );
+        assert_eq!(Error::invalid("short").message, "short");
+    }
 
     #[test]
     fn a_libtorch_allocation_failure_in_an_infallible_op_is_out_of_memory() {

@@ -2,8 +2,11 @@
 //! JSON objects, and only objects. serde would read a JSON array positionally into a struct
 //! (`[0.25, "constant"]` as overlap 0.25), so every place where an object is expected — the
 //! document and each nested struct — is checked first, and an array there is an error naming it.
+//!
+//! Every JSON document the engine reads goes through [`document`]: a key given twice is refused
+//! (serde_json would keep the last silently), nesting is bounded, and messages quote input briefly.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote, shorten_quotes};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -17,19 +20,36 @@ pub fn parse<T: DeserializeOwned + Serialize + Default>(json: &str, what: &str) 
     parse_shaped(json, what, &shape)
 }
 
+/// Reads a JSON document the way the engine reads every one: a key twice in one object or
+/// nesting deeper than [`lwi_json::MAX_DEPTH`] is `InvalidArgument` naming the key or the depth;
+/// `what` names the document in messages.
+pub fn document(json: &str, what: &str) -> Result<Value> {
+    lwi_json::parse(json).map_err(|e| Error::invalid(shorten_quotes(&format!("{what}: {e}"))))
+}
+
+/// [`document`], then `T` from it with serde (unknown keys, wrong types: messages naming the field).
+pub fn from_document<T: DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    deserialize(document(json, what)?, what)
+}
+
 /// Parses `json` into `T`, refusing anything but an object wherever `shape` (a document of the same
 /// layout, e.g. the defaults) holds one.
 pub fn parse_shaped<T: DeserializeOwned>(json: &str, what: &str, shape: &Value) -> Result<T> {
-    let value: Value =
-        serde_json::from_str(json).map_err(|e| Error::invalid(format!("{what}: {e}")))?;
+    let value = document(json, what)?;
     objects_where_expected(&value, shape, what)?;
+    deserialize(value, what)
+}
+
+/// `T` from a parsed document; serde's messages quote input whole, so they are shortened.
+fn deserialize<T: DeserializeOwned>(value: Value, what: &str) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let at = e.path().to_string();
-        if at == "." {
-            Error::invalid(format!("{what}: {}", e.inner()))
+        let message = if at == "." {
+            format!("{what}: {}", e.inner())
         } else {
-            Error::invalid(format!("{what}: \"{at}\": {}", e.inner()))
-        }
+            format!("{what}: \"{at}\": {}", e.inner())
+        };
+        Error::invalid(shorten_quotes(&message))
     })
 }
 
@@ -45,13 +65,14 @@ fn objects_where_expected(value: &Value, shape: &Value, at: &str) -> Result<()> 
     };
     for (key, v) in given {
         if let Some(s) = fields.get(key) {
-            objects_where_expected(v, s, &format!("{at}: \"{key}\""))?;
+            objects_where_expected(v, s, &format!("{at}: {}", quote(key)))?;
         }
     }
     Ok(())
 }
 
-fn describe(v: &Value) -> String {
+/// A value as a message shows it: its kind and a short prefix of its JSON.
+pub fn describe(v: &Value) -> String {
     let text = v.to_string();
     let short: String = text.chars().take(40).collect();
     let kind = match v {
@@ -85,6 +106,47 @@ mod tests {
     struct Outer {
         x: f64,
         inner: Inner,
+    }
+
+    #[test]
+    fn a_key_twice_deep_nesting_and_huge_input_are_refused_briefly() {
+        use crate::error::ErrorKind;
+        let e = parse::<Outer>(r#"{"x": 1, "x": 1}"#, "test options").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(
+            e.message
+                .starts_with("test options: duplicate key \"x\" at line 1"),
+            "{}",
+            e.message
+        );
+        let e = parse::<Outer>(r#"{"inner": {"a": 1, "a": 2}}"#, "t").unwrap_err();
+        assert!(e.message.contains("duplicate key \"a\""), "{}", e.message);
+        let deep = format!(
+            "{{\"inner\": {}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let e = parse::<Outer>(&deep, "t").unwrap_err();
+        assert!(e.message.contains("nested more than"), "{}", e.message);
+        // 100 MB keys and values come back as a prefix, not whole.
+        let key = format!("{{\"{}\": 1}}", "k\\n".repeat(30 << 20));
+        let e = parse::<Outer>(&key, "t").unwrap_err();
+        assert!(
+            e.message.len() < 400 && e.message.contains("unknown field \"k\\nk"),
+            "{}",
+            e.message
+        );
+        let value = format!("{{\"inner\": {{\"a\": \"{}\"}}}}", "v".repeat(100 << 20));
+        let e = parse::<Outer>(&value, "t").unwrap_err();
+        assert!(e.message.len() < 400, "{}", e.message);
+        assert!(
+            e.message
+                .contains("\"inner.a\": invalid type: string \"vvv"),
+            "{}",
+            e.message
+        );
+        let e = parse::<Outer>(&format!("{{\"{}\": 1, {}", "k".repeat(100 << 20), "x"), "t");
+        assert!(e.unwrap_err().message.len() < 400);
     }
 
     #[test]

@@ -7,6 +7,31 @@
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
+/// The most voxels a volume read from a file may hold: 2³⁰ (1024³, or 512 × 512 × 4096 slices).
+/// Readers check a header's claim against it (and against the bytes that exist) before reading
+/// or allocating anything.
+pub const MAX_VOXELS: u64 = 1 << 30;
+
+/// The voxel count of `dims` read from `path`, or a format error naming the file and the sizes when
+/// it exceeds [`MAX_VOXELS`] (or a size is not positive).
+pub fn voxel_count(dims: &[i64], path: &std::path::Path) -> Result<u64> {
+    let count = dims.iter().try_fold(1u64, |n, &d| {
+        u64::try_from(d)
+            .ok()
+            .filter(|&d| d >= 1)
+            .and_then(|d| n.checked_mul(d))
+    });
+    match count {
+        Some(n) if n <= MAX_VOXELS => Ok(n),
+        _ => Err(Error::format(
+            path,
+            format!(
+                "sizes {dims:?} need more voxels than the {MAX_VOXELS} (2^30) a volume may hold"
+            ),
+        )),
+    }
+}
+
 /// A 4×4 homogeneous matrix, row-major: `world = M · [i, j, k, 1]ᵀ`.
 pub type Affine = [[f64; 4]; 4];
 
@@ -129,13 +154,13 @@ impl DType {
             DType::U16 => {
                 widened = recode(bytes, 2, |b| {
                     i32::from(u16::from_le_bytes([b[0], b[1]])).to_le_bytes()
-                });
+                })?;
                 &widened[..]
             }
             DType::U32 => {
                 widened = recode(bytes, 4, |b| {
                     i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
-                });
+                })?;
                 &widened[..]
             }
             DType::U64 => {
@@ -163,21 +188,30 @@ impl DType {
         let n = t.numel();
         let mut held = vec![0u8; n * self.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut held, n)?;
-        Ok(match self {
+        match self {
             DType::U16 => recode(&held, 4, |b| {
                 (i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u16).to_le_bytes()
             }),
             DType::U32 => recode(&held, 8, |b| {
                 (i64::from_le_bytes(b.try_into().expect("8-byte chunk")) as u32).to_le_bytes()
             }),
-            _ => held,
-        })
+            _ => Ok(held),
+        }
     }
 }
 
-/// Re-encodes packed voxels `step` bytes at a time.
-fn recode<const N: usize>(bytes: &[u8], step: usize, f: impl Fn(&[u8]) -> [u8; N]) -> Vec<u8> {
-    bytes.chunks_exact(step).flat_map(f).collect()
+/// Re-encodes packed voxels `step` bytes at a time, into a buffer allocated fallibly (its size
+/// comes from a file's header).
+fn recode<const N: usize>(
+    bytes: &[u8],
+    step: usize,
+    f: impl Fn(&[u8]) -> [u8; N],
+) -> Result<Vec<u8>> {
+    let mut out = crate::error::try_vec(bytes.len() / step * N, 0u8, "the voxels")?;
+    for (o, b) in out.chunks_exact_mut(N).zip(bytes.chunks_exact(step)) {
+        o.copy_from_slice(&f(b));
+    }
+    Ok(out)
 }
 
 /// A scalar 3-D volume on a regular grid with its place in the world.

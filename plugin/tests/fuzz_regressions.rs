@@ -34,6 +34,17 @@ fn nrrd_crashes_stay_fixed() {
 }
 
 #[test]
+fn dicom_crashes_stay_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in inputs("dicom") {
+        let path = dir.path().join("input.dcm");
+        std::fs::copy(&f, &path).unwrap();
+        let _ = lwi::io::dicom::list(&path);
+        let _ = lwi::io::dicom::read(&path, None);
+    }
+}
+
+#[test]
 fn option_crashes_stay_fixed() {
     for f in inputs("options") {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();

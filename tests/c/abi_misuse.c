@@ -135,6 +135,8 @@ static void *segment_while_freed(void *arg) {
 }
 
 /* Inputs that used to hang, read without bound or mislead: each is a prompt, clear error. */
+static void hostile_input(const char *scratch);
+
 static void robustness(const char *volume_path, const char *scratch) {
   char path[4096];
   LwiVolumeHandle *h = NULL;
@@ -174,6 +176,44 @@ static void robustness(const char *volume_path, const char *scratch) {
   expect(lwi.volume_convert(volume_path, path), LWI_STATUS_OK, "convert(-> non-UTF-8 name)");
   expect(lwi.volume_read(path, &h), LWI_STATUS_OK, "read(non-UTF-8 name)");
   lwi.volume_free(h);
+  unlink(path);
+  hostile_input(scratch);
+}
+
+/* Input crafted to take the host down: each is an error the host can show, the process lives on. */
+static void hostile_input(const char *scratch) {
+  LwiEngine *engine = NULL;
+  expect(lwi.engine_create("{\"device\": \"cpu\", \"device\": \"cpu\"}", &engine), LWI_STATUS_INVALID_ARGUMENT,
+         "engine_create(a key twice)");
+  CHECK(strstr(lwi.last_error(), "duplicate key \"device\"") != NULL, "the key is named: %s", lwi.last_error());
+  size_t n = 1u << 20;
+  char *options = malloc(n + 16);
+  memset(options, 'k', n + 16);
+  memcpy(options, "{\"", 2);
+  memcpy(options + n + 2, "\": 1}", 6);
+  options[n + 8] = '\0';
+  expect(lwi.engine_create(options, &engine), LWI_STATUS_INVALID_ARGUMENT, "engine_create(a 1 MB key)");
+  CHECK(strlen(lwi.last_error()) < 1000, "the key is quoted, not echoed: %zu bytes", strlen(lwi.last_error()));
+  free(options);
+  /* A DICOM file whose sequences nest 10,000 deep (a stack overflow for a recursive reader). */
+  char path[4096];
+  snprintf(path, sizeof path, "%s/deep.dcm", scratch);
+  FILE *f = fopen(path, "wb");
+  static const unsigned char meta[] = {'D', 'I', 'C', 'M', 2, 0, 0, 0, 'U', 'L', 4, 0, 28, 0, 0, 0, 2, 0, 0x10, 0,
+                                       'U', 'I', 20, 0, '1', '.', '2', '.', '8', '4', '0', '.', '1', '0', '0', '0',
+                                       '8', '.', '1', '.', '2', '.', '1', 0};
+  static const unsigned char open[] = {8, 0, 0x40, 0x11, 'S', 'Q', 0, 0, 0xff, 0xff, 0xff, 0xff,
+                                       0xfe, 0xff, 0, 0xe0, 0xff, 0xff, 0xff, 0xff};
+  static const unsigned char close[] = {0xfe, 0xff, 0x0d, 0xe0, 0, 0, 0, 0, 0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0};
+  static const unsigned char preamble[128];
+  fwrite(preamble, 1, sizeof preamble, f);
+  fwrite(meta, 1, sizeof meta, f);
+  for (int i = 0; i < 10000; i++) fwrite(open, 1, sizeof open, f);
+  for (int i = 0; i < 10000; i++) fwrite(close, 1, sizeof close, f);
+  fclose(f);
+  LwiVolumeHandle *h = NULL;
+  expect(lwi.volume_read(path, &h), LWI_STATUS_FORMAT, "read(DICOM nested 10,000 deep)");
+  CHECK(strstr(lwi.last_error(), "nested more than 64 deep") != NULL, "the nesting is named: %s", lwi.last_error());
   unlink(path);
 }
 

@@ -342,3 +342,66 @@ def test_rounded_oblique_positions_read_as_a_grid(lwi, ct_series, tmp_path):
     assert abs(np.linalg.norm(affine[:3, 2]) - 7.0137) < 0.02
     r = subprocess.run([str(cli_path()), "info", str(folder)], capture_output=True, text=True)
     assert r.returncode == 0 and "scatter up to" in r.stdout, r.stdout + r.stderr
+
+
+GE_SERIES = "pydicom/pydicom/data/test_files/dicomdirtests/98892001/CT5N"  # a real GE CT series, native pixels
+PADDING = 2_500_000  # zero bytes after Pixel Data, as an old GE MR scanner writes its files
+
+
+def padded_copy(files, folder, tail=b"\0" * PADDING):
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes() + tail)
+    return folder
+
+
+def pydicom_series(files):
+    """pydicom's reading of a series as lwi's volume holds it: modality values, slices along the normal."""
+    slices = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        normal = np.cross(*np.array(ds.ImageOrientationPatient, dtype=float).reshape(2, 3))
+        values = ds.pixel_array * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+        slices.append((float(np.dot(np.array(ds.ImagePositionPatient, dtype=float), normal)), values))
+    slices.sort(key=lambda s: s[0])
+    return np.stack([v for _, v in slices]).transpose(2, 1, 0)
+
+
+@pytest.mark.parametrize("series", [GE_SERIES, f"{TS}/example_ct_dicom"], ids=["GE native", "Siemens JPEG 2000"])
+def test_trailing_zero_padding_after_the_data_set_is_read_as_pydicom_reads_it(lwi, testdata, tmp_path, series):
+    files = sorted((testdata / series).iterdir())
+    folder = padded_copy(files, tmp_path / "padded")
+    padded = sorted(folder.iterdir())
+    voxels, affine = lwi.read(folder)
+    np.testing.assert_array_equal(voxels, pydicom_series(padded))
+    original, original_affine = lwi.read(testdata / series)
+    np.testing.assert_array_equal(voxels, original)
+    np.testing.assert_array_equal(affine, original_affine)
+    one, _ = lwi.read(padded[0])  # a single file
+    np.testing.assert_array_equal(one, pydicom_series(padded[:1]))
+
+
+def test_a_padded_series_is_found_through_its_dicomdir(lwi, testdata, tmp_path):
+    tree = tmp_path / "dicomdirtests"
+    shutil.copytree(testdata / "pydicom" / "pydicom" / "data" / "test_files" / "dicomdirtests", tree)
+    series = tree / "98892001" / "CT5N"
+    padded_copy(sorted(series.iterdir()), series)
+    uid = str(pydicom.dcmread(next(series.iterdir())).SeriesInstanceUID)
+    out = tmp_path / "ct.nii.gz"
+    r = subprocess.run([str(cli_path()), "convert", "--series", uid, str(tree / "DICOMDIR"), str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), pydicom_series(sorted(series.iterdir())))
+
+
+@pytest.mark.parametrize("tail, message", [
+    (b"\0" * 1008 + bytes.fromhex("10001000") + b"LO" + (0x7000).to_bytes(2, "little") + b"Doe",
+     "element (0010,0010) at byte 4952 claims 28672 bytes, past the end of the data"),
+    (b"\0" * 1000 + b"\x01\x02\x03\x04\x05\x06\x07", "Could not read"),
+], ids=["an element running past the end", "bytes that are no element"])
+def test_garbage_after_the_data_set_is_still_an_error(lwi, testdata, tmp_path, tail, message):
+    f = sorted((testdata / GE_SERIES).iterdir())[0]
+    bad = padded_copy([f], tmp_path / "bad", tail=tail) / f.name
+    with pytest.raises(LwiError) as e:
+        lwi.read(bad)
+    assert message in str(e.value) and f.name in str(e.value), str(e.value)

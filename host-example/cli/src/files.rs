@@ -35,8 +35,13 @@ pub fn read_json(p: &Path) -> Result<serde_json::Value, Failure> {
     file.take(meta.len())
         .read_to_string(&mut text)
         .map_err(|e| fail(e.to_string()))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Failure::Usage(format!("{}: not JSON ({e})", p.display())))
+    // As the engine reads JSON: a key twice or nesting without end is refused, not collapsed.
+    lwi_json::parse(&text).map_err(|e| {
+        Failure::Usage(lwi_json::shorten_quotes(&format!(
+            "{}: not JSON ({e})",
+            p.display()
+        )))
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary name beside it, renamed into place: a failed or

@@ -11,10 +11,11 @@
 //!
 //! DICOM patient space is LPS; the volume's affine is RAS like every lwi volume.
 
-use crate::error::{Error, Result};
-use crate::volume::{Affine, DType, Volume, flip_lps_ras};
+use super::dicom_walk::{self, Layout, PixelData};
+use crate::error::{Error, Result, try_vec};
+use crate::volume::{Affine, DType, MAX_VOXELS, Volume, flip_lps_ras};
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_object::{DefaultDicomObject, InMemDicomObject};
 use dicom_pixeldata::PixelDecoder;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -231,11 +232,8 @@ fn scan(files: Vec<PathBuf>) -> (Groups, Skipped) {
     let mut groups: BTreeMap<String, Vec<Header>> = BTreeMap::new();
     let mut skipped = Vec::new();
     for file in files {
-        let header = OpenFileOptions::new()
-            .read_until(tags::PIXEL_DATA)
-            .open_file(&file)
-            .map_err(|e| e.to_string())
-            .and_then(|obj| header(&file, &obj));
+        let header = dicom_walk::open(&file, Some(tags::PIXEL_DATA))
+            .and_then(|(obj, layout)| header(&file, &obj, &layout));
         match header {
             Ok(h) => {
                 let o = h.slices[0].orientation;
@@ -367,7 +365,39 @@ fn frame_attr<T>(
         .or_else(|| get(obj))
 }
 
-fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, String> {
+/// Checks what the attributes claim of the pixel data against what the file holds, before any
+/// allocation sized by them: a frame count or frame size beyond the Pixel Data's bytes (or
+/// fragments) or beyond [`MAX_VOXELS`] is refused.
+fn check_pixel_data(
+    obj: &DefaultDicomObject,
+    layout: &Layout,
+    (rows, columns, frames): (u32, u32, u32),
+) -> std::result::Result<(), String> {
+    let voxels = rows as u64 * columns as u64 * frames as u64;
+    if voxels > MAX_VOXELS {
+        return Err(format!(
+            "{rows} rows × {columns} columns × {frames} frames need more voxels than the {MAX_VOXELS} (2^30) a volume may hold"
+        ));
+    }
+    let bits = number(obj, tags::BITS_ALLOCATED).unwrap_or(0.0) as u64;
+    match layout.pixel_data {
+        None => Err("not an image (no Pixel Data)".into()),
+        Some(PixelData::Native(bytes)) if (voxels * bits).div_ceil(8) > bytes => Err(format!(
+            "Pixel Data holds {bytes} bytes; {rows} rows × {columns} columns × {frames} frames of {bits} bits need {}",
+            (voxels * bits).div_ceil(8)
+        )),
+        Some(PixelData::Encapsulated(fragments)) if frames as u64 > fragments => Err(format!(
+            "{frames} frames in {fragments} encapsulated pixel data fragments (each frame has at least one)"
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn header(
+    file: &Path,
+    obj: &DefaultDicomObject,
+    layout: &Layout,
+) -> std::result::Result<Header, String> {
     let rows = number(obj, tags::ROWS).ok_or("not an image (no Rows)")? as u32;
     let columns = number(obj, tags::COLUMNS).ok_or("not an image (no Columns)")? as u32;
     // The header read stops before Pixel Data; the attributes describing it tell an image.
@@ -385,6 +415,7 @@ fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, 
     let frames = text(obj, tags::NUMBER_OF_FRAMES)
         .and_then(|s| s.parse::<u32>().ok())
         .unwrap_or(1);
+    check_pixel_data(obj, layout, (rows, columns, frames))?;
     let per_frame: Vec<&InMemDicomObject> = obj
         .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
         .and_then(|e| e.items())
@@ -406,7 +437,10 @@ fn header(file: &Path, obj: &DefaultDicomObject) -> std::result::Result<Header, 
     let sop_instance = text(obj, tags::SOP_INSTANCE_UID)
         .or_else(|| meta_uid(obj.meta().media_storage_sop_instance_uid()))
         .ok_or("no SOP Instance UID")?;
-    let mut slices = Vec::with_capacity(frames as usize);
+    let mut slices = Vec::new();
+    slices
+        .try_reserve_exact(frames as usize)
+        .map_err(|_| format!("cannot allocate {frames} frames"))?;
     for f in 0..frames {
         let pf = per_frame.get(f as usize).copied();
         let position = frame_attr(obj, pf, tags::PLANE_POSITION_SEQUENCE, |o| {
@@ -569,20 +603,19 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
 
     let (rows, columns) = (first.rows as usize, first.columns as usize);
     let plane = rows * columns;
+    crate::volume::voxel_count(&[columns as i64, rows as i64, slices.len() as i64], path)?;
     let integral = slices
         .iter()
         .all(|s| s.slope.fract() == 0.0 && s.intercept.fract() == 0.0);
-    let mut voxels = Voxels::new(plane * slices.len(), integral);
-    let mut values = vec![0f64; plane];
+    let mut voxels = Voxels::new(plane * slices.len(), integral)?;
+    let mut values = try_vec(plane, 0f64, "a slice")?;
     // Decode file by file (a multi-frame file once), placing each frame at its sorted index.
     let mut by_file: BTreeMap<&Path, Vec<(usize, &Slice)>> = BTreeMap::new();
     for (z, s) in slices.iter().enumerate() {
         by_file.entry(&s.file).or_default().push((z, s));
     }
     for (file, frames) in by_file {
-        let obj = OpenFileOptions::new()
-            .open_file(file)
-            .map_err(|e| Error::format(file, e))?;
+        let (obj, _) = dicom_walk::open(file, None).map_err(|e| Error::format(file, e))?;
         let decoded = obj
             .decode_pixel_data()
             .map_err(|e| Error::format(file, format!("pixel data: {e}")))?;
@@ -623,7 +656,7 @@ fn assemble(path: &Path, group: &[Header]) -> Result<Series> {
             voxels.put(z * plane, &values);
         }
     }
-    let (dtype, bytes) = voxels.into_bytes();
+    let (dtype, bytes) = voxels.into_bytes()?;
     let data =
         dtype.tensor_from_le_bytes(&bytes, [columns as i64, rows as i64, slices.len() as i64])?;
     let volume = Volume::new(data, affine, dtype).map_err(|e| Error::format(path, e.message))?;
@@ -805,12 +838,12 @@ enum Voxels {
 }
 
 impl Voxels {
-    fn new(n: usize, integral: bool) -> Voxels {
-        if integral {
-            Voxels::Int(vec![0; n])
+    fn new(n: usize, integral: bool) -> Result<Voxels> {
+        Ok(if integral {
+            Voxels::Int(try_vec(n, 0, "the volume")?)
         } else {
-            Voxels::Float(vec![0.0; n])
-        }
+            Voxels::Float(try_vec(n, 0.0, "the volume")?)
+        })
     }
 
     /// Stores one plane at voxel offset `at`; integers beyond int32 turn the store to float32.
@@ -825,7 +858,9 @@ impl Voxels {
                 }
                 return;
             }
-            *self = Voxels::Float(v.iter().map(|&x| x as f32).collect());
+            // Same size: the conversion reuses the buffer rather than allocating a second one.
+            let ints = std::mem::take(v);
+            *self = Voxels::Float(ints.into_iter().map(|x| x as f32).collect());
         }
         if let Voxels::Float(v) = self {
             for (d, &x) in v[at..at + plane.len()].iter_mut().zip(plane) {
@@ -835,30 +870,30 @@ impl Voxels {
     }
 
     /// The narrowest exact type (int16, int32, else float32) and the little-endian voxels.
-    fn into_bytes(self) -> (DType, Vec<u8>) {
-        match self {
+    fn into_bytes(self) -> Result<(DType, Vec<u8>)> {
+        Ok(match self {
             Voxels::Int(v) => {
                 let small = v
                     .iter()
                     .all(|&x| (i16::MIN as i32..=i16::MAX as i32).contains(&x));
                 if small {
-                    (
-                        DType::I16,
-                        v.iter().flat_map(|&x| (x as i16).to_le_bytes()).collect(),
-                    )
+                    (DType::I16, pack(&v, |x| (x as i16).to_le_bytes())?)
                 } else {
-                    (
-                        DType::I32,
-                        v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-                    )
+                    (DType::I32, pack(&v, i32::to_le_bytes)?)
                 }
             }
-            Voxels::Float(v) => (
-                DType::F32,
-                v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-            ),
-        }
+            Voxels::Float(v) => (DType::F32, pack(&v, f32::to_le_bytes)?),
+        })
     }
+}
+
+/// Values as packed little-endian bytes, in a buffer allocated fallibly.
+fn pack<T: Copy, const N: usize>(values: &[T], bytes: impl Fn(T) -> [u8; N]) -> Result<Vec<u8>> {
+    let mut out = try_vec(values.len() * N, 0u8, "the volume's bytes")?;
+    for (o, &x) in out.chunks_exact_mut(N).zip(values) {
+        o.copy_from_slice(&bytes(x));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -966,9 +1001,9 @@ mod tests {
     #[test]
     fn values_take_the_narrowest_exact_type() {
         let typed = |integral: bool, plane: &[f64]| {
-            let mut v = Voxels::new(plane.len(), integral);
+            let mut v = Voxels::new(plane.len(), integral).unwrap();
             v.put(0, plane);
-            v.into_bytes().0
+            v.into_bytes().unwrap().0
         };
         assert_eq!(typed(true, &[-1024.0, 3071.0]), DType::I16);
         assert_eq!(typed(true, &[-1024.0, 70000.0]), DType::I32);

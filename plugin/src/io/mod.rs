@@ -3,6 +3,7 @@
 
 pub mod dicom;
 pub mod dicom_seg;
+pub mod dicom_walk;
 pub mod files;
 pub mod nifti;
 pub mod nrrd;
@@ -10,7 +11,7 @@ pub mod seg_fields;
 
 pub use files::{all_or_nothing, check_regular, read_regular, read_text, write_atomically};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, try_vec};
 use crate::volume::Volume;
 use flate2::read::GzDecoder;
 use std::collections::BTreeMap;
@@ -93,24 +94,27 @@ fn write_with_fields(volume: &Volume, path: &Path, nrrd_fields: &[(String, Strin
     }
 }
 
-/// Inflates gzip data (all members), refusing more than `limit` bytes.
+/// Inflates gzip data (all members), refusing more than `limit` bytes. The buffer is allocated
+/// once, fallibly (a failure is `OutOfMemory`, not an abort): callers bound `limit` first.
 pub(crate) fn inflate(path: &Path, gz: &[u8], limit: u64) -> Result<Vec<u8>> {
+    let size = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut out = try_vec(size, 0u8, format_args!("{} inflated", path.display()))?;
     // Fast path: one gzip member inflated by libdeflate straight into a buffer of the size the
     // header promises. Anything else (several members, trailing bytes, too much data, corruption)
     // goes through flate2's streaming decoder, which also words the errors.
-    if let Ok(size) = usize::try_from(limit) {
-        let mut out = vec![0u8; size];
-        if let Ok(n) = libdeflater::Decompressor::new().gzip_decompress(gz, &mut out) {
-            out.truncate(n);
-            return Ok(out);
-        }
+    if let Ok(n) = libdeflater::Decompressor::new().gzip_decompress(gz, &mut out) {
+        out.truncate(n);
+        return Ok(out);
     }
-    let mut out = Vec::new();
-    let mut decoder = flate2::read::MultiGzDecoder::new(gz).take(limit.saturating_add(1));
-    decoder
+    out.clear();
+    let mut decoder = flate2::read::MultiGzDecoder::new(gz);
+    let corrupt = |e| Error::format(path, format!("gzip data is corrupt or truncated ({e})"));
+    (&mut decoder)
+        .take(limit)
         .read_to_end(&mut out)
-        .map_err(|e| Error::format(path, format!("gzip data is corrupt or truncated ({e})")))?;
-    if out.len() as u64 > limit {
+        .map_err(corrupt)?;
+    let more = decoder.read(&mut [0u8]).map_err(corrupt)?;
+    if more > 0 {
         return Err(Error::format(
             path,
             format!("gzip data inflates to more than the {limit} bytes expected"),

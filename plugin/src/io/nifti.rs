@@ -293,6 +293,9 @@ fn voxel_layout(path: &Path, hdr: &Header) -> Result<(DType, [i64; 3])> {
     if n.and_then(|n| n.checked_mul(dtype.size() as i64)).is_none() {
         return Err(Error::format(path, format!("absurd dimensions {dims:?}")));
     }
+    if dims.iter().all(|&d| d >= 1) {
+        crate::volume::voxel_count(&dims, path)?;
+    }
     Ok((dtype, dims))
 }
 

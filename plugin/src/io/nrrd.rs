@@ -9,7 +9,7 @@
 //! lwi writes what Slicer writes: `space: left-posterior-superior`, gzip, little-endian.
 
 use super::{inflate, swap_bytes, write_atomically};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
 use crate::volume::{Affine, DType, Volume, flip_lps_ras};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -89,13 +89,9 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
     };
     let (axes, affine) = geometry(path, &fields, &sizes)?;
 
-    let n = sizes
-        .iter()
-        .try_fold(1u64, |acc, &s| acc.checked_mul(s as u64));
-    let nbytes = n
-        .and_then(|n| n.checked_mul(dtype.size() as u64))
-        .ok_or_else(|| Error::format(path, format!("absurd sizes {sizes:?}")))?;
-    let n = n.unwrap_or_default();
+    // The ceiling first: nothing is read or allocated for a header claiming more.
+    let n = crate::volume::voxel_count(&sizes, path)?;
+    let nbytes = n * dtype.size() as u64;
 
     // The data: after the header's blank line, or in the named data file.
     let (data_path, source, start) = match get("data file").or(get("datafile")) {
@@ -108,7 +104,11 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
                 )));
             }
             let p = path.parent().unwrap_or(Path::new(".")).join(name);
-            let bytes = super::read_regular(&p)?;
+            let bytes = if encoding == Encoding::Raw {
+                raw_data_part(&p, &fields, nbytes)?
+            } else {
+                super::read_regular(&p)?
+            };
             (p, bytes, 0)
         }
         None => {
@@ -205,6 +205,53 @@ pub fn from_bytes(path: &Path, file: Vec<u8>) -> Result<Volume> {
     Volume::new(tensor, affine, dtype).map_err(|e| Error::format(path, e.message))
 }
 
+/// The part of a raw detached data file the header describes, and no more: the skipped lines,
+/// then the skipped bytes and the voxels (with `byte skip: -1`, the file's last voxel bytes). A data
+/// file longer than that (one voxel described over gigabytes) is not read beyond it; one shorter
+/// is returned whole, for the caller to call truncated.
+fn raw_data_part(p: &Path, fields: &HashMap<String, String>, nbytes: u64) -> Result<Vec<u8>> {
+    use std::io::BufRead;
+    use std::os::unix::fs::FileExt;
+    let get = |k: &str| fields.get(k).map(String::as_str);
+    let number = |key: &str, alt: &str| -> Result<i64> {
+        match get(key).or(get(alt)) {
+            Some(v) => v
+                .parse()
+                .map_err(|_| Error::format(p, format!("bad '{key}: {}'", quote(v)))),
+            None => Ok(0),
+        }
+    };
+    let (line_skip, byte_skip) = (
+        number("line skip", "lineskip")?,
+        number("byte skip", "byteskip")?,
+    );
+    let (file, len) = super::files::open_regular(p)?;
+    // The skipped lines: read through (a line is short text; at most 1 MiB is read for one).
+    let mut reader = std::io::BufReader::new(&file);
+    let mut lines = 0u64;
+    for _ in 0..line_skip.max(0) {
+        let n = std::io::Read::take(&mut reader, 1 << 20)
+            .skip_until(b'\n')
+            .map_err(|e| Error::io(p, e))?;
+        if n == 0 {
+            break;
+        }
+        lines += n as u64;
+    }
+    let (from, count) = if byte_skip == -1 {
+        (len.saturating_sub(nbytes).max(lines), nbytes)
+    } else {
+        (lines, (byte_skip.max(0) as u64).saturating_add(nbytes))
+    };
+    let count = count.min(len - from.min(len));
+    let mut out = crate::error::try_vec((lines + count) as usize, 0u8, p.display())?;
+    let (head, data) = out.split_at_mut(lines as usize);
+    file.read_exact_at(head, 0)
+        .and_then(|_| file.read_exact_at(data, from))
+        .map_err(|e| Error::io(p, e))?;
+    Ok(out)
+}
+
 /// Splits the header into fields. Returns the fields and the offset of the first data byte.
 fn parse_header(path: &Path, file: &[u8]) -> Result<(HashMap<String, String>, usize)> {
     if !file.starts_with(b"NRRD000") {
@@ -237,7 +284,7 @@ fn parse_header(path: &Path, file: &[u8]) -> Result<(HashMap<String, String>, us
         }
         let (key, value) = line
             .split_once(": ")
-            .ok_or_else(|| Error::format(path, format!("bad NRRD header line '{line}'")))?;
+            .ok_or_else(|| Error::format(path, format!("bad NRRD header line {}", quote(line))))?;
         fields.insert(key.trim().to_ascii_lowercase(), value.trim().to_string());
         if fields.len() > 256 {
             return Err(Error::format(path, "NRRD header has too many fields"));

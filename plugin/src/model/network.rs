@@ -43,7 +43,8 @@ impl ArchConfig {
             Some(serde_json::Value::String(s)) => s,
             Some(other) => {
                 return Err(Error::invalid(format!(
-                    "{what}: \"arch\" must be \"unetr\" or \"unetr_pp\", got {other}"
+                    "{what}: \"arch\" must be \"unetr\" or \"unetr_pp\", got {}",
+                    crate::options::describe(&other)
                 )));
             }
         };

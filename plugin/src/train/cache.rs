@@ -48,7 +48,8 @@ impl Cache {
             .join(format!("{}.fingerprint.json", key(hashes, "fingerprint")));
         if let Some(print) = std::fs::read(&path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|text| crate::options::from_document(&text, "fingerprint cache").ok())
         {
             return Ok(print);
         }

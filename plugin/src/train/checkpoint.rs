@@ -62,7 +62,8 @@ fn load_checkpoint(
         .as_ref()
         .and_then(|m| m.get("lwi_checkpoint"))
         .ok_or_else(|| bad("no lwi_checkpoint metadata".into()))?;
-    let state: CheckpointState = serde_json::from_str(doc).map_err(|e| bad(e.to_string()))?;
+    let state: CheckpointState =
+        crate::options::from_document(doc, "checkpoint state").map_err(|e| bad(e.message))?;
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {

@@ -267,7 +267,7 @@ impl TrainConfig {
     /// value out of range is `InvalidArgument` naming the field and the value.
     pub fn from_json(json: &str) -> Result<TrainConfig> {
         const WHAT: &str = "training config";
-        let doc: Value = match serde_json::from_str(json) {
+        let doc: Value = match crate::options::document(json, WHAT) {
             Ok(v @ Value::Object(_)) => v,
             // not an object (or empty): the parser words the error, the check the missing fields
             _ => {
@@ -281,7 +281,8 @@ impl TrainConfig {
             Some(a @ Value::Object(_)) => ArchConfig::from_document(a, "training config: arch")?,
             Some(other) => {
                 return Err(Error::invalid(format!(
-                    "{WHAT}: \"arch\" must be an architecture document {{\"arch\": \"unetr_pp\", …}}, got {other}"
+                    "{WHAT}: \"arch\" must be an architecture document {{\"arch\": \"unetr_pp\", …}}, got {}",
+                    crate::options::describe(other)
                 )));
             }
         };
@@ -290,7 +291,8 @@ impl TrainConfig {
             None => Recipe::for_arch(&arch),
             Some(r) => serde_json::from_value(r.clone()).map_err(|_| {
                 Error::invalid(format!(
-                    "{WHAT}: \"recipe\" must be \"unetr\" or \"unetr_pp\", got {r}"
+                    "{WHAT}: \"recipe\" must be \"unetr\" or \"unetr_pp\", got {}",
+                    crate::options::describe(r)
                 ))
             })?,
         };
