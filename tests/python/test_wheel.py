@@ -111,7 +111,7 @@ def dynamic(path: Path):
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+)\]", out)
     paths = re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[(.+)\]", out)
     soname = re.findall(r"\(SONAME\)\s+Library soname: \[(.+)\]", out)
-    return needed, [p for entry in paths for p in entry.split(":")], soname
+    return needed, [p for entry in paths for p in entry.split(":") if p], soname
 
 
 def test_no_elf_file_names_a_path_of_the_build_and_none_needs_cuda(env, wheel):
