@@ -12,7 +12,7 @@
 # section (status, seconds, figures) to summary.txt after the machine's description, and the work folder's small
 # result files (manifests, JSON lines, logs) to results.tgz; the terminal gets the summary lines and the end of each
 # failed section's log. LWI_GPU_KEEP=1 keeps the work folder (models, phantoms) for a rerun on the same machine;
-# LWI_GPU_NNUNET=1 adds nnU-Net v1's own pipeline to unetr-pp where scipy, scikit-image and SimpleITK import.
+# LWI_GPU_NNUNET=1 adds nnU-Net v1's own pipeline to unetr-pp where scipy, scikit-image, pandas and SimpleITK import.
 # Record the results in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,9 +38,9 @@ section abi 0.2 60 "the C ABI misuse suite through the bundle's library"
 ORDER="unetr-pp unetr-pp-train dist study forward tests sliding-window segment e2e memory train-step training abi"
 
 usage() {
-  sed -n '2,8p' "$SELF" >&2
+  sed -n '2,9p' "$SELF" >&2
   echo "sections: $ORDER" >&2
-  exit 2
+  exit "${1:-2}"
 }
 
 FIGURE_PREFIX="FIGURE: "
@@ -265,7 +265,7 @@ section_training() {
 
 # The dist section's fine-tune (DIR CONFIG [LAUNCHER...]) on its own phantoms, under an outer time limit.
 fine() {
-  mkdir -p $1 && echo "$2" >$1/c.json
+  rm -rf $1 && mkdir -p $1 && echo "$2" >$1/c.json
   local bin
   bin=$(cd $B/bin && pwd)
   (cd $1 && timeout -k 10 150 "${@:3}" $bin/lwi --plugin $bin/liblwi.so fine-tune --from-scratch \
@@ -394,6 +394,7 @@ setup() {
   export LWI_BENCH_BIN=$B/bin LWI_CLI=$B/bin/lwi LWI_PLUGIN=$B/bin/liblwi.so LWI_BENCH_DIR=$W
   export LWI_BENCH_REAL_CT=$B/data/example_ct.nii.gz
   [ "${LWI_GPU_KEEP:-0}" = 1 ] || rm -rf "$W"
+  rm -rf "$R" # this run's logs only
   mkdir -p "$W" "$R"
   W=$(cd "$W" && pwd) R=$(cd "$R" && pwd) # absolute: some commands run in folders of their own
 }
@@ -434,7 +435,7 @@ main() {
       --plan) mode=plan ;;
       --dry-run) DRY=1 ;;
       --budget) budget=${2:?--budget needs seconds} && shift ;;
-      -h | --help) usage ;;
+      -h | --help) usage 0 ;;
       -*) echo "gpu-check: unknown option $1" >&2 && usage ;;
       *) [ -n "${EST[$1]:-}" ] || { echo "gpu-check: unknown section $1" >&2 && usage; }; names+=("$1") ;;
     esac
@@ -452,7 +453,7 @@ main() {
   fi
   ulimit -c 0 # no core files from a process that aborts
   setup
-  FAILED_SECTIONS=
+  FAILED_SECTIONS= SKIPPED_SECTIONS=
   describe_machine 2>&1 | tee "$R/summary.txt"
   local start left limit
   start=$(date +%s)
@@ -462,6 +463,7 @@ main() {
       left=$((budget - ($(date +%s) - start)))
       if [ $left -lt 20 ]; then
         printf '%-15s %-14s\n' "$s" "SKIPPED(budget)" | tee -a "$R/summary.txt"
+        SKIPPED_SECTIONS+=" $s"
         continue
       fi
       [ $left -ge $limit ] || limit=$left
@@ -470,7 +472,7 @@ main() {
   done
   echo "logs and results: $R/"
   if [ -z "$FAILED_SECTIONS" ]; then
-    echo "gpu-check: all passed"
+    echo "gpu-check: all passed${SKIPPED_SECTIONS:+ (not run, no time left:$SKIPPED_SECTIONS)}"
   else
     echo "gpu-check: FAILED:$FAILED_SECTIONS"
     exit 1
