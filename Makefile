@@ -93,9 +93,9 @@ gpu-bundle: build
 	cp "$$(ls -t $(RELEASE)/deps/cuda-* | grep -v '\.d$$' | head -n 1)" target/gpu-bundle/bin/cuda-tests
 	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o target/gpu-bundle/bin/abi_misuse
 	$(RELEASE)/lwi phantom --out target/gpu-bundle/data --cases 1 --size 24,24,16 >/dev/null 2>&1
-	git describe --always --dirty > target/gpu-bundle/commit.txt
+	git describe --always --dirty > target/gpu-bundle/commit.txt 2>/dev/null || echo "(no git)" > target/gpu-bundle/commit.txt
 	tar -C .venv/lib/python3*/site-packages --exclude=__pycache__ --exclude=nibabel/tests -cf - monai einops nibabel nnunet batchgenerators | tar -C target/gpu-bundle/py -xf -
-	@bundle=$$(du -sb target/gpu-bundle | cut -f1); tracked=$$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1); \
+	@bundle=$$(du -sb target/gpu-bundle | cut -f1); tracked=$$(git ls-files -z 2>/dev/null | xargs -0 -r du -cb 2>/dev/null | tail -n 1 | cut -f1); tracked=$${tracked:-0}; \
 	  echo "gpu-bundle: $$((bundle / 1048576)) MiB; with the tracked files, what a GPU machine receives: $$(((bundle + tracked) / 1048576)) MiB (limit 64)"; \
 	  [ $$((bundle + tracked)) -lt $$((64 * 1048576)) ] || { echo "gpu-bundle: over 64 MiB with the tracked files" >&2; exit 1; }
 
