@@ -6,7 +6,7 @@ PY := .venv/bin/python
 RELEASE := target/release
 DEMO := out/demo
 
-.PHONY: fuzz all setup build wheel lint test test-rust test-c test-python testdata demo demo-unetrpp bench header gpu-bundle gpu-check clean
+.PHONY: fuzz all setup build wheel lint test test-rust test-c test-python test-gpu-dry testdata demo demo-unetrpp bench header gpu-bundle gpu-check clean
 
 all: build
 
@@ -45,10 +45,11 @@ wheel: build
 testdata:
 	@./scripts/fetch-test-data >/dev/null
 
-## test: Rust unit and integration tests, the C ABI misuse suite, the Python reference parity suite
+## test: Rust unit and integration tests, the C ABI misuse suite, the Python reference parity suite, the GPU
+## check's dry run
 test: build testdata
 	rm -rf target/test-reports
-	$(MAKE) --no-print-directory test-rust test-c test-python
+	$(MAKE) --no-print-directory test-rust test-c test-python test-gpu-dry
 	@for r in target/test-reports/*.txt; do [ -f "$$r" ] && { echo; echo "== $$r"; cat "$$r"; }; done; true
 
 test-rust:
@@ -66,6 +67,12 @@ test-c: build
 
 test-python: build testdata wheel
 	$(PY) -m pytest -q tests/python
+
+## test-gpu-dry: every section of scripts/gpu-check.sh on the CPU at toy sizes, from the GPU bundle, with a Python
+## that holds only what the GPU machine's does (its imports, paths, arguments and result files; a few minutes)
+test-gpu-dry: gpu-bundle
+	OUT=target ./scripts/gpu-check.sh --dry-run
+	@mkdir -p target/test-reports && cp target/gpu-check-dry/summary.txt target/test-reports/gpu-check-dry.txt
 
 ## fuzz: cargo-fuzz (nightly Rust) on the NIfTI, NRRD, DICOM and options readers, FUZZ_SECONDS each (default 60)
 FUZZ_SECONDS ?= 60
@@ -106,10 +113,14 @@ gpu-bundle: build
 	cp "$$(ls -t $(RELEASE)/deps/cuda-* | grep -v '\.d$$' | head -n 1)" target/gpu-bundle/bin/cuda-tests
 	cc -std=c11 -Wall -Wextra -Werror -I include tests/c/abi_misuse.c -ldl -o target/gpu-bundle/bin/abi_misuse
 	$(RELEASE)/lwi phantom --out target/gpu-bundle/data --cases 1 --size 24,24,16 >/dev/null 2>&1
+	git describe --always --dirty > target/gpu-bundle/commit.txt 2>/dev/null || echo "(no git)" > target/gpu-bundle/commit.txt
 	tar -C .venv/lib/python3*/site-packages --exclude=__pycache__ --exclude=nibabel/tests -cf - monai einops nibabel nnunet batchgenerators | tar -C target/gpu-bundle/py -xf -
-	du -sh target/gpu-bundle
+	@bundle=$$(du -sb target/gpu-bundle | cut -f1); tracked=$$(git ls-files -z 2>/dev/null | xargs -0 -r du -cb 2>/dev/null | tail -n 1 | cut -f1); tracked=$${tracked:-0}; \
+	  echo "gpu-bundle: $$((bundle / 1048576)) MiB; with the tracked files, what a GPU machine receives: $$(((bundle + tracked) / 1048576)) MiB (limit 64)"; \
+	  [ $$((bundle + tracked)) -lt $$((64 * 1048576)) ] || { echo "gpu-bundle: over 64 MiB with the tracked files" >&2; exit 1; }
 
-## gpu-check: CUDA tests and GPU benchmarks, on a GPU machine with target/gpu-bundle (scripts/gpu-check.sh)
+## gpu-check: CUDA tests and GPU benchmarks, on a GPU machine with target/gpu-bundle (scripts/gpu-check.sh --plan
+## lists the sections; docs/performance.md gives the command that fits one device call)
 gpu-check:
 	./scripts/gpu-check.sh
 

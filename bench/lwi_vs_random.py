@@ -8,18 +8,20 @@ mean paired difference (lwi − random) with its 95 % confidence interval (Stude
 
 Usage: .venv/bin/python bench/lwi_vs_random.py [--arch unetr|unetr_pp] [--seeds 0,1,2,3,4] [--train-cases 2,4,8]
                                                [--init-epochs N] [--ft-epochs N] [--full]
---full: the full-size model and the method's patch (a GPU run: scripts/gpu-check.sh study). Record the table and
-the command in docs/results.md, whatever it shows.
+--full: the full-size model and the method's patch (a GPU run, hours: its own device call; `scripts/gpu-check.sh
+study` is a smoke run of a few epochs that measures the time per epoch to size it). Each init-train and fine-tune
+prints its time per epoch, and the end an estimate of the study at the recipe's epochs. Record the table and the
+command in docs/results.md, whatever it shows. Imports nothing beyond the standard library (scipy only for the
+confidence interval of two seeds or more), so that it runs where only torch and the GPU bundle are installed.
 """
 import argparse
 import json
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-
-from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 LWI = os.environ.get("LWI_CLI", str(ROOT / "target" / "release" / "lwi"))
@@ -57,6 +59,30 @@ def run(*args):
         raise RuntimeError(f"lwi {args[0]} failed: {r.stderr[-2000:]}")
 
 
+EPOCH_TIMES = {"init-train": [], "fine-tune": []}
+
+
+def train_timed(command, *args):
+    """`lwi COMMAND ARGS --json`; prints and records the seconds of each epoch (from the first training event to
+    the epoch's end, then from epoch to epoch: the preparation before the first step is left out)."""
+    start, ends = None, []
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full pipe would stall lwi
+        with subprocess.Popen([LWI, command, *map(str, args), "--json"], stdout=subprocess.PIPE, stderr=err,
+                              text=True) as p:
+            for line in p.stdout:
+                stage = json.loads(line).get("stage") if line.startswith("{") else None
+                if stage == "train" and start is None:
+                    start = time.perf_counter()
+                elif stage == "epoch":
+                    ends.append(time.perf_counter())
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"lwi {command} failed: {err.read()[-2000:]}")
+    epochs = [b - a for a, b in zip([start, *ends], ends)] if start is not None else []
+    EPOCH_TIMES[command].extend(epochs)
+    print(f"  {command}: {len(epochs)} epochs, seconds each: {', '.join(f'{t:.1f}' for t in epochs)}", flush=True)
+
+
 def held_out_dice(model, data, cases, work, tag, device):
     """Mean Dice over the organs and the held-out cases, as `lwi evaluate` scores them."""
     seg, ref = work / f"seg-{tag}", work / "ref"
@@ -83,9 +109,10 @@ def one_pair(arch, recipe, seed, n, pool, work, init_epochs, ft_epochs, device):
         (work / f"{name}.json").write_text(json.dumps(cfg))
     common = ["--dataset", pool / f"dataset-{n}.json", "--arch-config", work / "arch.json", "--seed", seed,
               "--device", device]
-    run("init-train", *common, "--config", work / "init.json", "--epochs", init_epochs, "--out", work / "init.safetensors")
+    train_timed("init-train", *common, "--config", work / "init.json", "--epochs", init_epochs, "--out",
+                work / "init.safetensors")
     for tag, start in (("lwi", ["--init", work / "init.safetensors"]), ("random", ["--from-scratch"])):
-        run("fine-tune", *common, "--config", work / "fine.json", "--epochs", ft_epochs, *start,
+        train_timed("fine-tune", *common, "--config", work / "fine.json", "--epochs", ft_epochs, *start,
             "--out", work / f"{tag}.safetensors")
     return tuple(held_out_dice(work / f"{tag}.safetensors", pool, test, work, tag, device) for tag in ("lwi", "random"))
 
@@ -95,6 +122,8 @@ def confidence_interval(diffs):
     m = statistics.mean(diffs)
     if len(diffs) < 2:
         return m, float("nan"), float("nan")
+    from scipy import stats  # only here: the GPU machine's Python has no scipy
+
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
     return m, m - half, m + half
 
@@ -108,11 +137,15 @@ def main():
     ap.add_argument("--ft-epochs", type=int)
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--iterations", type=int, help="per epoch, instead of the recipe's (a run of the plumbing only)")
     a = ap.parse_args()
     recipe = (FULL if a.full else TINY)[a.arch]
+    if a.iterations:
+        recipe = dict(recipe, init=dict(recipe["init"], iterations_per_epoch=a.iterations),
+                      fine=dict(recipe["fine"], iterations_per_epoch=a.iterations))
     init_epochs, ft_epochs = a.init_epochs or recipe["init_epochs"], a.ft_epochs or recipe["ft_epochs"]
     sizes, seeds = [int(v) for v in a.train_cases.split(",")], [int(v) for v in a.seeds.split(",")]
-    base = ROOT / "target" / "bench" / f"study-{a.arch}{'-full' if a.full else ''}"
+    base = Path(os.environ.get("LWI_BENCH_DIR", ROOT / "target" / "bench")) / f"study-{a.arch}{'-full' if a.full else ''}"
     size = "128,128,96" if a.full else "64,64,48"
     spacing = "1.5,1.5,2" if a.full else "6,6,8"
     results = {n: [] for n in sizes}
@@ -136,6 +169,22 @@ def main():
         lwi, rnd = [p[0] for p in results[n]], [p[1] for p in results[n]]
         m, lo, hi = confidence_interval([x - y for x, y in results[n]])
         print(f"| {n} | {statistics.mean(lwi):.3f} | {statistics.mean(rnd):.3f} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    print_estimate((FULL if a.full else TINY)[a.arch], recipe)
+
+
+def print_estimate(full, ran):
+    """The median epoch of each command (the first, with cuDNN's search, left out where there are more) and the
+    training time of the default study with recipe `full` (5 seeds x 3 training-set sizes, each one init-train and
+    two fine-tunes), epochs scaled from the iterations `ran` had to the recipe's."""
+    def per_epoch(times, stage):
+        t = statistics.median(times[1:] if len(times) > 1 else times) if times else float("nan")
+        return t * full[stage]["iterations_per_epoch"] / ran[stage]["iterations_per_epoch"]
+
+    init, fine = per_epoch(EPOCH_TIMES["init-train"], "init"), per_epoch(EPOCH_TIMES["fine-tune"], "fine")
+    total = 5 * 3 * (full["init_epochs"] * init + 2 * full["ft_epochs"] * fine)
+    print(f"seconds per epoch of {full['fine']['iterations_per_epoch']} iterations: init-train {init:.1f}, fine-tune "
+          f"{fine:.1f}; the default study (seeds 0-4, 2,4,8 training cases, {full['init_epochs']} + 2 x "
+          f"{full['ft_epochs']} epochs): about {total / 3600:.1f} h of training")
 
 
 if __name__ == "__main__":

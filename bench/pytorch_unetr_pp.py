@@ -5,6 +5,7 @@ training mode upstream's dropout (0.15 on both attention maps, Dropout3d 0.1) an
 
 Usage as a benchmark: pytorch_unetr_pp.py DEVICE BATCH PRECISION REPS [FEATURE DEPTHS...] — times the forward of
 the Synapse model (64×128×128; feature 16, depths 3 3 3 3 unless given) and prints one JSON line."""
+import os
 import sys
 
 import torch
@@ -155,9 +156,10 @@ def main():
     depths = tuple(int(v) for v in sys.argv[6:10]) if len(sys.argv) > 9 else (3, 3, 3, 3)
     if device != "cpu":
         torch.backends.cudnn.benchmark = True
+    patch = [int(v) for v in os.environ.get("LWI_BENCH_PATCH", "64,128,128").split(",")]  # LWI_BENCH_PATCH: tiny runs
     torch.manual_seed(0)
-    net = UnetrPP(feature_size=feature, depths=depths).to(device).eval()
-    x = torch.randn(batch, 1, 64, 128, 128, device=device)
+    net = UnetrPP(img_size=patch, feature_size=feature, depths=depths).to(device).eval()
+    x = torch.randn(batch, 1, *patch, device=device)
     time_forward(net, x, device, precision, reps, batch=batch)
 
 

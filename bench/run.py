@@ -1,8 +1,10 @@
 """lwi benchmarks against the reference implementations, in the same run, interleaved.
 
 Prints medians and the lwi/reference ratio (lower is better). No benchmark is a test and no test
-asserts a time. Usage: .venv/bin/python bench/run.py [--reps N] [--only NAME]
-Record results with the command and machine in docs/performance.md.
+asserts a time. Usage: .venv/bin/python bench/run.py [--reps N] [--only NAME] [--toy]
+Record results with the command and machine in docs/performance.md. A failing program's command and the end of its
+stderr are raised, never only its exit status. --toy: tiny models, small volumes, one pass (the GPU check's dry run on
+the CPU, scripts/gpu-check.sh --dry-run: it proves programs, imports and files; its figures mean nothing).
 """
 import argparse
 import json
@@ -78,14 +80,37 @@ def bench_cold_start(work, reps):
             lambda: subprocess.run(ref_cmd, check=True), "nibabel", reps)
 
 
+def checked(cmd, env=None, timeout=None):
+    """Runs `cmd`, returns its stdout; raises with the command and the end of its stderr when it fails or outlasts
+    `timeout` seconds (an ImportError in a reference program must show, not only its exit status)."""
+    try:
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        raise RuntimeError(f"{' '.join(map(str, cmd))} did not finish in {timeout} s; its stderr ends:\n"
+                           f"{err[-2000:]}") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit status {r.returncode}); its stderr ends:\n"
+                           f"{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def last_json(cmd, env=None, timeout=None):
+    """The JSON line a benchmark program prints last."""
+    out = checked(cmd, env, timeout).strip()
+    try:
+        return json.loads(out.splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(f"{' '.join(map(str, cmd))} printed no JSON line; its stdout ends:\n{out[-2000:]}") from None
+
+
 def alternate(name, lwi_cmd, ref_cmd, ref_name, rounds):
     """Runs two benchmark programs (each printing a JSON line with `median_ms`) in turn `rounds` times,
     each in its own process; prints the medians of their medians and the ratio."""
-    run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     a, b = [], []
     for _ in range(rounds):
-        a.append(run(lwi_cmd)["median_ms"])
-        b.append(run(ref_cmd)["median_ms"])
+        a.append(last_json(lwi_cmd)["median_ms"])
+        b.append(last_json(ref_cmd)["median_ms"])
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"{name:<44} lwi {ma:9.1f} ms   {ref_name:<10} {mb:9.1f} ms   ratio {ma / mb:5.2f}", flush=True)
 
@@ -108,13 +133,22 @@ def bench_unetr_pp_forward(device, batch, precision, rounds=3, reps=3):
 
 TINY = dict(size=64, feature=16, hidden=192, mlp=768, heads=4)
 FULL = dict(size=96, feature=16, hidden=768, mlp=3072, heads=12)
+# --toy: a UNETR of seconds on the CPU, 32^3; the programs' other sizes from the environment (scripts/gpu-check.sh
+# --dry-run exports the same): UNETR++ patches, the sliding-window volume, the flat all-reduce's floats.
+TOY = dict(size=32, feature=8, hidden=48, mlp=96, heads=4)
+TOY_ENV = {"LWI_BENCH_PATCH": "16,32,32", "LWI_BENCH_VOLUME": "48,48,40", "LWI_BENCH_FLAT": "100000"}
+TOY_CT = "48,48,24"
+
+
+def shape_args(shape):
+    return [str(shape[k]) for k in ("size", "feature", "hidden", "mlp", "heads")]
 
 
 def bench_train_step(device, batch, precision, shape, rounds=3, reps=3):
     """A segmentation training step (forward, DiceCE, backward, AdamW): lwi
     (plugin/examples/train_step.rs) vs a PyTorch loop with MONAI's UNETR and DiceCELoss
     (bench/monai_train_step.py), each in its own process, alternated `rounds` times."""
-    tail = [device, str(batch), precision, str(reps), *(str(shape[k]) for k in ("size", "feature", "hidden", "mlp", "heads"))]
+    tail = [device, str(batch), precision, str(reps), *shape_args(shape)]
     alternate(f"  train step {device} batch {batch} {shape['size']}^3 {precision}", [str(BIN / "train_step"), *tail],
               [sys.executable, str(ROOT / "bench" / "monai_train_step.py"), *tail],
               "MONAI+AMP" if precision != "fp32" else "MONAI", rounds)
@@ -126,7 +160,9 @@ def bench_unetr_pp_train_step(device, batch, precision, feature, depths, rounds=
     UNETR++ with nnunet 1.7.1's loss and torch.optim.SGD (bench/pytorch_unetr_pp_train_step.py)."""
     tail = [device, str(batch), precision, str(reps), str(feature), *map(str, depths)]
     ref = "PyTorch+AMP" if precision != "fp32" else "PyTorch"
-    alternate(f"  UNETR++ train step {device} batch {batch} feature {feature} {precision}",
+    # lwi's fp16 step has no loss scaler (the recipe trains bf16, or fp32 before Ampere); PyTorch's has a GradScaler
+    scaler = " (lwi without loss scaler)" if precision == "fp16" else ""
+    alternate(f"  UNETR++ train step {device} batch {batch} feature {feature} {precision}{scaler}",
               [str(BIN / "unetr_pp_train_step"), *tail],
               [sys.executable, str(ROOT / "bench" / "pytorch_unetr_pp_train_step.py"), *tail], ref, rounds)
 
@@ -166,23 +202,22 @@ def bench_train_cache(work, cases=100):
           f"(target >= 10); peak RSS {max(r[1] for r in results):.0f} MB (target <= 3072)", flush=True)
 
 
-def bench_sliding_window(device, reps=3):
+def bench_sliding_window(device, reps=3, shape=FULL):
     """Sliding-window inference alone on a 273x273x250 volume already on the GPU (full UNETR, roi 96^3,
     overlap 0.5, gaussian): lwi (plugin/examples/sliding_window.rs) in several settings vs MONAI's
     sliding_window_inference (bench/monai_sliding_window.py), every setting once per round, each process
     reporting the median of `reps` passes after two warm-ups. Ratios are against MONAI with window batch 4
-    in the same precision (bf16 for both autocast precisions)."""
+    in the same precision (bf16 for both autocast precisions). On the CPU (--toy) the fp32 settings only."""
     def run(cmd, env):
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return last_json(cmd, env={**os.environ, **env})
 
     def lwi(batch, precision, fused):
-        return ([str(BIN / "sliding_window"), device, str(batch), precision, str(reps)],
+        return ([str(BIN / "sliding_window"), device, str(batch), precision, str(reps), *shape_args(shape)],
                 {"LWI_BENCH_FUSED": "1" if fused else "0"})
 
     def monai(batch, precision, *flags):
         return [sys.executable, str(ROOT / "bench" / "monai_sliding_window.py"), device, str(batch), precision,
-                str(reps), *flags], {}
+                str(reps), *shape_args(shape), *flags], {}
 
     settings = [
         ("MONAI batch 4 fp32", monai(4, "fp32")),
@@ -194,6 +229,8 @@ def bench_sliding_window(device, reps=3):
         ("lwi   batch 16 bf16", lwi(16, "bf16", True)),
         ("lwi   batch 16 fp16", lwi(16, "fp16", True)),
     ]
+    if device == "cpu":
+        settings = [(name, cmd) for name, cmd in settings if name.endswith("batch 4 fp32")]
     results = {name: run(*cmd) for name, cmd in settings}
     for name, r in results.items():
         ref = results["MONAI batch 4 fp32" if "fp32" in name else "MONAI batch 4 bf16"]["median_ms"]
@@ -229,9 +266,8 @@ def segment_model(work, shape, spacing):
         torch.save(UNETR(**cfg).state_dict(), d / "unetr.pt")
         (d / "arch.json").write_text(json.dumps(cfg))
         (d / "labels.json").write_text(json.dumps({str(i): f"class {i}" for i in range(14)}))
-        subprocess.run([str(cli_path()), "import", "--from", str(d / "unetr.pt"), "--arch-config", str(d / "arch.json"),
-                        "--labels", str(d / "labels.json"), "--spacing", spacing, "--window=-175,250",
-                        "--out", str(d / "model.safetensors")], check=True, capture_output=True)
+        checked([cli_path(), "import", "--from", d / "unetr.pt", "--arch-config", d / "arch.json", "--labels",
+                 d / "labels.json", "--spacing", spacing, "--window=-175,250", "--out", d / "model.safetensors"])
     return d
 
 
@@ -247,12 +283,12 @@ def interleaved(lwi_cmd, ref_cmd, reps):
     return (statistics.median(a), max(ra)), (statistics.median(b), max(rb), out)
 
 
-def phantom_ct(work):
-    """A 512x512x200 CT phantom at 0.8x0.8x2.5 mm (made once)."""
+def phantom_ct(work, size="512,512,200"):
+    """A 512x512x200 CT phantom (or `size`) at 0.8x0.8x2.5 mm, made once (scripts/gpu-check.sh makes the same)."""
     ct = work / "ct" / "imagesTr" / "phantom_000.nii.gz"
     if not ct.exists():
-        subprocess.run([str(cli_path()), "phantom", "--out", str(work / "ct"), "--cases", "1", "--size", "512,512,200",
-                        "--spacing", "0.8,0.8,2.5"], check=True)
+        checked([cli_path(), "phantom", "--out", work / "ct", "--cases", "1", "--size", size, "--spacing",
+                 "0.8,0.8,2.5"])
     return ct
 
 
@@ -266,12 +302,12 @@ def bench_real_ct():
     return real
 
 
-def bench_segment(work, device, shape, spacing, sw_batch, precision, reps):
+def bench_segment(work, device, shape, spacing, sw_batch, precision, reps, ct_size="512,512,200"):
     """File in -> label file out: `lwi segment` vs MONAI's pipeline (bench/monai_segment.py), same weights and
     model spacing, overlap 0.5, gaussian, each a fresh process (library and model load included), interleaved."""
     d = segment_model(work, shape, spacing)
-    ct, real = phantom_ct(work), bench_real_ct()
-    for name, image in (("real CT 122x101x112 @3 mm", real), ("CT phantom 512x512x200 @0.8x0.8x2.5", ct)):
+    ct, real = phantom_ct(work, ct_size), bench_real_ct()
+    for name, image in (("real CT 122x101x112 @3 mm", real), (f"CT phantom {ct_size.replace(',', 'x')} @0.8x0.8x2.5", ct)):
         lwi_cmd = [str(cli_path()), "segment", "--model", str(d / "model.safetensors"), str(image), "--out",
                    str(work / "lwi_labels.nii.gz"), "--device", device, "--sw-batch", str(sw_batch), "--precision",
                    precision, "--overwrite", "--no-manifest"]
@@ -290,17 +326,17 @@ def unetr_pp_segment_model(work, arch):
     1.5 x 1.5 x 2 mm with a CT normalisation."""
     import torch
     from pytorch_unetr_pp import UnetrPP
-    d = work / f"segment-unetr-pp-{arch['feature_size']}-{'-'.join(map(str, arch['depths']))}"
+    d = work / f"segment-unetr-pp-{arch['feature_size']}-{'-'.join(map(str, arch['depths'] + arch['img_size']))}"
     if not (d / "model.safetensors").exists():
         d.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(3)
-        net = UnetrPP(out_channels=arch["out_channels"], feature_size=arch["feature_size"], depths=arch["depths"])
+        net = UnetrPP(out_channels=arch["out_channels"], img_size=arch["img_size"], feature_size=arch["feature_size"],
+                      depths=arch["depths"])
         torch.save(net.state_dict(), d / "unetr_pp.pt")
         (d / "arch.json").write_text(json.dumps(arch))
         (d / "labels.json").write_text(json.dumps({str(i): f"class {i}" for i in range(arch["out_channels"])}))
-        subprocess.run([str(cli_path()), "import", "--from", str(d / "unetr_pp.pt"), "--arch-config",
-                        str(d / "arch.json"), "--labels", str(d / "labels.json"), "--spacing", PP_SPACING,
-                        "--ct-norm", PP_NORM, "--out", str(d / "model.safetensors")], check=True, capture_output=True)
+        checked([cli_path(), "import", "--from", d / "unetr_pp.pt", "--arch-config", d / "arch.json", "--labels",
+                 d / "labels.json", "--spacing", PP_SPACING, "--ct-norm", PP_NORM, "--out", d / "model.safetensors"])
     return d
 
 
@@ -310,6 +346,7 @@ PP_REDUCED = {"arch": "unetr_pp", "in_channels": 1, "out_channels": 14, "img_siz
 PP_SYNAPSE = {"arch": "unetr_pp", "in_channels": 1, "out_channels": 14, "img_size": [64, 128, 128],
               "feature_size": 16, "hidden_size": 256, "num_heads": 4, "depths": [3, 3, 3, 3],
               "dims": [32, 64, 128, 256]}
+PP_TOY = dict(PP_REDUCED, img_size=[16, 32, 32])
 
 
 def bench_segment_unetr_pp(work, device, image, name, arch, mirror, reps):
@@ -328,25 +365,30 @@ def bench_segment_unetr_pp(work, device, image, name, arch, mirror, reps):
           flush=True)
 
 
-def bench_dist_step(device, batch, shape, ranks, backend, rounds=2, reps=3):
+def bench_dist_step(device, batch, shape, ranks, backend, rounds=2, reps=3, job_s=180):
     """Data-parallel UNETR training steps under torchrun, `ranks` ranks: lwi (plugin/examples/dist_step.rs: the
     gradients averaged after the backward pass in 25 MiB buckets) vs PyTorch's DistributedDataParallel on MONAI's
     UNETR (all-reduce overlapped with the backward pass), each job in turn `rounds` times; plus one all-reduce of
-    92.8 M floats (371 MB, the full UNETR's gradient) on each side."""
-    tail = [device, str(batch), "fp32" if device == "cpu" else "bf16", str(reps),
-            *(str(shape[k]) for k in ("size", "feature", "hidden", "mlp", "heads"))]
+    92.8 M floats (371 MB, the full UNETR's gradient) on each side. Fails unless lwi ran a `backend` group of
+    `ranks` (one rank included: torchrun's world of one is a group of one there). Each torchrun job has `job_s`
+    seconds: a rank that waits on a lost peer must not hang the run."""
+    tail = [device, str(batch), "fp32" if device == "cpu" else "bf16", str(reps), *shape_args(shape)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     env = dict(os.environ, LWI_DIST_BACKEND=backend, GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
-    run = lambda cmd: json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-                                 .stdout.strip().splitlines()[-1])
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks))))
+    run = lambda cmd: last_json(cmd, env, job_s)
     a, b = [], []
     for _ in range(rounds):
         a.append(run([*torchrun, "--no-python", str(BIN / "dist_step"), *tail]))
         b.append(run([*torchrun, str(ROOT / "bench" / "torch_dist_step.py"), *tail]))
+    if (a[0]["backend"], a[0]["world"]) != (backend, ranks):
+        raise RuntimeError(f"lwi's dist_step ran with backend {a[0]['backend']} and world {a[0]['world']}, "
+                           f"not a {backend} group of {ranks}")
+    print(f"  lwi: a {a[0]['backend']} group of {a[0]['world']} rank(s); PyTorch: {b[0]['backend']}, world "
+          f"{b[0]['world']}", flush=True)
     m = lambda runs, key: statistics.median(r[key] for r in runs)
     for key, what in [("step_ms", "step, gradients not averaged"), ("synced_ms", "step, gradients averaged"),
-                      ("flat_ms", "all-reduce of 92.8 M floats")]:
+                      ("flat_ms", f"all-reduce of {a[0]['flat_floats'] / 1e6:.1f} M floats")]:
         ref = "DDP" if key == "synced_ms" else "PyTorch"
         print(f"  {ranks} ranks {backend} {device}: {what:<31} lwi {m(a, key):9.1f} ms   {ref:<8} {m(b, key):9.1f} ms"
               f"   ratio {m(a, key) / m(b, key):5.2f}", flush=True)
@@ -368,7 +410,14 @@ def main():
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="for unetr-forward (autocast on cuda)")
     ap.add_argument("--ranks", type=int, default=2, help="for dist-step")
     ap.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="for dist-step (default: gloo on cpu, nccl on cuda)")
+    ap.add_argument("--rounds", type=int, default=None, help="for dist-step (default 2)")
+    ap.add_argument("--toy", action="store_true", help="tiny sizes, one pass: the plumbing only (see above)")
     args = ap.parse_args()
+    toy, gpu = args.toy, args.device != "cpu"
+    if toy:
+        for k, v in TOY_ENV.items():
+            os.environ.setdefault(k, v)
+    once = 1 if toy else None  # rounds (and passes) when the figures mean nothing
     lwi = Lwi(plugin_path())
     work = Path(os.environ.get("LWI_BENCH_DIR", ROOT / "target" / "bench"))
     work.mkdir(parents=True, exist_ok=True)
@@ -385,36 +434,39 @@ def main():
         print("UNETR++ forward: the Synapse model, 64x128x128, random weights, no grad")
         bench_unetr_pp_forward(args.device, args.batch, args.precision)
     if args.only in (None, "train-step"):
-        shape = FULL if args.device != "cpu" else TINY
+        shape = TOY if toy else FULL if gpu else TINY
         print(f"training step (DiceCE + AdamW), UNETR {shape}")
-        bench_train_step(args.device, args.batch if args.device != "cpu" else 2, args.precision, shape,
-                         rounds=3 if args.device == "cpu" else 1)
+        bench_train_step(args.device, args.batch if gpu else 2, args.precision, shape,
+                         rounds=once or (1 if gpu else 3), reps=once or 3)
     if args.only in (None, "unetr-pp-train-step"):
         # 2 CPU cores: the reduced UNETR++ in fp32; a GPU: the Synapse model, lwi's bf16 against PyTorch's AMP.
-        feature, depths = (4, (1, 1, 2, 2)) if args.device == "cpu" else (16, (3, 3, 3, 3))
-        precision = args.precision if args.device == "cpu" else "bf16"
+        feature, depths = (16, (3, 3, 3, 3)) if gpu and not toy else (4, (1, 1, 2, 2))
+        precision = "bf16" if gpu else args.precision
         print(f"UNETR++ training step (nnU-Net's deep-supervision loss, SGD), feature {feature}, depths {depths}")
-        bench_unetr_pp_train_step(args.device, 2, precision, feature, depths, rounds=3 if args.device == "cpu" else 1)
-        if args.device != "cpu":
-            bench_unetr_pp_train_step(args.device, 2, "fp16", feature, depths, rounds=1)
-    if args.only in (None, "train-cache") and args.device == "cpu":
+        bench_unetr_pp_train_step(args.device, 2, precision, feature, depths, rounds=once or (1 if gpu else 3),
+                                  reps=once or 3)
+        if gpu:
+            bench_unetr_pp_train_step(args.device, 2, "fp16", feature, depths, rounds=1, reps=once or 3)
+    if args.only in (None, "train-cache") and not gpu and not toy:
         print("preprocessed cache: fine-tuning UNETR++ (unetr_pp recipe) on 100 phantoms, first and second run")
         bench_train_cache(work)
     if args.only in (None, "dist-step"):
-        shape = FULL if args.device != "cpu" else TINY
-        backend = args.backend or ("gloo" if args.device == "cpu" else "nccl")
+        shape = TOY if toy else FULL if gpu else TINY
+        backend = args.backend or ("nccl" if gpu else "gloo")
         print(f"data-parallel training step (DiceCE + AdamW), UNETR {shape}, batch 2 per rank")
-        bench_dist_step(args.device, 2, shape, args.ranks, backend)
-    if args.only in (None, "sliding-window") and args.device != "cpu":
-        # 125 full-size windows: minutes per pass on 2 CPU cores, so a GPU benchmark only.
+        bench_dist_step(args.device, 2, shape, args.ranks, backend, rounds=once or args.rounds or 2, reps=once or 3,
+                        job_s=60 if toy else 180)
+    if args.only in (None, "sliding-window") and (gpu or toy):
+        # 125 full-size windows: minutes per pass on 2 CPU cores, so a GPU benchmark only (or a toy's plumbing).
         print("sliding-window inference alone, full UNETR, 273x273x250 on the device, overlap 0.5, gaussian")
-        bench_sliding_window(args.device)
+        bench_sliding_window(args.device, reps=once or 3, shape=TOY if toy else FULL)
     if args.only in (None, "segment"):
         # On 2 CPU cores a smaller UNETR at 3 mm keeps the run to minutes; the GPU runs the full one at 1.5x1.5x2 mm.
-        shape, spacing = (FULL, "1.5,1.5,2") if args.device != "cpu" else (dict(TINY, size=96), "3,3,3")
+        shape, spacing = (TOY, "6,6,6") if toy else (FULL, "1.5,1.5,2") if gpu else (dict(TINY, size=96), "3,3,3")
         print(f"end-to-end segmentation, file in -> label file out, UNETR {shape} at {spacing} mm, overlap 0.5, peak RSS")
-        bench_segment(work, args.device, shape, spacing, args.batch, args.precision, max(1, args.reps // 2))
-    if args.only in (None, "python-api") and args.device == "cpu":
+        bench_segment(work, args.device, shape, spacing, args.batch, args.precision, once or max(1, args.reps // 2),
+                      TOY_CT if toy else "512,512,200")
+    if args.only in (None, "python-api") and args.device == "cpu" and not toy:
         shape, spacing = dict(TINY, size=96), "3,3,3"
         print(f"Python API (import lwi; Model.segment) on the real CT, UNETR {shape} at {spacing} mm, peak RSS")
         d = segment_model(work, shape, spacing)
@@ -424,10 +476,10 @@ def main():
         # The CPU: the reduced UNETR++ on the real CT (3 mm, so resampled to 1.5x1.5x2 mm) without mirroring; the
         # GPU: the Synapse UNETR++ with mirroring on the 512x512x200 phantom.
         real = bench_real_ct()
-        if args.device == "cpu":
+        if not gpu:
             print("end-to-end UNETR++ segmentation (nnU-Net v1 pipeline), reduced model, no mirroring, peak RSS")
-            bench_segment_unetr_pp(work, "cpu", real, "real CT 122x101x112 @3 mm", PP_REDUCED, False,
-                                   max(1, args.reps // 2))
+            bench_segment_unetr_pp(work, "cpu", real, "real CT 122x101x112 @3 mm", PP_TOY if toy else PP_REDUCED,
+                                   False, once or max(1, args.reps // 2))
         else:
             print("end-to-end UNETR++ segmentation (nnU-Net v1 pipeline), Synapse model, 8 mirrorings, peak RSS")
             bench_segment_unetr_pp(work, args.device, phantom_ct(work), "CT phantom 512x512x200 @0.8x0.8x2.5",

@@ -1,7 +1,8 @@
-//! Times data-parallel UNETR training steps for bench/run.py: run under torchrun (alone, a world of
-//! one) it reports, on rank 0, a step without gradient averaging, the same step with the
-//! gradients averaged across the ranks (25 MiB buckets, as `lwi fine-tune` does), the averaging
-//! alone, and one all-reduce of 92.8 M floats (the full UNETR's gradient, 371 MB).
+//! Times data-parallel UNETR training steps for bench/run.py: run under torchrun, or alone (a group
+//! of one of the backend asked for), it reports on rank 0 a step without gradient averaging, the
+//! same step with the gradients averaged across the ranks (25 MiB buckets, as `lwi fine-tune`
+//! does), the averaging alone, and one all-reduce of 92.8 M floats (the full UNETR's gradient,
+//! 371 MB; `LWI_BENCH_FLAT=N` floats instead).
 //! Usage: dist_step DEVICE BATCH PRECISION REPS [SIZE [FEATURE HIDDEN MLP HEADS]] (as train_step);
 //! `LWI_DIST_BACKEND` picks gloo or nccl (default: nccl on CUDA). Prints one JSON line on rank 0.
 
@@ -20,8 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         backend: std::env::var("LWI_DIST_BACKEND").unwrap_or_else(|_| "auto".into()),
         ..Default::default()
     };
-    if std::env::var("WORLD_SIZE").is_err() {
-        // alone: a world of one (NCCL's smoke test on one GPU)
+    if std::env::var("WORLD_SIZE").map_or(true, |w| w.trim() == "1") {
+        // alone (torchrun's world of one included, which lwi runs as a single process): a group
+        // of one all the same, so that the collectives run (NCCL's smoke test on one GPU)
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -47,7 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let plain = common::time(&a, || step(false))?;
     let synced = common::time(&a, || step(true))?;
     let averaging = common::time(&a, || Ok(peers.average_gradients(t.opt.params())?))?;
-    let flat = Tensor::ones([FULL_UNETR_FLOATS], (Kind::Float, a.device)).set_requires_grad(true);
+    let flat_floats = match std::env::var("LWI_BENCH_FLAT") {
+        Ok(n) => n.parse()?,
+        Err(_) => FULL_UNETR_FLOATS,
+    };
+    let flat = Tensor::ones([flat_floats], (Kind::Float, a.device)).set_requires_grad(true);
     flat.sum(Kind::Float).backward();
     let flat_times = common::time(&a, || {
         Ok(peers.average_gradients(std::slice::from_ref(&flat))?)
@@ -62,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "world": peers.world(), "backend": peers.backend().map(|b| b.name()),
                 "step_ms": median(&plain), "synced_ms": median(&synced),
                 "averaging_ms": median(&averaging), "gradient_floats": floats,
-                "flat_ms": median(&flat_times), "flat_floats": FULL_UNETR_FLOATS,
+                "flat_ms": median(&flat_times), "flat_floats": flat_floats,
             }),
         );
     }

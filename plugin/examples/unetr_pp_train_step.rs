@@ -2,31 +2,21 @@
 //! bench/pytorch_unetr_pp_train_step.py): 64×128×128 patches, forward in training mode, nnU-Net's
 //! Dice + CE over the three deep-supervision outputs, backward, gradient clipping to 12, SGD with
 //! Nesterov momentum — the step `lwi fine-tune` runs with that recipe.
-//! Usage: unetr_pp_train_step DEVICE BATCH PRECISION REPS FEATURE D1 D2 D3 D4
-//! e.g. `cpu 2 fp32 3 4 1 1 2 2` (reduced) or `cuda 2 bf16 10 16 3 3 3 3` (Synapse).
+//! Usage: unetr_pp_train_step DEVICE BATCH PRECISION REPS [FEATURE D1 D2 D3 D4]
+//! e.g. `cpu 2 fp32 3 4 1 1 2 2` (reduced) or `cuda 2 bf16 10 16 3 3 3 3` (Synapse);
+//! `LWI_BENCH_PATCH=D,H,W` sets another patch (tiny runs that prove the benchmark's plumbing).
 //! Prints one JSON line: {"median_ms", "min_ms", "loss_first", "loss_last", ...}.
 
 mod common;
 
-use lwi::model::unetr_pp::{UnetrPp, UnetrPpConfig};
+use lwi::model::unetr_pp::UnetrPp;
 use lwi::model::with_precision;
 use lwi::train::{Optimizer, Sgd, clip_grad_norm, deep_supervision_weights};
 use tch::{Kind, Tensor, nn};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = common::args()?;
-    let args: Vec<i64> = std::env::args()
-        .skip(5)
-        .map(|v| v.parse())
-        .collect::<Result<_, _>>()?;
-    let f = args.first().copied().unwrap_or(16);
-    let cfg = UnetrPpConfig {
-        feature_size: f,
-        hidden_size: 16 * f,
-        dims: [2 * f, 4 * f, 8 * f, 16 * f],
-        depths: args.get(1..5).map_or([3; 4], |d| [d[0], d[1], d[2], d[3]]),
-        ..Default::default()
-    };
+    let cfg = common::unetr_pp_config()?;
     tch::manual_seed(0);
     let vs = nn::VarStore::new(a.device);
     let net = UnetrPp::new(&vs.root(), &cfg)?;
@@ -52,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     common::report(
         &a,
         &times,
-        serde_json::json!({"arch": "unetr_pp", "feature_size": f,
+        serde_json::json!({"arch": "unetr_pp", "feature_size": cfg.feature_size,
             "loss_first": losses[0], "loss_last": losses[losses.len() - 1]}),
     );
     Ok(())

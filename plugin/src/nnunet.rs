@@ -270,13 +270,18 @@ pub fn sliding_window(
             }
         }
     }
-    let mut probs = sum
-        .ok_or_else(|| Error::internal("no window"))?
-        .f_div(&count)?;
+    let mut probs = average(sum.ok_or_else(|| Error::internal("no window"))?, &count)?;
     for d in 0..3 {
         probs = probs.f_narrow(1 + d as i64, below[d], size[d])?;
     }
     Ok(probs)
+}
+
+/// The windows' weighted mean: `sum` divided by `count` in place (a second set of class maps would
+/// double the largest allocation, 2.5 GB on the GPU for a 512×512×800 CT).
+fn average(mut sum: Tensor, count: &Tensor) -> Result<Tensor> {
+    let _ = sum.f_div_(count)?;
+    Ok(sum)
 }
 
 /// The argmax of the probabilities `[K, x, y, z]` once resampled (linear, as float32) onto the
@@ -346,5 +351,22 @@ mod tests {
         let g = gaussian([8, 16, 16]).unwrap();
         assert_eq!(g.double_value(&[4, 8, 8]), 1.0);
         assert!(g.min().double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn the_mean_of_the_windows_takes_the_sums_memory() {
+        let sum = Tensor::from_slice(&[2.0f32, 6.0, 9.0, 4.0]).view([2, 1, 1, 2]);
+        let count = Tensor::from_slice(&[2.0f32, 3.0]).view([1, 1, 2]);
+        let at = sum.data_ptr();
+        let mean = average(sum, &count).unwrap();
+        assert_eq!(
+            mean.data_ptr(),
+            at,
+            "a second set of class maps was allocated"
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(mean.flatten(0, -1)).unwrap(),
+            [1.0, 2.0, 4.5, 4.0 / 3.0]
+        );
     }
 }

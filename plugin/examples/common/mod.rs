@@ -3,6 +3,7 @@
 // Each benchmark program uses part of it.
 #![allow(dead_code)]
 
+use lwi::model::unetr_pp::UnetrPpConfig;
 use lwi::model::{Precision, UnetrConfig};
 use tch::Device;
 
@@ -47,6 +48,30 @@ pub fn args() -> Result<Args, Box<dyn std::error::Error>> {
         cfg,
         fused: std::env::var("LWI_BENCH_FUSED").map_or(true, |v| v != "0"),
     })
+}
+
+/// The UNETR++ of the arguments after REPS, `FEATURE D1 D2 D3 D4` (the Synapse model, feature 16
+/// and depths 3 3 3 3, unless given), on patches of `LWI_BENCH_PATCH=D,H,W` (64,128,128 unless set).
+pub fn unetr_pp_config() -> Result<UnetrPpConfig, Box<dyn std::error::Error>> {
+    let args: Vec<i64> = std::env::args()
+        .skip(5)
+        .map(|v| v.parse())
+        .collect::<Result<_, _>>()?;
+    let f = args.first().copied().unwrap_or(16);
+    let mut cfg = UnetrPpConfig {
+        feature_size: f,
+        hidden_size: 16 * f,
+        dims: [2 * f, 4 * f, 8 * f, 16 * f],
+        depths: args.get(1..5).map_or([3; 4], |d| [d[0], d[1], d[2], d[3]]),
+        ..Default::default()
+    };
+    if let Ok(patch) = std::env::var("LWI_BENCH_PATCH") {
+        let p: Vec<i64> = patch.split(',').map(str::parse).collect::<Result<_, _>>()?;
+        cfg.img_size = p
+            .try_into()
+            .map_err(|p| format!("LWI_BENCH_PATCH: three sizes, not {p:?}"))?;
+    }
+    Ok(cfg)
 }
 
 /// Runs `work` twice to warm up, then `reps` times, each timed between CUDA synchronisations;
