@@ -15,7 +15,7 @@ use crate::bundle::{Model, ModelMetadata, Preprocessing, Stage, sha256_file};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::unetr_pp::UnetrPpConfig;
 use crate::model::{ArchConfig, UnetrConfig, load_state_dict};
-use crate::pickle::{self, Rules, quoted};
+use crate::pickle::{self, PLAIN_DATA, Rules, quoted};
 use pytorch_reader::{DType, FileFormat, PytorchError, PytorchReader};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -173,50 +173,45 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 /// What a checkpoint's pickle may name: tensors (rebuilt from typed storages), torch's dtypes,
-/// devices and sizes, and what a trainer keeps beside its weights: `OrderedDict`, numpy scalars,
-/// arrays and dtypes (numpy 1 and 2 spellings), and `_codecs.encode`, protocol 2's spelling of
-/// the bytes a numpy scalar holds. A trainer's class, a callable such as `posix.system`, a whole
-/// pickled `nn.Module` is refused: lwi never runs it, and a file that names it is not a plain
-/// checkpoint. docs/formats.md lists the same.
+/// devices and sizes; what a trainer keeps beside its weights ([`PLAIN_DATA`]: `OrderedDict`,
+/// numpy scalars, arrays and dtypes); and `_codecs.encode`, protocol 2's spelling of the bytes a
+/// numpy scalar holds. A trainer's class, a callable such as `posix.system`, a whole pickled
+/// `nn.Module` is refused: lwi never runs it, and a file that names it is not a plain checkpoint.
+/// docs/formats.md lists the same.
 pub const CHECKPOINT: Rules = Rules {
     not_held: "a checkpoint does not hold",
-    globals: &[
-        ("collections", "OrderedDict"),
-        ("torch._utils", "_rebuild_tensor"),
-        ("torch._utils", "_rebuild_tensor_v2"),
-        ("torch._utils", "_rebuild_parameter"),
-        ("torch", "FloatStorage"),
-        ("torch", "DoubleStorage"),
-        ("torch", "HalfStorage"),
-        ("torch", "BFloat16Storage"),
-        ("torch", "LongStorage"),
-        ("torch", "IntStorage"),
-        ("torch", "ShortStorage"),
-        ("torch", "CharStorage"),
-        ("torch", "ByteStorage"),
-        ("torch", "BoolStorage"),
-        ("torch", "float32"),
-        ("torch", "float64"),
-        ("torch", "float16"),
-        ("torch", "bfloat16"),
-        ("torch", "int64"),
-        ("torch", "int32"),
-        ("torch", "int16"),
-        ("torch", "int8"),
-        ("torch", "uint8"),
-        ("torch", "bool"),
-        ("torch", "device"),
-        ("torch", "Size"),
-        ("numpy", "dtype"),
-        ("numpy", "ndarray"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("_codecs", "encode"),
-    ],
+    globals: &[TORCH, PLAIN_DATA, &[("_codecs", "encode")]],
     persistent_ids: true,
 };
+
+/// The torch globals `torch.save` writes for tensors, parameters, dtypes, devices and sizes.
+const TORCH: &[(&str, &str)] = &[
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch", "FloatStorage"),
+    ("torch", "DoubleStorage"),
+    ("torch", "HalfStorage"),
+    ("torch", "BFloat16Storage"),
+    ("torch", "LongStorage"),
+    ("torch", "IntStorage"),
+    ("torch", "ShortStorage"),
+    ("torch", "CharStorage"),
+    ("torch", "ByteStorage"),
+    ("torch", "BoolStorage"),
+    ("torch", "float32"),
+    ("torch", "float64"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("torch", "int64"),
+    ("torch", "int32"),
+    ("torch", "int16"),
+    ("torch", "int8"),
+    ("torch", "uint8"),
+    ("torch", "bool"),
+    ("torch", "device"),
+    ("torch", "Size"),
+];
 
 /// Reads every pickle the checkpoint reader will (never running one), refusing any that names a
 /// global outside [`CHECKPOINT`]: a ZIP's `data.pkl`, or the pickles a legacy file (or a plain
@@ -227,14 +222,18 @@ fn vet_pickles(path: &Path) -> Result<bool> {
             .map(|(_, end)| end)
             .map_err(|e| Error::format(path, format!("{what}: {}", e.message)))
     };
-    let head = pickle::read_head(path)?;
-    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+    let mut magic = Vec::new();
+    let (file, _) = crate::io::files::open_regular(path)?;
+    file.take(262)
+        .read_to_end(&mut magic)
+        .map_err(|e| Error::io(path, e))?;
+    if magic.starts_with(b"PK\x03\x04") || magic.starts_with(b"PK\x05\x06") {
         for (name, bytes) in zip_pickles(path)? {
             vet(&bytes, 0, &quoted(&name))?;
         }
         return Ok(true);
     }
-    if head.get(257..262) == Some(b"ustar") {
+    if magic.get(257..262) == Some(b"ustar") {
         return Err(Error::unsupported(format!(
             "{}: PyTorch's TAR container (before 0.1.10) is not read; save the weights again with torch.save",
             path.display()
@@ -242,6 +241,7 @@ fn vet_pickles(path: &Path) -> Result<bool> {
     }
     // A legacy file: magic number, protocol, system info, the data, the storage keys; a plain
     // pickle: one.
+    let head = pickle::read_head(path)?;
     let mut at = 0;
     for _ in 0..5 {
         if at == head.len() {
@@ -258,13 +258,17 @@ fn zip_pickles(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let bad = |e: zip::result::ZipError| Error::format(path, format!("not a readable ZIP ({e})"));
     let (file, _) = crate::io::files::open_regular(path)?;
     let mut zip = zip::ZipArchive::new(file).map_err(bad)?;
+    let names: Vec<String> = zip
+        .file_names()
+        .collect::<zip::result::ZipResult<Vec<_>>>()
+        .map_err(bad)?
+        .into_iter()
+        .filter(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
+        .map(|n| n.into_owned())
+        .collect();
     let mut out = Vec::new();
-    for i in 0..zip.len() {
-        let mut entry = zip.by_index(i).map_err(bad)?;
-        let name = entry.name().map_err(bad)?.to_string();
-        if name != "data.pkl" && !name.ends_with("/data.pkl") {
-            continue;
-        }
+    for name in names {
+        let mut entry = zip.by_name(&name).map_err(bad)?;
         let size = entry.size();
         if size > pickle::MAX_BYTES {
             return Err(Error::format(
@@ -276,21 +280,7 @@ fn zip_pickles(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
                 ),
             ));
         }
-        let mut bytes = Vec::new();
-        bytes.try_reserve_exact(size as usize).map_err(|_| {
-            Error::new(
-                ErrorKind::OutOfMemory,
-                format!(
-                    "{}: cannot allocate {size} bytes for {}",
-                    path.display(),
-                    quoted(&name)
-                ),
-            )
-        })?;
-        (&mut entry)
-            .take(size)
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::format(path, format!("{}: {e}", quoted(&name))))?;
+        let bytes = pickle::read_up_to(path, &mut entry, size)?;
         out.push((name, bytes));
     }
     Ok(out)

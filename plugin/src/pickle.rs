@@ -27,11 +27,23 @@ pub const MAX_DEPTH: u32 = 100;
 pub struct Rules {
     /// Ends the refusal "the pickle names the Python global X, which …".
     pub not_held: &'static str,
-    /// The globals (module, name) it may name: each is a data type or a data constructor.
-    pub globals: &'static [(&'static str, &'static str)],
+    /// The globals (module, name) it may name, in groups: each is a data type or constructor.
+    pub globals: &'static [&'static [(&'static str, &'static str)]],
     /// Whether it may refer to persistent ids (a PyTorch checkpoint's storages).
     pub persistent_ids: bool,
 }
+
+/// `OrderedDict`, and numpy's dtypes, arrays and scalars (numpy 1 and 2 spellings): the plain
+/// data of a trainer's bookkeeping and of nnU-Net's plans.
+pub const PLAIN_DATA: &[(&str, &str)] = &[
+    ("collections", "OrderedDict"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+];
 
 /// A pickled value. Containers and calls live in the [`Tree`]'s arena and are referred to, so a
 /// value the pickle shares (its memo) is one value, changed in place as Python changes it.
@@ -149,7 +161,9 @@ pub fn read_head(path: &Path) -> Result<Vec<u8>> {
     read_up_to(path, file, len.min(MAX_BYTES))
 }
 
-fn read_up_to(path: &Path, file: std::fs::File, len: u64) -> Result<Vec<u8>> {
+/// At most `len` bytes from `reader`, into memory reserved first (refused as OUT_OF_MEMORY when it
+/// cannot be); `path` names the file in messages.
+pub fn read_up_to(path: &Path, reader: impl Read, len: u64) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(len as usize).map_err(|_| {
         Error::new(
@@ -157,9 +171,13 @@ fn read_up_to(path: &Path, file: std::fs::File, len: u64) -> Result<Vec<u8>> {
             format!("{}: cannot allocate {len} bytes to read it", path.display()),
         )
     })?;
-    file.take(len)
+    reader
+        .take(len)
         .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::format(path, e),
+            _ => Error::io(path, e),
+        })?;
     Ok(bytes)
 }
 
@@ -351,7 +369,12 @@ impl Machine<'_> {
     }
     /// `module.name`, if the file's kind may name it; else the refusal naming it.
     fn global(&self, module: &str, name: &str) -> Result<Py> {
-        if self.rules.globals.contains(&(module, name)) {
+        if self
+            .rules
+            .globals
+            .iter()
+            .any(|g| g.contains(&(module, name)))
+        {
             return Ok(Py::Global(format!("{module}.{name}").into()));
         }
         Err(invalid(format!(
@@ -662,7 +685,7 @@ mod tests {
 
     const RULES: Rules = Rules {
         not_held: "a test file does not hold",
-        globals: &[("torch", "device"), ("collections", "OrderedDict")],
+        globals: &[&[("torch", "device"), ("collections", "OrderedDict")]],
         persistent_ids: false,
     };
 

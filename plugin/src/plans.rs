@@ -7,22 +7,13 @@
 
 use crate::bundle::CtNormalization;
 use crate::error::{Error, Result};
-use crate::pickle::{Node, Py, Rules, Tree};
+use crate::pickle::{Node, PLAIN_DATA, Py, Rules, Tree};
 use std::path::Path;
 
-/// What plans may name: numpy's scalars, arrays and dtypes (numpy 1 and 2 spellings), and
-/// `OrderedDict`.
+/// What plans may name: `OrderedDict` and numpy's dtypes, arrays and scalars.
 pub const RULES: Rules = Rules {
     not_held: "nnU-Net plans do not hold",
-    globals: &[
-        ("collections", "OrderedDict"),
-        ("numpy", "dtype"),
-        ("numpy", "ndarray"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-    ],
+    globals: &[PLAIN_DATA],
     persistent_ids: false,
 };
 

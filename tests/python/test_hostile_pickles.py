@@ -96,14 +96,16 @@ def test_a_checkpoint_naming_a_foreign_global_anywhere_is_refused(unetr, tmp_pat
     assert "checkpoint does not hold" in r.stderr and name in r.stderr, r.stderr
 
 
-def test_the_checkpoints_torch_and_nnunet_write_still_import(unetr, tmp_path):
+@pytest.mark.parametrize("zip_container", [True, False])
+def test_the_checkpoints_torch_and_nnunet_write_still_import(unetr, tmp_path, zip_container):
     """What the allow-list lets through: a state dict beside a trainer's numbers, numpy scalars and arrays,
-    tensors of every width, a device, a dtype and a size, as torch.save writes them."""
+    tensors of every width, a device, a dtype and a size, as torch.save writes them (ZIP and legacy)."""
     d, sd = unetr
     ckpt = tmp_path / "bookkeeping.model"
     torch.save({"epoch": 7, "state_dict": sd, "best": np.float64(0.5), "curve": np.array([0.1, 0.2]),
                 "step": np.int64(3), "device": torch.device("cpu"), "dtype": torch.float16, "size": torch.Size([2]),
-                "grad_scale": torch.ones(2, dtype=torch.bfloat16), "mask": torch.zeros(2, dtype=torch.bool)}, ckpt)
+                "grad_scale": torch.ones(2, dtype=torch.bfloat16), "mask": torch.zeros(2, dtype=torch.bool)}, ckpt,
+               _use_new_zipfile_serialization=zip_container)
     r = import_unetr(d, ckpt)
     assert r.returncode == 0, r.stderr
 
