@@ -139,7 +139,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Plans> {
     let (t, _) =
         crate::pickle::read(bytes, 0, &RULES).map_err(|e| Error::format(path, e.message))?;
     let plans = t.get(&t.root, "plans").unwrap_or(&t.root);
-    let missing = |what: &str| Error::format(path, format!("the plans have no {what}"));
+    let missing = |what: &str| Error::format(path, format!("the plans have no readable {what}"));
     let transpose = numbers(&t, t.get(plans, "transpose_forward"))
         .ok_or_else(|| missing("transpose_forward"))?;
     if transpose != [0.0, 1.0, 2.0] {
@@ -234,6 +234,10 @@ mod tests {
     fn a_list_that_holds_itself_is_not_a_triple() {
         // l = []; l.append(l): a loop, which no reader of the values may follow for ever.
         let e = read(&plans_with(b"]\x94h\x00a")).unwrap_err();
-        assert!(e.message.contains("no transpose_forward"), "{}", e.message);
+        assert!(
+            e.message.contains("no readable transpose_forward"),
+            "{}",
+            e.message
+        );
     }
 }
