@@ -74,7 +74,7 @@ test-gpu-dry: gpu-bundle
 	OUT=target ./scripts/gpu-check.sh --dry-run
 	@mkdir -p target/test-reports && cp target/gpu-check-dry/summary.txt target/test-reports/gpu-check-dry.txt
 
-## fuzz: cargo-fuzz (nightly Rust) on the NIfTI, NRRD, DICOM and options readers, FUZZ_SECONDS each (default 60)
+## fuzz: cargo-fuzz (nightly Rust) on the NIfTI, NRRD, DICOM, options and pickle readers, FUZZ_SECONDS each (default 60)
 FUZZ_SECONDS ?= 60
 fuzz: testdata
 	./scripts/fuzz $(FUZZ_SECONDS)

@@ -7,15 +7,18 @@
 //! `norm_cross_attn`, and the order heads `vit.temp_head{1..4}`). A plain state dict or a dict
 //! holding one under `state_dict` (`{"epoch": …, "best_acc": …, "state_dict": {…}}`) both work.
 //!
-//! The pickle is read by `pytorch-reader`, which rebuilds only tensors and plain containers and
-//! never executes code from the file. This path is used only by `lwi import`.
+//! The pickles are vetted first by [`crate::pickle`] against an allow-list ([`CHECKPOINT`]); the
+//! tensors are then read by `pytorch-reader`, which rebuilds only tensors and plain containers.
+//! Neither executes code from the file. This path is used only by `lwi import`.
 
 use crate::bundle::{Model, ModelMetadata, Preprocessing, Stage, sha256_file};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::unetr_pp::UnetrPpConfig;
 use crate::model::{ArchConfig, UnetrConfig, load_state_dict};
-use pytorch_reader::{DType, PytorchError, PytorchReader};
+use crate::pickle::{self, PLAIN_DATA, Rules, quoted};
+use pytorch_reader::{DType, FileFormat, PytorchError, PytorchReader};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -93,6 +96,9 @@ pub fn import(checkpoint: &Path, options_json: &str) -> Result<Model> {
 }
 
 /// Every tensor of a PyTorch checkpoint (under `state_dict` when the file nests it), by dotted name.
+/// Its pickles are vetted first ([`CHECKPOINT`]); no tensor may hold more bytes than the file, nor
+/// all of them together more than twice the file (a tied weight is stored once and named twice), so
+/// a view such as a stride-0 expand is refused before it is materialised.
 pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
     let fail = |e: PytorchError| match e {
         PytorchError::Io(io)
@@ -103,14 +109,22 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
         }
         other => Error::format(path, format!("not a readable PyTorch checkpoint ({other})")),
     };
-    crate::io::check_regular(path)?;
-    refuse_foreign_objects(path)?;
+    let file_len = crate::io::check_regular(path)?;
+    let container = vet_pickles(path)?;
     let reader = match PytorchReader::with_top_level_key(path, "state_dict") {
         Ok(r) => r,
         Err(PytorchError::KeyNotFound(_)) => PytorchReader::new(path).map_err(fail)?,
         Err(e) => return Err(fail(e)),
     };
+    let read_as = &reader.metadata().format_type;
+    if container != (*read_as == FileFormat::Zip) {
+        return Err(Error::format(
+            path,
+            format!("the container was vetted as another than the {read_as:?} it is read as"),
+        ));
+    }
     let mut out = HashMap::new();
+    let mut total = 0u64;
     for (name, t) in reader.into_tensors() {
         let kind = match t.dtype() {
             DType::F32 => Kind::Float,
@@ -121,70 +135,155 @@ pub fn read_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>> {
             other => {
                 return Err(Error::format(
                     path,
-                    format!("tensor {name} has dtype {other:?}; weights are floating point"),
+                    format!(
+                        "tensor {} has dtype {other:?}; weights are floating point",
+                        quoted(&name)
+                    ),
                 ));
             }
         };
+        let size = t.byte_len() as u64;
+        total = total.saturating_add(size);
+        let what = || format!("tensor {} ({:?} {:?})", quoted(&name), t.dtype(), t.shape());
+        if size > file_len {
+            return Err(Error::format(
+                path,
+                format!(
+                    "{} holds {size} bytes, more than the {file_len}-byte file stores; a weight is stored whole, not as a view of fewer bytes",
+                    what()
+                ),
+            ));
+        }
+        if total > file_len.saturating_mul(2) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "the tensors up to {} hold {total} bytes, more than twice the {file_len}-byte file stores (a tied weight is named twice, no weight more)",
+                    what()
+                ),
+            ));
+        }
         let bytes = t
             .read()
-            .map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;
+            .map_err(|e| Error::format(path, format!("tensor {}: {e}", quoted(&name))))?;
         let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
         out.insert(name, Tensor::f_from_data_size(&bytes, &shape, kind)?);
     }
     Ok(out)
 }
 
-/// Python objects a checkpoint may hold besides containers and numbers: tensors and storages,
-/// numpy scalars (nnU-Net's metrics), dtypes and devices. Anything else — a class of the
-/// trainer, a callable such as `builtins.eval` — is refused: lwi never runs it, but a file
-/// that asks for it is not a plain checkpoint.
-const ALLOWED_OBJECTS: [&str; 10] = [
-    "torch.Tensor",
-    "torch.TypedStorage",
-    "torch.UntypedStorage",
-    "torch.device",
-    "torch.Size",
-    "int",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-    "numpy.dtype",
-    "numpy.core.multiarray._reconstruct",
+/// What a checkpoint's pickle may name: tensors (rebuilt from typed storages), torch's dtypes,
+/// devices and sizes; what a trainer keeps beside its weights ([`PLAIN_DATA`]: `OrderedDict`,
+/// numpy scalars, arrays and dtypes); and `_codecs.encode`, protocol 2's spelling of the bytes a
+/// numpy scalar holds. A trainer's class, a callable such as `posix.system`, a whole pickled
+/// `nn.Module` is refused: lwi never runs it, and a file that names it is not a plain checkpoint.
+/// docs/formats.md lists the same.
+pub const CHECKPOINT: Rules = Rules {
+    not_held: "a checkpoint does not hold",
+    globals: &[TORCH, PLAIN_DATA, &[("_codecs", "encode")]],
+    persistent_ids: true,
+};
+
+/// The torch globals `torch.save` writes for tensors, parameters, dtypes, devices and sizes.
+const TORCH: &[(&str, &str)] = &[
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch", "FloatStorage"),
+    ("torch", "DoubleStorage"),
+    ("torch", "HalfStorage"),
+    ("torch", "BFloat16Storage"),
+    ("torch", "LongStorage"),
+    ("torch", "IntStorage"),
+    ("torch", "ShortStorage"),
+    ("torch", "CharStorage"),
+    ("torch", "ByteStorage"),
+    ("torch", "BoolStorage"),
+    ("torch", "float32"),
+    ("torch", "float64"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("torch", "int64"),
+    ("torch", "int32"),
+    ("torch", "int16"),
+    ("torch", "int8"),
+    ("torch", "uint8"),
+    ("torch", "bool"),
+    ("torch", "device"),
+    ("torch", "Size"),
 ];
 
-fn allowed_object(name: &str) -> bool {
-    const DTYPES: [&str; 8] = [
-        "float", "double", "half", "bfloat16", "int", "long", "bool", "uint8",
-    ];
-    ALLOWED_OBJECTS.contains(&name)
-        || name
-            .strip_prefix("torch.")
-            .is_some_and(|d| DTYPES.iter().any(|t| d.starts_with(t)))
+/// Reads every pickle the checkpoint reader will (never running one), refusing any that names a
+/// global outside [`CHECKPOINT`]: a ZIP's `data.pkl`, or the pickles a legacy file (or a plain
+/// pickle) starts with. Whether the file is a ZIP.
+fn vet_pickles(path: &Path) -> Result<bool> {
+    let vet = |bytes: &[u8], at: usize, what: &str| {
+        pickle::read(bytes, at, &CHECKPOINT)
+            .map(|(_, end)| end)
+            .map_err(|e| Error::format(path, format!("{what}: {}", e.message)))
+    };
+    let mut magic = Vec::new();
+    let (file, _) = crate::io::files::open_regular(path)?;
+    file.take(262)
+        .read_to_end(&mut magic)
+        .map_err(|e| Error::io(path, e))?;
+    if magic.starts_with(b"PK\x03\x04") || magic.starts_with(b"PK\x05\x06") {
+        for (name, bytes) in zip_pickles(path)? {
+            vet(&bytes, 0, &quoted(&name))?;
+        }
+        return Ok(true);
+    }
+    if magic.get(257..262) == Some(b"ustar") {
+        return Err(Error::unsupported(format!(
+            "{}: PyTorch's TAR container (before 0.1.10) is not read; save the weights again with torch.save",
+            path.display()
+        )));
+    }
+    // A legacy file: magic number, protocol, system info, the data, the storage keys; a plain
+    // pickle: one.
+    let head = pickle::read_head(path)?;
+    let mut at = 0;
+    for _ in 0..5 {
+        if at == head.len() {
+            break;
+        }
+        at = vet(&head, at, &format!("the pickle at byte {at}"))?;
+    }
+    Ok(false)
 }
 
-/// Walks the whole pickle (never executing it) and refuses one that names a global outside
-/// [`ALLOWED_OBJECTS`], naming it.
-fn refuse_foreign_objects(path: &Path) -> Result<()> {
-    use pytorch_reader::PickleValue;
-    let Ok(root) = PytorchReader::read_pickle_data(path, None) else {
-        return Ok(()); // not readable as a whole: the tensor reader below says why
-    };
-    let mut stack = vec![root];
-    while let Some(v) = stack.pop() {
-        match v {
-            PickleValue::List(items) => stack.extend(items),
-            PickleValue::Dict(map) => stack.extend(map.into_values()),
-            PickleValue::Unsupported(name) if !allowed_object(&name) => {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "the pickle names the Python object {name}, which a checkpoint does not hold; refused (lwi reads tensors and plain containers only)"
-                    ),
-                ));
-            }
-            _ => {}
+/// The `data.pkl` entries of a ZIP checkpoint (wherever the archive roots them), each at most
+/// [`pickle::MAX_BYTES`].
+fn zip_pickles(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let bad = |e: zip::result::ZipError| Error::format(path, format!("not a readable ZIP ({e})"));
+    let (file, _) = crate::io::files::open_regular(path)?;
+    let mut zip = zip::ZipArchive::new(file).map_err(bad)?;
+    let names: Vec<String> = zip
+        .file_names()
+        .collect::<zip::result::ZipResult<Vec<_>>>()
+        .map_err(bad)?
+        .into_iter()
+        .filter(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
+        .map(|n| n.into_owned())
+        .collect();
+    let mut out = Vec::new();
+    for name in names {
+        let mut entry = zip.by_name(&name).map_err(bad)?;
+        let size = entry.size();
+        if size > pickle::MAX_BYTES {
+            return Err(Error::format(
+                path,
+                format!(
+                    "{} is {size} bytes; a pickle lwi reads is at most {} bytes",
+                    quoted(&name),
+                    pickle::MAX_BYTES
+                ),
+            ));
         }
+        let bytes = pickle::read_up_to(path, &mut entry, size)?;
+        out.push((name, bytes));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Provenance of an imported model: the checkpoint's name and hash.
@@ -372,7 +471,94 @@ pub fn import_unetr_pp(
 
 #[cfg(test)]
 mod tests {
-    use super::native_name;
+    use super::{native_name, read_checkpoint};
+    use std::io::Write;
+
+    /// A PyTorch ZIP checkpoint as torch.save lays it out: `archive/data.pkl` and the storage
+    /// `archive/data/0` holding two floats, 1 and 2.
+    fn zip_checkpoint(dir: &std::path::Path, data_pkl: &[u8]) -> std::path::PathBuf {
+        let path = dir.join("ckpt.pt");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (name, bytes) in [
+            ("archive/data.pkl", data_pkl),
+            ("archive/data/0", &[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40][..]),
+            ("archive/byteorder", b"little"),
+        ] {
+            zip.start_file(name, stored).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        path
+    }
+
+    /// `_rebuild_tensor_v2(storage 0 (2 floats), 0, SIZE, STRIDE, False, OrderedDict())`, as
+    /// protocol 2 spells it; SIZE and STRIDE are pickled 1-tuples.
+    fn tensor(size: &[u8], stride: &[u8]) -> Vec<u8> {
+        let mut p = b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x00".to_vec();
+        p.extend(size);
+        p.extend(stride);
+        p.extend(b"\x89ccollections\nOrderedDict\n)RtR");
+        p
+    }
+
+    /// `{"state_dict": {"w": TENSOR}, "meta": META}`.
+    fn checkpoint(tensor: &[u8], meta: &[u8]) -> Vec<u8> {
+        let mut p = b"\x80\x02}(X\x0a\x00\x00\x00state_dict}X\x01\x00\x00\x00w".to_vec();
+        p.extend(tensor);
+        p.extend(b"sX\x04\x00\x00\x00meta");
+        p.extend(meta);
+        p.extend(b"u.");
+        p
+    }
+
+    const TWO: &[u8] = b"K\x02\x85";
+    const DENSE: &[u8] = b"K\x01\x85";
+
+    #[test]
+    fn a_plain_zip_checkpoint_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = b"ctorch\ndevice\nX\x03\x00\x00\x00cpu\x85R";
+        let path = zip_checkpoint(dir.path(), &checkpoint(&tensor(TWO, DENSE), device));
+        let w = &read_checkpoint(&path).unwrap()["w"];
+        assert_eq!(Vec::<f32>::try_from(w).unwrap(), [1.0, 2.0]);
+    }
+
+    #[test]
+    fn a_foreign_global_in_an_allowed_calls_arguments_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = b"ctorch\ndevice\ncposix\nsystem\nX\x04\x00\x00\x00echo\x85R\x85R";
+        let path = zip_checkpoint(dir.path(), &checkpoint(&tensor(TWO, DENSE), device));
+        let e = read_checkpoint(&path).unwrap_err();
+        assert!(e.message.contains("archive/data.pkl: the pickle names the Python global posix.system, which a checkpoint does not hold"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_foreign_call_built_with_module_state_is_refused() {
+        // posix.system("echo") given {"_parameters": {"w": …}, "_buffers": {}, "_modules": {}}:
+        // read as a module's state dict were the call not vetted.
+        let mut module = b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00echo\x85R}(X\x0b\x00\x00\x00_parameters}X\x01\x00\x00\x00w".to_vec();
+        module.extend(tensor(TWO, DENSE));
+        module.extend(b"sX\x08\x00\x00\x00_buffers}X\x08\x00\x00\x00_modules}ub.");
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_checkpoint(&zip_checkpoint(dir.path(), &module)).unwrap_err();
+        assert!(e.message.contains("global posix.system,"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_view_of_more_bytes_than_the_file_is_refused_before_it_is_read() {
+        // 4 bytes of storage seen with stride 0 as 1,000,000 floats (4 MB); 2.5e9 would be 10 GB.
+        let dir = tempfile::tempdir().unwrap();
+        let million = b"J\x40\x42\x0f\x00\x85";
+        let path = zip_checkpoint(
+            dir.path(),
+            &checkpoint(&tensor(million, b"K\x00\x85"), b"N"),
+        );
+        let e = read_checkpoint(&path).unwrap_err();
+        let expected = "tensor w (F32 [1000000]) holds 4000000 bytes, more than the";
+        assert!(e.message.contains(expected), "{}", e.message);
+    }
 
     #[test]
     fn lwi_vms_names_map_to_monai_1x_names() {

@@ -23,6 +23,7 @@ pub mod model;
 pub mod nnunet;
 pub mod options;
 pub mod phantom;
+pub mod pickle;
 pub mod plans;
 pub mod postprocess;
 pub mod preprocess;

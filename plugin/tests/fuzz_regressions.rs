@@ -52,3 +52,15 @@ fn option_crashes_stay_fixed() {
         let _ = lwi::segment::SegmentOptions::from_json(&text);
     }
 }
+
+#[test]
+fn pickle_crashes_stay_fixed() {
+    let files = inputs("pickle");
+    assert!(!files.is_empty(), "the list that holds itself is kept");
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let r = lwi::plans::from_bytes(Path::new("fuzz.pkl"), &bytes);
+        assert!(r.is_err(), "{} reads as plans", f.display());
+        let _ = lwi::pickle::read(&bytes, 0, &lwi::import::CHECKPOINT);
+    }
+}

@@ -1,0 +1,10 @@
+//! Any bytes as an nnU-Net plans pickle and as a PyTorch checkpoint's `data.pkl`: values or an
+//! error, never a panic, abort, stack overflow or runaway allocation, and no global outside the
+//! allow-list of the file's kind accepted.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = lwi::plans::from_bytes(std::path::Path::new("fuzz.pkl"), data);
+    let _ = lwi::pickle::read(data, 0, &lwi::import::CHECKPOINT);
+});
