@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
+from ._heap import kept_for_reuse
 from ._native import PROGRESS_FN, LwiProgress
 from .errors import Status
 
@@ -169,9 +170,10 @@ class Call:
 
 def run_long(call_engine: Callable[[Any], int], progress: ProgressSink, cancel: Optional[threading.Event],
              raise_error: Callable[[int], None]) -> None:
-    """Runs one long engine call, `call_engine(trampoline) -> status`, with progress, cancel and Ctrl-C."""
+    """Runs one long engine call, `call_engine(trampoline) -> status`, with progress, cancel and Ctrl-C, and the
+    allocator set as the `lwi` command sets it (_heap.py)."""
     call = Call(progress, cancel)
-    with call.ctrl_c_sets_flag():
+    with call.ctrl_c_sets_flag(), kept_for_reuse():
         status = call_engine(call.trampoline)
     call.finish(status, raise_error)
 
