@@ -279,15 +279,17 @@ impl TrainConfig {
         // fine-tune from an init-train model: its architecture, unless the document gives one
         // (which must then be the same)
         let init = match doc.get("init") {
-            Some(Value::String(p)) => Some(init_architecture(Path::new(p))?),
+            Some(Value::String(p)) => Some((Path::new(p), init_architecture(Path::new(p))?)),
             _ => None,
         };
-        let arch = match (doc.get("arch"), init) {
-            (None, Some(init)) => init,
+        let arch = match (doc.get("arch"), &init) {
+            (None, Some((_, init))) => init.clone(),
             (None, None) => ArchConfig::default(),
             (Some(a @ Value::Object(_)), init) => {
                 let arch = ArchConfig::from_document(a, "training config: arch")?;
-                same_architecture(&arch, init.as_ref(), doc.get("init"))?;
+                if let Some((path, init)) = init {
+                    same_architecture(&arch, path, init)?;
+                }
                 arch
             }
             (Some(other), _) => {
@@ -463,13 +465,9 @@ fn init_architecture(path: &Path) -> Result<ArchConfig> {
     Ok(meta.arch)
 }
 
-/// An architecture the document gives must be the init model's, `out_channels` aside.
-fn same_architecture(
-    arch: &ArchConfig,
-    init: Option<&ArchConfig>,
-    path: Option<&Value>,
-) -> Result<()> {
-    let Some(init) = init else { return Ok(()) };
+/// An architecture the document gives must be the one of the init model `path`, `out_channels`
+/// aside.
+fn same_architecture(arch: &ArchConfig, path: &Path, init: &ArchConfig) -> Result<()> {
     let mut want = init.clone();
     want.set_out_channels(arch.out_channels());
     if want == *arch {
@@ -489,7 +487,7 @@ fn same_architecture(
             "training config: \"arch\" {} differs from the architecture of init {} {} (leave \"arch\" \
              out to take the init model's)",
             doc(arch),
-            path.and_then(Value::as_str).unwrap_or_default(),
+            path.display(),
             doc(init)
         ),
     ))
