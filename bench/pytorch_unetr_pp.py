@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 STEM = (2, 4, 4)
+# Upstream passes num_heads to the encoder alone: its decoders keep UnetrUpBlock's default of 4 heads.
+DECODER_HEADS = 4
 
 
 class EPA(nn.Module):
@@ -131,10 +133,10 @@ class UnetrPP(nn.Module):
         tokens = [grid[0] * grid[1] * grid[2] // 8 ** i for i in range(4)]
         self.unetr_pp_encoder = Encoder(img_size, dims, depths, num_heads)
         self.encoder1 = ResBlock(1, f, "instance")
-        self.decoder5 = UpBlock(dims[3], dims[2], 2, tokens[2], num_heads)
-        self.decoder4 = UpBlock(dims[2], dims[1], 2, tokens[1], num_heads)
-        self.decoder3 = UpBlock(dims[1], dims[0], 2, tokens[0], num_heads)
-        self.decoder2 = UpBlock(dims[0], f, STEM, 0, num_heads, conv_decoder=True)
+        self.decoder5 = UpBlock(dims[3], dims[2], 2, tokens[2], DECODER_HEADS)
+        self.decoder4 = UpBlock(dims[2], dims[1], 2, tokens[1], DECODER_HEADS)
+        self.decoder3 = UpBlock(dims[1], dims[0], 2, tokens[0], DECODER_HEADS)
+        self.decoder2 = UpBlock(dims[0], f, STEM, 0, DECODER_HEADS, conv_decoder=True)
         self.out1, self.out2, self.out3 = (nn.Module() for _ in range(3))
         for head, width in ((self.out1, f), (self.out2, dims[0]), (self.out3, dims[1])):
             head.conv = Conv(width, out_channels, 1, bias=True)

@@ -386,7 +386,9 @@ enum LwiStatus lwi_init_train(const struct LwiEngine *engine,
 // the output heads — UNETR's `out`, UNETR++'s `out1`…`out3` — fresh for the dataset's classes)
 // or from scratch when `init` is absent. Loss: DiceCE (unetr recipe) or nnU-Net's Dice + CE over
 // the deep-supervision outputs (unetr_pp); validation Dice on the dataset's `validation` list
-// every `val_every` epochs, the best model kept as `NAME.best.safetensors`. Otherwise as [`lwi_init_train`].
+// every `val_every` epochs, the best model kept as `NAME.best.safetensors`. Without `arch` the
+// architecture is `init`'s (read from its header); an `arch` that differs from it (`out_channels`
+// aside) is `LWI_STATUS_MODEL_INCOMPATIBLE` naming both, before any work. Otherwise as [`lwi_init_train`].
 //
 // # Safety
 // As [`lwi_init_train`].

@@ -16,6 +16,57 @@ pub const FORMAT: &str = "lwi-model";
 /// Version 1 files (UNETR only, the same layout) still load.
 pub const FORMAT_VERSION: u32 = 2;
 
+/// Ceilings of the preprocessing and label fields (docs/model-file.md); the architecture's are in
+/// [`crate::model::limits`].
+pub mod bounds {
+    /// Voxel spacing, mm (10 µm to 10 cm).
+    pub const SPACING_MM: [f64; 2] = [0.01, 100.0];
+    /// Magnitude of any intensity (HU window, CT normalisation).
+    pub const MAX_INTENSITY: f64 = 1e6;
+    /// Smallest CT normalisation standard deviation.
+    pub const MIN_SD: f64 = 1e-6;
+    /// Bytes of one label name.
+    pub const MAX_LABEL_NAME_BYTES: usize = 256;
+    /// Bytes of a safetensors header (tensor table and metadata): the reader's own ceiling, which
+    /// the writer checks too.
+    pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+}
+
+/// A spacing of three finite values within [`bounds::SPACING_MM`], else an error naming `what`.
+pub fn check_spacing(what: &str, spacing: [f64; 3]) -> Result<()> {
+    let [lo, hi] = bounds::SPACING_MM;
+    if spacing.iter().all(|s| (lo..=hi).contains(s)) {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{what} {spacing:?} must be three values in [{lo}, {hi}] mm"
+    )))
+}
+
+/// Label names: at most [`crate::model::limits::MAX_CLASSES`] of them, each at most
+/// [`bounds::MAX_LABEL_NAME_BYTES`] long without control characters (the message never repeats
+/// a name whole).
+pub fn check_labels(what: &str, labels: &BTreeMap<u32, String>) -> Result<()> {
+    let max = crate::model::limits::MAX_CLASSES;
+    if labels.len() as u64 > max as u64 {
+        return Err(Error::invalid(format!(
+            "{what}: {} labels, at most {max}",
+            labels.len()
+        )));
+    }
+    let limit = bounds::MAX_LABEL_NAME_BYTES;
+    for (id, name) in labels {
+        if name.len() > limit || name.chars().any(char::is_control) {
+            return Err(Error::invalid(format!(
+                "{what}: the name of label {id} ({} bytes) must be at most {limit} bytes without \
+                 control characters",
+                name.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What a model was trained for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -220,6 +271,45 @@ impl ModelMetadata {
         }
     }
 
+    /// The `"lwi"` document of the model file `path` (None: the file has none), every field
+    /// checked against its ceiling.
+    fn from_document(path: &Path, doc: Option<&str>) -> Result<ModelMetadata> {
+        let doc = doc.ok_or_else(|| Error::format(path, "safetensors file without lwi metadata (import PyTorch checkpoints with `lwi import`)"))?;
+        let meta: ModelMetadata =
+            crate::options::from_document(doc, "model metadata").map_err(|e| {
+                Error::new(
+                    ErrorKind::ModelIncompatible,
+                    format!("{}: {}", path.display(), e.message),
+                )
+            })?;
+        meta.validate().map_err(|e| in_file(path, e))?;
+        Ok(meta)
+    }
+
+    /// The metadata of the model file `path`, from its header alone (the tensors are not read).
+    pub fn read(path: &Path) -> Result<ModelMetadata> {
+        use std::io::Read;
+        let (file, len) = crate::io::files::open_regular(path)?;
+        let mut file = std::io::BufReader::new(file);
+        let mut prefix = [0u8; 8];
+        let not_model =
+            |why: &str| Error::format(path, format!("not a readable model file ({why})"));
+        file.read_exact(&mut prefix)
+            .map_err(|_| not_model("shorter than a header"))?;
+        let n = u64::from_le_bytes(prefix);
+        if n > bounds::MAX_HEADER_BYTES || n > len.saturating_sub(8) {
+            return Err(not_model("header too large"));
+        }
+        let mut header = Vec::new();
+        file.take(n)
+            .read_to_end(&mut header)
+            .map_err(|e| Error::io(path, e))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|_| not_model("its header is not JSON"))?;
+        let doc = header.pointer("/__metadata__/lwi").and_then(|d| d.as_str());
+        Self::from_document(path, doc)
+    }
+
     /// The document must describe something lwi can build, consistently.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::new(ErrorKind::ModelIncompatible, m));
@@ -248,25 +338,9 @@ impl ModelMetadata {
                 self.arch.img_size()
             ));
         }
-        let p = &self.preprocessing;
-        if let Some(n) = &p.ct_normalization {
-            let finite = [n.lower, n.upper, n.mean, n.sd]
-                .iter()
-                .all(|v| v.is_finite());
-            if !(finite && n.lower < n.upper && n.sd > 0.0) {
-                return bad(format!(
-                    "ct_normalization {n:?}: needs finite values, lower < upper and sd > 0"
-                ));
-            }
-        }
-        let window_ok = p.intensity_window.iter().all(|v| v.is_finite())
-            && p.intensity_window[0] < p.intensity_window[1];
-        if p.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) || !window_ok {
-            return bad(format!(
-                "preprocessing spacing {:?} / window {:?} are not usable",
-                p.spacing, p.intensity_window
-            ));
-        }
+        self.validate_preprocessing()
+            .and_then(|()| check_labels("labels", &self.labels))
+            .map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
         if self.stage == Stage::Segmentation {
             if let Some((id, name)) = self
                 .labels
@@ -280,10 +354,38 @@ impl ModelMetadata {
             }
         }
         if let Some(m) = self.order_classes {
-            if m < 2 {
+            let max = crate::model::limits::MAX_ORDER_CLASSES;
+            if !(2..=max).contains(&m) {
                 return bad(format!(
-                    "order_classes {m}: order prediction needs at least 2 slabs"
+                    "order_classes {m}: order prediction needs 2 to {max} slabs"
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Spacing, intensity window and CT normalisation within [`bounds`].
+    fn validate_preprocessing(&self) -> Result<()> {
+        let p = &self.preprocessing;
+        check_spacing("preprocessing spacing", p.spacing)?;
+        let intensity = |v: &f64| v.is_finite() && v.abs() <= bounds::MAX_INTENSITY;
+        let [lo, hi] = p.intensity_window;
+        if !(intensity(&lo) && intensity(&hi) && lo < hi) {
+            return Err(Error::invalid(format!(
+                "preprocessing intensity_window {:?} must be [low, high], low < high, within ±{}",
+                p.intensity_window,
+                bounds::MAX_INTENSITY
+            )));
+        }
+        if let Some(n) = &p.ct_normalization {
+            let values = [n.lower, n.upper, n.mean, n.sd];
+            if !(values.iter().all(intensity) && n.lower < n.upper && n.sd >= bounds::MIN_SD) {
+                return Err(Error::invalid(format!(
+                    "preprocessing ct_normalization {n:?}: needs values within ±{}, lower < upper \
+                     and sd ≥ {}",
+                    bounds::MAX_INTENSITY,
+                    bounds::MIN_SD
+                )));
             }
         }
         Ok(())
@@ -339,18 +441,21 @@ impl Model {
             Error::format(path, format!("not a readable model file ({e})"))
         };
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
-        let doc = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("lwi"))
-            .ok_or_else(|| Error::format(path, "safetensors file without lwi metadata (import PyTorch checkpoints with `lwi import`)"))?;
-        let meta: ModelMetadata =
-            crate::options::from_document(doc, "model metadata").map_err(|e| {
-                Error::new(
-                    ErrorKind::ModelIncompatible,
-                    format!("{}: {}", path.display(), e.message),
-                )
-            })?;
+        let doc = header.metadata().as_ref().and_then(|m| m.get("lwi"));
+        let meta = ModelMetadata::from_document(path, doc.map(String::as_str))?;
+        // The sizes must agree with the file's own tensors before anything is allocated for the
+        // network.
+        let shapes: HashMap<String, Vec<i64>> = header
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let shape = info.shape.iter().map(|&d| i64::try_from(d).unwrap_or(-1));
+                (name, shape.collect())
+            })
+            .collect();
+        meta.arch
+            .check_shapes(meta.order_classes, &shapes)
+            .map_err(|e| in_file(path, e))?;
         let file = safetensors::SafeTensors::deserialize(&bytes).map_err(corrupt)?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
@@ -409,9 +514,49 @@ pub(crate) fn write_safetensors(
                 .map_err(|e| Error::internal(format!("tensor {name}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata))
+    let bytes = safetensors::serialize(views, Some(metadata.clone()))
         .map_err(|e| Error::internal(e.to_string()))?;
+    check_header_size(path, &bytes, &metadata)?;
     write_atomically(path, &bytes)
+}
+
+/// Whatever is written must read back: a header beyond the reader's ceiling is refused, naming
+/// the largest metadata field.
+fn check_header_size(path: &Path, bytes: &[u8], metadata: &HashMap<String, String>) -> Result<()> {
+    let header = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    if header <= bounds::MAX_HEADER_BYTES {
+        return Ok(());
+    }
+    let (field, size) = metadata
+        .iter()
+        .map(|(k, v)| match serde_json::from_str(v) {
+            Ok(doc) => largest_field(k.clone(), &doc),
+            Err(_) => (k.clone(), v.len()),
+        })
+        .max_by_key(|(_, size)| *size)
+        .unwrap_or_default();
+    Err(Error::invalid(format!(
+        "{}: not written: its header would be {header} bytes, more than the {} a reader accepts \
+         (the largest field, {field}, is {size} bytes)",
+        path.display(),
+        bounds::MAX_HEADER_BYTES
+    )))
+}
+
+/// The dotted path and JSON size of the largest field under `doc`, through nested objects.
+fn largest_field(path: String, doc: &serde_json::Value) -> (String, usize) {
+    let size = |v: &serde_json::Value| serde_json::to_string(v).map_or(0, |t| t.len());
+    match doc {
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .max_by_key(|(_, v)| size(v))
+            .map(|(k, v)| largest_field(format!("{path}.{k}"), v))
+            .unwrap_or((path, 2)),
+        other => (path, size(other)),
+    }
 }
 
 fn in_file(path: &Path, e: Error) -> Error {

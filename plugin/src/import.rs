@@ -72,6 +72,7 @@ fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
         &o.arch_config.to_string(),
         "import options: arch_config",
     )?;
+    crate::bundle::check_labels("import options: labels", &o.labels)?;
     Ok((
         arch,
         ImportOptions {

@@ -96,6 +96,7 @@ pub fn prepare(volume: &Volume, spacing: [f64; 3], norm: &CtNormalization) -> Re
     }
     let cropped_size: [i64; 3] = std::array::from_fn(|d| end[d] - start[d]);
     let target = resample::resampled_shape(cropped_size, volume.spacing(), spacing);
+    crate::preprocess::check_resampled(target, spacing)?;
     let separate = resample::separate_axis(volume.spacing(), spacing);
     // nnU-Net zeroes NaNs before resampling, then clips and z-scores.
     let cropped = cropped.f_nan_to_num(0.0, None, None)?.f_unsqueeze(0)?;
@@ -344,6 +345,31 @@ mod tests {
         assert_eq!(window_starts(110, 64, 0.5), vec![0, 23, 46]);
         assert_eq!(window_starts(64, 64, 0.5), vec![0]);
         assert_eq!(window_starts(128, 64, 0.5), vec![0, 32, 64]);
+    }
+
+    #[test]
+    fn a_spacing_far_finer_than_the_volume_is_refused_before_resampling() {
+        let data = Tensor::ones([20, 18, 12], (Kind::Float, tch::Device::Cpu));
+        let mut affine = [[0.0; 4]; 4];
+        (0..3).for_each(|d| affine[d][d] = 4.0);
+        affine[3][3] = 1.0;
+        let volume = Volume::new(data, affine, DType::F32).unwrap();
+        let norm = CtNormalization {
+            lower: -1000.0,
+            upper: 1000.0,
+            mean: 0.0,
+            sd: 100.0,
+        };
+        let Err(err) = prepare(&volume, [0.01; 3], &norm) else {
+            panic!("a 0.01 mm spacing resamples a 4 mm volume");
+        };
+        assert!(
+            err.message
+                .contains("spacing [0.01, 0.01, 0.01] mm gives a grid of [8000, 7200, 4800]"),
+            "{}",
+            err.message
+        );
+        assert!(prepare(&volume, [2.0; 3], &norm).is_ok());
     }
 
     #[test]

@@ -132,6 +132,22 @@ pub fn reorient_to_ras(grid: &Grid) -> Result<(Grid, Reorientation)> {
     Ok((Grid { affine, dims }, Reorientation { axes, flip }))
 }
 
+/// The most voxels a volume is resampled into: 2³⁰ (4 GB as float32). A model's spacing far finer
+/// than the volume's would otherwise ask libtorch for more than any machine holds.
+pub const MAX_RESAMPLED_VOXELS: i128 = 1 << 30;
+
+/// `dims`, the grid a volume is resampled into at `spacing`, within [`MAX_RESAMPLED_VOXELS`].
+pub fn check_resampled(dims: [i64; 3], spacing: [f64; 3]) -> Result<()> {
+    let voxels: i128 = dims.iter().map(|&d| i128::from(d)).product();
+    if dims.iter().all(|&d| d >= 1) && voxels <= MAX_RESAMPLED_VOXELS {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "resampling to the model's spacing {spacing:?} mm gives a grid of {dims:?} voxels, more \
+         than {MAX_RESAMPLED_VOXELS}: the spacing is far finer than the volume's"
+    )))
+}
+
 /// MONAI `Spacing(pixdim, diagonal=False)`: the lattice with spacing `pixdim` along the same
 /// directions (shear removed), its size and origin by MONAI's `compute_shape_offset` (corner
 /// aligned when one input corner is minimal on every output axis, centre aligned otherwise).
@@ -205,6 +221,7 @@ pub fn respace(grid: &Grid, pixdim: [f64; 3]) -> Result<Grid> {
             });
         (hi - lo + 1.0).round_ties_even() as i64 // numpy rounds half to even
     });
+    check_resampled(dims, pixdim)?;
     let close = |x: f64| x.abs() <= 1e-8; // np.allclose(min_corner, 0, rtol) with its default atol
     let offset = match (0..8).find(|&i| {
         (0..3).all(|d| {
@@ -443,6 +460,24 @@ mod tests {
         // new voxel 0 = old voxel (4, 5, 0)
         assert_eq!(ras.affine[0], [2.0, 0.0, 0.0, 10.0 - 8.0]);
         assert_eq!(ras.affine[1], [0.0, 3.0, 0.0, 20.0 - 15.0]);
+    }
+
+    #[test]
+    fn a_spacing_far_finer_than_the_volume_is_refused_before_allocating() {
+        let m = [
+            [4.0, 0.0, 0.0, 0.0],
+            [0.0, 4.0, 0.0, 0.0],
+            [0.0, 0.0, 4.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
+        let err = respace(&grid(m, [20, 18, 12]), [0.01; 3]).unwrap_err();
+        assert!(
+            err.message
+                .contains("spacing [0.01, 0.01, 0.01] mm gives a grid of [7601"),
+            "{}",
+            err.message
+        );
+        assert!(respace(&grid(m, [20, 18, 12]), [0.5; 3]).is_ok());
     }
 
     #[test]

@@ -64,3 +64,15 @@ fn pickle_crashes_stay_fixed() {
         let _ = lwi::pickle::read(&bytes, 0, &lwi::import::CHECKPOINT);
     }
 }
+
+#[test]
+fn model_metadata_crashes_stay_fixed() {
+    for f in inputs("model_metadata") {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+        if let Ok(meta) = serde_json::from_str::<lwi::bundle::ModelMetadata>(&text)
+            && meta.validate().is_ok()
+        {
+            let _ = meta.arch.values();
+        }
+    }
+}

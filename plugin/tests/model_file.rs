@@ -79,8 +79,26 @@ fn expect(path: &Path, kind: ErrorKind, words: &str) {
 
 /// Rewrites a model file with `edit` applied to its tensors (metadata kept).
 fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    rewrite_with(src, dst, edit, |_| {});
+}
+
+/// Rewrites a model file with `edit_meta` applied to its `"lwi"` document (tensors kept).
+fn rewrite_metadata(src: &Path, dst: &Path, edit_meta: impl FnOnce(&mut serde_json::Value)) {
+    rewrite_with(src, dst, |_| {}, edit_meta);
+}
+
+fn rewrite_with(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>),
+    edit_meta: impl FnOnce(&mut serde_json::Value),
+) {
     let bytes = std::fs::read(src).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut metadata = header.metadata().clone().unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&metadata["lwi"]).unwrap();
+    edit_meta(&mut doc);
+    metadata.insert("lwi".into(), doc.to_string());
     let mut tensors: HashMap<String, Tensor> =
         Tensor::read_safetensors(src).unwrap().into_iter().collect();
     edit(&mut tensors);
@@ -104,11 +122,7 @@ fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor
             )
         })
         .collect();
-    std::fs::write(
-        dst,
-        safetensors::serialize(views, header.metadata().clone()).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dst, safetensors::serialize(views, Some(metadata)).unwrap()).unwrap();
 }
 
 #[test]
@@ -353,4 +367,300 @@ fn a_label_buffer_must_hold_every_class_of_the_model() {
         err.message
     );
     assert!(check_label_type(&many, DType::U16).is_ok());
+}
+
+/// The values `ArchConfig::values` counts from a configuration (checked against its ceiling
+/// before anything is built) are those of the network built from it.
+#[test]
+fn the_values_a_configuration_implies_are_the_networks() {
+    use lwi::model::blocks::NormKind;
+    use lwi::model::{Network, ProjType};
+    let pp = UnetrPpConfig {
+        out_channels: 3,
+        img_size: [16, 32, 32],
+        feature_size: 4,
+        hidden_size: 64,
+        depths: [1, 2, 1, 1],
+        dims: [8, 16, 32, 64],
+        ..Default::default()
+    };
+    let configs = [
+        ArchConfig::Unetr(UnetrConfig::default()),
+        ArchConfig::Unetr(tiny()),
+        ArchConfig::Unetr(UnetrConfig {
+            proj_type: ProjType::Conv,
+            norm_name: NormKind::Batch,
+            qkv_bias: true,
+            in_channels: 2,
+            num_layers: 5,
+            ..tiny()
+        }),
+        ArchConfig::Unetr(UnetrConfig {
+            conv_block: false,
+            res_block: false,
+            ..tiny()
+        }),
+        ArchConfig::UnetrPp(UnetrPpConfig::default()),
+        ArchConfig::UnetrPp(pp.clone()),
+        ArchConfig::UnetrPp(UnetrPpConfig {
+            do_ds: false,
+            in_channels: 2,
+            num_heads: 2,
+            proj_size: [8, 16, 4, 4],
+            ..pp
+        }),
+    ];
+    for cfg in configs {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        Network::new(&vs.root(), &cfg).unwrap();
+        let built: i128 = vs.variables().values().map(|t| t.numel() as i128).sum();
+        assert_eq!(cfg.values(), built, "{cfg:?}");
+    }
+}
+
+/// Metadata fields beyond their ceilings are refused naming the file, the field and the value,
+/// before anything is built (`num_layers` 10⁹ used to abort the process).
+#[test]
+fn absurd_metadata_is_refused_naming_the_file_the_field_and_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    tiny_model(Some(2)).save(&good).unwrap();
+    let big = 1i64 << 62;
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "/config/img_size",
+            serde_json::json!([1_000_000_000, 32, 32]),
+            "img_size [1000000000, 32, 32]",
+        ),
+        (
+            "/config/img_size",
+            serde_json::json!([16384, 16384, 16384]),
+            "img_size [16384, 16384, 16384]",
+        ),
+        (
+            "/config/hidden_size",
+            serde_json::json!(1_000_000),
+            "hidden_size must be in [1, 4096], got 1000000",
+        ),
+        (
+            "/config/mlp_dim",
+            serde_json::json!(1_000_000_000_000i64),
+            "mlp_dim must be in [1, 16384], got 1000000000000",
+        ),
+        (
+            "/config/num_heads",
+            serde_json::json!(big),
+            "num_heads must be in [1, 64], got 4611686018427387904",
+        ),
+        (
+            "/config/num_layers",
+            serde_json::json!(1_000_000_000),
+            "num_layers must be in [4, 64], got 1000000000",
+        ),
+        (
+            "/config/out_channels",
+            serde_json::json!(big),
+            "out_channels must be in [1, 1024], got 4611686018427387904",
+        ),
+        (
+            "/order_classes",
+            serde_json::json!(big),
+            "order_classes 4611686018427387904",
+        ),
+        (
+            "/preprocessing/roi_size",
+            serde_json::json!([1_000_000, 32, 32]),
+            "roi_size [1000000, 32, 32]",
+        ),
+        (
+            "/preprocessing/spacing",
+            serde_json::json!([1e-6, 1.5, 2.0]),
+            "spacing [1e-6, 1.5, 2.0]",
+        ),
+        (
+            "/preprocessing/intensity_window",
+            serde_json::json!([-1e300, 250.0]),
+            "intensity_window [-1e300, 250.0]",
+        ),
+    ];
+    for (i, (at, value, words)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("absurd{i}.safetensors"));
+        rewrite_metadata(&good, &path, |doc| *doc.pointer_mut(at).unwrap() = value);
+        let err = Model::load(&path, Device::Cpu).unwrap_err();
+        assert_eq!(
+            err.kind,
+            ErrorKind::ModelIncompatible,
+            "{at}: {}",
+            err.message
+        );
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            err.message.contains(&name) && err.message.contains(words),
+            "{at}: '{}' should name the file and say '{words}'",
+            err.message
+        );
+    }
+}
+
+/// Within the ceilings, the metadata must still describe the file's own tensors: a size that
+/// disagrees with them is named before the network is built.
+#[test]
+fn metadata_that_does_not_describe_the_tensors_is_refused_before_building() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    tiny_model(Some(2)).save(&good).unwrap();
+    for (at, value, words) in [
+        (
+            "/config/feature_size",
+            serde_json::json!(128),
+            "encoder1.layer.conv1.conv.weight is [8, 1, 3, 3, 3], the architecture needs [128, 1, 3, 3, 3] (from the metadata's feature_size 128 and in_channels 1)",
+        ),
+        (
+            "/config/mlp_dim",
+            serde_json::json!(16384),
+            "vit.blocks.11.mlp.linear1.weight is [96, 48], the architecture needs [16384, 48]",
+        ),
+        (
+            "/config/num_layers",
+            serde_json::json!(64),
+            "missing tensors: vit.blocks.63.mlp.linear1.weight (from the metadata's num_layers 64",
+        ),
+        (
+            "/order_classes",
+            serde_json::json!(64),
+            "vit.temp_head1.weight is [2, 48], the architecture needs [64, 48]",
+        ),
+    ] {
+        let path = dir.path().join("lying.safetensors");
+        rewrite_metadata(&good, &path, |doc| *doc.pointer_mut(at).unwrap() = value);
+        expect(&path, ErrorKind::ModelIncompatible, words);
+    }
+}
+
+fn tiny_pp(num_heads: i64) -> Model {
+    let cfg = UnetrPpConfig {
+        out_channels: 2,
+        img_size: [16, 32, 32],
+        feature_size: 4,
+        hidden_size: 64,
+        num_heads,
+        depths: [1, 1, 1, 1],
+        dims: [8, 16, 32, 64],
+        ..Default::default()
+    };
+    let pre = Preprocessing {
+        roi_size: cfg.img_size,
+        ..Default::default()
+    };
+    let labels = BTreeMap::from([(0, "background".to_string()), (1, "a".into())]);
+    let meta = ModelMetadata::new(ArchConfig::UnetrPp(cfg), labels, pre, Stage::Segmentation);
+    Model::new(meta, Device::Cpu).unwrap()
+}
+
+/// A UNETR++ file lwi wrote when it gave the decoders `num_heads` heads (not upstream's 4)
+/// describes another network: refused, naming the tensor and why.
+#[test]
+fn a_unetr_pp_file_whose_decoders_have_num_heads_heads_is_refused_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = dir.path().join("heads2.safetensors");
+    tiny_pp(2).save(&now).unwrap();
+    assert!(Model::load(&now, Device::Cpu).is_ok());
+    let old = dir.path().join("old.safetensors");
+    rewrite(&now, &old, |t| {
+        for k in t.keys().cloned().collect::<Vec<_>>() {
+            if k.starts_with("decoder") && k.contains("epa_block.temperature") {
+                t.insert(k, Tensor::ones([2, 1, 1], (tch::Kind::Float, Device::Cpu)));
+            }
+        }
+    });
+    expect(
+        &old,
+        ErrorKind::ModelIncompatible,
+        "decoder5.decoder_block.0.0.epa_block.temperature is [2, 1, 1], the architecture needs [4, 1, 1] (UNETR++ decoders have 4 heads whatever num_heads is",
+    );
+    let err = Model::load(&old, Device::Cpu).unwrap_err();
+    assert!(
+        err.message.contains("re-import or re-train"),
+        "{}",
+        err.message
+    );
+    // num_heads 4: the decoders' heads are the encoder's, files are unchanged
+    let four = dir.path().join("heads4.safetensors");
+    tiny_pp(4).save(&four).unwrap();
+    assert!(Model::load(&four, Device::Cpu).is_ok());
+}
+
+/// NaN or infinite weights would segment every voxel as background: refused at load, naming the
+/// first such tensor by name.
+#[test]
+fn non_finite_weights_are_refused_naming_the_first_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    tiny_model(None).save(&good).unwrap();
+    for (value, what) in [
+        (f64::NAN, "NaN"),
+        (f64::INFINITY, "inf"),
+        (f64::NEG_INFINITY, "-inf"),
+    ] {
+        let bad = dir.path().join(format!("{what}.safetensors"));
+        rewrite(&good, &bad, |t| {
+            for name in [
+                "vit.norm.bias",
+                "out.conv.conv.weight",
+                "decoder2.conv_block.conv1.conv.weight",
+            ] {
+                let _ = t[name].get(0).fill_(value);
+            }
+        });
+        expect(
+            &bad,
+            ErrorKind::ModelIncompatible,
+            "tensor decoder2.conv_block.conv1.conv.weight holds NaN or infinite values",
+        );
+    }
+}
+
+/// Whatever the writer accepts, the reader reads back: label names and counts are bounded when
+/// a model is made, and a header beyond the reader's ceiling is never written.
+#[test]
+fn what_the_writer_accepts_the_reader_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut meta = tiny_model(None).meta;
+    meta.labels.insert(1, "x".repeat(100 << 20));
+    let Err(err) = Model::new(meta, Device::Cpu) else {
+        panic!("a model with a 100 MB label name is made");
+    };
+    assert!(
+        err.message.contains("label 1") && err.message.contains("104857600 bytes"),
+        "{}",
+        &err.message[..err.message.len().min(300)]
+    );
+    assert!(err.message.len() < 300, "the name is not repeated");
+    let mut meta = tiny_model(None).meta;
+    meta.labels = (0..2000).map(|i| (i, format!("l{i}"))).collect();
+    let err = Model::new(meta, Device::Cpu).unwrap_err();
+    assert!(
+        err.message.contains("2000 labels, at most 1024"),
+        "{}",
+        err.message
+    );
+
+    let mut model = tiny_model(None);
+    model.meta.provenance.source = Some("s".repeat(101_000_000));
+    let path = dir.path().join("huge.safetensors");
+    let Err(err) = model.save(&path) else {
+        panic!("a header beyond the reader's ceiling is written");
+    };
+    assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    assert!(
+        err.message.contains("lwi.provenance.source") && err.message.contains("100000000"),
+        "{}",
+        &err.message[..err.message.len().min(300)]
+    );
+    assert!(!path.exists(), "nothing is left behind");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // just under the ceiling it is written and reads back
+    model.meta.provenance.source = Some("s".repeat(90_000_000));
+    model.save(&path).unwrap();
+    assert_eq!(Model::load(&path, Device::Cpu).unwrap().meta, model.meta);
 }

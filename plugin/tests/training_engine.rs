@@ -117,3 +117,30 @@ fn the_seam_sees_every_step_between_backward_and_the_optimizer() {
             .any(|((_, a), (_, b))| !a.equal(&b))
     );
 }
+
+/// The dataset's label names go into the model file: a name the model file could not hold stops
+/// the run before any case is prepared, naming the dataset file, and leaves nothing behind.
+#[test]
+fn a_label_name_the_model_file_cannot_hold_stops_the_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = phantom_training(dir.path());
+    let text = std::fs::read_to_string(&cfg.dataset).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    doc["labels"]["1"] = "x".repeat(300).into();
+    std::fs::write(&cfg.dataset, doc.to_string()).unwrap();
+    let Err(err) = lwi::train::train(
+        Stage::Segmentation,
+        &cfg,
+        Device::Cpu,
+        &mut lwi::events::Silent,
+    ) else {
+        panic!("a 300-byte label name is trained into a model file");
+    };
+    assert_eq!(err.kind, lwi::ErrorKind::InvalidArgument, "{}", err.message);
+    assert!(
+        err.message.contains("dataset.json: labels") && err.message.contains("label 1 (300 bytes)"),
+        "{}",
+        err.message
+    );
+    assert!(!cfg.out.exists() && !dir.path().join("lwi-cache").exists());
+}

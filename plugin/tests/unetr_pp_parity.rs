@@ -139,16 +139,18 @@ fn the_variables_are_upstreams_keys_and_shapes() {
     }
 }
 
-#[test]
-fn the_reduced_synapse_model_reproduces_the_upstream_tensors() {
-    let io = fixture("synapse_reduced.io.safetensors");
+/// Loads `weights` into lwi's UNETR++ built from `cfg` and checks every output and hidden state of
+/// the fixture `io` (README tolerances).
+fn reproduces(cfg: &UnetrPpConfig, weights_file: &str, io_file: &str) {
+    let io = fixture(io_file);
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = UnetrPp::new(&vs.root(), &reduced(3)).unwrap();
-    load_state_dict(&vs, &weights(&["synapse_reduced.weights.safetensors"])).unwrap();
+    let model = UnetrPp::new(&vs.root(), cfg).unwrap();
+    load_state_dict(&vs, &weights(&[weights_file])).unwrap();
     let out = tch::no_grad(|| model.forward_all(&io["x"], false));
-    check("out1", &out.out1, &io["out1"], 5e-5);
-    check("out2", &out.deep[0], &io["out2"], 5e-5);
-    check("out3", &out.deep[1], &io["out3"], 5e-5);
+    let tag = |name: &str| format!("{} {name}", io_file.split('.').next().unwrap_or(""));
+    check(&tag("out1"), &out.out1, &io["out1"], 5e-5);
+    check(&tag("out2"), &out.deep[0], &io["out2"], 5e-5);
+    check(&tag("out3"), &out.deep[1], &io["out3"], 5e-5);
     for (i, t) in out.hidden.iter().enumerate() {
         let name = format!("hidden.enc{}", i + 1);
         let want = &io[&name];
@@ -159,15 +161,40 @@ fn the_reduced_synapse_model_reproduces_the_upstream_tensors() {
         } else {
             want.shallow_clone()
         };
-        check(&name, t, &want, 5e-5);
+        check(&tag(&name), t, &want, 5e-5);
     }
     for (t, name) in out
         .decoded
         .iter()
         .zip(["hidden.dec3", "hidden.dec2", "hidden.dec1"])
     {
-        check(name, t, &io[name], 5e-5);
+        check(&tag(name), t, &io[name], 5e-5);
     }
+}
+
+#[test]
+fn the_reduced_synapse_model_reproduces_the_upstream_tensors() {
+    reproduces(
+        &reduced(3),
+        "synapse_reduced.weights.safetensors",
+        "synapse_reduced.io.safetensors",
+    );
+}
+
+/// `num_heads` 2 reaches the encoder stages only: upstream's decoders keep 4 heads (their EPA
+/// temperatures are [4, 1, 1]), and lwi's must too.
+#[test]
+fn num_heads_reaches_the_encoder_only_as_upstream() {
+    let cfg = UnetrPpConfig {
+        num_heads: 2,
+        depths: [1, 1, 1, 1],
+        ..reduced(3)
+    };
+    reproduces(
+        &cfg,
+        "synapse_heads2.weights.safetensors",
+        "synapse_heads2.io.safetensors",
+    );
 }
 
 #[test]

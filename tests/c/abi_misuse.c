@@ -223,6 +223,86 @@ static int32_t cancel_at_resample(void *user, const struct LwiProgress *p) {
   return strcmp(p->stage, "resample") == 0;
 }
 
+/* A model file of a header alone: `doc` (single quotes for double) as its "lwi" metadata. */
+static void write_header_only_model(const char *path, const char *doc) {
+  char header[4096];
+  size_t n = (size_t)snprintf(header, sizeof header, "{\"__metadata__\":{\"lwi\":\"");
+  for (const char *c = doc; *c && n < sizeof header - 8; c++) {
+    if (*c == '\'') header[n++] = '\\', header[n++] = '"';
+    else header[n++] = *c;
+  }
+  n += (size_t)snprintf(header + n, sizeof header - n, "\"}}");
+  uint64_t len = n;
+  FILE *f = fopen(path, "wb");
+  unsigned char prefix[8];
+  for (int i = 0; i < 8; i++) prefix[i] = (unsigned char)(len >> (8 * i));
+  fwrite(prefix, 1, 8, f);
+  fwrite(header, 1, n, f);
+  fclose(f);
+}
+
+/* Model files from elsewhere: absurd metadata, weights that are not numbers, a 100 MB label name. Each is
+ * refused before anything is built, naming the file and the field (num_layers 10^9 used to abort the host). */
+static void hostile_models(const LwiEngine *engine, const char *scratch, const char *model_path, const char *volume_path) {
+  static const char *base = "{'format': 'lwi-model', 'format_version': 2, 'arch': 'unetr', 'config': {'img_size': "
+                            "%s, 'feature_size': 8, 'hidden_size': %s, 'mlp_dim': 96, 'num_heads': 4, 'num_layers': "
+                            "%s, 'out_channels': 3}, 'order_classes': %s, 'labels': {}, 'preprocessing': {'orientation': "
+                            "'RAS', 'spacing': %s, 'intensity_window': [-175.0, 250.0], 'roi_size': [32, 32, 32], "
+                            "'crop_foreground': true}, 'stage': 'segmentation', 'provenance': {}}";
+  const struct {
+    const char *img, *hidden, *layers, *order, *spacing, *field;
+  } cases[] = {
+      {"[32, 32, 32]", "48", "1000000000", "null", "[1.5, 1.5, 2.0]", "num_layers"},
+      {"[16384, 16384, 16384]", "48", "12", "null", "[1.5, 1.5, 2.0]", "img_size"},
+      {"[32, 32, 32]", "1000000", "12", "null", "[1.5, 1.5, 2.0]", "hidden_size"},
+      {"[32, 32, 32]", "48", "12", "4611686018427387904", "[1.5, 1.5, 2.0]", "order_classes"},
+      {"[32, 32, 32]", "48", "12", "null", "[1e-6, 1.5, 2.0]", "spacing"},
+  };
+  char doc[2048], path[4096];
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    snprintf(doc, sizeof doc, base, cases[i].img, cases[i].hidden, cases[i].layers, cases[i].order, cases[i].spacing);
+    snprintf(path, sizeof path, "%s/absurd_%s.safetensors", scratch, cases[i].field);
+    write_header_only_model(path, doc);
+    LwiModel *m = (LwiModel *)0x1;
+    expect(lwi.model_load(engine, path, &m), LWI_STATUS_MODEL_INCOMPATIBLE, path);
+    CHECK(m == NULL && strstr(lwi.last_error(), cases[i].field) && strstr(lwi.last_error(), "absurd_"),
+          "the file and the field are named: %s", lwi.last_error());
+    unlink(path);
+  }
+  /* The model's last value made NaN. */
+  FILE *f = fopen(model_path, "rb");
+  fseek(f, 0, SEEK_END);
+  long size = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  unsigned char *bytes = malloc((size_t)size);
+  CHECK(fread(bytes, 1, (size_t)size, f) == (size_t)size, "read the model");
+  fclose(f);
+  float nan = NAN;
+  memcpy(bytes + size - 4, &nan, 4);
+  snprintf(path, sizeof path, "%s/nan.safetensors", scratch);
+  f = fopen(path, "wb");
+  fwrite(bytes, 1, (size_t)size, f);
+  fclose(f);
+  free(bytes);
+  LwiModel *m = NULL;
+  expect(lwi.model_load(engine, path, &m), LWI_STATUS_MODEL_INCOMPATIBLE, "model_load(a NaN weight)");
+  CHECK(strstr(lwi.last_error(), "NaN or infinite values") != NULL, "the tensor is named: %s", lwi.last_error());
+  unlink(path);
+  /* A 100 MB label name: refused before the checkpoint is read, the name not repeated, nothing written. */
+  size_t big = 100u << 20;
+  char *options = malloc(big + 256);
+  int head = snprintf(options, 256, "{\"arch\": \"unetr\", \"arch_config\": {}, \"labels\": {\"1\": \"");
+  memset(options + head, 'x', big);
+  strcpy(options + head + big, "\"}}");
+  snprintf(path, sizeof path, "%s/labels.safetensors", scratch);
+  expect(lwi.model_import(volume_path, options, path), LWI_STATUS_INVALID_ARGUMENT, "model_import(100 MB label name)");
+  CHECK(strstr(lwi.last_error(), "label 1") && strlen(lwi.last_error()) < 1000, "the label is named, briefly: %.200s",
+        lwi.last_error());
+  struct stat st;
+  CHECK(stat(path, &st) != 0, "no model file is left");
+  free(options);
+}
+
 static void with_model(const char *model_path, const char *scratch, const char *volume_path) {
   LwiEngine *engine = NULL;
   expect(lwi.engine_create("{\"device\": \"cpu\"}", &engine), LWI_STATUS_OK, "engine_create");
@@ -260,16 +340,23 @@ static void with_model(const char *model_path, const char *scratch, const char *
   expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels, "{\"overlap\": 2}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(overlap 2)");
   expect(lwi.segment(model, &v, labels, LWI_DTYPE_UINT8, sizeof labels, "{\"ovrlap\": 0.5}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "segment(unknown option)");
 
-  /* A segmentation model is no init-train model: fine-tuning from it is refused, naming why. */
+  /* A segmentation model is no init-train model: fine-tuning from it is refused, naming why, before the dataset
+   * is looked at (the architecture comes from the init model). */
   char config[2048];
   snprintf(config, sizeof config, "{\"dataset\": \"/nonexistent/dataset.json\", \"out\": \"%s/x.safetensors\", \"init\": \"%s\"}", scratch, model_path);
+  expect(lwi.fine_tune(engine, config, NULL, NULL), LWI_STATUS_MODEL_INCOMPATIBLE, "fine_tune(init a segmentation model)");
+  CHECK(strstr(lwi.last_error(), "not an init-train model") != NULL, "why is said: %s", lwi.last_error());
+  snprintf(config, sizeof config, "{\"dataset\": \"/nonexistent/dataset.json\", \"out\": \"%s/x.safetensors\"}", scratch);
   expect(lwi.fine_tune(engine, config, NULL, NULL), LWI_STATUS_IO, "fine_tune(missing dataset)");
+  hostile_models(engine, scratch, model_path, volume_path);
   expect(lwi.fine_tune(engine, "{\"dataset\": \"d.json\"}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "fine_tune(no out)");
   expect(lwi.init_train(engine, "{\"dataset\": \"d.json\", \"out\": \"o\", \"epochs\": 0}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "init_train(epochs 0)");
   expect(lwi.init_train(NULL, "{}", NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, "init_train(NULL engine)");
   /* Training-config values out of range are bad arguments, not incompatible model files. */
   const char *bad_arch[] = {"{\"hidden_size\": 48, \"num_heads\": 5}", "{\"img_size\": [40, 40, 40]}",
-                            "{\"img_size\": [0, 0, 0]}", "{\"dropout_rate\": 1.5}", "[]"};
+                            "{\"img_size\": [0, 0, 0]}", "{\"dropout_rate\": 1.5}", "[]",
+                            "{\"num_layers\": 1000000000}", "{\"mlp_dim\": 1000000000000}",
+                            "{\"img_size\": [16384, 16384, 16384]}", "{\"arch\": \"unetr_pp\", \"feature_size\": 5, \"hidden_size\": 80, \"dims\": [10, 20, 40, 80], \"num_heads\": 5}"};
   for (size_t i = 0; i < sizeof bad_arch / sizeof *bad_arch; i++) {
     snprintf(config, sizeof config, "{\"dataset\": \"d.json\", \"out\": \"o\", \"arch\": %s}", bad_arch[i]);
     expect(lwi.fine_tune(engine, config, NULL, NULL), LWI_STATUS_INVALID_ARGUMENT, config);

@@ -231,7 +231,9 @@ def main():
     common = {"dataset": a.dataset, "archConfig": a.arch, "epochs": 2, "device": "cpu", "seed": 7}
     report["init_train"] = host.run("LwiInitTrain", {**common, "outputModel": init, "config": a.init_config})
     report["init_train"]["model_written"] = os.path.exists(init)
-    report["fine_tune"] = host.run("LwiFineTune", {**common, "outputModel": model, "config": a.tune_config,
+    # No architecture config: the module's default architecture ("auto") is the initial weights'.
+    tune = {k: v for k, v in common.items() if k != "archConfig"}
+    report["fine_tune"] = host.run("LwiFineTune", {**tune, "outputModel": model, "config": a.tune_config,
                                                    "init": init})
     report["fine_tune"]["model_written"] = os.path.exists(model)
     # Cancel a long fine-tune once its first epoch's checkpoint is on disk.

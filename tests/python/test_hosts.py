@@ -151,6 +151,30 @@ def test_nothing_installed_names_the_checkout(hosts):
         runpaths
 
 
+def test_slicer_fine_tune_takes_the_architecture_of_its_initial_weights(hosts, phantoms, tmp_path):
+    """LwiFineTune as Slicer calls it (every parameter given, --arch at its default "auto", no architecture config):
+    the init model's architecture is trained; an explicit architecture that differs is refused naming both."""
+    init = tmp_path / "init.safetensors"
+    r = subprocess.run([str(cli_path()), "init-train", "--dataset", str(phantoms / "data" / "dataset.json"),
+                        "--arch-config", str(phantoms / "arch.json"), "--config", str(phantoms / "init.json"),
+                        "--epochs", "1", "--device", "cpu", "--out", str(init)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    module = [str(modules(hosts) / "LwiFineTune"), "--init", str(init), "--config", str(phantoms / "tune.json"),
+              "--epochs", "1", "--seed", "0", "--device", "cpu"]
+    out = tmp_path / "model.safetensors"
+    r = subprocess.run([*module, "--arch", "auto", str(phantoms / "data"), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(subprocess.run([str(cli_path()), "info", str(out)], capture_output=True, text=True).stdout)
+    arch = json.loads((phantoms / "arch.json").read_text())
+    assert info["stage"] == "segmentation" and info["config"] == dict(info["config"], **arch)
+    refused = tmp_path / "refused.safetensors"
+    r = subprocess.run([*module, "--arch", "unetr", str(phantoms / "data"), str(refused)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "differs from the architecture of init" in r.stderr, r.stderr
+    assert '"feature_size":16' in r.stderr and '"feature_size":8' in r.stderr
+    assert not refused.exists()
+
+
 def test_installed_package_serves_cmake_and_pkg_config_hosts(hosts, tmp_path):
     prefix = hosts / "install"
     run = lambda *cmd, **kw: subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)

@@ -127,3 +127,45 @@ def test_fine_tune_through_the_c_abi_and_cancellation(lwi, data, tmp_path):
     config.update(resume=True)
     assert L.lwi_fine_tune(engine, json.dumps(config).encode(), PROGRESS_FN(), None) == 0, L.lwi_last_error()
     assert out2.exists()
+
+
+def test_fine_tune_takes_the_architecture_of_its_init_model(lwi, data, tmp_path):
+    """`lwi fine-tune --init I` without --arch-config trains I's architecture (not the default full-size UNETR); an
+    architecture that disagrees is refused before any work, naming both; the C ABI's config alike."""
+    init = tmp_path / "init.safetensors"
+    assert init_train(data, init, 1).returncode == 0
+    out = tmp_path / "model.safetensors"
+    base = [str(cli_path()), "fine-tune", "--dataset", str(data / "data" / "dataset.json"), "--init", str(init),
+            "--config", str(data / "config.json"), "--epochs", "1", "--device", "cpu"]
+    r = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(subprocess.run([str(cli_path()), "info", str(out)], capture_output=True, text=True).stdout)
+    assert info["config"] == dict(info["config"], **ARCH, out_channels=12)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(dict(ARCH, feature_size=16)))
+    refused = tmp_path / "refused.safetensors"
+    r = subprocess.run([*base, "--arch-config", str(wrong), "--out", str(refused)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "differs from the architecture of init" in r.stderr, r.stderr
+    assert '"feature_size":16' in r.stderr and '"feature_size":8' in r.stderr, r.stderr
+    assert not refused.exists() and not (tmp_path / "lwi-cache").exists()
+    # through the C ABI: no "arch" takes the init model's; one that agrees (out_channels aside) is accepted
+    L = lwi.lib
+    L.lwi_engine_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
+    L.lwi_fine_tune.argtypes = [ctypes.c_void_p, ctypes.c_char_p, PROGRESS_FN, ctypes.c_void_p]
+    engine = ctypes.c_void_p()
+    assert L.lwi_engine_create(b'{"device": "cpu"}', ctypes.byref(engine)) == 0
+    for name, arch in [("abi", None), ("agreeing", dict(ARCH, out_channels=5))]:
+        config = dict(CONFIG, dataset=str(data / "data" / "dataset.json"), out=str(tmp_path / f"{name}.safetensors"),
+                      init=str(init), epochs=1)
+        if arch:
+            config["arch"] = arch
+        status = L.lwi_fine_tune(engine, json.dumps(config).encode(), PROGRESS_FN(), None)
+        assert STATUS[status] == "OK", L.lwi_last_error()
+    config = dict(CONFIG, dataset=str(data / "data" / "dataset.json"), out=str(refused), init=str(init),
+                  arch={"arch": "unetr_pp"})
+    status = L.lwi_fine_tune(engine, json.dumps(config).encode(), PROGRESS_FN(), None)
+    message = L.lwi_last_error().decode()
+    assert STATUS[status] == "MODEL_INCOMPATIBLE" and '"arch":"unetr_pp"' in message and str(init) in message, message
+    L.lwi_engine_free.argtypes = [ctypes.c_void_p]
+    L.lwi_engine_free(engine)

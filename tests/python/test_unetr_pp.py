@@ -23,6 +23,8 @@ from pytorch_unetr_pp import UnetrPP  # noqa: E402
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "unetrpp"
 REDUCED = {"arch": "unetr_pp", "in_channels": 1, "img_size": [64, 128, 128], "feature_size": 4, "hidden_size": 64,
            "num_heads": 4, "depths": [1, 1, 2, 2], "dims": [8, 16, 32, 64]}
+# synapse_heads2: num_heads 2 reaches the encoder stages only; the decoders keep upstream's 4 heads.
+HEADS2 = {**REDUCED, "num_heads": 2, "depths": [1, 1, 1, 1]}
 
 
 def lwi(*args):
@@ -61,10 +63,10 @@ def io():
     return load_file(FIXTURES / "synapse_reduced.io.safetensors")
 
 
-def import_model(tmp_path, state_dict, out_channels, name):
+def import_model(tmp_path, state_dict, out_channels, name, config=REDUCED):
     ckpt, arch, labels = tmp_path / f"{name}.model", tmp_path / f"{name}.json", tmp_path / "labels.json"
     nnunet_checkpoint(state_dict, ckpt)
-    arch.write_text(json.dumps({**REDUCED, "out_channels": out_channels}))
+    arch.write_text(json.dumps({**config, "out_channels": out_channels}))
     labels.write_text(json.dumps({str(i): f"organ{i}" for i in range(out_channels)}))
     out = tmp_path / f"{name}.safetensors"
     r = lwi("import", "--from", ckpt, "--arch-config", arch, "--labels", labels, "--out", out)
@@ -84,6 +86,19 @@ def test_an_imported_nnunet_checkpoint_computes_what_upstream_computes(tmp_path,
     model = import_model(tmp_path, upstream_state_dict(["synapse_reduced.weights.safetensors"]), 3, "synapse")
     info = json.loads(lwi("info", model).stdout)
     assert info["arch"] == "unetr_pp" and info["stage"] == "segmentation" and info["parameters"] == 11_931_973
+    y = forward(tmp_path, model, io["x"])
+    assert sorted(y) == ["out1", "out2", "out3"]
+    for k in y:
+        assert (y[k] - io[k]).abs().max().item() <= 5e-5, k
+
+
+def test_num_heads_reaches_only_the_encoder_through_import_and_the_c_abi(tmp_path):
+    """An upstream checkpoint with num_heads 2 (2-head encoder EPAs, 4-head decoder EPAs) imports and computes what
+    upstream computes."""
+    io = load_file(FIXTURES / "synapse_heads2.io.safetensors")
+    model = import_model(tmp_path, upstream_state_dict(["synapse_heads2.weights.safetensors"]), 3, "heads2", HEADS2)
+    info = json.loads(lwi("info", model).stdout)
+    assert info["config"]["num_heads"] == 2 and info["parameters"] == 11_568_485
     y = forward(tmp_path, model, io["x"])
     assert sorted(y) == ["out1", "out2", "out3"]
     for k in y:
@@ -305,6 +320,16 @@ def test_the_benchmarks_pytorch_unetr_pp_is_the_upstream_network(io):
         assert (t - io[name]).abs().max().item() <= 5e-5, name
     full = UnetrPP()
     assert sum(p.numel() for p in full.parameters()) == 42_952_850
+
+
+def test_the_benchmarks_pytorch_unetr_pp_gives_its_decoders_four_heads():
+    io = load_file(FIXTURES / "synapse_heads2.io.safetensors")
+    net = UnetrPP(out_channels=3, feature_size=4, num_heads=2, depths=(1, 1, 1, 1)).eval()
+    net.load_state_dict(upstream_state_dict(["synapse_heads2.weights.safetensors"]))
+    with torch.no_grad():
+        out = net(io["x"])
+    for name, t in zip(["out1", "out2", "out3"], out):
+        assert (t - io[name]).abs().max().item() <= 5e-5, name
 
 
 def nnunet_plans(spacing_zyx, patch):

@@ -13,7 +13,7 @@ pub struct TrainArgs {
     /// dataset.json (MSD / nnU-Net) or a MONAI datalist.
     #[arg(long)]
     dataset: PathBuf,
-    /// Architecture config: the upstream keyword arguments plus "arch" ("unetr", the default, or "unetr_pp"; out_channels is decided by the stage).
+    /// Architecture config: the upstream keyword arguments plus "arch" ("unetr", the default, or "unetr_pp"; out_channels is decided by the stage). fine-tune --init: absent means the init model's architecture; given, it must be that one.
     #[arg(long, value_name = "ARCH.json")]
     arch_config: Option<PathBuf>,
     #[arg(long)]

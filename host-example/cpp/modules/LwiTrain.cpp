@@ -1,7 +1,7 @@
 // LwiInitTrain and LwiFineTune, the 3D Slicer CLI modules that train (this file built twice,
 // LWI_FINE_TUNE telling them apart). Slicer runs them as
 //   LwiInitTrain [--arch A] [--arch_config A.json] [--config C.json] [--epochs N] [--seed S] [--device D] DATASET OUT
-//   LwiFineTune  [--init I.safetensors] (the same) DATASET OUT
+//   LwiFineTune  [--init I.safetensors] (the same; --arch auto by default: the init model's) DATASET OUT
 // Progress per iteration and a comment per epoch on stdout; checkpoints as OUT.ckpt; OUT written
 // when training ends (a cancel, which Slicer does by killing, keeps the last checkpoint).
 #include <fstream>
@@ -44,12 +44,16 @@ static std::string training_config(const cli_module::Args &a, const std::string 
   body += "\"dataset\": " + json_string(dataset) + ", \"out\": " + json_string(out) +
           ", \"epochs\": " + std::to_string(a.count("--epochs", 100)) +
           ", \"seed\": " + std::to_string(a.count("--seed", 0));
+  // "auto" (LwiFineTune's default): the architecture config's own "arch" (UNETR without one) or, without a
+  // config, none at all: the engine then takes the initial weights' architecture (UNETR from scratch).
   std::string arch = a.get("--arch", "unetr");
-  if (!a.get("--arch_config").empty()) {
-    std::string kwargs = read_object(a.get("--arch_config"), "architecture config");
-    body += ", \"arch\": {\"arch\": " + json_string(arch) + ", " + kwargs.substr(1);
+  std::string kwargs = a.get("--arch_config").empty() ? "" : read_object(a.get("--arch_config"), "architecture config");
+  if (arch == "auto") {
+    if (!kwargs.empty()) body += ", \"arch\": " + kwargs;
   } else {
-    body += ", \"arch\": {\"arch\": " + json_string(arch) + "}";
+    std::string inner = kwargs.empty() ? "" : kwargs.substr(1, kwargs.size() - 2);
+    bool blank = inner.find_first_not_of(" \t\r\n") == std::string::npos;
+    body += ", \"arch\": {\"arch\": " + json_string(arch) + (blank ? "" : ", " + inner) + "}";
   }
   if (!a.get("--init").empty()) body += ", \"init\": " + json_string(a.get("--init"));
   return "{" + body + "}";

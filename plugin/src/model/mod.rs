@@ -3,6 +3,7 @@
 pub mod blocks;
 pub mod dropout;
 pub mod fused;
+pub mod limits;
 pub mod network;
 pub mod precision;
 pub mod unetr;
@@ -18,8 +19,9 @@ use std::collections::{BTreeSet, HashMap};
 use tch::{Tensor, nn};
 
 /// Copies named tensors into the variables of `vs`, strictly: every variable must be given, with
-/// its exact shape, and nothing else. On any mismatch nothing is copied and the error
-/// (`MODEL_INCOMPATIBLE`) names the missing, unexpected and misshapen tensors.
+/// its exact shape and finite values, and nothing else. On any mismatch nothing is copied and the
+/// error (`MODEL_INCOMPATIBLE`) names the missing, unexpected and misshapen tensors, or the first
+/// (by name) holding a NaN or an infinity.
 pub fn load_state_dict(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let vars = vs.variables();
     let missing: BTreeSet<&String> = vars.keys().filter(|k| !tensors.contains_key(*k)).collect();
@@ -64,6 +66,7 @@ pub fn load_state_dict(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>) -> 
         }
         return Err(Error::new(ErrorKind::ModelIncompatible, parts.join("; ")));
     }
+    refuse_non_finite(vars.keys().map(|k| (k, &tensors[k])))?;
     tch::no_grad(|| -> Result<()> {
         for (k, v) in &vars {
             let mut v = v.shallow_clone();
@@ -71,4 +74,23 @@ pub fn load_state_dict(vs: &nn::VarStore, tensors: &HashMap<String, Tensor>) -> 
         }
         Ok(())
     })
+}
+
+/// Weights with a NaN or an infinity would compute NaN logits (every voxel background): refused,
+/// naming the first such tensor by name.
+fn refuse_non_finite<'a>(tensors: impl Iterator<Item = (&'a String, &'a Tensor)>) -> Result<()> {
+    let mut named: Vec<_> = tensors.collect();
+    named.sort_by_key(|(k, _)| *k);
+    for (name, t) in named {
+        if !t.is_floating_point() {
+            continue;
+        }
+        if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            return Err(Error::new(
+                ErrorKind::ModelIncompatible,
+                format!("tensor {name} holds NaN or infinite values; the weights are unusable"),
+            ));
+        }
+    }
+    Ok(())
 }

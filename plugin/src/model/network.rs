@@ -82,6 +82,26 @@ impl ArchConfig {
             ArchConfig::UnetrPp(c) => c.validate(),
         }
     }
+    /// The values of every variable of the network (order heads aside), from the config alone.
+    pub fn values(&self) -> i128 {
+        match self {
+            ArchConfig::Unetr(c) => c.values(),
+            ArchConfig::UnetrPp(c) => c.values(),
+        }
+    }
+    /// Before anything is built: the tensors named `shapes` (a file's) must have the shapes this
+    /// configuration (with `order_classes` order heads) gives the tensors that pin its sizes.
+    pub fn check_shapes(
+        &self,
+        order_classes: Option<i64>,
+        shapes: &std::collections::HashMap<String, Vec<i64>>,
+    ) -> Result<()> {
+        let witnesses = match self {
+            ArchConfig::Unetr(c) => c.witnesses(order_classes),
+            ArchConfig::UnetrPp(c) => c.witnesses(order_classes),
+        };
+        super::limits::check_witnesses(&witnesses, shapes)
+    }
     pub fn in_channels(&self) -> i64 {
         match self {
             ArchConfig::Unetr(c) => c.in_channels,

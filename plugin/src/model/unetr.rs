@@ -2,6 +2,7 @@
 //! same initialisation. A state dict saved from MONAI's `UNETR` loads here unchanged.
 
 use super::blocks::{Conv, ConvBlock, Linear, NormKind};
+use super::limits::{self, Witness};
 use super::vit::Vit;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -75,38 +76,29 @@ impl UnetrConfig {
         [l / 4, l / 2, 3 * l / 4]
     }
 
-    /// Refuses configurations MONAI would refuse, or that cannot produce an output of the input's size.
+    /// Refuses configurations MONAI would refuse, that cannot produce an output of the input's
+    /// size, or that exceed a ceiling of [`limits`].
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("in_channels", self.in_channels),
-            ("out_channels", self.out_channels),
-            ("feature_size", self.feature_size),
-            ("hidden_size", self.hidden_size),
-            ("mlp_dim", self.mlp_dim),
-            ("num_heads", self.num_heads),
-        ];
-        if let Some((name, v)) = positive.iter().find(|(_, v)| *v < 1) {
-            return Err(Error::invalid(format!(
-                "UNETR {name} must be positive, got {v}"
-            )));
+        const WHAT: &str = "UNETR";
+        for (name, v, hi) in [
+            ("in_channels", self.in_channels, limits::MAX_IN_CHANNELS),
+            ("out_channels", self.out_channels, limits::MAX_CLASSES),
+            ("feature_size", self.feature_size, limits::MAX_FEATURE_SIZE),
+            ("hidden_size", self.hidden_size, limits::MAX_HIDDEN_SIZE),
+            ("mlp_dim", self.mlp_dim, limits::MAX_MLP_DIM),
+            ("num_heads", self.num_heads, limits::MAX_HEADS),
+        ] {
+            limits::within(WHAT, name, v, 1, hi)?;
         }
-        if self.num_layers < 4 {
-            return Err(Error::invalid(format!(
-                "UNETR num_layers must be at least 4, got {}",
-                self.num_layers
-            )));
-        }
+        limits::within(WHAT, "num_layers", self.num_layers, 4, limits::MAX_LAYERS)?;
         if self.hidden_size % self.num_heads != 0 {
             return Err(Error::invalid(format!(
                 "hidden_size {} should be divisible by num_heads {}",
                 self.hidden_size, self.num_heads
             )));
         }
-        if self
-            .img_size
-            .iter()
-            .any(|&s| s < Self::PATCH || s % Self::PATCH != 0)
-        {
+        limits::roi(WHAT, "img_size", self.img_size)?;
+        if self.img_size.iter().any(|&s| s % Self::PATCH != 0) {
             return Err(Error::invalid(format!(
                 "img_size {:?}: each size must be a positive multiple of 16",
                 self.img_size
@@ -118,7 +110,94 @@ impl UnetrConfig {
                 self.dropout_rate
             )));
         }
-        Ok(())
+        limits::values(WHAT, self.values())
+    }
+
+    /// The values of every variable the network holds (what its model file stores, order heads
+    /// aside), from the configuration alone.
+    pub fn values(&self) -> i128 {
+        let [inp, out, f, h, m, layers] = [
+            self.in_channels,
+            self.out_channels,
+            self.feature_size,
+            self.hidden_size,
+            self.mlp_dim,
+            self.num_layers,
+        ]
+        .map(i128::from);
+        let batch = self.norm_name == NormKind::Batch;
+        let block = |i: i128, o: i128| limits::conv_block_values(i, o, batch, self.res_block);
+        let patch_dim = inp * i128::from(Self::PATCH.pow(3));
+        let qkv_bias = if self.qkv_bias { 3 * h } else { 0 };
+        // three LayerNorms (norm_cross_attn included), qkv, out_proj, the MLP
+        let layer = 6 * h + 3 * h * h + qkv_bias + h * h + h + 2 * h * m + m + h;
+        let vit = patch_dim * h + h + i128::from(self.n_patches()) * h + layers * layer + 2 * h;
+        let pr_up = |o: i128, n: i128| {
+            let tail = if self.conv_block { block(o, o) } else { 0 };
+            8 * h * o + n * (8 * o * o + tail)
+        };
+        let up = |i: i128, o: i128| 8 * i * o + block(2 * o, o);
+        vit + block(inp, f)
+            + pr_up(2 * f, 2)
+            + pr_up(4 * f, 1)
+            + pr_up(8 * f, 0)
+            + up(h, 8 * f)
+            + up(8 * f, 4 * f)
+            + up(4 * f, 2 * f)
+            + up(2 * f, f)
+            + f * out
+            + out
+    }
+
+    /// Tensors whose shapes pin every size field (`order_classes`: the order heads').
+    pub fn witnesses(&self, order_classes: Option<i64>) -> Vec<Witness> {
+        let (inp, h, f) = (self.in_channels, self.hidden_size, self.feature_size);
+        let patch = match self.proj_type {
+            ProjType::Perceptron => Witness::new(
+                "vit.patch_embedding.patch_embeddings.1.weight",
+                &[h, inp * Self::PATCH.pow(3)],
+                format!("proj_type perceptron, in_channels {inp} and hidden_size {h}"),
+            ),
+            ProjType::Conv => Witness::new(
+                "vit.patch_embedding.patch_embeddings.weight",
+                &[h, inp, Self::PATCH, Self::PATCH, Self::PATCH],
+                format!("proj_type conv, in_channels {inp} and hidden_size {h}"),
+            ),
+        };
+        let mut w = vec![
+            patch,
+            Witness::new(
+                "vit.patch_embedding.position_embeddings",
+                &[1, self.n_patches(), h],
+                format!("img_size {:?} and hidden_size {h}", self.img_size),
+            ),
+            Witness::new(
+                format!("vit.blocks.{}.mlp.linear1.weight", self.num_layers - 1),
+                &[self.mlp_dim, h],
+                format!(
+                    "num_layers {} and mlp_dim {}",
+                    self.num_layers, self.mlp_dim
+                ),
+            ),
+            Witness::new(
+                "encoder1.layer.conv1.conv.weight",
+                &[f, inp, 3, 3, 3],
+                format!("feature_size {f} and in_channels {inp}"),
+            ),
+            Witness::new(
+                "out.conv.conv.weight",
+                &[self.out_channels, f, 1, 1, 1],
+                format!("out_channels {} and feature_size {f}", self.out_channels),
+            ),
+        ];
+        if let Some(m) = order_classes {
+            w.push(Witness::new(
+                "vit.temp_head1.weight",
+                &[m, h],
+                format!("order_classes {m} and hidden_size {h}"),
+            ));
+        }
+        w
     }
 }
 

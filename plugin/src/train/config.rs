@@ -276,10 +276,23 @@ impl TrainConfig {
                 return Ok(c);
             }
         };
-        let arch = match doc.get("arch") {
-            None => ArchConfig::default(),
-            Some(a @ Value::Object(_)) => ArchConfig::from_document(a, "training config: arch")?,
-            Some(other) => {
+        // fine-tune from an init-train model: its architecture, unless the document gives one
+        // (which must then be the same)
+        let init = match doc.get("init") {
+            Some(Value::String(p)) => Some((Path::new(p), init_architecture(Path::new(p))?)),
+            _ => None,
+        };
+        let arch = match (doc.get("arch"), &init) {
+            (None, Some((_, init))) => init.clone(),
+            (None, None) => ArchConfig::default(),
+            (Some(a @ Value::Object(_)), init) => {
+                let arch = ArchConfig::from_document(a, "training config: arch")?;
+                if let Some((path, init)) = init {
+                    same_architecture(&arch, path, init)?;
+                }
+                arch
+            }
+            (Some(other), _) => {
                 return Err(Error::invalid(format!(
                     "{WHAT}: \"arch\" must be an architecture document {{\"arch\": \"unetr_pp\", …}}, got {}",
                     crate::options::describe(other)
@@ -396,12 +409,8 @@ impl TrainConfig {
                 c.window
             )));
         }
-        if let Some(s) = c.spacing
-            && s.iter().any(|s| !(s.is_finite() && *s > 0.0))
-        {
-            return Err(Error::invalid(format!(
-                "training config: spacing {s:?} must be three positive millimetre values",
-            )));
+        if let Some(s) = c.spacing {
+            crate::bundle::check_spacing("training config: spacing", s)?;
         }
         if c.recipe == Recipe::Unetr && c.spacing.is_none() {
             return Err(Error::invalid(
@@ -439,6 +448,51 @@ impl TrainConfig {
         let text = serde_json::to_string(&common).unwrap_or_default();
         sha2::Sha256::digest(text.as_bytes()).into()
     }
+}
+
+/// The architecture of the init-train model `path` (from its header; `out_channels` is the
+/// stage's to decide).
+fn init_architecture(path: &Path) -> Result<ArchConfig> {
+    let meta = crate::bundle::ModelMetadata::read(path)?;
+    if meta.stage != Stage::Init {
+        return Err(Error::new(
+            crate::error::ErrorKind::ModelIncompatible,
+            format!(
+                "training config: init {}: not an init-train model (stage {:?})",
+                path.display(),
+                meta.stage
+            ),
+        ));
+    }
+    Ok(meta.arch)
+}
+
+/// An architecture the document gives must be the one of the init model `path`, `out_channels`
+/// aside.
+fn same_architecture(arch: &ArchConfig, path: &Path, init: &ArchConfig) -> Result<()> {
+    let mut want = init.clone();
+    want.set_out_channels(arch.out_channels());
+    if want == *arch {
+        return Ok(());
+    }
+    let doc = |a: &ArchConfig| {
+        let mut v = a.keyword_arguments();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("arch".into(), a.name().into());
+            o.remove("out_channels");
+        }
+        v
+    };
+    Err(Error::new(
+        crate::error::ErrorKind::ModelIncompatible,
+        format!(
+            "training config: \"arch\" {} differs from the architecture of init {} {} (leave \"arch\" \
+             out to take the init model's)",
+            doc(arch),
+            path.display(),
+            doc(init)
+        ),
+    ))
 }
 
 /// `arch` as the document users write: `{"arch": name, …keyword arguments}`.

@@ -143,6 +143,9 @@ impl<'a> Run<'a> {
                 .map_err(|e| Error::invalid(format!("training config: {}", e.message)))?;
         }
         let dataset = DatasetFile::read(&cfg.dataset)?;
+        // the labels go into the model file: bounded as it bounds them, before any case is prepared
+        let what = format!("{}: labels", cfg.dataset.display());
+        crate::bundle::check_labels(&what, &dataset.labels)?;
         let classes = stage_classes(stage, cfg, &dataset)?;
         let store = Store::open(cfg, &dataset)?;
         let pre = source::preprocessing(cfg, &dataset, &store, progress)?;
