@@ -38,8 +38,10 @@ fn train_call(
 /// the pretext task (depth-slab shuffling + cube masking; reconstruction + order prediction) and
 /// writes a model file with stage `init` and the order heads. The recipe (`"unetr"`: MONAI's;
 /// `"unetr_pp"`: nnU-Net v1's) follows the architecture unless given. `config_json` holds `dataset` and `out` (required) and any of the
-/// training options (docs/training.md); the engine's device is used unless `device` is given.
-/// Checkpoints go to `OUT.ckpt` every `checkpoint_every` epochs; `"resume": true` continues from
+/// training options (docs/training.md); the engine's device is used unless `device` is given. It
+/// may also be a list of such objects, merged in order (a later object's key replaces an earlier
+/// one's): how a host layers its own settings over a user's config file; within one object a key
+/// given twice is refused. Checkpoints go to `OUT.ckpt` every `checkpoint_every` epochs; `"resume": true` continues from
 /// one. A non-zero return from `progress` stops within one iteration with `LWI_STATUS_CANCELLED`,
 /// leaving the last checkpoint intact.
 ///

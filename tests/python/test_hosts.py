@@ -175,6 +175,19 @@ def test_slicer_fine_tune_takes_the_architecture_of_its_initial_weights(hosts, p
     assert not refused.exists()
 
 
+def test_a_training_module_sets_its_fields_over_a_config_file_that_has_them(hosts, phantoms, tmp_path):
+    """Slicer passes every field (Epochs, Seed at their defaults): a --config file holding the same keys is layered
+    under them, not refused as a key given twice."""
+    config = tmp_path / "tune.json"
+    config.write_text(json.dumps({**json.loads((phantoms / "tune.json").read_text()), "epochs": 50, "seed": 5}))
+    out = tmp_path / "model.safetensors"
+    r = subprocess.run([str(modules(hosts) / "LwiFineTune"), "--arch", "unetr", "--arch_config", str(phantoms / "arch.json"),
+                        "--config", str(config), "--epochs", "1", "--seed", "0", "--device", "cpu",
+                        str(phantoms / "data"), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("epoch 1/1") >= 1 and "epoch 2/" not in r.stdout, r.stdout[-2000:]
+
+
 def test_installed_package_serves_cmake_and_pkg_config_hosts(hosts, tmp_path):
     prefix = hosts / "install"
     run = lambda *cmd, **kw: subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)

@@ -32,18 +32,13 @@ static std::string read_object(const std::string &path, const char *what) {
   return text.substr(open, close - open + 1);
 }
 
-/// The training config: the config file's fields, then ours (the later of two equal keys wins).
+/// The training config: the config file's object, then ours, as a list the engine merges in order (a
+/// field set here replaces the file's).
 static std::string training_config(const cli_module::Args &a, const std::string &dataset, const std::string &out) {
-  std::string body;
-  if (!a.get("--config").empty()) {
-    std::string file = read_object(a.get("--config"), "training config");
-    std::string inner = file.substr(1, file.size() - 2);
-    if (inner.find_first_not_of(" \t\r\n") != std::string::npos) body = inner + ", ";
-  }
   using lwi::json_string;
-  body += "\"dataset\": " + json_string(dataset) + ", \"out\": " + json_string(out) +
-          ", \"epochs\": " + std::to_string(a.count("--epochs", 100)) +
-          ", \"seed\": " + std::to_string(a.count("--seed", 0));
+  std::string body = "\"dataset\": " + json_string(dataset) + ", \"out\": " + json_string(out) +
+                     ", \"epochs\": " + std::to_string(a.count("--epochs", 100)) +
+                     ", \"seed\": " + std::to_string(a.count("--seed", 0));
   // "auto" (LwiFineTune's default): the architecture config's own "arch" (UNETR without one) or, without a
   // config, none at all: the engine then takes the initial weights' architecture (UNETR from scratch).
   std::string arch = a.get("--arch", "unetr");
@@ -56,7 +51,8 @@ static std::string training_config(const cli_module::Args &a, const std::string 
     body += ", \"arch\": {\"arch\": " + json_string(arch) + (blank ? "" : ", " + inner) + "}";
   }
   if (!a.get("--init").empty()) body += ", \"init\": " + json_string(a.get("--init"));
-  return "{" + body + "}";
+  std::string file = a.get("--config").empty() ? "{}" : read_object(a.get("--config"), "training config");
+  return "[" + file + ", {" + body + "}]";
 }
 
 int main(int argc, char **argv) {

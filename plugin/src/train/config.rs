@@ -268,6 +268,7 @@ impl TrainConfig {
     pub fn from_json(json: &str) -> Result<TrainConfig> {
         const WHAT: &str = "training config";
         let doc: Value = match crate::options::document(json, WHAT) {
+            Ok(Value::Array(layers)) => layered(layers)?,
             Ok(v @ Value::Object(_)) => v,
             // not an object (or empty): the parser words the error, the check the missing fields
             _ => {
@@ -520,6 +521,25 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A host's layers of one training config (a user's file, then the host's own settings): objects
+/// merged in order, a later layer's top-level key replacing an earlier one's. Within one layer a key
+/// given twice is refused, as everywhere.
+fn layered(layers: Vec<Value>) -> Result<Value> {
+    let mut merged = serde_json::Map::new();
+    for (i, layer) in layers.into_iter().enumerate() {
+        match layer {
+            Value::Object(fields) => merged.extend(fields),
+            other => {
+                return Err(Error::invalid(format!(
+                    "training config: layer {i} of the list must be an object, got {}",
+                    crate::options::describe(&other)
+                )));
+            }
+        }
+    }
+    Ok(Value::Object(merged))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +560,18 @@ mod tests {
         let c = TrainConfig::from_json(r#"{"dataset": "d.json", "out": "m"}"#).unwrap();
         assert_eq!(c.learning_rate(Stage::Init), 1e-4);
         assert_eq!(c.optimizer, OptimizerKind::Adamw);
+    }
+
+    #[test]
+    fn layers_merge_in_order_and_each_refuses_a_key_twice() {
+        let layers = r#"[{"epochs": 7, "seed": 3, "lr": 0.5}, {"dataset": "d.json", "out": "m", "epochs": 2}]"#;
+        let c = TrainConfig::from_json(layers).unwrap();
+        assert_eq!((c.epochs, c.seed, c.lr), (2, 3, Some(0.5)));
+        let twice = r#"[{"epochs": 7, "epochs": 8}, {"dataset": "d.json", "out": "m"}]"#;
+        let err = TrainConfig::from_json(twice).unwrap_err();
+        assert!(err.message.contains("epochs"), "{}", err.message);
+        let err = TrainConfig::from_json(r#"[{"dataset": "d.json", "out": "m"}, 3]"#).unwrap_err();
+        assert!(err.message.contains("layer 1"), "{}", err.message);
     }
 
     #[test]
