@@ -82,9 +82,18 @@ fn absurd_dimensions_are_refused_before_allocating() {
     for i in 1..=3 {
         nii[40 + 2 * i..42 + 2 * i].copy_from_slice(&30000i16.to_le_bytes());
     }
+    // beyond the ceiling of voxels a volume may hold, whatever the file holds
     let p = write(dir.path(), "huge.nii", &nii);
-    expect_failure(&p, FORMAT, "truncated");
+    expect_failure(&p, FORMAT, "2^30");
     let p = write(dir.path(), "huge.nii.gz", &gzip(&nii));
+    expect_failure(&p, FORMAT, "2^30");
+    // within the ceiling, but more than the file holds
+    for i in 1..=3 {
+        nii[40 + 2 * i..42 + 2 * i].copy_from_slice(&1000i16.to_le_bytes());
+    }
+    let p = write(dir.path(), "big.nii", &nii);
+    expect_failure(&p, FORMAT, "truncated");
+    let p = write(dir.path(), "big.nii.gz", &gzip(&nii));
     expect_failure(&p, FORMAT, "could hold at most");
     nii[42..44].copy_from_slice(&(-5i16).to_le_bytes());
     let p = write(dir.path(), "negative.nii", &nii);
