@@ -227,15 +227,14 @@ impl<R: Read> Walk<R> {
     /// Walks every token; with `file`, stops where only zero bytes remain after a top-level
     /// element and returns that offset (else the end of the data).
     fn run(&mut self, file: Option<&File>) -> Result<u64, String> {
-        // true: an encapsulated pixel data sequence; false: a sequence of items.
-        let mut open: Vec<bool> = Vec::new();
+        let mut open = Nesting::default();
         let mut value_pending = false;
         let mut items_in_pixels = 0u64;
         // A non-zero byte found after a boundary: boundaries before it need no new search.
         let mut nonzero_at: Option<u64> = None;
         loop {
             if let Some(f) = file
-                && open.is_empty()
+                && open.is_top_level()
                 && !value_pending
             {
                 let at = self.at();
@@ -253,24 +252,21 @@ impl<R: Read> Walk<R> {
                 break;
             };
             let token = token.map_err(|e| e.to_string())?;
-            let top_level_pixels = open == [true];
+            let top_level_pixels = open.is_top_level_pixels();
             match token {
                 LazyDataToken::SequenceStart { tag, len } => {
-                    open.push(false);
-                    check_depth(open.len(), at)?;
+                    open.enter(Open::Sequence { pixels: false }, at)?;
                     check_len(&format!("sequence {tag}"), len, at, limit)?;
                 }
                 LazyDataToken::PixelSequenceStart => {
-                    open.push(true);
-                    check_depth(open.len(), at)?;
-                    if open.len() == 1 {
+                    open.enter(Open::Sequence { pixels: true }, at)?;
+                    if open.is_top_level_pixels() {
                         self.pixel_data = Some(PixelData::Encapsulated(0));
                     }
                 }
-                LazyDataToken::SequenceEnd => {
-                    open.pop();
-                }
+                LazyDataToken::SequenceEnd => open.leave(Open::Sequence { pixels: false }, at)?,
                 LazyDataToken::ItemStart { len } => {
+                    open.enter(Open::Item, at)?;
                     check_len("item", len, at, limit)?;
                     if top_level_pixels {
                         items_in_pixels += 1;
@@ -278,7 +274,7 @@ impl<R: Read> Walk<R> {
                         self.pixel_data = Some(PixelData::Encapsulated(fragments));
                     }
                 }
-                LazyDataToken::ItemEnd => {}
+                LazyDataToken::ItemEnd => open.leave(Open::Item, at)?,
                 LazyDataToken::ElementHeader(_) => value_pending = true,
                 LazyDataToken::LazyValue { header, decoder } => {
                     value_pending = false;
@@ -289,7 +285,7 @@ impl<R: Read> Walk<R> {
                         from,
                         limit,
                     )?;
-                    if open.is_empty() && header.tag() == tags::PIXEL_DATA {
+                    if open.is_top_level() && header.tag() == tags::PIXEL_DATA {
                         self.pixel_data = Some(PixelData::Native(header.len.0 as u64));
                     }
                     decoder
@@ -309,6 +305,58 @@ impl<R: Read> Walk<R> {
             }
         }
         Ok(self.limit)
+    }
+}
+
+/// What is open where the walk stands: sequences and their items, as dicom-rs's reader keeps them.
+/// A delimiter that closes something other than what is open is refused here, before the reader
+/// goes on from a state it does not expect (an item delimiter at the top level followed by an item
+/// makes it panic).
+#[derive(Default)]
+struct Nesting {
+    stack: Vec<Open>,
+    sequences: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Open {
+    /// `pixels`: an encapsulated Pixel Data sequence.
+    Sequence {
+        pixels: bool,
+    },
+    Item,
+}
+
+impl Nesting {
+    fn is_top_level(&self) -> bool {
+        self.stack.is_empty()
+    }
+
+    fn is_top_level_pixels(&self) -> bool {
+        self.stack == [Open::Sequence { pixels: true }]
+    }
+
+    fn enter(&mut self, what: Open, at: u64) -> Result<(), String> {
+        if let Open::Sequence { .. } = what {
+            self.sequences += 1;
+            check_depth(self.sequences, at)?;
+        }
+        self.stack.push(what);
+        Ok(())
+    }
+
+    fn leave(&mut self, what: Open, at: u64) -> Result<(), String> {
+        match (self.stack.pop(), what) {
+            (Some(Open::Item), Open::Item) => Ok(()),
+            (Some(Open::Sequence { .. }), Open::Sequence { .. }) => {
+                self.sequences -= 1;
+                Ok(())
+            }
+            (_, Open::Item) => Err(format!("item delimiter outside an item (at byte {at})")),
+            (_, Open::Sequence { .. }) => Err(format!(
+                "sequence delimiter outside a sequence (at byte {at})"
+            )),
+        }
     }
 }
 
@@ -433,6 +481,22 @@ mod tests {
         // A zero run followed by something else is parsed (and here fails) as elements.
         let garbage = file(dir.path(), &[], &[[0u8; 24].as_slice(), &[9; 5]].concat());
         assert!(walk(&garbage).is_err());
+    }
+
+    #[test]
+    fn delimiters_that_close_nothing_open_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let item_delimiter = [0xfe, 0xff, 0x0d, 0xe0, 0, 0, 0, 0];
+        let item = [0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff];
+        // At the top level an item delimiter then an item: dicom-rs's reader panics on the item.
+        let stray = file(dir.path(), &[item_delimiter, item].concat(), &[]);
+        let e = walk(&stray).unwrap_err();
+        assert!(e.contains("item delimiter outside an item"), "{e}");
+        // In a sequence, a second item delimiter closes the sequence itself.
+        let twice = [&nested(1)[..20], &item_delimiter, &item_delimiter, &item].concat();
+        let e = walk(&file(dir.path(), &twice, &[])).unwrap_err();
+        assert!(e.contains("item delimiter outside an item"), "{e}");
+        assert!(walk(&file(dir.path(), &nested(3), &[])).is_ok());
     }
 
     #[test]
