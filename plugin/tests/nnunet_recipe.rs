@@ -1,9 +1,10 @@
 //! The unetr_pp recipe's parts against the code UNETR++ trains with, nnunet 1.7.1 and
 //! batchgenerators 0.25.5, on the tensors tests/python/nnunet_recipe_reference.py makes: the loss
 //! (Dice + CE, per sample and per batch, and over the deep-supervision outputs with their
-//! downsampled targets), label maps resized as nnU-Net resizes segmentations, the poly schedule, SGD with Nesterov momentum after gradient clipping, and
-//! each augmentation's statistics over 400 draws (its effect when applied, and how often the
-//! recipe applies it). Report: target/test-reports/nnunet-recipe.txt.
+//! downsampled targets), label maps resized as nnU-Net resizes segmentations, the poly schedule,
+//! SGD with Nesterov momentum after gradient clipping, the range of random patch starts
+//! (`DataLoader3D`), and each augmentation's statistics over 400 draws (its effect when applied,
+//! and how often the recipe applies it). Report: target/test-reports/nnunet-recipe.txt.
 
 mod common;
 
