@@ -1,13 +1,16 @@
 //! The unetr_pp recipe's parts against the code UNETR++ trains with, nnunet 1.7.1 and
 //! batchgenerators 0.25.5, on the tensors tests/python/nnunet_recipe_reference.py makes: the loss
 //! (Dice + CE, per sample and per batch, and over the deep-supervision outputs with their
-//! downsampled targets), label maps resized as nnU-Net resizes segmentations, the poly schedule, SGD with Nesterov momentum after gradient clipping, and
-//! each augmentation's statistics over 400 draws (its effect when applied, and how often the
-//! recipe applies it). Report: target/test-reports/nnunet-recipe.txt.
+//! downsampled targets), label maps resized as nnU-Net resizes segmentations, the poly schedule,
+//! SGD with Nesterov momentum after gradient clipping, the range of random patch starts
+//! (`DataLoader3D`), and each augmentation's statistics over 400 draws (its effect when applied,
+//! and how often the recipe applies it). Report: target/test-reports/nnunet-recipe.txt.
 
 mod common;
 
-use lwi::train::{NnUnetAugment, Sgd, clip_grad_norm, deep_supervision_weights, poly};
+use lwi::train::{
+    NnUnetAugment, Sgd, clip_grad_norm, deep_supervision_weights, poly, start_bounds,
+};
 use rand::SeedableRng;
 use std::collections::HashMap;
 use tch::{Kind, Tensor, nn};
@@ -111,6 +114,29 @@ fn loss_schedule_and_optimizer_equal_nnunets() {
 }
 
 /// Five statistics of one output (mean, sd, min, max, mean |out − in|) and whether it changed.
+/// Random patches reach as far past a case's borders as nnU-Net's `DataLoader3D` lets them: half of
+/// (sampled − final patch) on each side, so that the final patch's centre cut covers the borders.
+#[test]
+fn patch_starts_span_dataloader3ds_range() {
+    let r = references();
+    for n in 0..2 {
+        let v = |k: &str| -> [i64; 3] {
+            let t = &r[&format!("patches{n}.{k}")];
+            std::array::from_fn(|d| t.int64_value(&[d as i64]))
+        };
+        let (lb, ub) = start_bounds(v("shape"), v("sampled"), v("final"));
+        report(format!(
+            "patch starts, case {:?} sampled {:?} final {:?}: lwi {lb:?}..={ub:?} DataLoader3D {:?}..={:?}",
+            v("shape"),
+            v("sampled"),
+            v("final"),
+            v("lb"),
+            v("ub")
+        ));
+        assert_eq!((lb, ub), (v("lb"), v("ub")), "case {n}");
+    }
+}
+
 fn statistics(out: &Tensor, input: &Tensor) -> [f64; 6] {
     let o = out.to_kind(Kind::Double);
     let i = input.to_kind(Kind::Double);
