@@ -481,7 +481,7 @@ impl Model {
     pub fn info_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.meta).unwrap_or_default();
         v["parameters"] = self.parameter_count().into();
-        v["device"] = device_name(self.vs.device()).into();
+        v["device"] = crate::engine::device_name(self.vs.device()).into();
         v["file_sha256"] = self.file_sha256.clone().into();
         v
     }
@@ -596,12 +596,4 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     format!("{:x}", Sha256::digest(bytes))
-}
-
-/// "cpu" or "cuda:N".
-pub fn device_name(device: Device) -> String {
-    match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    }
 }

@@ -6,10 +6,9 @@
 // Affine and lattice code indexes rows and columns by number: that reads like the maths.
 #![allow(clippy::needless_range_loop)]
 
-pub mod anatomy;
 pub mod bundle;
 pub mod dataset;
-pub mod dist;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod events;
@@ -29,8 +28,8 @@ pub mod postprocess;
 pub mod preprocess;
 pub mod pretext;
 pub mod resample;
-pub mod runtime;
 pub mod segment;
+pub mod shim;
 pub mod train;
 pub mod volume;
 

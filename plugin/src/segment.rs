@@ -489,7 +489,7 @@ fn segment_file_staged(
         "arch": model.meta.arch.name(),
         "pipeline": model.meta.preprocessing.pipeline,
         "labels": model.meta.labels,
-        "device": crate::bundle::device_name(model.vs.device()),
+        "device": crate::engine::device_name(model.vs.device()),
         "precision": opts.precision.on(model.vs.device()),
         "options": opts,
         "timings_s": {"read": (t1 - t0).as_secs_f64(), "segment": (t2 - t1).as_secs_f64(), "write": (t3 - t2).as_secs_f64(),

@@ -5,7 +5,7 @@
 use super::TrainConfig;
 use super::optimizer::Optimizer;
 use crate::bundle::{Model, ModelMetadata};
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::error::{Error, Result};
 use crate::model::load_state_dict;
 use serde::{Deserialize, Serialize};

@@ -4,7 +4,7 @@
 
 use super::nnunet_augment::NnUnetAugment;
 use crate::bundle::Stage;
-use crate::dist::DistributedConfig;
+use crate::distributed::DistributedConfig;
 use crate::error::{Error, Result};
 use crate::model::ArchConfig;
 use crate::pretext::{Grouping, PretextConfig};

@@ -6,7 +6,7 @@
 //! ([`gradients`]), the random streams ([`streams`]), checkpoints that resume exactly
 //! ([`checkpoint`]), validation ([`validate`]) and the transfer from stage 1 to stage 2
 //! ([`transfer`]). Under a launcher (torchrun, srun) the same driver runs on every rank of a
-//! data-parallel job ([`crate::dist`]): rank 0's weights to all, each rank its slots of the global
+//! data-parallel job ([`crate::distributed`]): rank 0's weights to all, each rank its slots of the global
 //! batch, gradients averaged, rank 0 alone writing files.
 
 mod batches;
@@ -34,7 +34,7 @@ pub use schedule::{learning_rate, poly};
 
 use crate::bundle::{EpochRecord, Model, ModelMetadata, Stage};
 use crate::dataset::DatasetFile;
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
@@ -401,7 +401,7 @@ fn run_device(cfg: &TrainConfig, device: Device) -> Result<Device> {
         device: cfg
             .device
             .clone()
-            .unwrap_or_else(|| crate::bundle::device_name(device)),
+            .unwrap_or_else(|| crate::engine::device_name(device)),
         threads: cfg.threads,
     };
     Ok(Engine::new(&options)?.device)

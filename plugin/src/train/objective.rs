@@ -5,7 +5,7 @@
 use super::streams::Epoch;
 use super::{Recipe, TrainConfig};
 use crate::bundle::{Model, Stage};
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::error::{Error, Result};
 use crate::model::{Precision, with_precision};
 use crate::pretext::PretextConfig;

@@ -4,7 +4,7 @@
 
 use crate::bundle::Model;
 use crate::dataset::DatasetFile;
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
 use std::collections::BTreeMap;
