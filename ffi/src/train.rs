@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_void};
 
 /// Runs `train` for `stage` with a JSON configuration and a progress callback.
 fn train_call(
-    stage: lwi::bundle::Stage,
+    stage: lwi::model_file::Stage,
     engine: *const LwiEngine,
     config_json: *const c_char,
     progress: LwiProgressFn,
@@ -68,7 +68,7 @@ pub unsafe extern "C" fn lwi_init_train(
 ) -> LwiStatus {
     guard("lwi_init_train", || {
         train_call(
-            lwi::bundle::Stage::Init,
+            lwi::model_file::Stage::Init,
             engine,
             config_json,
             progress,
@@ -96,7 +96,7 @@ pub unsafe extern "C" fn lwi_fine_tune(
 ) -> LwiStatus {
     guard("lwi_fine_tune", || {
         train_call(
-            lwi::bundle::Stage::Segmentation,
+            lwi::model_file::Stage::Segmentation,
             engine,
             config_json,
             progress,

@@ -2,8 +2,8 @@
 //! names prepared once for training (MONAI's deterministic prefix: RAS, target spacing — linear
 //! for images, nearest for labels —, HU window, foreground crop) and kept in memory.
 
-use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
+use crate::model_file::Preprocessing;
 use crate::preprocess::{Grid, Interp, crop_box, prepare, sample_all};
 use crate::volume::Volume;
 use std::collections::BTreeMap;

@@ -6,24 +6,21 @@
 // Affine and lattice code indexes rows and columns by number: that reads like the maths.
 #![allow(clippy::needless_range_loop)]
 
-pub mod bundle;
 pub mod dataset;
 pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod events;
 pub mod forward;
-pub mod import;
 pub mod infer;
 pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod model_file;
 pub mod nnunet;
 pub mod options;
 pub mod phantom;
-pub mod pickle;
-pub mod plans;
 pub mod postprocess;
 pub mod preprocess;
 pub mod pretext;
@@ -35,3 +32,6 @@ pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};
 pub use volume::{Affine, DType, Volume, flip_lps_ras};
+
+// Paths of the previous layout, kept for one release.
+pub use model_file as bundle;

@@ -8,9 +8,9 @@
 //! Resampling is nnU-Net's (`crate::resample`): cubic spline for the image, linear for the
 //! probabilities, nearest along the low-resolution axis of an anisotropic spacing.
 
-use crate::bundle::CtNormalization;
 use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
+use crate::model_file::CtNormalization;
 use crate::resample::{self, Order};
 use crate::volume::{DType, Volume};
 use tch::{Kind, Tensor};

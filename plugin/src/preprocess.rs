@@ -5,8 +5,8 @@
 //! computes it; the voxels are then sampled once, from the input, at the new lattice's points.
 //! Every step is a grid, so the inverse is the same sampler pointed the other way.
 
-use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
+use crate::model_file::Preprocessing;
 use crate::volume::{Affine, Volume, check_affine};
 use tch::{Device, Kind, Tensor};
 

@@ -5,12 +5,12 @@
 //! takes the argmax there, as nnU-Net does, so thin structures survive; `resample: "nearest"` takes
 //! the argmax on the model's grid and samples labels by nearest neighbour instead.
 
-use crate::bundle::{Model, Stage};
 use crate::error::{Error, ErrorKind, Result, catch_panic};
 use crate::events::{Event, Progress, report};
 use crate::infer::{Blend, WindowOptions, sliding_window};
 use crate::model::fused::with_fused;
 use crate::model::{Precision, with_precision};
+use crate::model_file::{Model, Stage};
 use crate::preprocess::{Grid, Interp, Prepared, prepare, sample};
 use crate::volume::{DType, Volume};
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,7 @@ impl SegmentOptions {
 
 /// How a segmentation model sees volumes: what `prepare` does and what the predictor returns.
 pub struct Pipeline<'a> {
-    pub preprocessing: &'a crate::bundle::Preprocessing,
+    pub preprocessing: &'a crate::model_file::Preprocessing,
     pub classes: i64,
     pub device: Device,
     /// `[B, 1, roi] → [B, classes, roi]` class probabilities.
@@ -172,7 +172,7 @@ pub fn segment(
             Ok(logits.f_to_kind(Kind::Float)?.f_softmax(1, Kind::Float)?)
         })
     };
-    if model.meta.preprocessing.pipeline == crate::bundle::Pipeline::NnUnet {
+    if model.meta.preprocessing.pipeline == crate::model_file::Pipeline::NnUnet {
         return catch_panic(|| segment_nnunet(model, volume, opts, &predict, progress));
     }
     let pipeline = Pipeline {

@@ -154,7 +154,7 @@ fn labels(
     device: Device,
     options: &str,
 ) -> Tensor {
-    let model = lwi::bundle::Model::load(path, device).unwrap();
+    let model = lwi::model_file::Model::load(path, device).unwrap();
     let opts = lwi::segment::SegmentOptions::from_json(options).unwrap();
     lwi::segment::segment(&model, image, &opts, &mut lwi::events::Silent)
         .unwrap()
@@ -176,7 +176,13 @@ fn short_fine_tune_on_cuda_lowers_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 12);
     let mut losses = EpochLosses(Vec::new());
-    lwi::train::train(lwi::bundle::Stage::Segmentation, &cfg, cuda, &mut losses).unwrap();
+    lwi::train::train(
+        lwi::model_file::Stage::Segmentation,
+        &cfg,
+        cuda,
+        &mut losses,
+    )
+    .unwrap();
     let l = &losses.0;
     println!("fine-tune on cuda:0, epoch losses {l:.4?}");
     assert_eq!(l.len(), 12);
@@ -194,7 +200,7 @@ fn segment_on_cuda_equals_segment_on_cpu_and_the_accumulator_cap_changes_nothing
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 2);
     lwi::train::train(
-        lwi::bundle::Stage::Segmentation,
+        lwi::model_file::Stage::Segmentation,
         &cfg,
         Device::Cpu,
         &mut lwi::events::Silent,
@@ -311,7 +317,7 @@ fn unetr_pp_segment_on_cuda_equals_segment_on_cpu() {
         }),
     );
     lwi::train::train(
-        lwi::bundle::Stage::Segmentation,
+        lwi::model_file::Stage::Segmentation,
         &cfg,
         Device::Cpu,
         &mut lwi::events::Silent,

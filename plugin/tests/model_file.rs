@@ -5,10 +5,10 @@ mod common;
 
 use common::{max_abs, monai_reference, report};
 use lwi::ErrorKind;
-use lwi::bundle::{Model, ModelMetadata, Preprocessing, Stage};
-use lwi::import::{ImportOptions, import_unetr};
 use lwi::model::unetr_pp::UnetrPpConfig;
 use lwi::model::{ArchConfig, UnetrConfig};
+use lwi::model_file::import::{ImportOptions, import_unetr};
+use lwi::model_file::{Model, ModelMetadata, Preprocessing, Stage};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Device, Tensor};

@@ -2,10 +2,10 @@
 //! augmentation, every random decision drawn from the run's RNG so that a resumed run repeats them.
 
 use super::{Augment, TrainConfig};
-use crate::bundle::Preprocessing;
 use crate::dataset::{Entry, prepare_case};
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
+use crate::model_file::Preprocessing;
 use crate::preprocess::pad_to_roi;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;

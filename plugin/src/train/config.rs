@@ -3,10 +3,10 @@
 //! checked when read.
 
 use super::nnunet_augment::NnUnetAugment;
-use crate::bundle::Stage;
 use crate::distributed::DistributedConfig;
 use crate::error::{Error, Result};
 use crate::model::ArchConfig;
+use crate::model_file::Stage;
 use crate::pretext::{Grouping, PretextConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -411,7 +411,7 @@ impl TrainConfig {
             )));
         }
         if let Some(s) = c.spacing {
-            crate::bundle::check_spacing("training config: spacing", s)?;
+            crate::model_file::check_spacing("training config: spacing", s)?;
         }
         if c.recipe == Recipe::Unetr && c.spacing.is_none() {
             return Err(Error::invalid(
@@ -454,7 +454,7 @@ impl TrainConfig {
 /// The architecture of the init-train model `path` (from its header; `out_channels` is the
 /// stage's to decide).
 fn init_architecture(path: &Path) -> Result<ArchConfig> {
-    let meta = crate::bundle::ModelMetadata::read(path)?;
+    let meta = crate::model_file::ModelMetadata::read(path)?;
     if meta.stage != Stage::Init {
         return Err(Error::new(
             crate::error::ErrorKind::ModelIncompatible,

@@ -5,10 +5,10 @@
 //! (z, y, x) order, all cases together): 0.5 and 99.5 percentiles, mean and standard deviation.
 //! It is computed once per run and stored in the model file as its preprocessing.
 
-use crate::bundle::CtNormalization;
 use crate::dataset::{Entry, check_label};
 use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
+use crate::model_file::CtNormalization;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -32,13 +32,13 @@ pub use objective::deep_supervision_weights;
 pub use optimizer::{AdamW, Optimizer, Sgd, clip_grad_norm};
 pub use schedule::{learning_rate, poly};
 
-use crate::bundle::{EpochRecord, Model, ModelMetadata, Stage};
 use crate::dataset::DatasetFile;
 use crate::distributed::Peers;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::model::Precision;
+use crate::model_file::{EpochRecord, Model, ModelMetadata, Stage};
 use objective::Objective;
 use rand::Rng;
 use source::{Source, Store};
@@ -145,7 +145,7 @@ impl<'a> Run<'a> {
         let dataset = DatasetFile::read(&cfg.dataset)?;
         // the labels go into the model file: bounded as it bounds them, before any case is prepared
         let what = format!("{}: labels", cfg.dataset.display());
-        crate::bundle::check_labels(&what, &dataset.labels)?;
+        crate::model_file::check_labels(&what, &dataset.labels)?;
         let classes = stage_classes(stage, cfg, &dataset)?;
         let store = Store::open(cfg, &dataset)?;
         let pre = source::preprocessing(cfg, &dataset, &store, progress)?;

@@ -4,10 +4,10 @@
 
 use super::streams::Epoch;
 use super::{Recipe, TrainConfig};
-use crate::bundle::{Model, Stage};
 use crate::distributed::Peers;
 use crate::error::{Error, Result};
 use crate::model::{Precision, with_precision};
+use crate::model_file::{Model, Stage};
 use crate::pretext::PretextConfig;
 use tch::Tensor;
 

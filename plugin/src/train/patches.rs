@@ -9,10 +9,10 @@
 
 use super::TrainConfig;
 use super::cache::{self, Cache};
-use crate::bundle::CtNormalization;
 use crate::dataset::{Entry, check_label};
 use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
+use crate::model_file::CtNormalization;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};

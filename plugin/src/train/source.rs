@@ -3,10 +3,10 @@
 //! cache on disk) and the batches drawn from them each iteration.
 
 use super::{Recipe, TrainConfig, batches, cache, fingerprint, patches, streams};
-use crate::bundle::{Pipeline, Preprocessing};
 use crate::dataset::DatasetFile;
 use crate::error::{Error, Result};
 use crate::events::Progress;
+use crate::model_file::{Pipeline, Preprocessing};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 

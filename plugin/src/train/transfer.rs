@@ -1,8 +1,8 @@
 //! From stage 1 to stage 2: the learned initialization carried into a fine-tune model.
 
-use crate::bundle::{Model, Pipeline, Stage};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::load_state_dict;
+use crate::model_file::{Model, Pipeline, Stage};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -14,7 +14,7 @@ pub(super) fn transfer_from_init(
     model: &Model,
     init: &Path,
     device: Device,
-) -> Result<Vec<crate::bundle::EpochRecord>> {
+) -> Result<Vec<crate::model_file::EpochRecord>> {
     let stage1 = Model::load(init, device)?;
     if stage1.meta.stage != Stage::Init {
         return Err(Error::new(

@@ -2,11 +2,11 @@
 //! in a data-parallel job each rank scores its share of the cases and the sums are added up, so
 //! the figures are one process's.
 
-use crate::bundle::Model;
 use crate::dataset::DatasetFile;
 use crate::distributed::Peers;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
+use crate::model_file::Model;
 use std::collections::BTreeMap;
 
 /// Dice on the validation cases (sliding window on the whole volume, back on the original grid, as

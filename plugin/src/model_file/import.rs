@@ -7,15 +7,15 @@
 //! `norm_cross_attn`, and the order heads `vit.temp_head{1..4}`). A plain state dict or a dict
 //! holding one under `state_dict` (`{"epoch": …, "best_acc": …, "state_dict": {…}}`) both work.
 //!
-//! The pickles are vetted first by [`crate::pickle`] against an allow-list ([`CHECKPOINT`]); the
+//! The pickles are vetted first by [`crate::model_file::pickle`] against an allow-list ([`CHECKPOINT`]); the
 //! tensors are then read by `pytorch-reader`, which rebuilds only tensors and plain containers.
 //! Neither executes code from the file. This path is used only by `lwi import`.
 
-use crate::bundle::{Model, ModelMetadata, Preprocessing, Stage, sha256_file};
+use super::pickle::{self, PLAIN_DATA, Rules, quoted};
+use super::{Model, ModelMetadata, Preprocessing, Stage, sha256_file};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::unetr_pp::UnetrPpConfig;
 use crate::model::{ArchConfig, UnetrConfig, load_state_dict};
-use crate::pickle::{self, PLAIN_DATA, Rules, quoted};
 use pytorch_reader::{DType, FileFormat, PytorchError, PytorchReader};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -72,7 +72,7 @@ fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
         &o.arch_config.to_string(),
         "import options: arch_config",
     )?;
-    crate::bundle::check_labels("import options: labels", &o.labels)?;
+    super::check_labels("import options: labels", &o.labels)?;
     Ok((
         arch,
         ImportOptions {
@@ -423,9 +423,9 @@ pub fn import_unetr_pp(
         spacing: options.spacing,
         intensity_window: options.window,
         roi_size: config.img_size,
-        pipeline: crate::bundle::Pipeline::NnUnet,
+        pipeline: super::Pipeline::NnUnet,
         ct_normalization: options.ct_normalization.map(|[lower, upper, mean, sd]| {
-            crate::bundle::CtNormalization {
+            super::CtNormalization {
                 lower,
                 upper,
                 mean,
@@ -435,7 +435,7 @@ pub fn import_unetr_pp(
         ..Default::default()
     };
     if let Some(path) = &options.plans {
-        let plans = crate::plans::read(path)?;
+        let plans = super::nnunet_plans::read(path)?;
         if plans.patch != config.img_size {
             return Err(Error::invalid(format!(
                 "{}: the plans' patch {:?} differs from the architecture's img_size {:?}",
