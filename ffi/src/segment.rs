@@ -45,7 +45,7 @@ pub unsafe extern "C" fn lwi_segment(
             )
         };
         let out_type = dtype_of(out_dtype)?;
-        lwi::segment::check_label_type(&m.model, out_type)?;
+        lwi::pipeline::check_label_type(&m.model, out_type)?;
         let need = out_type.byte_size(input.dims())?;
         if out_labels.is_null() {
             return Err(null("out_labels"));
@@ -55,8 +55,8 @@ pub unsafe extern "C" fn lwi_segment(
                 "out_bytes is {out_bytes}; the labels need exactly {need}"
             )));
         }
-        let opts = lwi::segment::SegmentOptions::from_json(json)?;
-        let labels = lwi::segment::segment(
+        let opts = lwi::pipeline::SegmentOptions::from_json(json)?;
+        let labels = lwi::pipeline::segment(
             &m.model,
             &input,
             &opts,
@@ -102,8 +102,8 @@ pub unsafe extern "C" fn lwi_segment_file(
                 text_arg(options_json, "options_json", "")?,
             )
         };
-        let opts = lwi::segment::SegmentOptions::from_json(json)?;
-        lwi::segment::segment_file(
+        let opts = lwi::pipeline::SegmentOptions::from_json(json)?;
+        lwi::pipeline::segment_file(
             &m.model,
             src,
             dst,

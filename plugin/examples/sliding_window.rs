@@ -8,9 +8,9 @@
 
 mod common;
 
-use lwi::infer::{Blend, WindowOptions, sliding_window};
 use lwi::model::fused::with_fused;
 use lwi::model::{Unetr, with_precision};
+use lwi::pipeline::tiling::{Blend, WindowOptions, sliding_window};
 use tch::{Kind, Tensor, nn};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,20 +12,15 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod forward;
-pub mod infer;
 pub mod io;
 pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod model_file;
-pub mod nnunet;
 pub mod options;
 pub mod phantom;
-pub mod postprocess;
-pub mod preprocess;
+pub mod pipeline;
 pub mod pretext;
-pub mod resample;
-pub mod segment;
 pub mod shim;
 pub mod train;
 pub mod volume;
@@ -35,3 +30,9 @@ pub use volume::{Affine, DType, Volume, flip_lps_ras};
 
 // Paths of the previous layout, kept for one release.
 pub use model_file as bundle;
+pub use pipeline::nnunet::resample;
+/// Segmentation (now [`pipeline`]).
+pub mod segment {
+    pub use crate::pipeline::monai::{Pipeline, run};
+    pub use crate::pipeline::*;
+}

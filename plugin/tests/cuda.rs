@@ -155,8 +155,8 @@ fn labels(
     options: &str,
 ) -> Tensor {
     let model = lwi::model_file::Model::load(path, device).unwrap();
-    let opts = lwi::segment::SegmentOptions::from_json(options).unwrap();
-    lwi::segment::segment(&model, image, &opts, &mut lwi::events::Silent)
+    let opts = lwi::pipeline::SegmentOptions::from_json(options).unwrap();
+    lwi::pipeline::segment(&model, image, &opts, &mut lwi::events::Silent)
         .unwrap()
         .data
 }

@@ -49,7 +49,7 @@ fn option_crashes_stay_fixed() {
     for f in inputs("options") {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
         let _ = lwi::train::TrainConfig::from_json(&text);
-        let _ = lwi::segment::SegmentOptions::from_json(&text);
+        let _ = lwi::pipeline::SegmentOptions::from_json(&text);
     }
 }
 

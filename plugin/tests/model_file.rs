@@ -332,7 +332,7 @@ fn a_file_that_is_not_a_checkpoint_is_a_format_error() {
 #[test]
 fn a_label_buffer_must_hold_every_class_of_the_model() {
     use lwi::DType;
-    use lwi::segment::check_label_type;
+    use lwi::pipeline::check_label_type;
     let small = tiny_model(None);
     assert!(check_label_type(&small, DType::U8).is_ok());
     assert!(check_label_type(&small, DType::U16).is_ok());

@@ -113,7 +113,7 @@ pub enum Pipeline {
     #[default]
     Monai,
     /// nnU-Net v1's (UNETR++): the stored voxel order, non-zero crop, spacing, CT normalisation,
-    /// nnU-Net's sliding window with mirroring (`crate::nnunet`). `spacing` is then per stored axis.
+    /// nnU-Net's sliding window with mirroring (`crate::pipeline::nnunet`). `spacing` is then per stored axis.
     NnUnet,
 }
 

@@ -2,11 +2,12 @@
 //! augmentation, every random decision drawn from the run's RNG so that a resumed run repeats them.
 
 use super::{Augment, TrainConfig};
-use crate::dataset::{Entry, prepare_case};
+use crate::dataset::Entry;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
 use crate::model_file::Preprocessing;
-use crate::preprocess::pad_to_roi;
+use crate::pipeline::monai::prepare::pad_to_roi;
+use crate::pipeline::monai::train_case::prepare_case;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};

@@ -1,7 +1,7 @@
 //! The training engine shared by init-train (stage 1, self-supervised) and fine-tune (stage 2): a
 //! short driver ([`train_with`]) over parts that each do one thing — the config and its recipes
 //! ([`config`]), the batch sources (MONAI-style crops in [`batches`]; nnU-Net's patches in
-//! [`patches`], with its [`fingerprint`] and [`nnunet_augment`]), the objective ([`objective`]),
+//! [`patches`], with its [`fingerprint`](crate::pipeline::nnunet::fingerprint) and [`nnunet_augment`]), the objective ([`objective`]),
 //! the optimizer ([`optimizer`]) and its schedule ([`schedule`]), the gradient seam
 //! ([`gradients`]), the random streams ([`streams`]), checkpoints that resume exactly
 //! ([`checkpoint`]), validation ([`validate`]) and the transfer from stage 1 to stage 2
@@ -13,7 +13,6 @@ mod batches;
 mod cache;
 mod checkpoint;
 mod config;
-pub mod fingerprint;
 pub mod gradients;
 pub mod nnunet_augment;
 mod objective;

@@ -2,11 +2,12 @@
 //! nnU-Net's from the dataset fingerprint), the prepared cases (in memory, or in the preprocessed
 //! cache on disk) and the batches drawn from them each iteration.
 
-use super::{Recipe, TrainConfig, batches, cache, fingerprint, patches, streams};
+use super::{Recipe, TrainConfig, batches, cache, patches, streams};
 use crate::dataset::DatasetFile;
 use crate::error::{Error, Result};
 use crate::events::Progress;
 use crate::model_file::{Pipeline, Preprocessing};
+use crate::pipeline::nnunet::fingerprint;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 

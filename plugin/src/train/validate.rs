@@ -19,8 +19,8 @@ pub(super) fn validate(
     peers: &Peers,
     progress: &mut dyn Progress,
 ) -> Result<(f64, BTreeMap<u32, f64>)> {
-    let opts = crate::segment::SegmentOptions {
-        blend: crate::infer::Blend::Constant,
+    let opts = crate::pipeline::SegmentOptions {
+        blend: crate::pipeline::tiling::Blend::Constant,
         // nnU-Net validates online without mirroring
         mirror: Some(false),
         ..Default::default()
@@ -43,7 +43,7 @@ pub(super) fn validate(
         let reference = crate::io::read_volume(label_path)?;
         let classes = model.meta.arch.out_channels() as u32;
         crate::dataset::check_label(&image, &reference, label_path, Some(classes))?;
-        let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
+        let pred = crate::pipeline::segment(model, &image, &opts, &mut crate::events::Silent)?;
         for (l, s) in crate::metrics::score(&pred, &reference, &labels)? {
             if let (Some(d), Some(k)) = (s.dice, labels.iter().position(|&x| x == l)) {
                 totals[2 * k] += d;

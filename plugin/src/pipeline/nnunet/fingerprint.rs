@@ -32,7 +32,7 @@ fn foreground_voxels(entry: &Entry) -> Result<(Tensor, [f64; 3])> {
         }
         None => data.f_ne(0.0)?,
     };
-    let (start, end) = crate::nnunet::nonzero_box(&data)?;
+    let (start, end) = super::prepare::nonzero_box(&data)?;
     let crop = |t: &Tensor| -> Result<Tensor> {
         let mut t = t.shallow_clone();
         for d in 0..3 {

@@ -80,7 +80,7 @@ pub fn sliding_window(
     }
     let size = image.size();
     let spatial = [size[1], size[2], size[3]];
-    let (padded, pads) = crate::preprocess::pad_to_roi(image, opts.roi)?;
+    let (padded, pads) = crate::pipeline::monai::prepare::pad_to_roi(image, opts.roi)?;
     let psize: [i64; 3] = std::array::from_fn(|d| spatial[d] + pads[d].0 + pads[d].1);
     let starts: Vec<Vec<i64>> = (0..3)
         .map(|d| window_starts(psize[d], opts.roi[d], opts.overlap))

@@ -1,0 +1,54 @@
+//! nnU-Net v1's pipeline (UNETR++ models, trained inside nnU-Net): the voxels as stored (no
+//! reorientation), the network's axes (z, y, x) of the stored array, crop to the non-zero box,
+//! resampling to the model's spacing, CT normalisation (clip to the training foreground's 0.5/99.5
+//! percentiles, z-score with its mean and sd), padding to the patch, the sliding window of
+//! `nnunet==1.7.1`'s `SegmentationNetwork._internal_predict_3D_3Dconv_tiled` (step 0.5, Gaussian
+//! σ = patch/8, softmax per tile averaged over the 8 mirrorings), then the class probabilities back
+//! onto the cropped grid, argmax, pasted into the input's grid. Resampling is nnU-Net's
+//! ([`resample`]): cubic spline for the image, linear for the probabilities, nearest along the
+//! low-resolution axis of an anisotropic spacing.
+
+pub mod back;
+pub mod fingerprint;
+pub mod prepare;
+pub mod resample;
+pub mod train_case;
+pub mod window;
+
+use super::options::SegmentOptions;
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{Event, Progress, report};
+use crate::model_file::Model;
+use crate::volume::Volume;
+use tch::Tensor;
+
+/// Segments `volume` with the nnU-Net model `model`, with the same progress stages as MONAI's.
+pub fn segment(
+    model: &Model,
+    volume: &Volume,
+    opts: &SegmentOptions,
+    softmax: &dyn Fn(&Tensor) -> Result<Tensor>,
+    progress: &mut dyn Progress,
+) -> Result<Volume> {
+    let pre = &model.meta.preprocessing;
+    let norm = pre.ct_normalization.as_ref().ok_or_else(|| {
+        Error::new(
+            ErrorKind::ModelIncompatible,
+            "this nnU-Net model has no CT normalisation (import it with --ct-norm P0.5,P99.5,MEAN,SD from its plans)",
+        )
+    })?;
+    let event = Event::progress;
+    report(progress, event("preprocess", 0, 1))?;
+    let prepared = prepare::prepare(volume, pre.spacing, norm)?;
+    let image = prepared.image.f_to_device(model.vs.device())?;
+    report(progress, event("preprocess", 1, 1))?;
+    let mirror = opts.mirror.unwrap_or(true);
+    let probs = window::sliding_window(&image, pre.roi_size, mirror, progress, softmax)?;
+    report(progress, event("resample", 0, 1))?;
+    let labels = back::labels_back(volume, &prepared, &probs, model.meta.arch.out_channels())?;
+    report(progress, event("resample", 1, 1))?;
+    if let Some(path) = &opts.save_preprocessed {
+        crate::io::write_volume(&prepared.to_volume(volume)?, path)?;
+    }
+    Ok(labels)
+}
