@@ -29,10 +29,14 @@ pub use error::{Error, ErrorKind, Result};
 pub use volume::{Affine, DType, Volume, flip_lps_ras};
 
 // Paths of the previous layout, kept for one release.
-pub use model_file as bundle;
 pub use pipeline::nnunet::resample;
-/// Segmentation (now [`pipeline`]).
+/// The model file (now [`model_file`]); `Preprocessing` was one flat struct, MONAI's by default.
+pub mod bundle {
+    pub use crate::model_file::MonaiPreprocessing as Preprocessing;
+    pub use crate::model_file::*;
+}
+/// Segmentation (now [`pipeline`]); `Pipeline` and `run` are MONAI's pipeline around any predictor.
 pub mod segment {
-    pub use crate::pipeline::monai::{Pipeline, run};
+    pub use crate::pipeline::monai::{Segmenter as Pipeline, run};
     pub use crate::pipeline::*;
 }

@@ -12,7 +12,10 @@
 //! Neither executes code from the file. This path is used only by `lwi import`.
 
 use super::pickle::{self, PLAIN_DATA, Rules, quoted};
-use super::{Model, ModelMetadata, Preprocessing, Stage, sha256_file};
+use super::{
+    Model, ModelMetadata, MonaiPreprocessing, NnUnetPreprocessing, Preprocessing, Stage,
+    sha256_file,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::unetr_pp::UnetrPpConfig;
 use crate::model::{ArchConfig, UnetrConfig, load_state_dict};
@@ -55,11 +58,11 @@ struct ImportOptionsJson {
 }
 
 fn default_spacing() -> [f64; 3] {
-    Preprocessing::default().spacing
+    MonaiPreprocessing::default().spacing
 }
 
 fn default_window() -> [f64; 2] {
-    Preprocessing::default().intensity_window
+    MonaiPreprocessing::default().intensity_window
 }
 
 /// The JSON options (`{"arch", "arch_config", "labels", "spacing", "window", …}`): the
@@ -320,12 +323,12 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
         .filter_map(|(k, v)| native_name(&k).map(|n| (n, v)))
         .collect();
 
-    let mut preprocessing = Preprocessing {
+    let preprocessing = Preprocessing::Monai(MonaiPreprocessing {
         spacing: options.spacing,
         intensity_window: options.window,
+        roi_size: options.config.img_size,
         ..Default::default()
-    };
-    preprocessing.roi_size = options.config.img_size;
+    });
     let with_heads = tensors.get("vit.temp_head1.weight").map(|w| w.size()[0]);
     let stage = if with_heads.is_some() && options.config.out_channels == 1 {
         Stage::Init
@@ -419,11 +422,9 @@ pub fn import_unetr_pp(
         tensors.retain(|k, _| !k.starts_with("temp_head"));
         Stage::Segmentation
     };
-    let mut preprocessing = Preprocessing {
+    let mut preprocessing = NnUnetPreprocessing {
         spacing: options.spacing,
-        intensity_window: options.window,
         roi_size: config.img_size,
-        pipeline: super::Pipeline::NnUnet,
         ct_normalization: options.ct_normalization.map(|[lower, upper, mean, sd]| {
             super::CtNormalization {
                 lower,
@@ -432,7 +433,6 @@ pub fn import_unetr_pp(
                 sd,
             }
         }),
-        ..Default::default()
     };
     if let Some(path) = &options.plans {
         let plans = super::nnunet_plans::read(path)?;
@@ -454,7 +454,7 @@ pub fn import_unetr_pp(
     let mut meta = ModelMetadata::new(
         ArchConfig::UnetrPp(config.clone()),
         labels,
-        preprocessing,
+        Preprocessing::NnUnet(preprocessing),
         stage,
     );
     meta.order_classes = (stage == Stage::Init).then_some(with_heads).flatten();

@@ -13,14 +13,20 @@ use tch::{Device, Tensor, nn};
 pub mod import;
 pub mod nnunet_plans;
 pub mod pickle;
+pub mod preprocessing;
 mod tensors;
+
+pub use preprocessing::{
+    CtNormalization, MonaiPreprocessing, NnUnetPreprocessing, Pipeline, Preprocessing,
+};
 
 pub(crate) use tensors::{tensor_from_view, write_safetensors};
 
 pub const FORMAT: &str = "lwi-model";
+/// 3: the preprocessing section holds its pipeline's fields only, tagged by `"pipeline"`.
 /// 2: the architecture is `"arch"` + `"config"` of any registered architecture (UNETR++ added).
-/// Version 1 files (UNETR only, the same layout) still load.
-pub const FORMAT_VERSION: u32 = 2;
+/// Files of versions 1 and 2 (a flat union of both pipelines' preprocessing fields) still load.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Ceilings of the preprocessing and label fields (docs/model-file.md); the architecture's are in
 /// [`crate::model::limits`].
@@ -81,71 +87,6 @@ pub enum Stage {
     Init,
     /// Segmentation: one output channel per label.
     Segmentation,
-}
-
-/// How input volumes are prepared before the network sees them (method §1.1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Preprocessing {
-    /// Orientation the volume is resampled into; always "RAS".
-    pub orientation: String,
-    /// Target voxel spacing in mm along x, y, z.
-    pub spacing: [f64; 3],
-    /// HU window mapped to [0, 1] with clipping.
-    pub intensity_window: [f64; 2],
-    /// Sliding-window / crop size in voxels (the network's `img_size`).
-    pub roi_size: [i64; 3],
-    /// Crop to the bounding box of voxels above the window's lower bound.
-    pub crop_foreground: bool,
-    /// Which pipeline prepares volumes: MONAI's (the fields above) or nnU-Net v1's.
-    #[serde(default, skip_serializing_if = "Pipeline::is_monai")]
-    pub pipeline: Pipeline,
-    /// nnU-Net's CT normalisation (its plans' intensity properties), for the nnU-Net pipeline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ct_normalization: Option<CtNormalization>,
-}
-
-/// How a model's input is prepared and its output put back (docs/models.md).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pipeline {
-    /// MONAI's: RAS, spacing (trilinear), HU window, foreground crop, sliding window (UNETR).
-    #[default]
-    Monai,
-    /// nnU-Net v1's (UNETR++): the stored voxel order, non-zero crop, spacing, CT normalisation,
-    /// nnU-Net's sliding window with mirroring (`crate::pipeline::nnunet`). `spacing` is then per stored axis.
-    NnUnet,
-}
-
-impl Pipeline {
-    fn is_monai(&self) -> bool {
-        *self == Pipeline::Monai
-    }
-}
-
-/// nnU-Net's "CT" normalisation: clip to the training foreground's 0.5 and 99.5 percentiles, then
-/// subtract its mean and divide by its standard deviation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CtNormalization {
-    pub lower: f64,
-    pub upper: f64,
-    pub mean: f64,
-    pub sd: f64,
-}
-
-impl Default for Preprocessing {
-    fn default() -> Self {
-        Preprocessing {
-            orientation: "RAS".into(),
-            spacing: [1.5, 1.5, 2.0],
-            intensity_window: [-175.0, 250.0],
-            roi_size: [96, 96, 96],
-            crop_foreground: true,
-            pipeline: Pipeline::Monai,
-            ct_normalization: None,
-        }
-    }
 }
 
 /// Where a model came from.
@@ -215,7 +156,7 @@ struct MetadataDocument {
     config: serde_json::Value,
     order_classes: Option<i64>,
     labels: BTreeMap<u32, String>,
-    preprocessing: Preprocessing,
+    preprocessing: serde_json::Value,
     stage: Stage,
     provenance: Provenance,
 }
@@ -225,13 +166,14 @@ impl TryFrom<MetadataDocument> for ModelMetadata {
     fn try_from(d: MetadataDocument) -> std::result::Result<Self, String> {
         let arch = ArchConfig::from_parts(&d.arch, &d.config.to_string(), "config")
             .map_err(|e| e.message)?;
+        let preprocessing = Preprocessing::from_document(d.preprocessing, d.format_version)?;
         Ok(ModelMetadata {
             format: d.format,
             format_version: d.format_version,
             arch,
             order_classes: d.order_classes,
             labels: d.labels,
-            preprocessing: d.preprocessing,
+            preprocessing,
             stage: d.stage,
             provenance: d.provenance,
         })
@@ -247,7 +189,7 @@ impl From<ModelMetadata> for MetadataDocument {
             config: m.arch.keyword_arguments(),
             order_classes: m.order_classes,
             labels: m.labels,
-            preprocessing: m.preprocessing,
+            preprocessing: m.preprocessing.to_document(),
             stage: m.stage,
             provenance: m.provenance,
         }
@@ -331,20 +273,15 @@ impl ModelMetadata {
         self.arch
             .validate()
             .map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
-        if self.preprocessing.orientation != "RAS" {
-            return bad(format!(
-                "preprocessing orientation '{}' (lwi models work in RAS)",
-                self.preprocessing.orientation
-            ));
-        }
-        if self.preprocessing.roi_size != self.arch.img_size() {
+        if self.preprocessing.roi_size() != self.arch.img_size() {
             return bad(format!(
                 "roi_size {:?} differs from the network's img_size {:?}",
-                self.preprocessing.roi_size,
+                self.preprocessing.roi_size(),
                 self.arch.img_size()
             ));
         }
-        self.validate_preprocessing()
+        self.preprocessing
+            .validate()
             .and_then(|()| check_labels("labels", &self.labels))
             .map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
         if self.stage == Stage::Segmentation {
@@ -365,33 +302,6 @@ impl ModelMetadata {
                 return bad(format!(
                     "order_classes {m}: order prediction needs 2 to {max} slabs"
                 ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Spacing, intensity window and CT normalisation within [`bounds`].
-    fn validate_preprocessing(&self) -> Result<()> {
-        let p = &self.preprocessing;
-        check_spacing("preprocessing spacing", p.spacing)?;
-        let intensity = |v: &f64| v.is_finite() && v.abs() <= bounds::MAX_INTENSITY;
-        let [lo, hi] = p.intensity_window;
-        if !(intensity(&lo) && intensity(&hi) && lo < hi) {
-            return Err(Error::invalid(format!(
-                "preprocessing intensity_window {:?} must be [low, high], low < high, within ±{}",
-                p.intensity_window,
-                bounds::MAX_INTENSITY
-            )));
-        }
-        if let Some(n) = &p.ct_normalization {
-            let values = [n.lower, n.upper, n.mean, n.sd];
-            if !(values.iter().all(intensity) && n.lower < n.upper && n.sd >= bounds::MIN_SD) {
-                return Err(Error::invalid(format!(
-                    "preprocessing ct_normalization {n:?}: needs values within ±{}, lower < upper \
-                     and sd ≥ {}",
-                    bounds::MAX_INTENSITY,
-                    bounds::MIN_SD
-                )));
             }
         }
         Ok(())
@@ -474,8 +384,13 @@ impl Model {
     }
 
     /// Writes the model file (through a temporary name). Tensors are stored as float32, sorted by name.
+    /// A model read from an older format is written in the current one.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let doc = serde_json::to_string(&self.meta).map_err(|e| Error::internal(e.to_string()))?;
+        let meta = ModelMetadata {
+            format_version: FORMAT_VERSION,
+            ..self.meta.clone()
+        };
+        let doc = serde_json::to_string(&meta).map_err(|e| Error::internal(e.to_string()))?;
         write_safetensors(
             path,
             self.vs.variables().into_iter().collect(),

@@ -103,7 +103,7 @@ fn segment_file_staged(
         "model_sha256": model.file_sha256,
         "model_stage": model.meta.stage,
         "arch": model.meta.arch.name(),
-        "pipeline": model.meta.preprocessing.pipeline,
+        "pipeline": model.meta.preprocessing.pipeline(),
         "labels": model.meta.labels,
         "device": crate::engine::device_name(model.vs.device()),
         "precision": opts.precision.on(model.vs.device()),

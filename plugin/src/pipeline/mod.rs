@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result, catch_panic};
 use crate::events::Progress;
 use crate::model::fused::with_fused;
 use crate::model::with_precision;
-use crate::model_file::{Model, Pipeline, Stage};
+use crate::model_file::{Model, Preprocessing, Stage};
 use crate::volume::{DType, Volume};
 use tch::{Device, Kind, Tensor};
 
@@ -75,18 +75,24 @@ pub fn segment(
             Ok(logits.f_to_kind(Kind::Float)?.f_softmax(1, Kind::Float)?)
         })
     };
-    match model.meta.preprocessing.pipeline {
-        Pipeline::Monai => {
-            let pipeline = monai::Pipeline {
-                preprocessing: &model.meta.preprocessing,
+    match &model.meta.preprocessing {
+        Preprocessing::Monai(preprocessing) => {
+            let segmenter = monai::Segmenter {
+                preprocessing,
                 classes: cfg.out_channels(),
                 device,
                 predict: &predict,
             };
-            catch_panic(|| monai::run(&pipeline, volume, opts, progress))
+            catch_panic(|| monai::run(&segmenter, volume, opts, progress))
         }
-        Pipeline::NnUnet => {
-            catch_panic(|| nnunet::segment(model, volume, opts, &predict, progress))
+        Preprocessing::NnUnet(preprocessing) => {
+            let segmenter = nnunet::Segmenter {
+                preprocessing,
+                classes: cfg.out_channels(),
+                device,
+                predict: &predict,
+            };
+            catch_panic(|| nnunet::run(&segmenter, volume, opts, progress))
         }
     }
 }

@@ -5,7 +5,7 @@ use super::{Augment, TrainConfig};
 use crate::dataset::Entry;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
-use crate::model_file::Preprocessing;
+use crate::model_file::MonaiPreprocessing;
 use crate::pipeline::monai::prepare::pad_to_roi;
 use crate::pipeline::monai::train_case::prepare_case;
 use rand::Rng;
@@ -128,7 +128,7 @@ fn augment(
 /// The training cases preprocessed, padded to the roi and ready to sample from.
 pub(super) fn prepare_cases(
     entries: &[Entry],
-    pre: &Preprocessing,
+    pre: &MonaiPreprocessing,
     roi: [i64; 3],
     label_classes: Option<u32>,
     progress: &mut dyn Progress,

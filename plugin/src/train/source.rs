@@ -6,7 +6,7 @@ use super::{Recipe, TrainConfig, batches, cache, patches, streams};
 use crate::dataset::DatasetFile;
 use crate::error::{Error, Result};
 use crate::events::Progress;
-use crate::model_file::{Pipeline, Preprocessing};
+use crate::model_file::{MonaiPreprocessing, NnUnetPreprocessing, Preprocessing};
 use crate::pipeline::nnunet::fingerprint;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
@@ -21,25 +21,23 @@ pub(super) fn preprocessing(
 ) -> Result<Preprocessing> {
     let roi_size = cfg.arch.img_size();
     match cfg.recipe {
-        Recipe::Unetr => Ok(Preprocessing {
-            spacing: cfg.spacing.unwrap_or(Preprocessing::default().spacing),
+        Recipe::Unetr => Ok(Preprocessing::Monai(MonaiPreprocessing {
+            spacing: cfg.spacing.unwrap_or(MonaiPreprocessing::default().spacing),
             intensity_window: cfg.window,
             roi_size,
             ..Default::default()
-        }),
+        })),
         Recipe::UnetrPp => {
             let mut compute = || fingerprint::compute(&dataset.training, progress);
             let print = match &store.cache {
                 Some(cache) => cache.fingerprint(&store.hashes, compute)?,
                 None => compute()?,
             };
-            Ok(Preprocessing {
+            Ok(Preprocessing::NnUnet(NnUnetPreprocessing {
                 spacing: cfg.spacing.unwrap_or(print.spacing),
                 roi_size,
-                pipeline: Pipeline::NnUnet,
                 ct_normalization: Some(print.ct),
-                ..Default::default()
-            })
+            }))
         }
     }
 }
@@ -89,15 +87,15 @@ impl Source {
         progress: &mut dyn Progress,
     ) -> Result<Source> {
         let roi = cfg.arch.img_size();
-        Ok(match cfg.recipe {
-            Recipe::Unetr => Source::Crops(batches::prepare_cases(
+        Ok(match pre {
+            Preprocessing::Monai(pre) => Source::Crops(batches::prepare_cases(
                 &dataset.training,
                 pre,
                 roi,
                 classes,
                 progress,
             )?),
-            Recipe::UnetrPp => {
+            Preprocessing::NnUnet(pre) => {
                 let norm = pre
                     .ct_normalization
                     .as_ref()

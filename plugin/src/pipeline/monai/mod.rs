@@ -12,13 +12,14 @@ use super::tiling::{WindowOptions, sliding_window};
 use super::{accumulator_device, settle};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
+use crate::model_file::MonaiPreprocessing;
 use crate::volume::{DType, Volume};
 use prepare::{Grid, Interp, Prepared, prepare, sample};
 use tch::{Device, Kind, Tensor};
 
-/// How a segmentation model sees volumes: what `prepare` does and what the predictor returns.
-pub struct Pipeline<'a> {
-    pub preprocessing: &'a crate::model_file::Preprocessing,
+/// A model as this pipeline sees it: what `prepare` does and what the predictor returns.
+pub struct Segmenter<'a> {
+    pub preprocessing: &'a MonaiPreprocessing,
     pub classes: i64,
     pub device: Device,
     /// `[B, 1, roi] → [B, classes, roi]` class probabilities.
@@ -27,7 +28,7 @@ pub struct Pipeline<'a> {
 
 /// The segmentation pipeline around any predictor.
 pub fn run(
-    pipeline: &Pipeline,
+    pipeline: &Segmenter,
     volume: &Volume,
     opts: &SegmentOptions,
     progress: &mut dyn Progress,
@@ -68,7 +69,7 @@ pub fn run(
 /// it (test-time augmentation). The sums live on the GPU unless capped or out of memory there:
 /// then they move to the CPU, with a warning event.
 fn infer_views(
-    pipeline: &Pipeline,
+    pipeline: &Segmenter,
     prepared: &Prepared,
     opts: &SegmentOptions,
     progress: &mut dyn Progress,

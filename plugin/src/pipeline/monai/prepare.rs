@@ -6,7 +6,7 @@
 //! Every step is a grid, so the inverse is the same sampler pointed the other way.
 
 use crate::error::{Error, Result};
-use crate::model_file::Preprocessing;
+use crate::model_file::MonaiPreprocessing;
 use crate::volume::{Affine, Volume, inverse, matmul};
 use tch::{Device, Kind, Tensor};
 
@@ -359,7 +359,7 @@ pub fn sample_all(
 /// RAS, target spacing (trilinear, border padding), HU window, foreground crop — MONAI's chain,
 /// shared by `segment` and training.
 pub fn prepare(
-    pre: &Preprocessing,
+    pre: &MonaiPreprocessing,
     volume: &Volume,
     device: Device,
     slab: i64,

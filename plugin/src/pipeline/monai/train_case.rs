@@ -4,7 +4,7 @@
 use super::prepare::{Grid, Interp, crop_box, prepare, sample_all};
 use crate::dataset::{Entry, check_label};
 use crate::error::Result;
-use crate::model_file::Preprocessing;
+use crate::model_file::MonaiPreprocessing;
 use tch::{Device, Kind, Tensor};
 
 /// A case ready for patch sampling: windowed image `[1, X, Y, Z]` (float) and, when the case has
@@ -19,7 +19,7 @@ pub struct Case {
 /// MONAI's deterministic training prefix for one case: the image as `segment` prepares it, the
 /// label sampled (nearest) onto the same lattice and cropped with the same box. With `classes`,
 /// the label's values are checked against them.
-pub fn prepare_case(entry: &Entry, pre: &Preprocessing, classes: Option<u32>) -> Result<Case> {
+pub fn prepare_case(entry: &Entry, pre: &MonaiPreprocessing, classes: Option<u32>) -> Result<Case> {
     const SLAB: i64 = 32;
     let image = crate::io::read_volume(&entry.image)?;
     let prepared = prepare(pre, &image, Device::Cpu, SLAB)?;

@@ -18,19 +18,27 @@ pub mod window;
 use super::options::SegmentOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
-use crate::model_file::Model;
+use crate::model_file::NnUnetPreprocessing;
 use crate::volume::Volume;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
-/// Segments `volume` with the nnU-Net model `model`, with the same progress stages as MONAI's.
-pub fn segment(
-    model: &Model,
+/// A model as this pipeline sees it: what `prepare` does and what the predictor returns.
+pub struct Segmenter<'a> {
+    pub preprocessing: &'a NnUnetPreprocessing,
+    pub classes: i64,
+    pub device: Device,
+    /// `[B, 1, patch] → [B, classes, patch]` class probabilities.
+    pub predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+}
+
+/// Segments `volume`, with the same progress stages as MONAI's pipeline.
+pub fn run(
+    segmenter: &Segmenter,
     volume: &Volume,
     opts: &SegmentOptions,
-    softmax: &dyn Fn(&Tensor) -> Result<Tensor>,
     progress: &mut dyn Progress,
 ) -> Result<Volume> {
-    let pre = &model.meta.preprocessing;
+    let pre = segmenter.preprocessing;
     let norm = pre.ct_normalization.as_ref().ok_or_else(|| {
         Error::new(
             ErrorKind::ModelIncompatible,
@@ -40,12 +48,12 @@ pub fn segment(
     let event = Event::progress;
     report(progress, event("preprocess", 0, 1))?;
     let prepared = prepare::prepare(volume, pre.spacing, norm)?;
-    let image = prepared.image.f_to_device(model.vs.device())?;
+    let image = prepared.image.f_to_device(segmenter.device)?;
     report(progress, event("preprocess", 1, 1))?;
     let mirror = opts.mirror.unwrap_or(true);
-    let probs = window::sliding_window(&image, pre.roi_size, mirror, progress, softmax)?;
+    let probs = window::sliding_window(&image, pre.roi_size, mirror, progress, segmenter.predict)?;
     report(progress, event("resample", 0, 1))?;
-    let labels = back::labels_back(volume, &prepared, &probs, model.meta.arch.out_channels())?;
+    let labels = back::labels_back(volume, &prepared, &probs, segmenter.classes)?;
     report(progress, event("resample", 1, 1))?;
     if let Some(path) = &opts.save_preprocessed {
         crate::io::write_volume(&prepared.to_volume(volume)?, path)?;
