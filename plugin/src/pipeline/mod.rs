@@ -1,15 +1,16 @@
 //! Segmentation: a volume in, a label map out on the input's own grid, through the pipeline the
 //! model file names ([`Pipeline`](crate::model_file::Pipeline)): MONAI's ([`monai`], UNETR models)
 //! or nnU-Net v1's ([`nnunet`], UNETR++ models), chosen by one `match`. Both run the same sliding
-//! window ([`tiling`]) and the same post-processing ([`postprocess`]); [`file`] adds reading,
-//! writing and the manifest.
+//! window ([`window`]: window batches, the Gaussian, mirroring, progress, cancel, the sums' move to
+//! the CPU on a GPU out-of-memory) and the same post-processing ([`postprocess`]); [`file`] adds
+//! reading, writing and the manifest.
 
 pub mod file;
 pub mod monai;
 pub mod nnunet;
 pub mod options;
 pub mod postprocess;
-pub mod tiling;
+pub mod window;
 
 pub use file::segment_file;
 pub use options::{ResampleBack, SegmentOptions};

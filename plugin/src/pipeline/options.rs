@@ -1,6 +1,6 @@
 //! The options of a segmentation call: the C ABI's `options_json`, the flags of `lwi segment`.
 
-use super::tiling::Blend;
+use super::window::Blend;
 use crate::error::{Error, Result};
 use crate::model::Precision;
 use serde::{Deserialize, Serialize};

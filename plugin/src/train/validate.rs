@@ -20,7 +20,7 @@ pub(super) fn validate(
     progress: &mut dyn Progress,
 ) -> Result<(f64, BTreeMap<u32, f64>)> {
     let opts = crate::pipeline::SegmentOptions {
-        blend: crate::pipeline::tiling::Blend::Constant,
+        blend: crate::pipeline::window::Blend::Constant,
         // nnU-Net validates online without mirroring
         mirror: Some(false),
         ..Default::default()

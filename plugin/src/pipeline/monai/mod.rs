@@ -6,11 +6,12 @@
 
 pub mod prepare;
 pub mod train_case;
+pub mod window;
 
 use super::options::{ResampleBack, SegmentOptions};
-use super::tiling::{WindowOptions, sliding_window};
-use super::{accumulator_device, settle};
-use crate::error::{Error, ErrorKind, Result};
+use super::settle;
+use super::window::{Rules, WindowOptions, mirrored, mirrorings};
+use crate::error::Result;
 use crate::events::{Event, Progress, report};
 use crate::model_file::MonaiPreprocessing;
 use crate::volume::{DType, Volume};
@@ -39,7 +40,7 @@ pub fn run(
     let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
     settle(device);
     report(progress, event("preprocess", 1, 1))?;
-    let probs = infer_views(pipeline, &prepared, opts, progress)?;
+    let probs = infer(pipeline, &prepared, opts, progress)?;
     settle(device);
     report(progress, event("resample", 0, 1))?;
     let kind = if pipeline.classes > 256 {
@@ -65,10 +66,9 @@ pub fn run(
     Volume::new(labels, volume.affine, dtype)
 }
 
-/// The summed class probabilities of the sliding window over the image and each mirrored view of
-/// it (test-time augmentation). The sums live on the GPU unless capped or out of memory there:
-/// then they move to the CPU, with a warning event.
-fn infer_views(
+/// The class probabilities of the shared sliding window over the prepared image, each window
+/// averaged over its mirrorings (test-time augmentation) when `tta_axes` asks for them.
+fn infer(
     pipeline: &Segmenter,
     prepared: &Prepared,
     opts: &SegmentOptions,
@@ -76,66 +76,24 @@ fn infer_views(
 ) -> Result<Tensor> {
     let wopts = WindowOptions {
         roi: pipeline.preprocessing.roi_size,
+        rules: Rules::Monai,
         overlap: opts.overlap,
         blend: opts.blend,
         batch: opts.window_batch(pipeline.device),
         fill_last_batch: pipeline.device.is_cuda(),
     };
-    let mut views: Vec<Vec<i64>> = vec![Vec::new()];
-    views.extend(opts.tta_axes.iter().map(|&a| vec![2 + a]));
-    // The sums need (classes + 1) float maps of the preprocessed volume.
-    let bytes = (pipeline.classes as u64 + 1) * prepared.image.numel() as u64 * 4;
-    let on = accumulator_device(pipeline.device, bytes, opts.max_gpu_accumulator_mb);
-    let mut probs: Option<Tensor> = None;
-    // The predictor and the out-of-memory warning both report progress.
-    let sink = std::cell::RefCell::new(progress);
-    for (v, flip) in views.iter().enumerate() {
-        let mut batches = 0u64;
-        let mut predict = |batch: &Tensor| -> Result<Tensor> {
-            let p = if flip.is_empty() {
-                (pipeline.predict)(batch)?
-            } else {
-                (pipeline.predict)(&batch.flip(flip))?.flip(flip)
-            };
-            batches += 1;
-            report(
-                &mut **sink.borrow_mut(),
-                Event {
-                    stage: "infer",
-                    done: batches,
-                    total: 0,
-                    message: format!("view {} of {}", v + 1, views.len()),
-                    ..Default::default()
-                },
-            )?;
-            Ok(p)
-        };
-        let p = match sliding_window(&prepared.image, &wopts, on, &mut predict) {
-            Err(e) if e.kind == ErrorKind::OutOfMemory && on.is_cuda() => {
-                report(
-                    &mut **sink.borrow_mut(),
-                    Event {
-                        stage: "infer",
-                        message: format!(
-                            "warning: GPU out of memory for the {} MiB of accumulators; retrying with them on the CPU",
-                            bytes >> 20
-                        ),
-                        ..Default::default()
-                    },
-                )?;
-                sliding_window(&prepared.image, &wopts, Device::Cpu, &mut predict)?
-            }
-            other => other?,
-        };
-        probs = Some(match probs {
-            None => p,
-            Some(sum) => {
-                let on = sum.device();
-                sum + p.to_device(on)
-            }
-        });
-    }
-    probs.ok_or_else(|| Error::internal("no inference view"))
+    // Axis a (x, y, z) of the RAS image is dimension 2 + a of `[B, C, X, Y, Z]`.
+    let dims: Vec<i64> = opts.tta_axes.iter().map(|&a| 2 + a).collect();
+    let flips = mirrorings(&dims);
+    let predict = mirrored(&flips, pipeline.predict);
+    super::window::infer(
+        &prepared.image,
+        &wopts,
+        pipeline.classes,
+        opts.max_gpu_accumulator_mb,
+        &predict,
+        progress,
+    )
 }
 
 /// The labels on the input's own grid, slab by slab along z (bounding the sampling grid's

@@ -294,23 +294,6 @@ pub fn crop_grid(grid: &Grid, start: [i64; 3], end: [i64; 3]) -> Grid {
     }
 }
 
-/// Zero padding, split evenly (the odd voxel at the end), that brings `[C, X, Y, Z]` up to at least
-/// `roi`, and the padded tensor (MONAI's `SpatialPad` and the sliding window's padding).
-pub fn pad_to_roi(t: &Tensor, roi: [i64; 3]) -> Result<(Tensor, [(i64, i64); 3])> {
-    let s = t.size();
-    let pads: [(i64, i64); 3] = std::array::from_fn(|d| {
-        let diff = (roi[d] - s[1 + d]).max(0);
-        (diff / 2, diff - diff / 2)
-    });
-    if pads.iter().all(|p| p.0 + p.1 == 0) {
-        return Ok((t.shallow_clone(), pads));
-    }
-    let padded = t.f_constant_pad_nd([
-        pads[2].0, pads[2].1, pads[1].0, pads[1].1, pads[0].0, pads[0].1,
-    ])?;
-    Ok((padded, pads))
-}
-
 /// The box `start..end` of `[C, X, Y, Z]`, contiguous.
 pub fn crop_box(t: &Tensor, start: [i64; 3], end: [i64; 3]) -> Tensor {
     let mut v = t.shallow_clone();

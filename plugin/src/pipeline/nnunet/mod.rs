@@ -1,9 +1,9 @@
 //! nnU-Net v1's pipeline (UNETR++ models, trained inside nnU-Net): the voxels as stored (no
 //! reorientation), the network's axes (z, y, x) of the stored array, crop to the non-zero box,
 //! resampling to the model's spacing, CT normalisation (clip to the training foreground's 0.5/99.5
-//! percentiles, z-score with its mean and sd), padding to the patch, the sliding window of
-//! `nnunet==1.7.1`'s `SegmentationNetwork._internal_predict_3D_3Dconv_tiled` (step 0.5, Gaussian
-//! σ = patch/8, softmax per tile averaged over the 8 mirrorings), then the class probabilities back
+//! percentiles, z-score with its mean and sd), padding to the patch, the shared sliding window
+//! under the rules of `nnunet==1.7.1`'s `SegmentationNetwork._internal_predict_3D_3Dconv_tiled`
+//! ([`window`]: step 0.5, Gaussian σ = patch/8, softmax per tile averaged over the 8 mirrorings), then the class probabilities back
 //! onto the cropped grid, argmax, pasted into the input's grid. Resampling is nnU-Net's
 //! ([`resample`]): cubic spline for the image, linear for the probabilities, nearest along the
 //! low-resolution axis of an anisotropic spacing.
@@ -16,6 +16,7 @@ pub mod train_case;
 pub mod window;
 
 use super::options::SegmentOptions;
+use super::window::{Blend, Rules, WindowOptions, mirrored, mirrorings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::model_file::NnUnetPreprocessing;
@@ -50,8 +51,30 @@ pub fn run(
     let prepared = prepare::prepare(volume, pre.spacing, norm)?;
     let image = prepared.image.f_to_device(segmenter.device)?;
     report(progress, event("preprocess", 1, 1))?;
-    let mirror = opts.mirror.unwrap_or(true);
-    let probs = window::sliding_window(&image, pre.roi_size, mirror, progress, segmenter.predict)?;
+    let wopts = WindowOptions {
+        roi: pre.roi_size,
+        rules: Rules::NnUnet,
+        overlap: 0.5,
+        blend: Blend::Gaussian,
+        batch: opts.window_batch(segmenter.device),
+        fill_last_batch: segmenter.device.is_cuda(),
+    };
+    // Axis a (x, y, z) of the stored array is dimension 4 - a of `[B, C, z, y, x]`.
+    let dims: &[i64] = if opts.mirror.unwrap_or(true) {
+        &[4, 3, 2]
+    } else {
+        &[]
+    };
+    let flips = mirrorings(dims);
+    let predict = mirrored(&flips, segmenter.predict);
+    let probs = super::window::infer(
+        &image,
+        &wopts,
+        segmenter.classes,
+        opts.max_gpu_accumulator_mb,
+        &predict,
+        progress,
+    )?;
     report(progress, event("resample", 0, 1))?;
     let labels = back::labels_back(volume, &prepared, &probs, segmenter.classes)?;
     report(progress, event("resample", 1, 1))?;

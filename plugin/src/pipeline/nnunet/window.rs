@@ -1,9 +1,8 @@
-//! nnU-Net v1's sliding window (`SegmentationNetwork._internal_predict_3D_3Dconv_tiled`): padding
-//! to the patch, windows every `patch · step` voxels spread evenly, the Gaussian importance map,
-//! the softmax of each window averaged over its mirrorings.
+//! nnU-Net v1's window rules (`SegmentationNetwork._internal_predict_3D_3Dconv_tiled`): windows
+//! every `patch · step` voxels spread evenly, and its Gaussian importance map. The window itself is
+//! the shared one ([`crate::pipeline::window`]).
 
-use crate::error::{Error, Result};
-use crate::events::{Event, Progress, report};
+use crate::error::Result;
 use tch::{Kind, Tensor};
 
 /// nnU-Net's window starts along one axis: ceil((size − patch) / (patch · step)) + 1 windows, spread
@@ -53,129 +52,6 @@ pub fn gaussian(patch: [i64; 3]) -> Result<Tensor> {
     Ok(map.f_masked_fill(&map.f_eq(0.0)?, smallest)?)
 }
 
-/// The eight mirrorings nnU-Net averages (axes of `[B, C, z, y, x]`), or just the identity.
-fn mirrorings(mirror: bool) -> Vec<Vec<i64>> {
-    if !mirror {
-        return vec![vec![]];
-    }
-    vec![
-        vec![],
-        vec![4],
-        vec![3],
-        vec![4, 3],
-        vec![2],
-        vec![4, 2],
-        vec![3, 2],
-        vec![4, 3, 2],
-    ]
-}
-
-/// The softmax of `window` averaged over `flips`, each flipped back, summed in nnU-Net's order with
-/// weight 1/len.
-fn mirrored(
-    window: &Tensor,
-    flips: &[Vec<i64>],
-    softmax: &dyn Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let mut mean: Option<Tensor> = None;
-    for f in flips {
-        let p = if f.is_empty() {
-            softmax(window)?
-        } else {
-            softmax(&window.f_flip(f)?)?.f_flip(f)?
-        };
-        let p = p.f_mul_scalar(1.0 / flips.len() as f64)?;
-        mean = Some(match mean {
-            None => p,
-            Some(m) => m.f_add(&p)?,
-        });
-    }
-    mean.ok_or_else(|| Error::internal("no mirroring"))
-}
-
-/// Sliding-window class probabilities `[K, z, y, x]` of `image` `[C, z, y, x]`; `softmax` maps a
-/// window `[1, C, patch]` to probabilities `[1, K, patch]`.
-pub fn sliding_window(
-    image: &Tensor,
-    patch: [i64; 3],
-    mirror: bool,
-    progress: &mut dyn Progress,
-    softmax: &dyn Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let size: [i64; 3] = std::array::from_fn(|d| image.size()[d + 1]);
-    // pad_nd_image: up to the patch, the extra split below/above as difference // 2.
-    let padded: [i64; 3] = std::array::from_fn(|d| size[d].max(patch[d]));
-    let below: [i64; 3] = std::array::from_fn(|d| (padded[d] - size[d]) / 2);
-    let pad = [
-        below[2],
-        padded[2] - size[2] - below[2],
-        below[1],
-        padded[1] - size[1] - below[1],
-        below[0],
-        padded[0] - size[0] - below[0],
-    ];
-    let x = image.f_constant_pad_nd(pad)?;
-    let weight = gaussian(patch)?.f_to_device(image.device())?;
-    let starts: Vec<Vec<i64>> = (0..3)
-        .map(|d| window_starts(padded[d], patch[d], 0.5))
-        .collect();
-    let flips = mirrorings(mirror);
-    let mut sum: Option<Tensor> = None;
-    let count = Tensor::f_zeros(padded, (Kind::Float, image.device()))?;
-    let total = (starts[0].len() * starts[1].len() * starts[2].len()) as u64;
-    let mut done = 0;
-    for &s0 in &starts[0] {
-        for &s1 in &starts[1] {
-            for &s2 in &starts[2] {
-                let window = x
-                    .f_narrow(1, s0, patch[0])?
-                    .f_narrow(2, s1, patch[1])?
-                    .f_narrow(3, s2, patch[2])?
-                    .f_unsqueeze(0)?;
-                let tile = mirrored(&window, &flips, softmax)?
-                    .f_squeeze_dim(0)?
-                    .f_mul(&weight)?;
-                let acc = match &mut sum {
-                    Some(s) => s,
-                    None => sum.insert(Tensor::f_zeros(
-                        [tile.size()[0], padded[0], padded[1], padded[2]],
-                        (Kind::Float, image.device()),
-                    )?),
-                };
-                let narrow = |t: &Tensor, lead: i64| -> Result<Tensor> {
-                    Ok(t.f_narrow(lead, s0, patch[0])?
-                        .f_narrow(lead + 1, s1, patch[1])?
-                        .f_narrow(lead + 2, s2, patch[2])?)
-                };
-                let _ = narrow(acc, 1)?.f_add_(&tile)?;
-                let _ = narrow(&count, 0)?.f_add_(&weight)?;
-                done += 1;
-                report(
-                    progress,
-                    Event {
-                        stage: "infer",
-                        done,
-                        total,
-                        ..Default::default()
-                    },
-                )?;
-            }
-        }
-    }
-    let mut probs = average(sum.ok_or_else(|| Error::internal("no window"))?, &count)?;
-    for d in 0..3 {
-        probs = probs.f_narrow(1 + d as i64, below[d], size[d])?;
-    }
-    Ok(probs)
-}
-
-/// The windows' weighted mean: `sum` divided by `count` in place (a second set of class maps would
-/// double the largest allocation, 2.5 GB on the GPU for a 512×512×800 CT).
-fn average(mut sum: Tensor, count: &Tensor) -> Result<Tensor> {
-    let _ = sum.f_div_(count)?;
-    Ok(sum)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,22 +69,5 @@ mod tests {
         let g = gaussian([8, 16, 16]).unwrap();
         assert_eq!(g.double_value(&[4, 8, 8]), 1.0);
         assert!(g.min().double_value(&[]) > 0.0);
-    }
-
-    #[test]
-    fn the_mean_of_the_windows_takes_the_sums_memory() {
-        let sum = Tensor::from_slice(&[2.0f32, 6.0, 9.0, 4.0]).view([2, 1, 1, 2]);
-        let count = Tensor::from_slice(&[2.0f32, 3.0]).view([1, 1, 2]);
-        let at = sum.data_ptr();
-        let mean = average(sum, &count).unwrap();
-        assert_eq!(
-            mean.data_ptr(),
-            at,
-            "a second set of class maps was allocated"
-        );
-        assert_eq!(
-            Vec::<f32>::try_from(mean.flatten(0, -1)).unwrap(),
-            [1.0, 2.0, 4.5, 4.0 / 3.0]
-        );
     }
 }
