@@ -77,23 +77,39 @@ pub fn segment(
         })
     };
     match &model.meta.preprocessing {
-        Preprocessing::Monai(preprocessing) => {
-            let segmenter = monai::Segmenter {
-                preprocessing,
-                classes: cfg.out_channels(),
-                device,
-                predict: &predict,
-            };
+        Preprocessing::Monai(p) => {
+            let segmenter = Segmenter::new(p, cfg.out_channels(), device, &predict);
             catch_panic(|| monai::run(&segmenter, volume, opts, progress))
         }
-        Preprocessing::NnUnet(preprocessing) => {
-            let segmenter = nnunet::Segmenter {
-                preprocessing,
-                classes: cfg.out_channels(),
-                device,
-                predict: &predict,
-            };
+        Preprocessing::NnUnet(p) => {
+            let segmenter = Segmenter::new(p, cfg.out_channels(), device, &predict);
             catch_panic(|| nnunet::run(&segmenter, volume, opts, progress))
+        }
+    }
+}
+
+/// A model as a pipeline sees it: its preprocessing section `P`, its class count, its device and
+/// its predictor.
+pub struct Segmenter<'a, P> {
+    pub preprocessing: &'a P,
+    pub classes: i64,
+    pub device: Device,
+    /// `[B, 1, roi] → [B, classes, roi]` class probabilities.
+    pub predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+}
+
+impl<'a, P> Segmenter<'a, P> {
+    pub fn new(
+        preprocessing: &'a P,
+        classes: i64,
+        device: Device,
+        predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Self {
+        Segmenter {
+            preprocessing,
+            classes,
+            device,
+            predict,
         }
     }
 }

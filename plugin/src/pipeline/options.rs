@@ -1,8 +1,11 @@
 //! The options of a segmentation call: the C ABI's `options_json`, the flags of `lwi segment`.
+//! Each pipeline reads them with its own defaults, and refuses by name what it cannot honour
+//! ([`SegmentOptions::refuse`]): an option is never ignored.
 
 use super::window::Blend;
 use crate::error::{Error, Result};
 use crate::model::Precision;
+use crate::model_file::Pipeline;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
@@ -25,13 +28,19 @@ pub struct SegmentOptions {
     /// Windows per forward pass; absent: 1 on the CPU, 4 on CUDA (a 512×512×800 CT at 1.5 mm then
     /// peaks near 5 GB, docs/performance.md).
     pub sw_batch: Option<i64>,
-    /// Mirror test-time augmentation: average over flips of these axes (0 = x, 1 = y, 2 = z).
-    pub tta_axes: Vec<i64>,
+    /// Mirroring (test-time augmentation): each window's prediction averaged over every
+    /// combination of flips of these axes (0 = x, 1 = y, 2 = z), `true` for all three, `false` for
+    /// none. Absent: the pipeline's default (MONAI's none, nnU-Net's all three). `tta_axes` is
+    /// its former name.
+    #[serde(alias = "tta_axes")]
+    pub mirror: Option<Mirror>,
+    /// nnU-Net's pipeline resamples scores only.
     pub resample: ResampleBack,
     /// fp32, or bf16/fp16 autocast on CUDA (bf16 runs as fp16 on GPUs without bfloat16).
     pub precision: Precision,
-    /// Z-slices sampled per resampling step (bounds temporary memory).
-    pub slab: i64,
+    /// Z-slices sampled per resampling step of MONAI's pipeline (bounds temporary memory);
+    /// absent: 32.
+    pub slab: Option<i64>,
     /// Keep only the largest connected component of each label (26-connectivity).
     pub largest_component: bool,
     /// On CUDA, keep the sliding-window accumulators on the CPU when they would take more than
@@ -50,8 +59,14 @@ pub struct SegmentOptions {
     /// [`segment_file`] only: also write `OUTPUT.json`, the manifest (lwi version, model hash,
     /// device, precision, options, timings).
     pub manifest: bool,
-    /// nnU-Net models: average each window over the 8 mirrorings (absent: on, as nnU-Net does).
-    pub mirror: Option<bool>,
+}
+
+/// The mirroring switch: on or off for all three axes, or the axes to mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Mirror {
+    All(bool),
+    Axes(Vec<i64>),
 }
 
 impl Default for SegmentOptions {
@@ -60,17 +75,16 @@ impl Default for SegmentOptions {
             overlap: 0.5,
             blend: Blend::Gaussian,
             sw_batch: None,
-            tta_axes: Vec::new(),
+            mirror: None,
             resample: ResampleBack::Scores,
             precision: Precision::Fp32,
-            slab: 32,
+            slab: None,
             largest_component: false,
             max_gpu_accumulator_mb: None,
             save_preprocessed: None,
             series: None,
             fused_norm: true,
             manifest: true,
-            mirror: None,
         }
     }
 }
@@ -82,18 +96,62 @@ impl SegmentOptions {
             .unwrap_or(if device.is_cuda() { 4 } else { 1 })
     }
 
+    /// The mirrored axes (0 = x, 1 = y, 2 = z), sorted: the switch's, else `default`.
+    pub fn mirror_axes(&self, default: bool) -> Vec<i64> {
+        match &self.mirror {
+            None => {
+                if default {
+                    vec![0, 1, 2]
+                } else {
+                    Vec::new()
+                }
+            }
+            Some(Mirror::All(on)) => {
+                if *on {
+                    vec![0, 1, 2]
+                } else {
+                    Vec::new()
+                }
+            }
+            Some(Mirror::Axes(axes)) => {
+                let mut axes = axes.clone();
+                axes.sort_unstable();
+                axes.dedup();
+                axes
+            }
+        }
+    }
+
+    /// Z-slices per resampling step: `slab`, else 32.
+    pub fn slab(&self) -> i64 {
+        self.slab.unwrap_or(32)
+    }
+
+    /// INVALID_ARGUMENT naming each option given that `pipeline` cannot honour and why (`what`).
+    pub fn refuse(&self, pipeline: Pipeline, cannot: &[(&str, bool, &str)]) -> Result<()> {
+        match cannot.iter().find(|(_, given, _)| *given) {
+            None => Ok(()),
+            Some((option, _, why)) => Err(Error::invalid(format!(
+                "option {option} does not apply to this model's pipeline ({}): {why}",
+                pipeline.name()
+            ))),
+        }
+    }
+
     pub fn from_json(json: &str) -> Result<SegmentOptions> {
         let o: SegmentOptions = crate::options::parse(json, "segment options")?;
-        if o.tta_axes.iter().any(|a| !(0..3).contains(a)) {
+        if let Some(Mirror::Axes(axes)) = &o.mirror
+            && axes.iter().any(|a| !(0..3).contains(a))
+        {
             return Err(Error::invalid(format!(
-                "tta_axes {:?}: axes are 0, 1, 2",
-                o.tta_axes
+                "mirror (tta_axes) {axes:?}: axes are 0, 1, 2"
             )));
         }
-        if o.slab < 1 {
+        if let Some(slab) = o.slab
+            && slab < 1
+        {
             return Err(Error::invalid(format!(
-                "slab must be at least 1, got {}",
-                o.slab
+                "slab must be at least 1, got {slab}"
             )));
         }
         Ok(o)
@@ -128,5 +186,21 @@ mod tests {
                 .contains("overlapp")
         );
         assert!(SegmentOptions::from_json(r#"{"tta_axes": [3]}"#).is_err());
+    }
+
+    #[test]
+    fn one_mirroring_switch_with_the_former_key_as_its_alias() {
+        let axes = |json: &str, default| {
+            SegmentOptions::from_json(json)
+                .unwrap()
+                .mirror_axes(default)
+        };
+        assert_eq!(axes("", false), Vec::<i64>::new());
+        assert_eq!(axes("", true), [0, 1, 2]);
+        assert_eq!(axes(r#"{"tta_axes": [2, 0, 2]}"#, true), [0, 2]);
+        assert_eq!(axes(r#"{"mirror": [1]}"#, true), [1]);
+        assert_eq!(axes(r#"{"mirror": true}"#, false), [0, 1, 2]);
+        assert_eq!(axes(r#"{"mirror": false}"#, true), Vec::<i64>::new());
+        assert!(SegmentOptions::from_json(r#"{"mirror": true, "tta_axes": [0]}"#).is_err());
     }
 }

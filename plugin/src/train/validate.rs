@@ -19,10 +19,15 @@ pub(super) fn validate(
     peers: &Peers,
     progress: &mut dyn Progress,
 ) -> Result<(f64, BTreeMap<u32, f64>)> {
+    // MONAI's `sliding_window_inference` blends with a constant by default, nnU-Net with its
+    // Gaussian; nnU-Net validates online without mirroring.
+    let blend = match model.meta.preprocessing.pipeline() {
+        crate::model_file::Pipeline::Monai => crate::pipeline::window::Blend::Constant,
+        crate::model_file::Pipeline::NnUnet => crate::pipeline::window::Blend::Gaussian,
+    };
     let opts = crate::pipeline::SegmentOptions {
-        blend: crate::pipeline::window::Blend::Constant,
-        // nnU-Net validates online without mirroring
-        mirror: Some(false),
+        blend,
+        mirror: Some(crate::pipeline::options::Mirror::All(false)),
         ..Default::default()
     };
     let (rank, world) = (peers.rank() as usize, peers.world() as usize);

@@ -18,14 +18,8 @@ use crate::volume::{DType, Volume};
 use prepare::{Grid, Interp, Prepared, prepare, sample};
 use tch::{Device, Kind, Tensor};
 
-/// A model as this pipeline sees it: what `prepare` does and what the predictor returns.
-pub struct Segmenter<'a> {
-    pub preprocessing: &'a MonaiPreprocessing,
-    pub classes: i64,
-    pub device: Device,
-    /// `[B, 1, roi] → [B, classes, roi]` class probabilities.
-    pub predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
-}
+/// A model as this pipeline sees it.
+pub type Segmenter<'a> = super::Segmenter<'a, MonaiPreprocessing>;
 
 /// The segmentation pipeline around any predictor.
 pub fn run(
@@ -37,7 +31,7 @@ pub fn run(
     let device = pipeline.device;
     let event = Event::progress;
     report(progress, event("preprocess", 0, 1))?;
-    let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
+    let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab())?;
     settle(device);
     report(progress, event("preprocess", 1, 1))?;
     let probs = infer(pipeline, &prepared, opts, progress)?;
@@ -67,7 +61,8 @@ pub fn run(
 }
 
 /// The class probabilities of the shared sliding window over the prepared image, each window
-/// averaged over its mirrorings (test-time augmentation) when `tta_axes` asks for them.
+/// averaged over its mirrorings (test-time augmentation) when `mirror` asks for them (by default
+/// none).
 fn infer(
     pipeline: &Segmenter,
     prepared: &Prepared,
@@ -83,7 +78,7 @@ fn infer(
         fill_last_batch: pipeline.device.is_cuda(),
     };
     // Axis a (x, y, z) of the RAS image is dimension 2 + a of `[B, C, X, Y, Z]`.
-    let dims: Vec<i64> = opts.tta_axes.iter().map(|&a| 2 + a).collect();
+    let dims: Vec<i64> = opts.mirror_axes(false).iter().map(|&a| 2 + a).collect();
     let flips = mirrorings(&dims);
     let predict = mirrored(&flips, pipeline.predict);
     super::window::infer(
@@ -114,8 +109,9 @@ fn labels_back(
     let labels_on_model_grid = (opts.resample == ResampleBack::Nearest)
         .then(|| probs.argmax(0, true).to_kind(Kind::Float));
     let mut slabs = Vec::new();
-    for z0 in (0..dst.dims[2]).step_by(opts.slab as usize) {
-        let z = z0..(z0 + opts.slab).min(dst.dims[2]);
+    let step = opts.slab();
+    for z0 in (0..dst.dims[2]).step_by(step as usize) {
+        let z = z0..(z0 + step).min(dst.dims[2]);
         let from = &prepared.grid.affine;
         let slab = match &labels_on_model_grid {
             Some(labels) => sample(labels, from, &dst, z, Interp::Nearest, false)?

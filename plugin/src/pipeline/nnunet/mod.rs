@@ -15,22 +15,16 @@ pub mod resample;
 pub mod train_case;
 pub mod window;
 
+use super::options::ResampleBack;
 use super::options::SegmentOptions;
-use super::window::{Blend, Rules, WindowOptions, mirrored, mirrorings};
+use super::window::{Rules, WindowOptions, mirrored, mirrorings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
-use crate::model_file::NnUnetPreprocessing;
+use crate::model_file::{NnUnetPreprocessing, Pipeline};
 use crate::volume::Volume;
-use tch::{Device, Tensor};
 
-/// A model as this pipeline sees it: what `prepare` does and what the predictor returns.
-pub struct Segmenter<'a> {
-    pub preprocessing: &'a NnUnetPreprocessing,
-    pub classes: i64,
-    pub device: Device,
-    /// `[B, 1, patch] → [B, classes, patch]` class probabilities.
-    pub predict: &'a dyn Fn(&Tensor) -> Result<Tensor>,
-}
+/// A model as this pipeline sees it.
+pub type Segmenter<'a> = super::Segmenter<'a, NnUnetPreprocessing>;
 
 /// Segments `volume`, with the same progress stages as MONAI's pipeline.
 pub fn run(
@@ -46,6 +40,7 @@ pub fn run(
             "this nnU-Net model has no CT normalisation (import it with --ct-norm P0.5,P99.5,MEAN,SD from its plans)",
         )
     })?;
+    refuse(opts)?;
     let event = Event::progress;
     report(progress, event("preprocess", 0, 1))?;
     let prepared = prepare::prepare(volume, pre.spacing, norm)?;
@@ -54,18 +49,14 @@ pub fn run(
     let wopts = WindowOptions {
         roi: pre.roi_size,
         rules: Rules::NnUnet,
-        overlap: 0.5,
-        blend: Blend::Gaussian,
+        overlap: opts.overlap,
+        blend: opts.blend,
         batch: opts.window_batch(segmenter.device),
         fill_last_batch: segmenter.device.is_cuda(),
     };
     // Axis a (x, y, z) of the stored array is dimension 4 - a of `[B, C, z, y, x]`.
-    let dims: &[i64] = if opts.mirror.unwrap_or(true) {
-        &[4, 3, 2]
-    } else {
-        &[]
-    };
-    let flips = mirrorings(dims);
+    let dims: Vec<i64> = opts.mirror_axes(true).iter().map(|&a| 4 - a).collect();
+    let flips = mirrorings(&dims);
     let predict = mirrored(&flips, segmenter.predict);
     let probs = super::window::infer(
         &image,
@@ -76,10 +67,37 @@ pub fn run(
         progress,
     )?;
     report(progress, event("resample", 0, 1))?;
-    let labels = back::labels_back(volume, &prepared, &probs, segmenter.classes)?;
+    let mut labels = back::labels_back(volume, &prepared, &probs, segmenter.classes)?;
     report(progress, event("resample", 1, 1))?;
+    if opts.largest_component {
+        let kept = super::postprocess::largest_components(&labels.data, volume.dims())?;
+        labels = Volume::new(
+            kept.f_to_kind(labels.data.kind())?,
+            volume.affine,
+            labels.dtype,
+        )?;
+    }
     if let Some(path) = &opts.save_preprocessed {
         crate::io::write_volume(&prepared.to_volume(volume)?, path)?;
     }
     Ok(labels)
+}
+
+/// The options this pipeline cannot honour, refused by name when given.
+fn refuse(opts: &SegmentOptions) -> Result<()> {
+    opts.refuse(
+        Pipeline::NnUnet,
+        &[
+            (
+                "resample \"nearest\"",
+                opts.resample == ResampleBack::Nearest,
+                "it resamples the class probabilities back, as nnU-Net does (\"scores\")",
+            ),
+            (
+                "slab",
+                opts.slab.is_some(),
+                "its way back resamples one whole class map at a time, as nnU-Net does",
+            ),
+        ],
+    )
 }
