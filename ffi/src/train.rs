@@ -79,7 +79,7 @@ pub unsafe extern "C" fn lwi_init_train(
 
 /// Stage 2, fine-tuning for segmentation: from `init` (an init-train model: every tensor kept but
 /// the output heads — UNETR's `out`, UNETR++'s `out1`…`out3` — fresh for the dataset's classes)
-/// or from scratch when `init` is absent. Loss: DiceCE (unetr recipe) or nnU-Net's Dice + CE over
+/// or from scratch when `init` is absent. Loss: DiceCE (monai recipe) or nnU-Net's Dice + CE over
 /// the deep-supervision outputs (unetr_pp); validation Dice on the dataset's `validation` list
 /// every `val_every` epochs, the best model kept as `NAME.best.safetensors`. Without `arch` the
 /// architecture is `init`'s (read from its header); an `arch` that differs from it (`out_channels`

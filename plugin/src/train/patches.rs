@@ -1,4 +1,4 @@
-//! The unetr_pp recipe's batch source, nnU-Net v1's `DataLoader3D`: each case prepared once as
+//! The nnunet_v1 recipe's batch source, nnU-Net v1's `DataLoader3D`: each case prepared once as
 //! nnU-Net prepares it (`crate::pipeline::nnunet::train_case`: non-zero crop, resampling to the fingerprint's
 //! spacing, CT normalisation; labels resampled as nnU-Net resamples segmentations), then batches
 //! of patches from cases drawn with replacement, the last `round(batch · oversample)` of each

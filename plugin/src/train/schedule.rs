@@ -1,4 +1,4 @@
-//! The learning-rate schedules: warmup-cosine (the unetr recipe) and poly (nnU-Net's).
+//! The learning-rate schedules: warmup-cosine (the monai recipe) and poly (nnU-Net's).
 
 use super::{ScheduleKind, TrainConfig};
 use crate::model_file::Stage;

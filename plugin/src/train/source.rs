@@ -1,4 +1,4 @@
-//! Where the training data comes from: the model's preprocessing (the unetr recipe's settings, or
+//! Where the training data comes from: the model's preprocessing (the monai recipe's settings, or
 //! nnU-Net's from the dataset fingerprint), the prepared cases (in memory, or in the preprocessed
 //! cache on disk) and the batches drawn from them each iteration.
 
@@ -11,7 +11,7 @@ use crate::pipeline::nnunet::fingerprint;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
-/// How the model's input is prepared: the unetr recipe's MONAI pipeline as configured, or nnU-Net's
+/// How the model's input is prepared: the monai recipe's MONAI pipeline as configured, or nnU-Net's
 /// with the dataset's fingerprint (the median spacing unless `spacing` is given).
 pub(super) fn preprocessing(
     cfg: &TrainConfig,
@@ -21,13 +21,13 @@ pub(super) fn preprocessing(
 ) -> Result<Preprocessing> {
     let roi_size = cfg.arch.img_size();
     match cfg.recipe {
-        Recipe::Unetr => Ok(Preprocessing::Monai(MonaiPreprocessing {
+        Recipe::Monai => Ok(Preprocessing::Monai(MonaiPreprocessing {
             spacing: cfg.spacing.unwrap_or(MonaiPreprocessing::default().spacing),
             intensity_window: cfg.window,
             roi_size,
             ..Default::default()
         })),
-        Recipe::UnetrPp => {
+        Recipe::NnUnetV1 => {
             let mut compute = || fingerprint::compute(&dataset.training, progress);
             let print = match &store.cache {
                 Some(cache) => cache.fingerprint(&store.hashes, compute)?,
@@ -42,7 +42,7 @@ pub(super) fn preprocessing(
     }
 }
 
-/// The unetr_pp recipe's prepared data: the training cases' file hashes and the cache on disk.
+/// The nnunet_v1 recipe's prepared data: the training cases' file hashes and the cache on disk.
 pub(super) struct Store {
     hashes: Vec<String>,
     cache: Option<cache::Cache>,
@@ -50,7 +50,7 @@ pub(super) struct Store {
 
 impl Store {
     pub(super) fn open(cfg: &TrainConfig, dataset: &DatasetFile) -> Result<Store> {
-        if cfg.recipe != Recipe::UnetrPp {
+        if cfg.recipe != Recipe::NnUnetV1 {
             return Ok(Store {
                 hashes: Vec::new(),
                 cache: None,
@@ -71,9 +71,9 @@ impl Store {
 
 /// Where batches come from.
 pub(super) enum Source {
-    /// The unetr recipe: random crops of one case per iteration.
+    /// The monai recipe: random crops of one case per iteration.
     Crops(Vec<batches::Prepared>),
-    /// The unetr_pp recipe: nnU-Net's patch batches.
+    /// The nnunet_v1 recipe: nnU-Net's patch batches.
     Patches(Vec<patches::PatchCase>),
 }
 

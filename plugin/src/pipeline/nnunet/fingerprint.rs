@@ -1,4 +1,4 @@
-//! nnU-Net v1's dataset fingerprint, as much of it as the unetr_pp recipe uses
+//! nnU-Net v1's dataset fingerprint, as much of it as the nnunet_v1 recipe uses
 //! (`DatasetAnalyzer.collect_intensity_properties`, `ExperimentPlanner.get_target_spacing`): the
 //! median voxel spacing of the training cases, and the intensity statistics of their foreground
 //! (every 10th labelled voxel of each case cropped to its non-zero box, in the stored array's
