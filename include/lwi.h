@@ -304,13 +304,16 @@ enum LwiStatus lwi_forward(const struct LwiModel *model,
 // Segments a volume lent by the host into `out_labels`, a caller-allocated buffer of the input's
 // dims in `out_dtype` (`LWI_DTYPE_UINT8` or `LWI_DTYPE_UINT16`; `out_bytes` must be exactly its
 // size), x fastest, on the input's own grid. `options_json` (NULL for defaults): `overlap` (0.5),
-// `blend` ("gaussian" | "constant"), `sw_batch` (1 on the CPU, 4 on CUDA), `tta_axes` (\[\]), `resample`
-// ("scores" | "nearest"), `precision` ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32),
-// `largest_component` (false), `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move
-// to the CPU with a warning event only on out-of-memory), `save_preprocessed` (a path),
-// `fused_norm` (true: on CUDA, lwi's fused normalisation kernel; false: ATen's kernels), `mirror`
-// (models of the nnU-Net pipeline, UNETR++: average each window over the 8 mirrorings; default true;
-// docs/models.md).
+// `blend` ("gaussian" | "constant"), `sw_batch` (1 on the CPU, 4 on CUDA), `mirror` (true, false or
+// the axes \[0, 1, 2\] to mirror each window over; `tta_axes` is its former name; default: none for
+// MONAI's pipeline, all three for nnU-Net's), `resample` ("scores" | "nearest"), `precision`
+// ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32), `largest_component` (false),
+// `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move to the CPU with a warning
+// event only on out-of-memory), `save_preprocessed` (a path), `fused_norm` (true: on CUDA, lwi's
+// fused normalisation kernel; false: ATen's kernels). Every option applies to both pipelines
+// except `resample: "nearest"` and `slab` (MONAI's only): given to a model of nnU-Net's pipeline
+// (UNETR++) they are `LWI_STATUS_INVALID_ARGUMENT`, naming the option and the pipeline
+// (docs/segmentation.md).
 // `progress` may be NULL. The library keeps no pointer after returning.
 //
 // # Safety
@@ -386,7 +389,7 @@ enum LwiStatus lwi_init_train(const struct LwiEngine *engine,
 
 // Stage 2, fine-tuning for segmentation: from `init` (an init-train model: every tensor kept but
 // the output heads — UNETR's `out`, UNETR++'s `out1`…`out3` — fresh for the dataset's classes)
-// or from scratch when `init` is absent. Loss: DiceCE (unetr recipe) or nnU-Net's Dice + CE over
+// or from scratch when `init` is absent. Loss: DiceCE (monai recipe) or nnU-Net's Dice + CE over
 // the deep-supervision outputs (unetr_pp); validation Dice on the dataset's `validation` list
 // every `val_every` epochs, the best model kept as `NAME.best.safetensors`. Without `arch` the
 // architecture is `init`'s (read from its header); an `arch` that differs from it (`out_channels`

@@ -18,7 +18,7 @@ pub struct LwiEngine {
 /// with two threads, shared and separate models). Freeing it while a call on another thread still
 /// uses it is safe: that call keeps the model until it returns.
 pub struct LwiModel {
-    pub(crate) model: lwi::bundle::Model,
+    pub(crate) model: lwi::model_file::Model,
     /// `lwi_model_info_json`'s text, made on first request and owned by the model.
     info: OnceLock<CString>,
 }
@@ -78,7 +78,7 @@ pub unsafe extern "C" fn lwi_model_load(
             let engine = handles::borrow(engine, "engine")?;
             // SAFETY: forwarded caller contract.
             let path = unsafe { path_arg(path, "path")? };
-            let model = lwi::bundle::Model::load(path, engine.engine.device)?;
+            let model = lwi::model_file::Model::load(path, engine.engine.device)?;
             Ok(handles::hand_out(LwiModel {
                 model,
                 info: OnceLock::new(),
@@ -140,7 +140,7 @@ pub unsafe extern "C" fn lwi_model_import(
                 path_arg(out_path, "out_path")?,
             )
         };
-        lwi::import::import(src, json)?.save(dst)
+        lwi::model_file::import::import(src, json)?.save(dst)
     })
 }
 

@@ -12,13 +12,16 @@ use std::ffi::{c_char, c_void};
 /// Segments a volume lent by the host into `out_labels`, a caller-allocated buffer of the input's
 /// dims in `out_dtype` (`LWI_DTYPE_UINT8` or `LWI_DTYPE_UINT16`; `out_bytes` must be exactly its
 /// size), x fastest, on the input's own grid. `options_json` (NULL for defaults): `overlap` (0.5),
-/// `blend` ("gaussian" | "constant"), `sw_batch` (1 on the CPU, 4 on CUDA), `tta_axes` (\[\]), `resample`
-/// ("scores" | "nearest"), `precision` ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32),
-/// `largest_component` (false), `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move
-/// to the CPU with a warning event only on out-of-memory), `save_preprocessed` (a path),
-/// `fused_norm` (true: on CUDA, lwi's fused normalisation kernel; false: ATen's kernels), `mirror`
-/// (models of the nnU-Net pipeline, UNETR++: average each window over the 8 mirrorings; default true;
-/// docs/models.md).
+/// `blend` ("gaussian" | "constant"), `sw_batch` (1 on the CPU, 4 on CUDA), `mirror` (true, false or
+/// the axes \[0, 1, 2\] to mirror each window over; `tta_axes` is its former name; default: none for
+/// MONAI's pipeline, all three for nnU-Net's), `resample` ("scores" | "nearest"), `precision`
+/// ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32), `largest_component` (false),
+/// `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move to the CPU with a warning
+/// event only on out-of-memory), `save_preprocessed` (a path), `fused_norm` (true: on CUDA, lwi's
+/// fused normalisation kernel; false: ATen's kernels). Every option applies to both pipelines
+/// except `resample: "nearest"` and `slab` (MONAI's only): given to a model of nnU-Net's pipeline
+/// (UNETR++) they are `LWI_STATUS_INVALID_ARGUMENT`, naming the option and the pipeline
+/// (docs/segmentation.md).
 /// `progress` may be NULL. The library keeps no pointer after returning.
 ///
 /// # Safety
@@ -45,7 +48,7 @@ pub unsafe extern "C" fn lwi_segment(
             )
         };
         let out_type = dtype_of(out_dtype)?;
-        lwi::segment::check_label_type(&m.model, out_type)?;
+        lwi::pipeline::check_label_type(&m.model, out_type)?;
         let need = out_type.byte_size(input.dims())?;
         if out_labels.is_null() {
             return Err(null("out_labels"));
@@ -55,8 +58,8 @@ pub unsafe extern "C" fn lwi_segment(
                 "out_bytes is {out_bytes}; the labels need exactly {need}"
             )));
         }
-        let opts = lwi::segment::SegmentOptions::from_json(json)?;
-        let labels = lwi::segment::segment(
+        let opts = lwi::pipeline::SegmentOptions::from_json(json)?;
+        let labels = lwi::pipeline::segment(
             &m.model,
             &input,
             &opts,
@@ -102,8 +105,8 @@ pub unsafe extern "C" fn lwi_segment_file(
                 text_arg(options_json, "options_json", "")?,
             )
         };
-        let opts = lwi::segment::SegmentOptions::from_json(json)?;
-        lwi::segment::segment_file(
+        let opts = lwi::pipeline::SegmentOptions::from_json(json)?;
+        lwi::pipeline::segment_file(
             &m.model,
             src,
             dst,

@@ -131,7 +131,7 @@ pub extern "C" fn lwi_version_json() -> *const c_char {
     static JSON: OnceLock<CString> = OnceLock::new();
     quiet(std::ptr::null(), || {
         let json = JSON.get_or_init(|| {
-            let mut v = serde_json::to_value(lwi::runtime::runtime_info()).unwrap_or_default();
+            let mut v = serde_json::to_value(lwi::engine::runtime_info()).unwrap_or_default();
             v["abi_version"] = LWI_ABI_VERSION.into();
             CString::new(v.to_string()).unwrap_or_default()
         });

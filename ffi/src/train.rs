@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_void};
 
 /// Runs `train` for `stage` with a JSON configuration and a progress callback.
 fn train_call(
-    stage: lwi::bundle::Stage,
+    stage: lwi::model_file::Stage,
     engine: *const LwiEngine,
     config_json: *const c_char,
     progress: LwiProgressFn,
@@ -68,7 +68,7 @@ pub unsafe extern "C" fn lwi_init_train(
 ) -> LwiStatus {
     guard("lwi_init_train", || {
         train_call(
-            lwi::bundle::Stage::Init,
+            lwi::model_file::Stage::Init,
             engine,
             config_json,
             progress,
@@ -79,7 +79,7 @@ pub unsafe extern "C" fn lwi_init_train(
 
 /// Stage 2, fine-tuning for segmentation: from `init` (an init-train model: every tensor kept but
 /// the output heads — UNETR's `out`, UNETR++'s `out1`…`out3` — fresh for the dataset's classes)
-/// or from scratch when `init` is absent. Loss: DiceCE (unetr recipe) or nnU-Net's Dice + CE over
+/// or from scratch when `init` is absent. Loss: DiceCE (monai recipe) or nnU-Net's Dice + CE over
 /// the deep-supervision outputs (unetr_pp); validation Dice on the dataset's `validation` list
 /// every `val_every` epochs, the best model kept as `NAME.best.safetensors`. Without `arch` the
 /// architecture is `init`'s (read from its header); an `arch` that differs from it (`out_channels`
@@ -96,7 +96,7 @@ pub unsafe extern "C" fn lwi_fine_tune(
 ) -> LwiStatus {
     guard("lwi_fine_tune", || {
         train_call(
-            lwi::bundle::Stage::Segmentation,
+            lwi::model_file::Stage::Segmentation,
             engine,
             config_json,
             progress,

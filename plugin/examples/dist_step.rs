@@ -8,7 +8,7 @@
 
 mod common;
 
-use lwi::dist::{DistributedConfig, Peers};
+use lwi::distributed::{DistributedConfig, Peers};
 use lwi::model::with_precision;
 use tch::{Kind, Tensor};
 

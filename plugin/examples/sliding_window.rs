@@ -8,9 +8,9 @@
 
 mod common;
 
-use lwi::infer::{Blend, WindowOptions, sliding_window};
 use lwi::model::fused::with_fused;
 use lwi::model::{Unetr, with_precision};
+use lwi::pipeline::window::{Blend, Rules, WindowOptions, infer};
 use tch::{Kind, Tensor, nn};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,26 +27,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let image = Tensor::rand([1, size[0], size[1], size[2]], (Kind::Float, a.device));
     let opts = WindowOptions {
         roi: cfg.img_size,
+        rules: Rules::Monai,
         overlap: 0.5,
         blend: Blend::Gaussian,
         batch: a.batch,
         fill_last_batch: a.device.is_cuda(),
     };
-    let mut windows = 0;
+    let windows = std::cell::Cell::new(0);
     let times = common::time(&a, || {
-        windows = 0;
-        let _out = sliding_window(&image, &opts, a.device, |batch| {
-            windows += batch.size()[0];
+        windows.set(0);
+        let predict = |batch: &Tensor| {
+            windows.set(windows.get() + batch.size()[0]);
             with_precision(a.precision, a.device, || {
                 with_fused(a.fused, || tch::no_grad(|| net.forward_t(batch, false)))
             })
-        })?;
+        };
+        let classes = cfg.out_channels;
+        let _out = infer(
+            &image,
+            &opts,
+            classes,
+            None,
+            &predict,
+            &mut lwi::events::Silent,
+        )?;
         Ok(())
     })?;
     common::report(
         &a,
         &times,
-        serde_json::json!({"windows": windows, "size": size}),
+        serde_json::json!({"windows": windows.get(), "size": size}),
     );
     Ok(())
 }

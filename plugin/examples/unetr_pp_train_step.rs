@@ -1,4 +1,4 @@
-//! Times UNETR++ training steps the way the unetr_pp recipe trains (for bench/, against
+//! Times UNETR++ training steps the way the nnunet_v1 recipe trains (for bench/, against
 //! bench/pytorch_unetr_pp_train_step.py): 64×128×128 patches, forward in training mode, nnU-Net's
 //! Dice + CE over the three deep-supervision outputs, backward, gradient clipping to 12, SGD with
 //! Nesterov momentum — the step `lwi fine-tune` runs with that recipe.

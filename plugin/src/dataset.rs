@@ -1,14 +1,12 @@
-//! Training data: an MSD / nnU-Net `dataset.json` or a MONAI-style datalist, and the cases it
-//! names prepared once for training (MONAI's deterministic prefix: RAS, target spacing — linear
-//! for images, nearest for labels —, HU window, foreground crop) and kept in memory.
+//! Training data: an MSD / nnU-Net `dataset.json` or a MONAI-style datalist, and the checks of
+//! each case's label map. Each pipeline prepares the cases its own way
+//! (`pipeline::{monai, nnunet}::train_case`).
 
-use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
-use crate::preprocess::{Grid, Interp, crop_box, prepare, sample_all};
 use crate::volume::Volume;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::Kind;
 
 /// One entry of a list: an image, with a label map when there is one.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,15 +122,6 @@ impl DatasetFile {
     }
 }
 
-/// A case ready for patch sampling: windowed image `[1, X, Y, Z]` (float) and, when the case has
-/// one, label `[1, X, Y, Z]` (uint8), cropped to the foreground, on the model's grid.
-pub struct Case {
-    pub image: Tensor,
-    pub label: Option<Tensor>,
-    pub grid: Grid,
-    pub name: String,
-}
-
 /// A label map must lie on its image's grid (dims equal, voxel-to-world matrices equal within
 /// nnU-Net's tolerance: `numpy.allclose`'s 1e-5 relative, plus 1e-3 mm) and, when `classes` is
 /// given, hold only the integer values 0..classes.
@@ -193,46 +182,4 @@ pub fn check_label(
         )));
     }
     Ok(())
-}
-
-/// MONAI's deterministic training prefix for one case: the image as `segment` prepares it, the
-/// label sampled (nearest) onto the same lattice and cropped with the same box. With `classes`,
-/// the label's values are checked against them.
-pub fn prepare_case(entry: &Entry, pre: &Preprocessing, classes: Option<u32>) -> Result<Case> {
-    const SLAB: i64 = 32;
-    let image = crate::io::read_volume(&entry.image)?;
-    let prepared = prepare(pre, &image, Device::Cpu, SLAB)?;
-    let label = match &entry.label {
-        None => None,
-        Some(p) => {
-            let l = crate::io::read_volume(p)?;
-            check_label(&image, &l, p, classes)?;
-            let values = l.data.to_kind(Kind::Float).unsqueeze(0);
-            let on_target = sample_all(
-                &values,
-                &l.affine,
-                &prepared.target,
-                Interp::Nearest,
-                true,
-                SLAB,
-            )?;
-            let (start, end) = prepared.crop;
-            Some(crop_box(
-                &on_target.round().to_kind(Kind::Uint8),
-                start,
-                end,
-            ))
-        }
-    };
-    let name = entry
-        .image
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(Case {
-        image: prepared.image,
-        label,
-        grid: prepared.grid,
-        name,
-    })
 }

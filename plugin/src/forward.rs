@@ -3,8 +3,8 @@
 //! output under its name (`logits`; `out1..3`; `recon`, `t1..t4` for an init-train model). The tool
 //! a researcher proves parity with, and the one the parity tests call.
 
-use crate::bundle::Model;
 use crate::error::{Error, ErrorKind, Result, catch_panic};
+use crate::model_file::Model;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -23,7 +23,7 @@ pub fn forward_file(model: &Model, input: &Path, output: &Path) -> Result<Vec<St
     let view = file
         .tensor("x")
         .map_err(|_| Error::invalid(format!("{}: no tensor named \"x\"", input.display())))?;
-    let x = crate::bundle::tensor_from_view(input, &view)
+    let x = crate::model_file::tensor_from_view(input, &view)
         .map_err(|e| Error::invalid(e.message))?
         .f_to_device(model.vs.device())?;
     let arch = &model.meta.arch;
@@ -54,6 +54,6 @@ pub fn forward_file(model: &Model, input: &Path, output: &Path) -> Result<Vec<St
         .map(|(n, t)| Ok((n, t.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)))
         .collect::<Result<Vec<(String, Tensor)>>>()?;
     let meta = HashMap::from([("lwi_forward".to_string(), arch.name().to_string())]);
-    crate::bundle::write_safetensors(output, named, meta)?;
+    crate::model_file::write_safetensors(output, named, meta)?;
     Ok(names)
 }

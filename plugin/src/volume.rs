@@ -339,6 +339,39 @@ pub fn check_affine(m: &Affine) -> Result<()> {
     Ok(())
 }
 
+/// The product of two affines.
+pub fn matmul(a: &Affine, b: &Affine) -> Affine {
+    let mut out = [[0.0; 4]; 4];
+    for (i, row) in out.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = (0..4).map(|k| a[i][k] * b[k][j]).sum();
+        }
+    }
+    out
+}
+
+/// Inverse of an affine (3×3 part by cofactors, then the translation).
+pub fn inverse(m: &Affine) -> Result<Affine> {
+    check_affine(m)?;
+    let a = |i: usize, j: usize| m[i][j];
+    let det = a(0, 0) * (a(1, 1) * a(2, 2) - a(1, 2) * a(2, 1))
+        - a(0, 1) * (a(1, 0) * a(2, 2) - a(1, 2) * a(2, 0))
+        + a(0, 2) * (a(1, 0) * a(2, 1) - a(1, 1) * a(2, 0));
+    let mut r = [[0.0; 4]; 4];
+    for i in 0..3 {
+        for j in 0..3 {
+            let (i1, i2) = ((j + 1) % 3, (j + 2) % 3);
+            let (j1, j2) = ((i + 1) % 3, (i + 2) % 3);
+            r[i][j] = (a(i1, j1) * a(i2, j2) - a(i1, j2) * a(i2, j1)) / det;
+        }
+    }
+    for i in 0..3 {
+        r[i][3] = -(0..3).map(|k| r[i][k] * m[k][3]).sum::<f64>();
+    }
+    r[3][3] = 1.0;
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,5 +444,21 @@ mod tests {
         let mut singular = diag(1.0, 1.0, 1.0);
         singular[0] = singular[1];
         assert!(check_affine(&singular).is_err());
+    }
+
+    #[test]
+    fn inverse_undoes_an_oblique_affine() {
+        let m = [
+            [0.8, -0.6, 0.1, 3.0],
+            [0.6, 0.8, 0.0, -2.0],
+            [0.0, 0.2, 2.5, 9.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
+        let id = matmul(&m, &inverse(&m).unwrap());
+        for i in 0..4 {
+            for j in 0..4 {
+                assert!((id[i][j] - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
+            }
+        }
     }
 }

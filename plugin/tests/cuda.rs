@@ -1,7 +1,7 @@
 //! UNETR and UNETR++ on CUDA: fp32 and autocast (bf16, fp16) against the CPU fp32 result of the same
 //! weights, and a bf16 training step of each. Also a short fine-tune on CUDA, segment on CUDA vs CPU
 //! (UNETR's pipeline with the accumulator cap, the out-of-memory fallback's path; UNETR++'s nnU-Net
-//! pipeline with its mirrorings). Needs a GPU, so ignored by default; scripts/gpu-check.sh runs it
+//! pipeline with its mirrorings, the cap and a simulated out-of-memory in its window loop). Needs a GPU, so ignored by default; scripts/gpu-check.sh runs it
 //! with `--ignored`.
 
 use lwi::model::unetr_pp::{UnetrPp, UnetrPpConfig};
@@ -154,9 +154,9 @@ fn labels(
     device: Device,
     options: &str,
 ) -> Tensor {
-    let model = lwi::bundle::Model::load(path, device).unwrap();
-    let opts = lwi::segment::SegmentOptions::from_json(options).unwrap();
-    lwi::segment::segment(&model, image, &opts, &mut lwi::events::Silent)
+    let model = lwi::model_file::Model::load(path, device).unwrap();
+    let opts = lwi::pipeline::SegmentOptions::from_json(options).unwrap();
+    lwi::pipeline::segment(&model, image, &opts, &mut lwi::events::Silent)
         .unwrap()
         .data
 }
@@ -176,7 +176,13 @@ fn short_fine_tune_on_cuda_lowers_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 12);
     let mut losses = EpochLosses(Vec::new());
-    lwi::train::train(lwi::bundle::Stage::Segmentation, &cfg, cuda, &mut losses).unwrap();
+    lwi::train::train(
+        lwi::model_file::Stage::Segmentation,
+        &cfg,
+        cuda,
+        &mut losses,
+    )
+    .unwrap();
     let l = &losses.0;
     println!("fine-tune on cuda:0, epoch losses {l:.4?}");
     assert_eq!(l.len(), 12);
@@ -194,7 +200,7 @@ fn segment_on_cuda_equals_segment_on_cpu_and_the_accumulator_cap_changes_nothing
     let dir = tempfile::tempdir().unwrap();
     let cfg = phantom_training(dir.path(), 2);
     lwi::train::train(
-        lwi::bundle::Stage::Segmentation,
+        lwi::model_file::Stage::Segmentation,
         &cfg,
         Device::Cpu,
         &mut lwi::events::Silent,
@@ -311,7 +317,7 @@ fn unetr_pp_segment_on_cuda_equals_segment_on_cpu() {
         }),
     );
     lwi::train::train(
-        lwi::bundle::Stage::Segmentation,
+        lwi::model_file::Stage::Segmentation,
         &cfg,
         Device::Cpu,
         &mut lwi::events::Silent,
@@ -328,6 +334,63 @@ fn unetr_pp_segment_on_cuda_equals_segment_on_cpu() {
         100.0 * same
     );
     assert!(same >= 0.999, "cuda and cpu labels agree on only {same}");
+
+    // the shared window's sums on the CPU: capped, or after a GPU out-of-memory in the window
+    // loop (simulated at the first window's prediction), with a warning event
+    let capped = labels(&cfg.out, &image, cuda, r#"{"max_gpu_accumulator_mb": 1}"#);
+    let model = lwi::model_file::Model::load(&cfg.out, cuda).unwrap();
+    let lwi::model_file::Preprocessing::NnUnet(preprocessing) = &model.meta.preprocessing else {
+        panic!("not a model of nnU-Net's pipeline")
+    };
+    let failed = std::cell::Cell::new(false);
+    let predict = |x: &Tensor| -> lwi::Result<Tensor> {
+        if !failed.replace(true) {
+            return Err(lwi::Error::new(
+                lwi::ErrorKind::OutOfMemory,
+                "CUDA out of memory (simulated)",
+            ));
+        }
+        Ok(tch::no_grad(|| model.net.forward_t(x, false)).softmax(1, Kind::Float))
+    };
+    let segmenter = lwi::pipeline::nnunet::Segmenter {
+        preprocessing,
+        classes: model.meta.arch.out_channels(),
+        device: cuda,
+        predict: &predict,
+    };
+    let mut warnings = Warnings(Vec::new());
+    let opts = lwi::pipeline::SegmentOptions::default();
+    let after_oom = lwi::pipeline::nnunet::run(&segmenter, &image, &opts, &mut warnings)
+        .unwrap()
+        .data;
+    assert!(
+        warnings
+            .0
+            .iter()
+            .any(|m| m.contains("retrying with them on the CPU")),
+        "{:?}",
+        warnings.0
+    );
+    for (what, other) in [("capped", &capped), ("after out-of-memory", &after_oom)] {
+        let same = agree(&gpu, other);
+        println!(
+            "UNETR++ segment, sums on the GPU vs {what}: {:.4}% of voxels equal",
+            100.0 * same
+        );
+        assert!(same >= 0.9999, "{what}: the labels agree on only {same}");
+    }
+}
+
+/// The messages of warning events.
+struct Warnings(Vec<String>);
+
+impl lwi::events::Progress for Warnings {
+    fn report(&mut self, event: &lwi::events::Event) -> bool {
+        if event.message.starts_with("warning") {
+            self.0.push(event.message.clone());
+        }
+        true
+    }
 }
 
 /// ATen's `leaky_relu(instance_norm(a) + skip)` in float32, the reference for the fused kernel.

@@ -49,7 +49,7 @@ fn option_crashes_stay_fixed() {
     for f in inputs("options") {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
         let _ = lwi::train::TrainConfig::from_json(&text);
-        let _ = lwi::segment::SegmentOptions::from_json(&text);
+        let _ = lwi::pipeline::SegmentOptions::from_json(&text);
     }
 }
 
@@ -59,9 +59,9 @@ fn pickle_crashes_stay_fixed() {
     assert!(!files.is_empty(), "the list that holds itself is kept");
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
-        let r = lwi::plans::from_bytes(Path::new("fuzz.pkl"), &bytes);
+        let r = lwi::model_file::nnunet_plans::from_bytes(Path::new("fuzz.pkl"), &bytes);
         assert!(r.is_err(), "{} reads as plans", f.display());
-        let _ = lwi::pickle::read(&bytes, 0, &lwi::import::CHECKPOINT);
+        let _ = lwi::model_file::pickle::read(&bytes, 0, &lwi::model_file::import::CHECKPOINT);
     }
 }
 
@@ -69,7 +69,7 @@ fn pickle_crashes_stay_fixed() {
 fn model_metadata_crashes_stay_fixed() {
     for f in inputs("model_metadata") {
         let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
-        if let Ok(meta) = serde_json::from_str::<lwi::bundle::ModelMetadata>(&text)
+        if let Ok(meta) = serde_json::from_str::<lwi::model_file::ModelMetadata>(&text)
             && meta.validate().is_ok()
         {
             let _ = meta.arch.values();

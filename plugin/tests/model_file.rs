@@ -5,10 +5,12 @@ mod common;
 
 use common::{max_abs, monai_reference, report};
 use lwi::ErrorKind;
-use lwi::bundle::{Model, ModelMetadata, Preprocessing, Stage};
-use lwi::import::{ImportOptions, import_unetr};
 use lwi::model::unetr_pp::UnetrPpConfig;
 use lwi::model::{ArchConfig, UnetrConfig};
+use lwi::model_file::import::{ImportOptions, import_unetr};
+use lwi::model_file::{
+    Model, ModelMetadata, MonaiPreprocessing, NnUnetPreprocessing, Preprocessing, Stage,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -31,10 +33,10 @@ fn tiny_model(order_classes: Option<i64>) -> Model {
         (1, "spleen".into()),
         (2, "liver".into()),
     ]);
-    let pre = Preprocessing {
+    let pre = Preprocessing::Monai(MonaiPreprocessing {
         roi_size: [32, 32, 32],
         ..Default::default()
-    };
+    });
     let mut meta = ModelMetadata::new(ArchConfig::Unetr(tiny()), labels, pre, Stage::Segmentation);
     meta.order_classes = order_classes;
     meta.provenance.seed = Some(3);
@@ -192,6 +194,34 @@ fn a_version_1_model_file_still_loads() {
 }
 
 #[test]
+fn a_version_2_unetr_pp_model_file_still_loads_segments_and_saves_as_version_3() {
+    // Written by lwi's fine-tune with format 2, whose preprocessing was one flat union of both
+    // pipelines' fields: a nnU-Net model carried MONAI's orientation, HU window and crop unread.
+    let path = common::root().join("tests/data/unetr_pp-v2.safetensors");
+    let model = Model::load(&path, Device::Cpu).unwrap();
+    assert_eq!(model.meta.format_version, 2);
+    let Preprocessing::NnUnet(pre) = &model.meta.preprocessing else {
+        panic!("{:?}: not the nnU-Net pipeline", model.meta.preprocessing);
+    };
+    assert_eq!((pre.spacing, pre.roi_size), ([8.0; 3], [16, 32, 32]));
+    assert!(pre.ct_normalization.is_some());
+    let mut affine = [[0.0; 4]; 4];
+    (0..3).for_each(|d| affine[d][d] = 8.0);
+    affine[3][3] = 1.0;
+    let data = Tensor::arange(24 * 24 * 16, (tch::Kind::Float, Device::Cpu)).view([24, 24, 16]);
+    let volume = lwi::Volume::new(data.remainder(300.0), affine, lwi::DType::F32).unwrap();
+    let opts = lwi::pipeline::SegmentOptions::default();
+    let labels = lwi::pipeline::segment(&model, &volume, &opts, &mut lwi::events::Silent).unwrap();
+    assert_eq!(labels.dims(), [24, 24, 16]);
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("v3.safetensors");
+    model.save(&again).unwrap();
+    let back = Model::load(&again, Device::Cpu).unwrap();
+    assert_eq!(back.meta.format_version, 3);
+    assert_eq!(back.meta.preprocessing, model.meta.preprocessing);
+}
+
+#[test]
 fn a_unetr_pp_model_file_round_trips() {
     let cfg = UnetrPpConfig {
         out_channels: 3,
@@ -207,10 +237,11 @@ fn a_unetr_pp_model_file_round_trips() {
         (1, "a".into()),
         (2, "b".into()),
     ]);
-    let pre = Preprocessing {
+    let pre = Preprocessing::NnUnet(NnUnetPreprocessing {
+        spacing: [1.5, 1.5, 2.0],
         roi_size: cfg.img_size,
-        ..Default::default()
-    };
+        ct_normalization: None,
+    });
     let meta = ModelMetadata::new(ArchConfig::UnetrPp(cfg), labels, pre, Stage::Segmentation);
     let model = Model::new(meta, Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -220,7 +251,9 @@ fn a_unetr_pp_model_file_round_trips() {
     assert_eq!(back.meta, model.meta);
     let info = back.info_json();
     assert_eq!(info["arch"], "unetr_pp");
-    assert_eq!(info["format_version"], 2);
+    assert_eq!(info["format_version"], 3);
+    assert_eq!(info["preprocessing"]["pipeline"], "nn_unet");
+    assert!(info["preprocessing"].get("intensity_window").is_none());
     assert_eq!(info["config"]["dims"], serde_json::json!([8, 16, 32, 64]));
     let x = Tensor::ones([1, 1, 16, 32, 32], (tch::Kind::Float, Device::Cpu));
     let names: Vec<String> = tch::no_grad(|| back.net.outputs(&x, None))
@@ -332,7 +365,7 @@ fn a_file_that_is_not_a_checkpoint_is_a_format_error() {
 #[test]
 fn a_label_buffer_must_hold_every_class_of_the_model() {
     use lwi::DType;
-    use lwi::segment::check_label_type;
+    use lwi::pipeline::check_label_type;
     let small = tiny_model(None);
     assert!(check_label_type(&small, DType::U8).is_ok());
     assert!(check_label_type(&small, DType::U16).is_ok());
@@ -350,10 +383,10 @@ fn a_label_buffer_must_hold_every_class_of_the_model() {
         out_channels: classes,
         ..tiny()
     });
-    let pre = Preprocessing {
+    let pre = Preprocessing::Monai(MonaiPreprocessing {
         roi_size: [32, 32, 32],
         ..Default::default()
-    };
+    });
     let many = Model::new(
         ModelMetadata::new(arch, labels, pre, Stage::Segmentation),
         Device::Cpu,
@@ -548,10 +581,10 @@ fn tiny_pp(num_heads: i64) -> Model {
         dims: [8, 16, 32, 64],
         ..Default::default()
     };
-    let pre = Preprocessing {
+    let pre = Preprocessing::Monai(MonaiPreprocessing {
         roi_size: cfg.img_size,
         ..Default::default()
-    };
+    });
     let labels = BTreeMap::from([(0, "background".to_string()), (1, "a".into())]);
     let meta = ModelMetadata::new(ArchConfig::UnetrPp(cfg), labels, pre, Stage::Segmentation);
     Model::new(meta, Device::Cpu).unwrap()

@@ -116,8 +116,9 @@ class Model:
                 progress: ProgressSink = None, cancel: Optional[threading.Event] = None, **options: Any) -> Volume:
         """Segments `x` and returns its label map (uint8, or uint16 beyond 256 classes) on `x`'s grid.
 
-        `options` are `lwi_segment`'s (docs/segmentation.md): overlap, blend, sw_batch, tta_axes, resample,
-        precision, slab, largest_component, max_gpu_accumulator_mb, mirror, ... `progress`: None for a bar on
+        `options` are `lwi_segment`'s (docs/segmentation.md): overlap, blend, sw_batch, mirror (former name
+        tta_axes), resample, precision, slab, largest_component, max_gpu_accumulator_mb, ...; one a model's
+        pipeline cannot honour raises ValueError naming it. `progress`: None for a bar on
         a terminal, False for none, or a callable taking `lwi.Progress` (raising in it cancels). `cancel`: a
         `threading.Event` another thread may set. Ctrl-C cancels and raises KeyboardInterrupt."""
         volume = as_volume(x, affine=affine, space=space, series=series)

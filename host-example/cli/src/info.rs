@@ -95,7 +95,7 @@ pub fn slicer_path() -> Result<(), Failure> {
         .flatten()
         .flatten()
         .map(|e| e.path().join("cli-modules"))
-        .filter(|p| p.is_dir() && p.parent().is_some_and(|s| is_slicer_dir(s)))
+        .filter(|p| p.is_dir() && p.parent().is_some_and(is_slicer_dir))
         .max();
     match found.map(|p| p.canonicalize().unwrap_or(p)) {
         Some(p) => {

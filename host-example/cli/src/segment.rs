@@ -26,10 +26,11 @@ pub struct SegmentArgs {
     /// Windows per forward pass (default: 1 on the CPU, 4 on CUDA).
     #[arg(long)]
     sw_batch: Option<i64>,
-    /// Mirror test-time augmentation over x, y and z (4 forward passes per window).
-    #[arg(long)]
-    tta: bool,
-    /// nnU-Net models (UNETR++): one pass per window instead of nnU-Net's 8 mirrorings.
+    /// Mirroring (test-time augmentation): each window averaged over the 8 flips of x, y and z
+    /// (the default of nnU-Net's pipeline, UNETR++ models; `--tta` is its former name).
+    #[arg(long, visible_alias = "tta", conflicts_with = "no_mirror")]
+    mirror: bool,
+    /// One pass per window, no mirroring (the default of MONAI's pipeline, UNETR models).
     #[arg(long)]
     no_mirror: bool,
     /// Resampling back to the input grid: class probabilities (keeps thin structures) or nearest labels.
@@ -137,11 +138,9 @@ fn options_json(a: &SegmentArgs) -> serde_json::Value {
         "precision": a.precision, "manifest": !a.no_manifest, "largest_component": a.largest_component,
         "max_gpu_accumulator_mb": a.max_gpu_accumulator_mb, "fused_norm": !a.no_fused_norm,
     });
-    if a.tta {
-        options["tta_axes"] = serde_json::json!([0, 1, 2]);
-    }
-    if a.no_mirror {
-        options["mirror"] = false.into();
+    // Absent unless asked for: each pipeline has its own default.
+    if a.mirror || a.no_mirror {
+        options["mirror"] = a.mirror.into();
     }
     if let Some(p) = &a.save_preprocessed {
         options["save_preprocessed"] = serde_json::json!(p);

@@ -107,8 +107,8 @@ fn segment_item(number: usize, value: u8, names: &BTreeMap<u32, String>) -> InMe
         .get(&(value as u32))
         .cloned()
         .unwrap_or_else(|| format!("label {value}"));
-    let sct = |c: crate::anatomy::Code| code(c.value, "SCT", c.meaning);
-    let (category, kind) = match crate::anatomy::organ(&name) {
+    let sct = |c: crate::io::anatomy::Code| code(c.value, "SCT", c.meaning);
+    let (category, kind) = match crate::io::anatomy::organ(&name) {
         Some(organ) => {
             let mut kind = sct(organ.kind);
             if let Some(m) = organ.modifier {
@@ -117,7 +117,7 @@ fn segment_item(number: usize, value: u8, names: &BTreeMap<u32, String>) -> InMe
                     vec![sct(m)],
                 ));
             }
-            (sct(crate::anatomy::ANATOMICAL_STRUCTURE), kind)
+            (sct(crate::io::anatomy::ANATOMICAL_STRUCTURE), kind)
         }
         None => (
             code("85756007", "SCT", "Tissue"),

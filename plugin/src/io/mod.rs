@@ -1,6 +1,7 @@
 //! Reading and writing volumes. The format is chosen by the path's extension; every writer goes
 //! through [`write_atomically`] so a reader never sees half a file.
 
+pub mod anatomy;
 pub mod dicom;
 pub mod dicom_seg;
 pub mod dicom_walk;

@@ -1,10 +1,10 @@
 //! The NRRD key/value fields of 3D Slicer's segmentation files (`.seg.nrrd`,
 //! `vtkMRMLSegmentationStorageNode`): one segment per named label value, with its name, colour,
-//! label value and, for organs known to [`crate::anatomy`], the standard terminology. A label map
+//! label value and, for organs known to [`crate::io::anatomy`], the standard terminology. A label map
 //! written with them reads in Slicer as a segmentation whose segments carry the model's names; any
 //! other NRRD reader sees an ordinary label map (the fields are `key:=value` lines).
 
-use crate::anatomy;
+use crate::io::anatomy;
 use std::collections::BTreeMap;
 
 /// The fields for a label map of `dims` whose values are named by `names` (0, background, is no

@@ -226,7 +226,7 @@ impl Norm {
                 running_mean,
                 running_var,
             } if train
-                && let Some(synced) = crate::dist::group::sync_batch_norm(
+                && let Some(synced) = crate::distributed::group::sync_batch_norm(
                     x,
                     [weight, bias, running_mean, running_var],
                     0.1,

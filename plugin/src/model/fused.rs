@@ -5,25 +5,9 @@
 //! CPU a fused loop saved only what glibc's allocator settings save too: docs/performance.md.)
 
 use std::cell::Cell;
-use std::ffi::{CStr, c_char};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tch::{Kind, Tensor};
-use torch_sys::C_tensor;
-
-unsafe extern "C" {
-    fn lwi_fused_norm_compile_check(arch: i32, err: *mut c_char, len: usize) -> i32;
-    fn lwi_fused_norm_act(
-        a: *const C_tensor,
-        b: *const C_tensor,
-        mode: i32,
-        eps: f32,
-        slope: f32,
-        out: *mut *mut C_tensor,
-        err: *mut c_char,
-        len: usize,
-    ) -> i32;
-}
 
 /// What is added to the normalised input before the activation.
 pub enum Skip<'a> {
@@ -101,49 +85,21 @@ fn cuda_norm_act(
     eps: f64,
     slope: f64,
 ) -> Option<Tensor> {
-    let mut out: *mut C_tensor = std::ptr::null_mut();
-    let mut err = [0 as c_char; 512];
-    let b_ptr = b.map_or(std::ptr::null(), Tensor::as_ptr);
-    // SAFETY: `a` and `b` are live tensors for the call; the shim writes at most `err.len()` bytes
-    // (NUL-terminated) and, on success, a new heap tensor that `from_ptr` takes ownership of.
-    let status = unsafe {
-        lwi_fused_norm_act(
-            a.as_ptr(),
-            b_ptr,
-            mode,
-            eps as f32,
-            slope as f32,
-            &mut out,
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
-    if status != 0 || out.is_null() {
-        // SAFETY: the shim NUL-terminates what it writes; `err` starts zeroed.
-        let why = unsafe { CStr::from_ptr(err.as_ptr()) };
-        if let Ok(mut f) = FAILURE.lock() {
-            *f = Some(why.to_string_lossy().into_owned());
+    match crate::shim::fused_norm::norm_act(a, b, mode, eps as f32, slope as f32) {
+        Ok(y) => Some(y),
+        Err(why) => {
+            if let Ok(mut f) = FAILURE.lock() {
+                *f = Some(why);
+            }
+            None
         }
-        return None;
     }
-    // SAFETY: `out` is a tensor the shim allocated with `new` for us to own.
-    Some(unsafe { Tensor::from_ptr(out) })
 }
 
 /// Compiles the kernels to PTX for compute capability `arch` (e.g. 90) with NVRTC, touching no
 /// GPU: Err with NVRTC's log when the source does not compile or NVRTC is missing.
 pub fn compile_check(arch: i32) -> Result<(), String> {
-    let mut err = [0 as c_char; 4096];
-    // SAFETY: the shim writes at most `err.len()` NUL-terminated bytes.
-    let status = unsafe { lwi_fused_norm_compile_check(arch, err.as_mut_ptr(), err.len()) };
-    if status == 0 {
-        Ok(())
-    } else {
-        // SAFETY: as above.
-        Err(unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned())
-    }
+    crate::shim::fused_norm::compile_check(arch)
 }
 
 #[cfg(test)]

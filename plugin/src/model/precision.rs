@@ -14,20 +14,11 @@ pub enum Precision {
     Fp16,
 }
 
-unsafe extern "C" {
-    fn lwi_autocast_enter(bf16: i32, prev_enabled: *mut i32, prev_dtype: *mut i32) -> i32;
-    fn lwi_autocast_exit(prev_enabled: i32, prev_dtype: i32);
-    fn lwi_cuda_compute_capability(index: i32) -> i32;
-}
-
 /// A CUDA device's compute capability as major · 10 + minor (90 for an H100), read from the driver;
 /// None for the CPU or when the driver cannot say.
 pub fn cuda_compute_capability(device: Device) -> Option<i32> {
     match device {
-        // SAFETY: the shim only queries the CUDA driver; -1 when it cannot.
-        Device::Cuda(i) => {
-            Some(unsafe { lwi_cuda_compute_capability(i as i32) }).filter(|&cc| cc >= 0)
-        }
+        Device::Cuda(i) => crate::shim::autocast::cuda_compute_capability(i as i32),
         _ => None,
     }
 }
@@ -56,28 +47,25 @@ impl Precision {
 pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> Result<T> {
     let bf16 = match precision.on(device) {
         Precision::Fp32 => return Ok(f()),
-        Precision::Bf16 => 1,
-        Precision::Fp16 => 0,
+        Precision::Bf16 => true,
+        Precision::Fp16 => false,
     };
     if !device.is_cuda() {
         return Err(Error::invalid(format!(
             "precision {precision:?} needs a CUDA device (autocast); the CPU runs fp32"
         )));
     }
-    let (mut prev_enabled, mut prev_dtype) = (0, 0);
-    // SAFETY: the shim only reads and writes libtorch's thread-local autocast state and the two ints.
-    if unsafe { lwi_autocast_enter(bf16, &mut prev_enabled, &mut prev_dtype) } != 0 {
-        return Err(Error::internal("cannot enter CUDA autocast"));
-    }
+    use crate::shim::autocast;
+    let previous =
+        autocast::enter(bf16).ok_or_else(|| Error::internal("cannot enter CUDA autocast"))?;
     // Restores the previous autocast state even if `f` panics.
-    struct Exit(i32, i32);
+    struct Exit(autocast::Previous);
     impl Drop for Exit {
         fn drop(&mut self) {
-            // SAFETY: pairs with the successful enter above.
-            unsafe { lwi_autocast_exit(self.0, self.1) }
+            autocast::exit(self.0)
         }
     }
-    let _exit = Exit(prev_enabled, prev_dtype);
+    let _exit = Exit(previous);
     Ok(f())
 }
 

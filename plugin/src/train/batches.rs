@@ -2,11 +2,12 @@
 //! augmentation, every random decision drawn from the run's RNG so that a resumed run repeats them.
 
 use super::{Augment, TrainConfig};
-use crate::bundle::Preprocessing;
-use crate::dataset::{Entry, prepare_case};
+use crate::dataset::Entry;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
-use crate::preprocess::pad_to_roi;
+use crate::model_file::MonaiPreprocessing;
+use crate::pipeline::monai::train_case::prepare_case;
+use crate::pipeline::window::pad_to_roi;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
@@ -127,7 +128,7 @@ fn augment(
 /// The training cases preprocessed, padded to the roi and ready to sample from.
 pub(super) fn prepare_cases(
     entries: &[Entry],
-    pre: &Preprocessing,
+    pre: &MonaiPreprocessing,
     roi: [i64; 3],
     label_classes: Option<u32>,
     progress: &mut dyn Progress,

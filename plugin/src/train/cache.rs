@@ -6,9 +6,9 @@
 //! (truncated, foreign, damaged) is rebuilt with a warning; entries are written to a temporary
 //! name and renamed, so concurrent runs never see half a file.
 
-use super::fingerprint::Fingerprint;
 use crate::dataset::Entry as DatasetEntry;
 use crate::error::{Error, Result};
+use crate::pipeline::nnunet::fingerprint::Fingerprint;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;

@@ -4,10 +4,10 @@
 
 use super::TrainConfig;
 use super::optimizer::Optimizer;
-use crate::bundle::{Model, ModelMetadata};
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::error::{Error, Result};
 use crate::model::load_state_dict;
+use crate::model_file::{Model, ModelMetadata};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -42,7 +42,7 @@ pub(super) fn save_checkpoint(
         .collect();
     named.extend(opt.state());
     let doc = serde_json::to_string(state).map_err(|e| Error::internal(e.to_string()))?;
-    crate::bundle::write_safetensors(
+    crate::model_file::write_safetensors(
         path,
         named,
         HashMap::from([("lwi_checkpoint".to_string(), doc)]),
@@ -69,7 +69,7 @@ fn load_checkpoint(
     for (name, view) in file.tensors() {
         tensors.insert(
             name,
-            crate::bundle::tensor_from_view(path, &view)?.f_to_device(device)?,
+            crate::model_file::tensor_from_view(path, &view)?.f_to_device(device)?,
         );
     }
     Ok((state, tensors))

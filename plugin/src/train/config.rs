@@ -3,39 +3,60 @@
 //! checked when read.
 
 use super::nnunet_augment::NnUnetAugment;
-use crate::bundle::Stage;
-use crate::dist::DistributedConfig;
+use crate::distributed::DistributedConfig;
 use crate::error::{Error, Result};
 use crate::model::ArchConfig;
+use crate::model_file::Stage;
 use crate::pretext::{Grouping, PretextConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// A training recipe: the defaults of every field, chosen from the architecture unless given.
+/// Named by what it is; the names of the architectures they were written for (`unetr`,
+/// `unetr_pp`) still read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum Recipe {
     /// MONAI's BTCV recipe (UNETR): RAS and HU window, AdamW, warmup-cosine, pos/neg crops, DiceCE.
-    Unetr,
+    #[serde(rename = "monai", alias = "unetr")]
+    Monai,
     /// nnU-Net v1's (UNETR++): dataset fingerprint, median spacing, CT normalisation, SGD with
     /// Nesterov momentum, poly 0.9, patches with foreground oversampling, nnU-Net's augmentation,
     /// Dice + CE over the deep-supervision outputs.
-    UnetrPp,
+    #[serde(rename = "nnunet_v1", alias = "unetr_pp")]
+    NnUnetV1,
 }
 
 impl Recipe {
     fn name(self) -> &'static str {
         match self {
-            Recipe::Unetr => "unetr",
-            Recipe::UnetrPp => "unetr_pp",
+            Recipe::Monai => "monai",
+            Recipe::NnUnetV1 => "nnunet_v1",
+        }
+    }
+
+    /// Why this recipe cannot train `arch`, if it cannot.
+    fn refuses(self, arch: &ArchConfig) -> Option<&'static str> {
+        match (self, arch) {
+            (Recipe::Monai, ArchConfig::Unetr(_)) | (Recipe::NnUnetV1, ArchConfig::UnetrPp(_)) => {
+                None
+            }
+            (Recipe::NnUnetV1, ArchConfig::Unetr(_)) => Some(
+                "its loss is Dice + CE over the network's deep-supervision outputs, and UNETR has \
+                 one output (train UNETR with the monai recipe)",
+            ),
+            (Recipe::Monai, ArchConfig::UnetrPp(_)) => Some(
+                "UNETR++'s patch is given in nnU-Net's axes (z, y, x of the stored array) and its \
+                 decoder's deep supervision is nnU-Net's; MONAI's RAS crops and single-output DiceCE \
+                 have no reference to be checked against (train UNETR++ with the nnunet_v1 recipe)",
+            ),
         }
     }
 
     fn for_arch(arch: &ArchConfig) -> Recipe {
         match arch {
-            ArchConfig::Unetr(_) => Recipe::Unetr,
-            ArchConfig::UnetrPp(_) => Recipe::UnetrPp,
+            ArchConfig::Unetr(_) => Recipe::Monai,
+            ArchConfig::UnetrPp(_) => Recipe::NnUnetV1,
         }
     }
 }
@@ -123,30 +144,30 @@ pub struct TrainConfig {
     pub poly_exponent: f64,
     /// The gradients' total L2 norm is clipped to this (`clip_grad_norm_`).
     pub grad_clip: Option<f64>,
-    /// unetr recipe: crops per volume per iteration.
+    /// monai recipe: crops per volume per iteration.
     pub num_samples: i64,
-    /// unetr recipe: positive : negative crop-centre ratio.
+    /// monai recipe: positive : negative crop-centre ratio.
     pub pos: f64,
     pub neg: f64,
     /// Samples per iteration on each rank (the global batch is this times the world size): unetr
-    /// recipe, volumes (each giving `num_samples` crops); unetr_pp recipe, patches.
+    /// recipe, volumes (each giving `num_samples` crops); nnunet_v1 recipe, patches.
     pub batch_size: i64,
-    /// unetr_pp recipe: the share of each batch forced to hold foreground (nnU-Net's 0.33).
+    /// nnunet_v1 recipe: the share of each batch forced to hold foreground (nnU-Net's 0.33).
     pub oversample_foreground: f64,
-    /// Voxel spacing in mm (x, y, z); absent: the unetr_pp recipe uses the training cases' median.
+    /// Voxel spacing in mm (x, y, z); absent: the nnunet_v1 recipe uses the training cases' median.
     pub spacing: Option<[f64; 3]>,
-    /// unetr recipe: the HU window mapped to [0, 1].
+    /// monai recipe: the HU window mapped to [0, 1].
     pub window: [f64; 2],
-    /// unetr recipe's augmentation.
+    /// monai recipe's augmentation.
     pub augment: Augment,
-    /// unetr_pp recipe's augmentation (nnU-Net v1's).
+    /// nnunet_v1 recipe's augmentation (nnU-Net v1's).
     pub nnunet_augment: NnUnetAugment,
-    /// unetr_pp recipe: keep each prepared case in the preprocessed cache on disk (read
+    /// nnunet_v1 recipe: keep each prepared case in the preprocessed cache on disk (read
     /// memory-mapped) instead of in memory.
     pub cache: bool,
     /// The cache's folder; absent: `lwi-cache` beside `out`.
     pub cache_dir: Option<PathBuf>,
-    /// unetr_pp recipe: Dice over the whole batch (nnU-Net's `batch_dice`) rather than per sample.
+    /// nnunet_v1 recipe: Dice over the whole batch (nnU-Net's `batch_dice`) rather than per sample.
     pub batch_dice: bool,
     pub pretext: PretextConfig,
     /// bf16 autocast on CUDA.
@@ -171,7 +192,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig::recipe(Recipe::Unetr, ArchConfig::default())
+        TrainConfig::recipe(Recipe::Monai, ArchConfig::default())
     }
 }
 
@@ -226,9 +247,9 @@ impl TrainConfig {
             out_channels_given: false,
         };
         match recipe {
-            Recipe::Unetr => unetr,
+            Recipe::Monai => unetr,
             // unetrpp.md (d): the upstream trainer's settings, LWI's pretext (b.6).
-            Recipe::UnetrPp => TrainConfig {
+            Recipe::NnUnetV1 => TrainConfig {
                 epochs: 1000,
                 iterations_per_epoch: Some(250),
                 batch_size: 2,
@@ -257,7 +278,7 @@ impl TrainConfig {
     /// The learning rate of `stage`: the config's, else the recipe's.
     pub fn learning_rate(&self, stage: Stage) -> f64 {
         self.lr.unwrap_or(match (self.recipe, stage) {
-            (Recipe::UnetrPp, Stage::Segmentation) => 1e-2,
+            (Recipe::NnUnetV1, Stage::Segmentation) => 1e-2,
             _ => 1e-4,
         })
     }
@@ -305,7 +326,7 @@ impl TrainConfig {
             None => Recipe::for_arch(&arch),
             Some(r) => serde_json::from_value(r.clone()).map_err(|_| {
                 Error::invalid(format!(
-                    "{WHAT}: \"recipe\" must be \"unetr\" or \"unetr_pp\", got {}",
+                    "{WHAT}: \"recipe\" must be \"monai\" (or \"unetr\") or \"nnunet_v1\" (or \"unetr_pp\"), got {}",
                     crate::options::describe(r)
                 ))
             })?,
@@ -337,11 +358,9 @@ impl TrainConfig {
                 "training config: \"dataset\" and \"out\" are required",
             ));
         }
-        if c.recipe != Recipe::for_arch(&c.arch) {
+        if let Some(why) = c.recipe.refuses(&c.arch) {
             return Err(Error::unsupported(format!(
-                "training config: the {} recipe trains the {} architecture, not {} (each recipe \
-                 brings its own preprocessing pipeline)",
-                c.recipe.name(),
+                "training config: the {} recipe cannot train {}: {why}",
                 c.recipe.name(),
                 c.arch.name()
             )));
@@ -411,11 +430,11 @@ impl TrainConfig {
             )));
         }
         if let Some(s) = c.spacing {
-            crate::bundle::check_spacing("training config: spacing", s)?;
+            crate::model_file::check_spacing("training config: spacing", s)?;
         }
-        if c.recipe == Recipe::Unetr && c.spacing.is_none() {
+        if c.recipe == Recipe::Monai && c.spacing.is_none() {
             return Err(Error::invalid(
-                "training config: the unetr recipe needs \"spacing\" (it has no dataset fingerprint)",
+                "training config: the monai recipe needs \"spacing\" (it has no dataset fingerprint)",
             ));
         }
         c.distributed.check()?;
@@ -454,7 +473,7 @@ impl TrainConfig {
 /// The architecture of the init-train model `path` (from its header; `out_channels` is the
 /// stage's to decide).
 fn init_architecture(path: &Path) -> Result<ArchConfig> {
-    let meta = crate::bundle::ModelMetadata::read(path)?;
+    let meta = crate::model_file::ModelMetadata::read(path)?;
     if meta.stage != Stage::Init {
         return Err(Error::new(
             crate::error::ErrorKind::ModelIncompatible,
@@ -575,14 +594,41 @@ mod tests {
     }
 
     #[test]
+    fn recipes_are_named_by_what_they_are_and_their_former_names_still_read() {
+        for (name, recipe) in [
+            ("monai", Recipe::Monai),
+            ("unetr", Recipe::Monai),
+            ("nnunet_v1", Recipe::NnUnetV1),
+            ("unetr_pp", Recipe::NnUnetV1),
+        ] {
+            let arch = match recipe {
+                Recipe::Monai => "unetr",
+                Recipe::NnUnetV1 => "unetr_pp",
+            };
+            let json = format!(
+                r#"{{"dataset": "d.json", "out": "m", "recipe": "{name}", "arch": {{"arch": "{arch}"}}, "spacing": [1.5, 1.5, 2.0]}}"#
+            );
+            let c = TrainConfig::from_json(&json).unwrap();
+            assert_eq!(c.recipe, recipe);
+            let written = serde_json::to_value(&c).unwrap();
+            assert_eq!(written["recipe"], recipe.name());
+        }
+        let err = TrainConfig::from_json(
+            r#"{"dataset": "d.json", "out": "m", "recipe": "monai", "arch": {"arch": "unetr_pp"}}"#,
+        )
+        .unwrap_err();
+        assert!(err.message.contains("nnunet_v1"), "{}", err.message);
+    }
+
+    #[test]
     fn the_recipe_follows_the_architecture_and_any_field_overrides_it() {
         let named =
             r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr", "feature_size": 8}}"#;
-        assert_eq!(TrainConfig::from_json(named).unwrap().recipe, Recipe::Unetr);
+        assert_eq!(TrainConfig::from_json(named).unwrap().recipe, Recipe::Monai);
         let pp = r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr_pp"},
                      "pretext": {"grouping": "released"}, "momentum": 0.95}"#;
         let c = TrainConfig::from_json(pp).unwrap();
-        assert_eq!(c.recipe, Recipe::UnetrPp);
+        assert_eq!(c.recipe, Recipe::NnUnetV1);
         assert_eq!(
             (c.optimizer, c.momentum, c.schedule),
             (OptimizerKind::Sgd, 0.95, ScheduleKind::Poly)
@@ -605,6 +651,7 @@ mod tests {
         let mixed = r#"{"dataset": "d.json", "out": "m", "recipe": "unetr_pp"}"#;
         let err = TrainConfig::from_json(mixed).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unsupported);
+        assert!(err.message.contains("deep-supervision"), "{}", err.message);
         let wrong =
             r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr_pp"}, "batch_size": "2"}"#;
         let err = TrainConfig::from_json(wrong).unwrap_err();

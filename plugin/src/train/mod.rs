@@ -1,19 +1,18 @@
 //! The training engine shared by init-train (stage 1, self-supervised) and fine-tune (stage 2): a
 //! short driver ([`train_with`]) over parts that each do one thing — the config and its recipes
 //! ([`config`]), the batch sources (MONAI-style crops in [`batches`]; nnU-Net's patches in
-//! [`patches`], with its [`fingerprint`] and [`nnunet_augment`]), the objective ([`objective`]),
+//! [`patches`], with its [`fingerprint`](crate::pipeline::nnunet::fingerprint) and [`nnunet_augment`]), the objective ([`objective`]),
 //! the optimizer ([`optimizer`]) and its schedule ([`schedule`]), the gradient seam
 //! ([`gradients`]), the random streams ([`streams`]), checkpoints that resume exactly
 //! ([`checkpoint`]), validation ([`validate`]) and the transfer from stage 1 to stage 2
 //! ([`transfer`]). Under a launcher (torchrun, srun) the same driver runs on every rank of a
-//! data-parallel job ([`crate::dist`]): rank 0's weights to all, each rank its slots of the global
+//! data-parallel job ([`crate::distributed`]): rank 0's weights to all, each rank its slots of the global
 //! batch, gradients averaged, rank 0 alone writing files.
 
 mod batches;
 mod cache;
 mod checkpoint;
 mod config;
-pub mod fingerprint;
 pub mod gradients;
 pub mod nnunet_augment;
 mod objective;
@@ -33,13 +32,13 @@ pub use optimizer::{AdamW, Optimizer, Sgd, clip_grad_norm};
 pub use patches::start_bounds;
 pub use schedule::{learning_rate, poly};
 
-use crate::bundle::{EpochRecord, Model, ModelMetadata, Stage};
 use crate::dataset::DatasetFile;
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::model::Precision;
+use crate::model_file::{EpochRecord, Model, ModelMetadata, Stage};
 use objective::Objective;
 use rand::Rng;
 use source::{Source, Store};
@@ -146,7 +145,7 @@ impl<'a> Run<'a> {
         let dataset = DatasetFile::read(&cfg.dataset)?;
         // the labels go into the model file: bounded as it bounds them, before any case is prepared
         let what = format!("{}: labels", cfg.dataset.display());
-        crate::bundle::check_labels(&what, &dataset.labels)?;
+        crate::model_file::check_labels(&what, &dataset.labels)?;
         let classes = stage_classes(stage, cfg, &dataset)?;
         let store = Store::open(cfg, &dataset)?;
         let pre = source::preprocessing(cfg, &dataset, &store, progress)?;
@@ -402,7 +401,7 @@ fn run_device(cfg: &TrainConfig, device: Device) -> Result<Device> {
         device: cfg
             .device
             .clone()
-            .unwrap_or_else(|| crate::bundle::device_name(device)),
+            .unwrap_or_else(|| crate::engine::device_name(device)),
         threads: cfg.threads,
     };
     Ok(Engine::new(&options)?.device)

@@ -7,7 +7,7 @@
 //! Statistics checked against batchgenerators in `plugin/tests/nnunet_recipe.rs`.
 
 use crate::error::{Error, Result};
-use crate::resample::{self, Order};
+use crate::pipeline::nnunet::resample::{self, Order};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};

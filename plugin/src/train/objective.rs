@@ -1,13 +1,13 @@
 //! What a stage minimises: the pretext loss of learned initialization (stage 1), MONAI's DiceCE
-//! (stage 2, unetr recipe) or nnU-Net's Dice + CE over the deep-supervision outputs (stage 2,
-//! unetr_pp recipe).
+//! (stage 2, monai recipe) or nnU-Net's Dice + CE over the deep-supervision outputs (stage 2,
+//! nnunet_v1 recipe).
 
 use super::streams::Epoch;
 use super::{Recipe, TrainConfig};
-use crate::bundle::{Model, Stage};
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::error::{Error, Result};
 use crate::model::{Precision, with_precision};
+use crate::model_file::{Model, Stage};
 use crate::pretext::PretextConfig;
 use tch::Tensor;
 
@@ -29,8 +29,8 @@ impl Objective {
                 config: cfg.pretext.clone(),
                 axis: 2 + cfg.arch.pretext_geometry().0 as i64,
             },
-            (Stage::Segmentation, Recipe::Unetr) => Objective::DiceCe,
-            (Stage::Segmentation, Recipe::UnetrPp) => Objective::DeepSupervision {
+            (Stage::Segmentation, Recipe::Monai) => Objective::DiceCe,
+            (Stage::Segmentation, Recipe::NnUnetV1) => Objective::DeepSupervision {
                 batch_dice: cfg.batch_dice,
             },
         }

@@ -1,4 +1,4 @@
-//! The optimizers: AdamW (the unetr recipe) and SGD with Nesterov momentum (nnU-Net's), and
+//! The optimizers: AdamW (the monai recipe) and SGD with Nesterov momentum (nnU-Net's), and
 //! gradient-norm clipping.
 
 use tch::Tensor;

@@ -1,5 +1,5 @@
-//! The unetr_pp recipe's batch source, nnU-Net v1's `DataLoader3D`: each case prepared once as
-//! nnU-Net prepares it (`crate::nnunet::prepare`: non-zero crop, resampling to the fingerprint's
+//! The nnunet_v1 recipe's batch source, nnU-Net v1's `DataLoader3D`: each case prepared once as
+//! nnU-Net prepares it (`crate::pipeline::nnunet::train_case`: non-zero crop, resampling to the fingerprint's
 //! spacing, CT normalisation; labels resampled as nnU-Net resamples segmentations), then batches
 //! of patches from cases drawn with replacement, the last `round(batch · oversample)` of each
 //! batch centred on a voxel of a random foreground class, the others anywhere within
@@ -9,10 +9,10 @@
 
 use super::TrainConfig;
 use super::cache::{self, Cache};
-use crate::bundle::CtNormalization;
-use crate::dataset::{Entry, check_label};
+use crate::dataset::Entry;
 use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
+use crate::model_file::CtNormalization;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
@@ -134,13 +134,10 @@ fn prepare_case(
     norm: &CtNormalization,
     classes: Option<u32>,
 ) -> Result<Vec<(String, Tensor)>> {
-    let volume = crate::io::read_volume(&entry.image)?;
-    let prepared = crate::nnunet::prepare(&volume, spacing, norm)?;
-    let mut out = vec![("image".to_string(), prepared.image.shallow_clone())];
-    if let (Some(path), Some(_)) = (&entry.label, classes) {
-        let label = crate::io::read_volume(path)?;
-        check_label(&volume, &label, path, classes)?;
-        let label = prepared.labels_on_grid(&label)?;
+    let (image, label) =
+        crate::pipeline::nnunet::train_case::prepare_case(entry, spacing, norm, classes)?;
+    let mut out = vec![("image".to_string(), image)];
+    if let Some(label) = label {
         let seed = u64::from_str_radix(&key[..16], 16).unwrap_or(0);
         let mut rng: ChaCha8Rng = rand::SeedableRng::seed_from_u64(seed);
         for (class, locations) in class_locations(&label, &mut rng)? {

@@ -1,7 +1,7 @@
-//! The learning-rate schedules: warmup-cosine (the unetr recipe) and poly (nnU-Net's).
+//! The learning-rate schedules: warmup-cosine (the monai recipe) and poly (nnU-Net's).
 
 use super::{ScheduleKind, TrainConfig};
-use crate::bundle::Stage;
+use crate::model_file::Stage;
 
 /// The learning rate of (0-based) `epoch` of `stage`, as the config's schedule gives it.
 pub fn rate(cfg: &TrainConfig, stage: Stage, epoch: u64) -> f64 {

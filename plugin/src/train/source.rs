@@ -1,16 +1,17 @@
-//! Where the training data comes from: the model's preprocessing (the unetr recipe's settings, or
+//! Where the training data comes from: the model's preprocessing (the monai recipe's settings, or
 //! nnU-Net's from the dataset fingerprint), the prepared cases (in memory, or in the preprocessed
 //! cache on disk) and the batches drawn from them each iteration.
 
-use super::{Recipe, TrainConfig, batches, cache, fingerprint, patches, streams};
-use crate::bundle::{Pipeline, Preprocessing};
+use super::{Recipe, TrainConfig, batches, cache, patches, streams};
 use crate::dataset::DatasetFile;
 use crate::error::{Error, Result};
 use crate::events::Progress;
+use crate::model_file::{MonaiPreprocessing, NnUnetPreprocessing, Preprocessing};
+use crate::pipeline::nnunet::fingerprint;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
-/// How the model's input is prepared: the unetr recipe's MONAI pipeline as configured, or nnU-Net's
+/// How the model's input is prepared: the monai recipe's MONAI pipeline as configured, or nnU-Net's
 /// with the dataset's fingerprint (the median spacing unless `spacing` is given).
 pub(super) fn preprocessing(
     cfg: &TrainConfig,
@@ -20,30 +21,28 @@ pub(super) fn preprocessing(
 ) -> Result<Preprocessing> {
     let roi_size = cfg.arch.img_size();
     match cfg.recipe {
-        Recipe::Unetr => Ok(Preprocessing {
-            spacing: cfg.spacing.unwrap_or(Preprocessing::default().spacing),
+        Recipe::Monai => Ok(Preprocessing::Monai(MonaiPreprocessing {
+            spacing: cfg.spacing.unwrap_or(MonaiPreprocessing::default().spacing),
             intensity_window: cfg.window,
             roi_size,
             ..Default::default()
-        }),
-        Recipe::UnetrPp => {
+        })),
+        Recipe::NnUnetV1 => {
             let mut compute = || fingerprint::compute(&dataset.training, progress);
             let print = match &store.cache {
                 Some(cache) => cache.fingerprint(&store.hashes, compute)?,
                 None => compute()?,
             };
-            Ok(Preprocessing {
+            Ok(Preprocessing::NnUnet(NnUnetPreprocessing {
                 spacing: cfg.spacing.unwrap_or(print.spacing),
                 roi_size,
-                pipeline: Pipeline::NnUnet,
                 ct_normalization: Some(print.ct),
-                ..Default::default()
-            })
+            }))
         }
     }
 }
 
-/// The unetr_pp recipe's prepared data: the training cases' file hashes and the cache on disk.
+/// The nnunet_v1 recipe's prepared data: the training cases' file hashes and the cache on disk.
 pub(super) struct Store {
     hashes: Vec<String>,
     cache: Option<cache::Cache>,
@@ -51,7 +50,7 @@ pub(super) struct Store {
 
 impl Store {
     pub(super) fn open(cfg: &TrainConfig, dataset: &DatasetFile) -> Result<Store> {
-        if cfg.recipe != Recipe::UnetrPp {
+        if cfg.recipe != Recipe::NnUnetV1 {
             return Ok(Store {
                 hashes: Vec::new(),
                 cache: None,
@@ -72,9 +71,9 @@ impl Store {
 
 /// Where batches come from.
 pub(super) enum Source {
-    /// The unetr recipe: random crops of one case per iteration.
+    /// The monai recipe: random crops of one case per iteration.
     Crops(Vec<batches::Prepared>),
-    /// The unetr_pp recipe: nnU-Net's patch batches.
+    /// The nnunet_v1 recipe: nnU-Net's patch batches.
     Patches(Vec<patches::PatchCase>),
 }
 
@@ -88,15 +87,15 @@ impl Source {
         progress: &mut dyn Progress,
     ) -> Result<Source> {
         let roi = cfg.arch.img_size();
-        Ok(match cfg.recipe {
-            Recipe::Unetr => Source::Crops(batches::prepare_cases(
+        Ok(match pre {
+            Preprocessing::Monai(pre) => Source::Crops(batches::prepare_cases(
                 &dataset.training,
                 pre,
                 roi,
                 classes,
                 progress,
             )?),
-            Recipe::UnetrPp => {
+            Preprocessing::NnUnet(pre) => {
                 let norm = pre
                     .ct_normalization
                     .as_ref()

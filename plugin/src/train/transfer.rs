@@ -1,8 +1,8 @@
 //! From stage 1 to stage 2: the learned initialization carried into a fine-tune model.
 
-use crate::bundle::{Model, Pipeline, Stage};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::load_state_dict;
+use crate::model_file::{Model, Pipeline, Stage};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -14,7 +14,7 @@ pub(super) fn transfer_from_init(
     model: &Model,
     init: &Path,
     device: Device,
-) -> Result<Vec<crate::bundle::EpochRecord>> {
+) -> Result<Vec<crate::model_file::EpochRecord>> {
     let stage1 = Model::load(init, device)?;
     if stage1.meta.stage != Stage::Init {
         return Err(Error::new(
@@ -39,17 +39,18 @@ pub(super) fn transfer_from_init(
             ),
         ));
     }
+    // nnU-Net's preprocessing comes from the dataset's fingerprint: another dataset's would
+    // prepare the cases differently from how stage 1 saw them.
     let (had, has) = (&stage1.meta.preprocessing, &model.meta.preprocessing);
-    if has.pipeline == Pipeline::NnUnet && had != has {
+    if has.pipeline() == Pipeline::NnUnet && had != has {
         return Err(Error::new(
             ErrorKind::ModelIncompatible,
             format!(
-                "{}: its dataset fingerprint (spacing {:?}, CT normalisation {:?}) does not match                  this dataset's (spacing {:?}, CT normalisation {:?}): fine-tune on the cases it                  was init-trained on, with their labels",
+                "{}: its dataset fingerprint's preprocessing {} does not match this dataset's {}: \
+                 fine-tune on the cases it was init-trained on, with their labels",
                 init.display(),
-                had.spacing,
-                had.ct_normalization,
-                has.spacing,
-                has.ct_normalization
+                had.to_document(),
+                has.to_document()
             ),
         ));
     }

@@ -2,11 +2,11 @@
 //! in a data-parallel job each rank scores its share of the cases and the sums are added up, so
 //! the figures are one process's.
 
-use crate::bundle::Model;
 use crate::dataset::DatasetFile;
-use crate::dist::Peers;
+use crate::distributed::Peers;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
+use crate::model_file::Model;
 use std::collections::BTreeMap;
 
 /// Dice on the validation cases (sliding window on the whole volume, back on the original grid, as
@@ -19,10 +19,15 @@ pub(super) fn validate(
     peers: &Peers,
     progress: &mut dyn Progress,
 ) -> Result<(f64, BTreeMap<u32, f64>)> {
-    let opts = crate::segment::SegmentOptions {
-        blend: crate::infer::Blend::Constant,
-        // nnU-Net validates online without mirroring
-        mirror: Some(false),
+    // MONAI's `sliding_window_inference` blends with a constant by default, nnU-Net with its
+    // Gaussian; nnU-Net validates online without mirroring.
+    let blend = match model.meta.preprocessing.pipeline() {
+        crate::model_file::Pipeline::Monai => crate::pipeline::window::Blend::Constant,
+        crate::model_file::Pipeline::NnUnet => crate::pipeline::window::Blend::Gaussian,
+    };
+    let opts = crate::pipeline::SegmentOptions {
+        blend,
+        mirror: Some(crate::pipeline::options::Mirror::All(false)),
         ..Default::default()
     };
     let (rank, world) = (peers.rank() as usize, peers.world() as usize);
@@ -43,7 +48,7 @@ pub(super) fn validate(
         let reference = crate::io::read_volume(label_path)?;
         let classes = model.meta.arch.out_channels() as u32;
         crate::dataset::check_label(&image, &reference, label_path, Some(classes))?;
-        let pred = crate::segment::segment(model, &image, &opts, &mut crate::events::Silent)?;
+        let pred = crate::pipeline::segment(model, &image, &opts, &mut crate::events::Silent)?;
         for (l, s) in crate::metrics::score(&pred, &reference, &labels)? {
             if let (Some(d), Some(k)) = (s.dice, labels.iter().position(|&x| x == l)) {
                 totals[2 * k] += d;

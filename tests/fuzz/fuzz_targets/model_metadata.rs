@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(meta) = serde_json::from_str::<lwi::bundle::ModelMetadata>(text) else {
+    let Ok(meta) = serde_json::from_str::<lwi::model_file::ModelMetadata>(text) else {
         return;
     };
     if meta.validate().is_ok() {

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = lwi::train::TrainConfig::from_json(text);
-        let _ = lwi::segment::SegmentOptions::from_json(text);
+        let _ = lwi::pipeline::SegmentOptions::from_json(text);
         let _ = serde_json::from_str::<lwi::phantom::PhantomOptions>(text);
     }
 });

@@ -5,6 +5,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = lwi::plans::from_bytes(std::path::Path::new("fuzz.pkl"), data);
-    let _ = lwi::pickle::read(data, 0, &lwi::import::CHECKPOINT);
+    let _ = lwi::model_file::nnunet_plans::from_bytes(std::path::Path::new("fuzz.pkl"), data);
+    let _ = lwi::model_file::pickle::read(data, 0, &lwi::model_file::import::CHECKPOINT);
 });

@@ -4,17 +4,29 @@
 //! then requires exactly its tensors, with their shapes: anything else is `MODEL_INCOMPATIBLE`.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::write_atomically;
 use crate::model::{ArchConfig, Network, PretextHeads, load_state_dict};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Device, Tensor, nn};
+
+pub mod import;
+pub mod nnunet_plans;
+pub mod pickle;
+pub mod preprocessing;
+mod tensors;
+
+pub use preprocessing::{
+    CtNormalization, MonaiPreprocessing, NnUnetPreprocessing, Pipeline, Preprocessing,
+};
+
+pub(crate) use tensors::{tensor_from_view, write_safetensors};
 
 pub const FORMAT: &str = "lwi-model";
+/// 3: the preprocessing section holds its pipeline's fields only, tagged by `"pipeline"`.
 /// 2: the architecture is `"arch"` + `"config"` of any registered architecture (UNETR++ added).
-/// Version 1 files (UNETR only, the same layout) still load.
-pub const FORMAT_VERSION: u32 = 2;
+/// Files of versions 1 and 2 (a flat union of both pipelines' preprocessing fields) still load.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Ceilings of the preprocessing and label fields (docs/model-file.md); the architecture's are in
 /// [`crate::model::limits`].
@@ -75,71 +87,6 @@ pub enum Stage {
     Init,
     /// Segmentation: one output channel per label.
     Segmentation,
-}
-
-/// How input volumes are prepared before the network sees them (method §1.1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Preprocessing {
-    /// Orientation the volume is resampled into; always "RAS".
-    pub orientation: String,
-    /// Target voxel spacing in mm along x, y, z.
-    pub spacing: [f64; 3],
-    /// HU window mapped to [0, 1] with clipping.
-    pub intensity_window: [f64; 2],
-    /// Sliding-window / crop size in voxels (the network's `img_size`).
-    pub roi_size: [i64; 3],
-    /// Crop to the bounding box of voxels above the window's lower bound.
-    pub crop_foreground: bool,
-    /// Which pipeline prepares volumes: MONAI's (the fields above) or nnU-Net v1's.
-    #[serde(default, skip_serializing_if = "Pipeline::is_monai")]
-    pub pipeline: Pipeline,
-    /// nnU-Net's CT normalisation (its plans' intensity properties), for the nnU-Net pipeline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ct_normalization: Option<CtNormalization>,
-}
-
-/// How a model's input is prepared and its output put back (docs/models.md).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pipeline {
-    /// MONAI's: RAS, spacing (trilinear), HU window, foreground crop, sliding window (UNETR).
-    #[default]
-    Monai,
-    /// nnU-Net v1's (UNETR++): the stored voxel order, non-zero crop, spacing, CT normalisation,
-    /// nnU-Net's sliding window with mirroring (`crate::nnunet`). `spacing` is then per stored axis.
-    NnUnet,
-}
-
-impl Pipeline {
-    fn is_monai(&self) -> bool {
-        *self == Pipeline::Monai
-    }
-}
-
-/// nnU-Net's "CT" normalisation: clip to the training foreground's 0.5 and 99.5 percentiles, then
-/// subtract its mean and divide by its standard deviation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CtNormalization {
-    pub lower: f64,
-    pub upper: f64,
-    pub mean: f64,
-    pub sd: f64,
-}
-
-impl Default for Preprocessing {
-    fn default() -> Self {
-        Preprocessing {
-            orientation: "RAS".into(),
-            spacing: [1.5, 1.5, 2.0],
-            intensity_window: [-175.0, 250.0],
-            roi_size: [96, 96, 96],
-            crop_foreground: true,
-            pipeline: Pipeline::Monai,
-            ct_normalization: None,
-        }
-    }
 }
 
 /// Where a model came from.
@@ -209,7 +156,7 @@ struct MetadataDocument {
     config: serde_json::Value,
     order_classes: Option<i64>,
     labels: BTreeMap<u32, String>,
-    preprocessing: Preprocessing,
+    preprocessing: serde_json::Value,
     stage: Stage,
     provenance: Provenance,
 }
@@ -219,13 +166,14 @@ impl TryFrom<MetadataDocument> for ModelMetadata {
     fn try_from(d: MetadataDocument) -> std::result::Result<Self, String> {
         let arch = ArchConfig::from_parts(&d.arch, &d.config.to_string(), "config")
             .map_err(|e| e.message)?;
+        let preprocessing = Preprocessing::from_document(d.preprocessing, d.format_version)?;
         Ok(ModelMetadata {
             format: d.format,
             format_version: d.format_version,
             arch,
             order_classes: d.order_classes,
             labels: d.labels,
-            preprocessing: d.preprocessing,
+            preprocessing,
             stage: d.stage,
             provenance: d.provenance,
         })
@@ -241,7 +189,7 @@ impl From<ModelMetadata> for MetadataDocument {
             config: m.arch.keyword_arguments(),
             order_classes: m.order_classes,
             labels: m.labels,
-            preprocessing: m.preprocessing,
+            preprocessing: m.preprocessing.to_document(),
             stage: m.stage,
             provenance: m.provenance,
         }
@@ -325,20 +273,15 @@ impl ModelMetadata {
         self.arch
             .validate()
             .map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
-        if self.preprocessing.orientation != "RAS" {
-            return bad(format!(
-                "preprocessing orientation '{}' (lwi models work in RAS)",
-                self.preprocessing.orientation
-            ));
-        }
-        if self.preprocessing.roi_size != self.arch.img_size() {
+        if self.preprocessing.roi_size() != self.arch.img_size() {
             return bad(format!(
                 "roi_size {:?} differs from the network's img_size {:?}",
-                self.preprocessing.roi_size,
+                self.preprocessing.roi_size(),
                 self.arch.img_size()
             ));
         }
-        self.validate_preprocessing()
+        self.preprocessing
+            .validate()
             .and_then(|()| check_labels("labels", &self.labels))
             .map_err(|e| Error::new(ErrorKind::ModelIncompatible, e.message))?;
         if self.stage == Stage::Segmentation {
@@ -359,33 +302,6 @@ impl ModelMetadata {
                 return bad(format!(
                     "order_classes {m}: order prediction needs 2 to {max} slabs"
                 ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Spacing, intensity window and CT normalisation within [`bounds`].
-    fn validate_preprocessing(&self) -> Result<()> {
-        let p = &self.preprocessing;
-        check_spacing("preprocessing spacing", p.spacing)?;
-        let intensity = |v: &f64| v.is_finite() && v.abs() <= bounds::MAX_INTENSITY;
-        let [lo, hi] = p.intensity_window;
-        if !(intensity(&lo) && intensity(&hi) && lo < hi) {
-            return Err(Error::invalid(format!(
-                "preprocessing intensity_window {:?} must be [low, high], low < high, within ±{}",
-                p.intensity_window,
-                bounds::MAX_INTENSITY
-            )));
-        }
-        if let Some(n) = &p.ct_normalization {
-            let values = [n.lower, n.upper, n.mean, n.sd];
-            if !(values.iter().all(intensity) && n.lower < n.upper && n.sd >= bounds::MIN_SD) {
-                return Err(Error::invalid(format!(
-                    "preprocessing ct_normalization {n:?}: needs values within ±{}, lower < upper \
-                     and sd ≥ {}",
-                    bounds::MAX_INTENSITY,
-                    bounds::MIN_SD
-                )));
             }
         }
         Ok(())
@@ -468,8 +384,13 @@ impl Model {
     }
 
     /// Writes the model file (through a temporary name). Tensors are stored as float32, sorted by name.
+    /// A model read from an older format is written in the current one.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let doc = serde_json::to_string(&self.meta).map_err(|e| Error::internal(e.to_string()))?;
+        let meta = ModelMetadata {
+            format_version: FORMAT_VERSION,
+            ..self.meta.clone()
+        };
+        let doc = serde_json::to_string(&meta).map_err(|e| Error::internal(e.to_string()))?;
         write_safetensors(
             path,
             self.vs.variables().into_iter().collect(),
@@ -481,111 +402,14 @@ impl Model {
     pub fn info_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.meta).unwrap_or_default();
         v["parameters"] = self.parameter_count().into();
-        v["device"] = device_name(self.vs.device()).into();
+        v["device"] = crate::engine::device_name(self.vs.device()).into();
         v["file_sha256"] = self.file_sha256.clone().into();
         v
     }
 }
 
-/// Writes named tensors as float32 safetensors, sorted by name, with `metadata`, through a
-/// temporary name: the same tensors give the same bytes.
-pub(crate) fn write_safetensors(
-    path: &Path,
-    mut named: Vec<(String, Tensor)>,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut blobs = Vec::with_capacity(named.len());
-    for (name, t) in &named {
-        let t = t
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Float)?
-            .f_contiguous()?;
-        let mut data = vec![0u8; t.numel() * 4];
-        t.f_copy_data_u8(&mut data, t.numel())?;
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        blobs.push((name.clone(), shape, data));
-    }
-    let views = blobs
-        .iter()
-        .map(|(name, shape, data)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::internal(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata.clone()))
-        .map_err(|e| Error::internal(e.to_string()))?;
-    check_header_size(path, &bytes, &metadata)?;
-    write_atomically(path, &bytes)
-}
-
-/// Whatever is written must read back: a header beyond the reader's ceiling is refused, naming
-/// the largest metadata field.
-fn check_header_size(path: &Path, bytes: &[u8], metadata: &HashMap<String, String>) -> Result<()> {
-    let header = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_le_bytes);
-    if header <= bounds::MAX_HEADER_BYTES {
-        return Ok(());
-    }
-    let (field, size) = metadata
-        .iter()
-        .map(|(k, v)| match serde_json::from_str(v) {
-            Ok(doc) => largest_field(k.clone(), &doc),
-            Err(_) => (k.clone(), v.len()),
-        })
-        .max_by_key(|(_, size)| *size)
-        .unwrap_or_default();
-    Err(Error::invalid(format!(
-        "{}: not written: its header would be {header} bytes, more than the {} a reader accepts \
-         (the largest field, {field}, is {size} bytes)",
-        path.display(),
-        bounds::MAX_HEADER_BYTES
-    )))
-}
-
-/// The dotted path and JSON size of the largest field under `doc`, through nested objects.
-fn largest_field(path: String, doc: &serde_json::Value) -> (String, usize) {
-    let size = |v: &serde_json::Value| serde_json::to_string(v).map_or(0, |t| t.len());
-    match doc {
-        serde_json::Value::Object(fields) => fields
-            .iter()
-            .max_by_key(|(_, v)| size(v))
-            .map(|(k, v)| largest_field(format!("{path}.{k}"), v))
-            .unwrap_or((path, 2)),
-        other => (path, size(other)),
-    }
-}
-
 fn in_file(path: &Path, e: Error) -> Error {
     Error::new(e.kind, format!("{}: {}", path.display(), e.message))
-}
-
-/// A float tensor of a safetensors file, as float32.
-pub(crate) fn tensor_from_view(
-    path: &Path,
-    view: &safetensors::tensor::TensorView<'_>,
-) -> Result<Tensor> {
-    use safetensors::Dtype;
-    let kind = match view.dtype() {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        other => {
-            return Err(Error::new(
-                ErrorKind::ModelIncompatible,
-                format!(
-                    "{}: tensor dtype {other:?} is not a float type",
-                    path.display()
-                ),
-            ));
-        }
-    };
-    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-    Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?)
 }
 
 /// The sha256 of a file, hex: provenance and manifests name model files by it.
@@ -596,12 +420,4 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     format!("{:x}", Sha256::digest(bytes))
-}
-
-/// "cpu" or "cuda:N".
-pub fn device_name(device: Device) -> String {
-    match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    }
 }

@@ -1,13 +1,13 @@
-//! Preparing a volume for the network, and mapping results back — MONAI's chain
+//! MONAI's preparation of a volume for the network, and the way back — its chain
 //! (`Orientationd("RAS")`, `Spacingd`, `ScaleIntensityRanged`, `CropForegroundd`) expressed as grids:
 //! a [`Grid`] is a voxel lattice placed in RAS world space. Reorientation is exact (a permutation and
 //! flips of the lattice); the spacing change defines a new lattice exactly as MONAI's `Spacing`
 //! computes it; the voxels are then sampled once, from the input, at the new lattice's points.
 //! Every step is a grid, so the inverse is the same sampler pointed the other way.
 
-use crate::bundle::Preprocessing;
 use crate::error::{Error, Result};
-use crate::volume::{Affine, Volume, check_affine};
+use crate::model_file::MonaiPreprocessing;
+use crate::volume::{Affine, Volume, inverse, matmul};
 use tch::{Device, Kind, Tensor};
 
 /// A voxel lattice in RAS world space: `dims` voxels, voxel index → mm by `affine`.
@@ -15,38 +15,6 @@ use tch::{Device, Kind, Tensor};
 pub struct Grid {
     pub affine: Affine,
     pub dims: [i64; 3],
-}
-
-pub fn matmul(a: &Affine, b: &Affine) -> Affine {
-    let mut out = [[0.0; 4]; 4];
-    for (i, row) in out.iter_mut().enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = (0..4).map(|k| a[i][k] * b[k][j]).sum();
-        }
-    }
-    out
-}
-
-/// Inverse of an affine (3×3 part by cofactors, then the translation).
-pub fn inverse(m: &Affine) -> Result<Affine> {
-    check_affine(m)?;
-    let a = |i: usize, j: usize| m[i][j];
-    let det = a(0, 0) * (a(1, 1) * a(2, 2) - a(1, 2) * a(2, 1))
-        - a(0, 1) * (a(1, 0) * a(2, 2) - a(1, 2) * a(2, 0))
-        + a(0, 2) * (a(1, 0) * a(2, 1) - a(1, 1) * a(2, 0));
-    let mut r = [[0.0; 4]; 4];
-    for i in 0..3 {
-        for j in 0..3 {
-            let (i1, i2) = ((j + 1) % 3, (j + 2) % 3);
-            let (j1, j2) = ((i + 1) % 3, (i + 2) % 3);
-            r[i][j] = (a(i1, j1) * a(i2, j2) - a(i1, j2) * a(i2, j1)) / det;
-        }
-    }
-    for i in 0..3 {
-        r[i][3] = -(0..3).map(|k| r[i][k] * m[k][3]).sum::<f64>();
-    }
-    r[3][3] = 1.0;
-    Ok(r)
 }
 
 /// nibabel's `io_orientation`: for each voxel axis, the world axis it runs closest to and the sign.
@@ -132,22 +100,6 @@ pub fn reorient_to_ras(grid: &Grid) -> Result<(Grid, Reorientation)> {
     Ok((Grid { affine, dims }, Reorientation { axes, flip }))
 }
 
-/// The most voxels a volume is resampled into: 2³⁰ (4 GB as float32). A model's spacing far finer
-/// than the volume's would otherwise ask libtorch for more than any machine holds.
-pub const MAX_RESAMPLED_VOXELS: i128 = 1 << 30;
-
-/// `dims`, the grid a volume is resampled into at `spacing`, within [`MAX_RESAMPLED_VOXELS`].
-pub fn check_resampled(dims: [i64; 3], spacing: [f64; 3]) -> Result<()> {
-    let voxels: i128 = dims.iter().map(|&d| i128::from(d)).product();
-    if dims.iter().all(|&d| d >= 1) && voxels <= MAX_RESAMPLED_VOXELS {
-        return Ok(());
-    }
-    Err(Error::invalid(format!(
-        "resampling to the model's spacing {spacing:?} mm gives a grid of {dims:?} voxels, more \
-         than {MAX_RESAMPLED_VOXELS}: the spacing is far finer than the volume's"
-    )))
-}
-
 /// MONAI `Spacing(pixdim, diagonal=False)`: the lattice with spacing `pixdim` along the same
 /// directions (shear removed), its size and origin by MONAI's `compute_shape_offset` (corner
 /// aligned when one input corner is minimal on every output axis, centre aligned otherwise).
@@ -221,7 +173,7 @@ pub fn respace(grid: &Grid, pixdim: [f64; 3]) -> Result<Grid> {
             });
         (hi - lo + 1.0).round_ties_even() as i64 // numpy rounds half to even
     });
-    check_resampled(dims, pixdim)?;
+    crate::pipeline::check_resampled(dims, pixdim)?;
     let close = |x: f64| x.abs() <= 1e-8; // np.allclose(min_corner, 0, rtol) with its default atol
     let offset = match (0..8).find(|&i| {
         (0..3).all(|d| {
@@ -342,23 +294,6 @@ pub fn crop_grid(grid: &Grid, start: [i64; 3], end: [i64; 3]) -> Grid {
     }
 }
 
-/// Zero padding, split evenly (the odd voxel at the end), that brings `[C, X, Y, Z]` up to at least
-/// `roi`, and the padded tensor (MONAI's `SpatialPad` and the sliding window's padding).
-pub fn pad_to_roi(t: &Tensor, roi: [i64; 3]) -> Result<(Tensor, [(i64, i64); 3])> {
-    let s = t.size();
-    let pads: [(i64, i64); 3] = std::array::from_fn(|d| {
-        let diff = (roi[d] - s[1 + d]).max(0);
-        (diff / 2, diff - diff / 2)
-    });
-    if pads.iter().all(|p| p.0 + p.1 == 0) {
-        return Ok((t.shallow_clone(), pads));
-    }
-    let padded = t.f_constant_pad_nd([
-        pads[2].0, pads[2].1, pads[1].0, pads[1].1, pads[0].0, pads[0].1,
-    ])?;
-    Ok((padded, pads))
-}
-
 /// The box `start..end` of `[C, X, Y, Z]`, contiguous.
 pub fn crop_box(t: &Tensor, start: [i64; 3], end: [i64; 3]) -> Tensor {
     let mut v = t.shallow_clone();
@@ -407,7 +342,7 @@ pub fn sample_all(
 /// RAS, target spacing (trilinear, border padding), HU window, foreground crop — MONAI's chain,
 /// shared by `segment` and training.
 pub fn prepare(
-    pre: &Preprocessing,
+    pre: &MonaiPreprocessing,
     volume: &Volume,
     device: Device,
     slab: i64,
@@ -507,22 +442,6 @@ mod tests {
         assert_eq!(g.dims, [243, 201, 168]); // round((n - 1) · 3 / s + 1), 167.5 → 168
         assert_eq!(g.affine[0], [1.5, 0.0, 0.0, -5.0]);
         assert_eq!(g.affine[2], [0.0, 0.0, 2.0, 1.0]);
-    }
-
-    #[test]
-    fn inverse_undoes_an_oblique_affine() {
-        let m = [
-            [0.8, -0.6, 0.1, 3.0],
-            [0.6, 0.8, 0.0, -2.0],
-            [0.0, 0.2, 2.5, 9.0],
-            [0.0, 0.0, 0.0, 1.0],
-        ];
-        let id = matmul(&m, &inverse(&m).unwrap());
-        for i in 0..4 {
-            for j in 0..4 {
-                assert!((id[i][j] - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
-            }
-        }
     }
 
     #[test]

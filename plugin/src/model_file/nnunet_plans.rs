@@ -1,13 +1,13 @@
 //! nnU-Net v1 plans: the pickle beside a checkpoint (`model_final_checkpoint.model.pkl`, whose
 //! `plans` entry it is, or `plans.pkl` itself). It holds dicts, lists, numbers, strings and numpy
-//! arrays and scalars; [`crate::pickle`] reads it without running anything, refusing any other
+//! arrays and scalars; [`crate::model_file::pickle`] reads it without running anything, refusing any other
 //! global ([`RULES`]), and the numpy values are decoded here from their bytes. What lwi takes from
 //! the plans: the target spacing and patch of the full-resolution stage, and the CT normalisation
 //! of the first modality.
 
-use crate::bundle::CtNormalization;
+use super::CtNormalization;
+use super::pickle::{Node, PLAIN_DATA, Py, Rules, Tree};
 use crate::error::{Error, Result};
-use crate::pickle::{Node, PLAIN_DATA, Py, Rules, Tree};
 use std::path::Path;
 
 /// What plans may name: `OrderedDict` and numpy's dtypes, arrays and scalars.
@@ -131,13 +131,13 @@ fn decode(code: &str, bytes: &[u8]) -> Option<Vec<f64>> {
 
 /// Reads the plans of an nnU-Net v1 checkpoint (`CKPT.model.pkl`) or a `plans.pkl`.
 pub fn read(path: &Path) -> Result<Plans> {
-    from_bytes(path, &crate::pickle::read_file(path)?)
+    from_bytes(path, &crate::model_file::pickle::read_file(path)?)
 }
 
 /// The plans in a pickle's bytes; `path` names the file in messages.
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Plans> {
-    let (t, _) =
-        crate::pickle::read(bytes, 0, &RULES).map_err(|e| Error::format(path, e.message))?;
+    let (t, _) = crate::model_file::pickle::read(bytes, 0, &RULES)
+        .map_err(|e| Error::format(path, e.message))?;
     let plans = t.get(&t.root, "plans").unwrap_or(&t.root);
     let missing = |what: &str| Error::format(path, format!("the plans have no readable {what}"));
     let transpose = numbers(&t, t.get(plans, "transpose_forward"))
@@ -155,7 +155,7 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Plans> {
         return Err(Error::unsupported(format!(
             "{}: normalization scheme {}: lwi imports CT models",
             path.display(),
-            scheme.map_or("none".into(), crate::pickle::describe)
+            scheme.map_or("none".into(), crate::model_file::pickle::describe)
         )));
     }
     // The full-resolution stage: the last one.

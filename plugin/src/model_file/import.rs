@@ -7,15 +7,18 @@
 //! `norm_cross_attn`, and the order heads `vit.temp_head{1..4}`). A plain state dict or a dict
 //! holding one under `state_dict` (`{"epoch": …, "best_acc": …, "state_dict": {…}}`) both work.
 //!
-//! The pickles are vetted first by [`crate::pickle`] against an allow-list ([`CHECKPOINT`]); the
+//! The pickles are vetted first by [`crate::model_file::pickle`] against an allow-list ([`CHECKPOINT`]); the
 //! tensors are then read by `pytorch-reader`, which rebuilds only tensors and plain containers.
 //! Neither executes code from the file. This path is used only by `lwi import`.
 
-use crate::bundle::{Model, ModelMetadata, Preprocessing, Stage, sha256_file};
+use super::pickle::{self, PLAIN_DATA, Rules, quoted};
+use super::{
+    Model, ModelMetadata, MonaiPreprocessing, NnUnetPreprocessing, Preprocessing, Stage,
+    sha256_file,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::unetr_pp::UnetrPpConfig;
 use crate::model::{ArchConfig, UnetrConfig, load_state_dict};
-use crate::pickle::{self, PLAIN_DATA, Rules, quoted};
 use pytorch_reader::{DType, FileFormat, PytorchError, PytorchReader};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -55,11 +58,11 @@ struct ImportOptionsJson {
 }
 
 fn default_spacing() -> [f64; 3] {
-    Preprocessing::default().spacing
+    MonaiPreprocessing::default().spacing
 }
 
 fn default_window() -> [f64; 2] {
-    Preprocessing::default().intensity_window
+    MonaiPreprocessing::default().intensity_window
 }
 
 /// The JSON options (`{"arch", "arch_config", "labels", "spacing", "window", …}`): the
@@ -72,7 +75,7 @@ fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
         &o.arch_config.to_string(),
         "import options: arch_config",
     )?;
-    crate::bundle::check_labels("import options: labels", &o.labels)?;
+    super::check_labels("import options: labels", &o.labels)?;
     Ok((
         arch,
         ImportOptions {
@@ -320,12 +323,12 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
         .filter_map(|(k, v)| native_name(&k).map(|n| (n, v)))
         .collect();
 
-    let mut preprocessing = Preprocessing {
+    let preprocessing = Preprocessing::Monai(MonaiPreprocessing {
         spacing: options.spacing,
         intensity_window: options.window,
+        roi_size: options.config.img_size,
         ..Default::default()
-    };
-    preprocessing.roi_size = options.config.img_size;
+    });
     let with_heads = tensors.get("vit.temp_head1.weight").map(|w| w.size()[0]);
     let stage = if with_heads.is_some() && options.config.out_channels == 1 {
         Stage::Init
@@ -419,23 +422,20 @@ pub fn import_unetr_pp(
         tensors.retain(|k, _| !k.starts_with("temp_head"));
         Stage::Segmentation
     };
-    let mut preprocessing = Preprocessing {
+    let mut preprocessing = NnUnetPreprocessing {
         spacing: options.spacing,
-        intensity_window: options.window,
         roi_size: config.img_size,
-        pipeline: crate::bundle::Pipeline::NnUnet,
         ct_normalization: options.ct_normalization.map(|[lower, upper, mean, sd]| {
-            crate::bundle::CtNormalization {
+            super::CtNormalization {
                 lower,
                 upper,
                 mean,
                 sd,
             }
         }),
-        ..Default::default()
     };
     if let Some(path) = &options.plans {
-        let plans = crate::plans::read(path)?;
+        let plans = super::nnunet_plans::read(path)?;
         if plans.patch != config.img_size {
             return Err(Error::invalid(format!(
                 "{}: the plans' patch {:?} differs from the architecture's img_size {:?}",
@@ -454,7 +454,7 @@ pub fn import_unetr_pp(
     let mut meta = ModelMetadata::new(
         ArchConfig::UnetrPp(config.clone()),
         labels,
-        preprocessing,
+        Preprocessing::NnUnet(preprocessing),
         stage,
     );
     meta.order_classes = (stage == Stage::Init).then_some(with_heads).flatten();

@@ -1,66 +1,13 @@
-//! The process group: a safe handle over csrc/dist.cpp (libtorch's TCPStore + ProcessGroupGloo or
-//! ProcessGroupNCCL). One per process at a time; dropping it ends it.
+//! The process group: a safe handle over csrc/dist.cpp ([`crate::shim::dist`]: libtorch's
+//! TCPStore + ProcessGroupGloo or ProcessGroupNCCL). One per process at a time; dropping it ends it.
 
 use super::launch::Launch;
 use crate::error::{Error, ErrorKind, Result};
-use std::ffi::{CString, c_char};
+use crate::shim::dist as shim;
+use std::ffi::CString;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::Relaxed};
 use std::time::Duration;
 use tch::Tensor;
-
-type CTensor = *const torch_sys::C_tensor;
-
-unsafe extern "C" {
-    fn lwi_dist_init(
-        backend: *const c_char,
-        addr: *const c_char,
-        port: i32,
-        rank: i32,
-        world: i32,
-        store_server: i32,
-        device_index: i32,
-        timeout_ms: i64,
-        err: *mut c_char,
-        len: usize,
-    ) -> i32;
-    fn lwi_dist_all_reduce(
-        ts: *const CTensor,
-        n: usize,
-        bucket_bytes: i64,
-        average: i32,
-        timeout_ms: i64,
-        err: *mut c_char,
-        len: usize,
-    ) -> i32;
-    fn lwi_dist_broadcast(
-        ts: *const CTensor,
-        n: usize,
-        root: i32,
-        bucket_bytes: i64,
-        timeout_ms: i64,
-        err: *mut c_char,
-        len: usize,
-    ) -> i32;
-    fn lwi_dist_barrier(timeout_ms: i64, err: *mut c_char, len: usize) -> i32;
-    fn lwi_dist_destroy();
-    fn lwi_dist_active() -> i32;
-    fn lwi_dist_nccl_usable() -> i32;
-    fn lwi_dist_use_device(index: i32, err: *mut c_char, len: usize) -> i32;
-    #[allow(clippy::too_many_arguments)]
-    fn lwi_dist_sync_batch_norm(
-        x: CTensor,
-        weight: CTensor,
-        bias: CTensor,
-        running_mean: CTensor,
-        running_var: CTensor,
-        momentum: f64,
-        eps: f64,
-        timeout_ms: i64,
-        out: *mut *mut torch_sys::C_tensor,
-        err: *mut c_char,
-        len: usize,
-    ) -> i32;
-}
 
 /// A training step's collective limit, for the collectives inside the model (set on joining),
 /// and this process's rank and world size while it is in a job (for messages).
@@ -72,33 +19,21 @@ static JOB: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(1)];
 /// is in no job of more than one rank (plain batch norm applies), else the normalised `x`.
 pub fn sync_batch_norm(
     x: &Tensor,
-    [weight, bias, running_mean, running_var]: [&Tensor; 4],
+    params: [&Tensor; 4],
     momentum: f64,
     eps: f64,
 ) -> Option<Result<Tensor>> {
-    if unsafe { lwi_dist_active() } == 0 {
+    if !shim::active() {
         return None;
     }
     let timeout = STEP_LIMIT_MS.load(Relaxed);
     let (rank, world) = (JOB[0].load(Relaxed), JOB[1].load(Relaxed));
-    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
-    let r = call("synchronising batch norm", rank, world, |err, len| unsafe {
-        lwi_dist_sync_batch_norm(
-            x.as_ptr(),
-            weight.as_ptr(),
-            bias.as_ptr(),
-            running_mean.as_ptr(),
-            running_var.as_ptr(),
-            momentum,
-            eps,
-            timeout,
-            &mut out,
-            err,
-            len,
-        )
+    let mut out = None;
+    let r = call("synchronising batch norm", rank, world, |err| {
+        out = shim::sync_batch_norm(x, params, momentum, eps, timeout, err);
+        i32::from(out.is_none())
     });
-    // SAFETY: on success the shim handed over a new tensor, now owned here.
-    Some(r.map(|()| unsafe { Tensor::from_ptr(out) }))
+    Some(r.and_then(|()| out.ok_or_else(|| Error::internal("batch norm: no result"))))
 }
 
 /// Sets the limit of the collectives inside the model.
@@ -109,8 +44,7 @@ pub fn set_step_limit(limit: Duration) {
 /// Whether NCCL is usable here: built in (libtorch with CUDA and its headers at build time) and
 /// the libtorch loaded now has CUDA (a CPU-only libtorch leaves NCCL's references unbound).
 pub fn has_nccl() -> bool {
-    // SAFETY: a plain query of the shim without arguments.
-    (unsafe { lwi_dist_nccl_usable() }) == 1
+    shim::nccl_usable()
 }
 
 /// DDP's default bucket: gradients travel in all-reduces of at most 25 MiB.
@@ -139,14 +73,9 @@ pub struct Group {
     pub backend: Backend,
 }
 
-fn call(
-    what: &str,
-    rank: u32,
-    world: u32,
-    f: impl FnOnce(*mut c_char, usize) -> i32,
-) -> Result<()> {
+fn call(what: &str, rank: u32, world: u32, f: impl FnOnce(&mut [u8]) -> i32) -> Result<()> {
     let mut buf = vec![0u8; 2048];
-    if f(buf.as_mut_ptr().cast(), buf.len()) == 0 {
+    if f(&mut buf) == 0 {
         return Ok(());
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
@@ -173,10 +102,6 @@ fn call(
 
 fn millis(d: Duration) -> i64 {
     d.as_millis().clamp(1, i64::MAX as u128) as i64
-}
-
-fn pointers(ts: &[Tensor]) -> Vec<CTensor> {
-    ts.iter().map(|t| t.as_ptr()).collect()
 }
 
 impl Group {
@@ -209,29 +134,20 @@ impl Group {
                 ""
             }
         );
-        let (port, server, device) = (
-            i32::from(launch.port),
-            i32::from(launch.store_server),
+        let member = shim::Member {
+            port: i32::from(launch.port),
+            rank: rank as i32,
+            world: world as i32,
+            store_server: launch.store_server,
             device_index,
-        );
+        };
         let ms = millis(timeout);
         // The store client can wait past its timeout on a port where something that is not a
         // store accepted the connection: joining runs on its own thread, watched here.
         let (done, outcome) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let r = call(&what, rank, world, |err, len| unsafe {
-                lwi_dist_init(
-                    name.as_ptr(),
-                    addr.as_ptr(),
-                    port,
-                    rank as i32,
-                    world as i32,
-                    server,
-                    device,
-                    ms,
-                    err,
-                    len,
-                )
+            let r = call(&what, rank, world, |err| {
+                shim::init(&name, &addr, member, ms, err)
             });
             let _ = done.send(r);
         });
@@ -260,8 +176,8 @@ impl Group {
         };
         if backend == Backend::Nccl {
             // joined on the watcher thread: this thread's current device is set here
-            call("selecting the GPU", rank, world, |err, len| unsafe {
-                lwi_dist_use_device(device_index, err, len)
+            call("selecting the GPU", rank, world, |err| {
+                shim::use_device(device_index, err)
             })?;
         }
         Ok(group)
@@ -275,45 +191,27 @@ impl Group {
         average: bool,
         timeout: Duration,
     ) -> Result<()> {
-        let ptrs = pointers(ts);
-        call(what, self.rank, self.world, |err, len| unsafe {
-            lwi_dist_all_reduce(
-                ptrs.as_ptr(),
-                ptrs.len(),
-                BUCKET_BYTES,
-                i32::from(average),
-                millis(timeout),
-                err,
-                len,
-            )
+        call(what, self.rank, self.world, |err| {
+            shim::all_reduce(ts, BUCKET_BYTES, average, millis(timeout), err)
         })
     }
 
     /// Overwrites `ts` with rank 0's.
     pub fn broadcast(&self, what: &str, ts: &[Tensor], timeout: Duration) -> Result<()> {
-        let ptrs = pointers(ts);
-        call(what, self.rank, self.world, |err, len| unsafe {
-            lwi_dist_broadcast(
-                ptrs.as_ptr(),
-                ptrs.len(),
-                0,
-                BUCKET_BYTES,
-                millis(timeout),
-                err,
-                len,
-            )
+        call(what, self.rank, self.world, |err| {
+            shim::broadcast(ts, 0, BUCKET_BYTES, millis(timeout), err)
         })
     }
 
     pub fn barrier(&self, what: &str, timeout: Duration) -> Result<()> {
-        call(what, self.rank, self.world, |err, len| unsafe {
-            lwi_dist_barrier(millis(timeout), err, len)
+        call(what, self.rank, self.world, |err| {
+            shim::barrier(millis(timeout), err)
         })
     }
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
-        unsafe { lwi_dist_destroy() }
+        shim::destroy()
     }
 }

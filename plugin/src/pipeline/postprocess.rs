@@ -1,5 +1,9 @@
 //! Optional post-processing of label maps: keep the largest connected component of each label
-//! (26-connectivity, as MONAI's `KeepLargestConnectedComponent` by default).
+//! (26-connectivity, as MONAI's `KeepLargestConnectedComponent` by default), after any pipeline.
+
+use crate::error::Result;
+use crate::volume::DType;
+use tch::Tensor;
 
 /// Keeps, for every non-zero label, only its largest 26-connected component; the rest becomes 0.
 /// `labels` is x fastest with `dims`.
@@ -74,6 +78,20 @@ pub fn keep_largest_components(labels: &mut [u32], dims: [usize; 3]) {
             }
         }
     }
+}
+
+/// Each label reduced to its largest 26-connected component (a uint32 round trip through
+/// `postprocess`, which works on plain voxel values).
+pub fn largest_components(labels: &Tensor, dims: [i64; 3]) -> Result<Tensor> {
+    let bytes = DType::U32.le_bytes_from_tensor(labels)?;
+    let mut values: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let size = [dims[0] as usize, dims[1] as usize, dims[2] as usize];
+    keep_largest_components(&mut values, size);
+    let back: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    DType::U32.tensor_from_le_bytes(&back, dims)
 }
 
 #[cfg(test)]

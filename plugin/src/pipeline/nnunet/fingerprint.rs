@@ -1,14 +1,14 @@
-//! nnU-Net v1's dataset fingerprint, as much of it as the unetr_pp recipe uses
+//! nnU-Net v1's dataset fingerprint, as much of it as the nnunet_v1 recipe uses
 //! (`DatasetAnalyzer.collect_intensity_properties`, `ExperimentPlanner.get_target_spacing`): the
 //! median voxel spacing of the training cases, and the intensity statistics of their foreground
 //! (every 10th labelled voxel of each case cropped to its non-zero box, in the stored array's
 //! (z, y, x) order, all cases together): 0.5 and 99.5 percentiles, mean and standard deviation.
 //! It is computed once per run and stored in the model file as its preprocessing.
 
-use crate::bundle::CtNormalization;
 use crate::dataset::{Entry, check_label};
 use crate::error::{Error, Result};
 use crate::events::{Event, Progress, report};
+use crate::model_file::CtNormalization;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -32,7 +32,7 @@ fn foreground_voxels(entry: &Entry) -> Result<(Tensor, [f64; 3])> {
         }
         None => data.f_ne(0.0)?,
     };
-    let (start, end) = crate::nnunet::nonzero_box(&data)?;
+    let (start, end) = super::prepare::nonzero_box(&data)?;
     let crop = |t: &Tensor| -> Result<Tensor> {
         let mut t = t.shallow_clone();
         for d in 0..3 {
