@@ -62,6 +62,8 @@ pub fn segment(
         ));
     }
     let device = model.vs.device();
+    // A precision the device cannot run is refused before the preprocessing, not at the first window.
+    opts.precision.check(device)?;
     // tch's tensor operations panic when libtorch fails (a CUDA out-of-memory in the forward
     // pass among them): caught here, so that it comes back as OutOfMemory and the accumulator
     // retry can fire.

@@ -28,7 +28,8 @@ pub struct SegmentOptions {
     /// Mirror test-time augmentation: average over flips of these axes (0 = x, 1 = y, 2 = z).
     pub tta_axes: Vec<i64>,
     pub resample: ResampleBack,
-    /// fp32, or bf16/fp16 autocast on CUDA (bf16 runs as fp16 on GPUs without bfloat16).
+    /// fp32; bf16 autocast on CUDA (as fp16 on GPUs without bfloat16) or on a CPU with AVX512-BF16
+    /// or AMX-BF16; fp16 on CUDA; auto (see [`Precision`]).
     pub precision: Precision,
     /// Z-slices sampled per resampling step (bounds temporary memory).
     pub slab: i64,
