@@ -125,7 +125,9 @@ const char *lwi_last_error(void);
 
 // A JSON object describing this build: `lwi_version`, `libtorch_version`, `abi_version`,
 // `cuda_available`, `cudnn_available`, `devices` (e.g. `["cpu", "cuda:0"]`), `gpus` (per CUDA
-// device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `threads`.
+// device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `cpu`
+// (`avx512_bf16`, `amx_bf16`: the processor's bfloat16 instructions; with either, precision bf16
+// runs on the CPU), `threads`.
 // Owned by the library; valid until it is unloaded. NULL only if the library is broken. A getter:
 // it never changes [`lwi_last_error`].
 const char *lwi_version_json(void);
