@@ -35,3 +35,26 @@ void lwi_autocast_exit(int cuda, int prev_enabled, int prev_dtype) {
   }
 }
 }
+
+extern "C" {
+
+// Holds this thread's autocast cache open: the lower-precision copies autocast makes of weights
+// (leaf tensors that require grad) stay cached across regions until lwi_autocast_cache_release,
+// instead of being made again in each region.
+void lwi_autocast_cache_hold() {
+  try {
+    at::autocast::increment_nesting();
+  } catch (...) {
+  }
+}
+
+// Ends lwi_autocast_cache_hold; the cache is cleared when no region or hold is left.
+void lwi_autocast_cache_release() {
+  try {
+    if (at::autocast::decrement_nesting() == 0) {
+      at::autocast::clear_cache();
+    }
+  } catch (...) {
+  }
+}
+}

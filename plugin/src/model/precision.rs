@@ -141,6 +141,24 @@ pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() 
     Ok(f())
 }
 
+/// Runs `f`, keeping the lower-precision copies of the weights that [`with_precision`] makes in its
+/// regions on this thread until `f` returns: a sliding window then casts the network's weights
+/// once, not once per window (for the full UNETR on the CPU, a cast of 92.8 M parameters, ~10 % of
+/// a bf16 window's forward). Only for work whose weights do not change inside `f` (inference).
+pub fn with_cast_cache<T>(f: impl FnOnce() -> T) -> T {
+    use crate::shim::autocast;
+    // Releases the hold even if `f` panics.
+    struct Release;
+    impl Drop for Release {
+        fn drop(&mut self) {
+            autocast::cache_release()
+        }
+    }
+    autocast::cache_hold();
+    let _release = Release;
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +202,37 @@ mod tests {
         }
         // The region ends with the call: the next product is float again.
         assert_eq!(product_kind(Precision::Fp32).unwrap(), Kind::Float);
+    }
+
+    #[test]
+    fn weights_are_cast_once_while_the_cache_is_held() {
+        if !cpu_bf16().any() {
+            return;
+        }
+        // A weight: a leaf that requires grad, as a model's variables are.
+        let w = Tensor::ones([4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::ones([4, 4], (Kind::Float, Device::Cpu));
+        let product = || {
+            with_precision(Precision::Bf16, Device::Cpu, || {
+                tch::no_grad(|| x.matmul(&w).double_value(&[0, 0]))
+            })
+            .unwrap()
+        };
+        let set = |v: f64| {
+            let _ = tch::no_grad(|| w.shallow_clone().fill_(v));
+        };
+        // Without the hold each region casts the weight as it is now.
+        assert_eq!(product(), 4.0);
+        set(2.0);
+        assert_eq!(product(), 8.0);
+        // With it the first region's copy serves the next ones (hence: weights that do not change).
+        with_cast_cache(|| {
+            assert_eq!(product(), 8.0);
+            set(3.0);
+            assert_eq!(product(), 8.0);
+        });
+        // Released: cast afresh.
+        assert_eq!(product(), 12.0);
     }
 
     #[test]

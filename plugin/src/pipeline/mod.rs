@@ -17,7 +17,7 @@ pub use options::{ResampleBack, SegmentOptions};
 use crate::error::{Error, ErrorKind, Result, catch_panic};
 use crate::events::Progress;
 use crate::model::fused::with_fused;
-use crate::model::with_precision;
+use crate::model::precision::{with_cast_cache, with_precision};
 use crate::model_file::{Model, Pipeline, Stage};
 use crate::volume::{DType, Volume};
 use tch::{Device, Kind, Tensor};
@@ -77,7 +77,8 @@ pub fn segment(
             Ok(logits.f_to_kind(Kind::Float)?.f_softmax(1, Kind::Float)?)
         })
     };
-    match model.meta.preprocessing.pipeline {
+    // Under autocast the weights are cast to bf16/fp16 once for the whole call, not once per window.
+    with_cast_cache(|| match model.meta.preprocessing.pipeline {
         Pipeline::Monai => {
             let pipeline = monai::Pipeline {
                 preprocessing: &model.meta.preprocessing,
@@ -90,7 +91,7 @@ pub fn segment(
         Pipeline::NnUnet => {
             catch_panic(|| nnunet::segment(model, volume, opts, &predict, progress))
         }
-    }
+    })
 }
 
 /// Waits for the GPU's queued work, so that a stage's end event marks when its work ended.

@@ -9,6 +9,8 @@ unsafe extern "C" {
         prev_dtype: *mut i32,
     ) -> i32;
     fn lwi_autocast_exit(cuda: i32, prev_enabled: i32, prev_dtype: i32);
+    fn lwi_autocast_cache_hold();
+    fn lwi_autocast_cache_release();
     fn lwi_cuda_compute_capability(index: i32) -> i32;
 }
 
@@ -38,6 +40,18 @@ pub fn enter(cuda: bool, bf16: bool) -> Option<Previous> {
 pub fn exit(previous: Previous) {
     // SAFETY: the shim only writes libtorch's thread-local autocast state, from plain ints.
     unsafe { lwi_autocast_exit(previous.cuda, previous.enabled, previous.dtype) }
+}
+
+/// Keeps the weights' lower-precision copies cached across autocast regions on this thread.
+pub fn cache_hold() {
+    // SAFETY: the shim only increments libtorch's thread-local autocast nesting count.
+    unsafe { lwi_autocast_cache_hold() }
+}
+
+/// Ends [`cache_hold`]; clears the cache when no region or hold is left on this thread.
+pub fn cache_release() {
+    // SAFETY: the shim only decrements libtorch's thread-local nesting count and clears its cache.
+    unsafe { lwi_autocast_cache_release() }
 }
 
 /// CUDA device `index`'s compute capability as major · 10 + minor; None when the driver cannot say.
