@@ -3,7 +3,9 @@ model: GenericPreprocessor.preprocess_test_case (SimpleITK read, crop to non-zer
 normalisation), SegmentationNetwork.predict_3D (step 0.5, Gaussian, mirroring), save_segmentation_nifti_from_softmax
 (linear resampling back, argmax, crop box, SimpleITK write). The network is bench/pytorch_unetr_pp.py's UNETR++.
 Usage: nnunet_segment.py IMAGE WEIGHTS.pt ARCH.json SPACING(x,y,z) NORM(lo,hi,mean,sd) OUT.nii.gz DEVICE MIRROR(0|1)
-Prints one JSON line with the stage timings."""
+[PRECISION] — bf16: the prediction under torch.autocast on DEVICE (nnU-Net v1's own `mixed_precision` is CUDA's
+autocast only), the logits cast to float before nnU-Net's softmax, as lwi does. Prints one JSON line with the stage
+timings."""
 import json
 import sys
 import time
@@ -28,7 +30,7 @@ def nnunet_network(net, classes):
             self.inference_apply_nonlin = lambda x: torch.nn.functional.softmax(x, 1)
 
         def forward(self, x):
-            return self.net(x)[0]
+            return self.net(x)[0].float()
 
     return Network()
 
@@ -43,6 +45,7 @@ def ct_preprocessor(norm):
 def main():
     from nnunet.inference.segmentation_export import save_segmentation_nifti_from_softmax
     image, weights, arch, spacing, norm, out, device, mirror = sys.argv[1:9]
+    bf16 = len(sys.argv) > 9 and sys.argv[9] == "bf16"
     t0 = time.perf_counter()
     cfg = json.loads(Path(arch).read_text())
     net = UnetrPP(out_channels=cfg["out_channels"], img_size=tuple(cfg["img_size"]), feature_size=cfg["feature_size"],
@@ -53,7 +56,7 @@ def main():
     pre = ct_preprocessor([float(v) for v in norm.split(",")])
     data, _, properties = pre.preprocess_test_case([image], target)
     t1 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
         _, softmax = network.predict_3D(data, do_mirroring=mirror == "1", mirror_axes=(0, 1, 2),
                                         use_sliding_window=True, step_size=0.5, patch_size=tuple(cfg["img_size"]),
                                         use_gaussian=True, pad_border_mode="constant",

@@ -321,6 +321,67 @@ def bench_segment(work, device, shape, spacing, sw_batch, precision, reps, ct_si
               f"   ratio {ma / mb:5.2f}   labels agree {same:.2%}   (MONAI stages {out.strip()})", flush=True)
 
 
+def cpu_bf16():
+    """The processor's bfloat16 instructions as `lwi info` reports them; empty where it has none."""
+    cpu = json.loads(checked([cli_path(), "info"]))["cpu"]
+    return [name for name, has in sorted(cpu.items()) if has]
+
+
+def bench_cpu_bf16(work, shape, spacing, reps, rounds):
+    """bf16 on the CPU: the full UNETR on the real CT, file in -> label file out, `lwi segment --precision bf16`
+    against MONAI's pipeline in fp32 and under torch.autocast("cpu", torch.bfloat16) (bench/monai_segment.py), with
+    lwi's fp32 beside; the four each a fresh process, interleaved `reps` times (median). Then the window forward
+    alone (96^3, batch 1, median of 2 passes after 2 warm-ups): lwi bf16 against MONAI fp32 and MONAI bf16, alternated
+    `rounds` times."""
+    has = cpu_bf16()
+    if not has:
+        print("  skipped: this processor has neither AVX512-BF16 nor AMX-BF16 (lwi info), so bf16 on the CPU is "
+              "refused", flush=True)
+        return
+    print(f"  the processor offers {', '.join(has)}", flush=True)
+    d, real = segment_model(work, shape, spacing), bench_real_ct()
+
+    def lwi(precision):
+        return [str(cli_path()), "segment", "--model", str(d / "model.safetensors"), str(real), "--out",
+                str(work / f"lwi_{precision}.nii.gz"), "--device", "cpu", "--precision", precision, "--overwrite",
+                "--no-manifest"]
+
+    def monai(precision):
+        return [sys.executable, str(ROOT / "bench" / "monai_segment.py"), str(real), str(d / "unetr.pt"),
+                str(d / "arch.json"), spacing, "-175,250", str(work / f"monai_{precision}.nii.gz"), "cpu", "1", precision]
+
+    cmds = {"lwi bf16": lwi("bf16"), "lwi fp32": lwi("fp32"), "MONAI fp32": monai("fp32"), "MONAI bf16": monai("bf16")}
+    times = {name: [] for name in cmds}
+    for _ in range(reps):
+        for name, cmd in cmds.items():
+            times[name].append(run_measured(cmd)[0])
+    t = {name: statistics.median(v) for name, v in times.items()}
+
+    def labels(name):
+        return np.asarray(nib.load(str(work / f"{name.replace(' ', '_').lower()}.nii.gz")).dataobj)
+
+    print("  end to end, real CT 122x101x112 @3 mm: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
+    print(f"  lwi bf16 / MONAI fp32 {t['lwi bf16'] / t['MONAI fp32']:5.2f} (target <= 0.4)   "
+          f"lwi bf16 / MONAI bf16 {t['lwi bf16'] / t['MONAI bf16']:5.2f} (target <= 0.8)   "
+          f"lwi bf16 / lwi fp32 {t['lwi bf16'] / t['lwi fp32']:5.2f}   MONAI bf16 / MONAI fp32 "
+          f"{t['MONAI bf16'] / t['MONAI fp32']:5.2f}", flush=True)
+    print(f"  labels agree: lwi bf16 vs lwi fp32 {(labels('lwi bf16') == labels('lwi fp32')).mean():.2%}, "
+          f"lwi bf16 vs MONAI bf16 {(labels('lwi bf16') == labels('MONAI bf16')).mean():.2%}, "
+          f"lwi fp32 vs MONAI fp32 {(labels('lwi fp32') == labels('MONAI fp32')).mean():.2%}", flush=True)
+    args = ["cpu", "1"], shape_args(shape)
+    fwd = {"lwi bf16": [str(BIN / "unetr_forward"), *args[0], "bf16", "2", *args[1]],
+           "MONAI fp32": [sys.executable, str(ROOT / "bench" / "monai_unetr_forward.py"), *args[0], "fp32", "2", *args[1]],
+           "MONAI bf16": [sys.executable, str(ROOT / "bench" / "monai_unetr_forward.py"), *args[0], "bf16", "2", *args[1]]}
+    ms = {name: [] for name in fwd}
+    for _ in range(rounds):
+        for name, cmd in fwd.items():
+            ms[name].append(last_json(cmd)["median_ms"])
+    m = {name: statistics.median(v) for name, v in ms.items()}
+    print(f"  window forward {shape['size']}^3: " + ", ".join(f"{k} {v:.0f} ms" for k, v in m.items())
+          + f"   lwi bf16 / MONAI fp32 {m['lwi bf16'] / m['MONAI fp32']:5.2f}   lwi bf16 / MONAI bf16 "
+          f"{m['lwi bf16'] / m['MONAI bf16']:5.2f}", flush=True)
+
+
 def unetr_pp_segment_model(work, arch):
     """Seeded UNETR++ weights (bench/pytorch_unetr_pp.py), and the same weights imported as an lwi model at
     1.5 x 1.5 x 2 mm with a CT normalisation."""
@@ -347,6 +408,33 @@ PP_SYNAPSE = {"arch": "unetr_pp", "in_channels": 1, "out_channels": 14, "img_siz
               "feature_size": 16, "hidden_size": 256, "num_heads": 4, "depths": [3, 3, 3, 3],
               "dims": [32, 64, 128, 256]}
 PP_TOY = dict(PP_REDUCED, img_size=[16, 32, 32])
+
+
+def bench_unetr_pp_cpu_bf16(work, arch, reps):
+    """The reduced UNETR++ on the real CT without mirroring (as the segment-unetr-pp benchmark): `lwi segment
+    --precision bf16` against nnU-Net v1's inference in fp32 and under torch.autocast("cpu", torch.bfloat16)
+    (bench/nnunet_segment.py), each a fresh process, interleaved `reps` times (median)."""
+    if not cpu_bf16():
+        print("  skipped: this processor has neither AVX512-BF16 nor AMX-BF16", flush=True)
+        return
+    d, real = unetr_pp_segment_model(work, arch), bench_real_ct()
+    cmds = {"lwi bf16": [str(cli_path()), "segment", "--model", str(d / "model.safetensors"), str(real), "--out",
+                         str(work / "pp_lwi_bf16.nii.gz"), "--device", "cpu", "--precision", "bf16", "--no-mirror",
+                         "--overwrite", "--no-manifest"]}
+    for precision in ("fp32", "bf16"):
+        cmds[f"nnU-Net {precision}"] = [sys.executable, str(ROOT / "bench" / "nnunet_segment.py"), str(real),
+                                        str(d / "unetr_pp.pt"), str(d / "arch.json"), PP_SPACING, PP_NORM,
+                                        str(work / f"pp_nnunet_{precision}.nii.gz"), "cpu", "0", precision]
+    times = {name: [] for name in cmds}
+    for _ in range(reps):
+        for name, cmd in cmds.items():
+            times[name].append(run_measured(cmd)[0])
+    t = {name: statistics.median(v) for name, v in times.items()}
+    same = (np.asarray(nib.load(str(work / "pp_lwi_bf16.nii.gz")).dataobj)
+            == np.asarray(nib.load(str(work / "pp_nnunet_bf16.nii.gz")).dataobj)).mean()
+    print("  UNETR++ end to end, real CT: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
+          + f"   lwi bf16 / nnU-Net fp32 {t['lwi bf16'] / t['nnU-Net fp32']:5.2f}   lwi bf16 / nnU-Net bf16 "
+          f"{t['lwi bf16'] / t['nnU-Net bf16']:5.2f}   labels agree with nnU-Net bf16 {same:.2%}", flush=True)
 
 
 def bench_segment_unetr_pp(work, device, image, name, arch, mirror, reps):
@@ -398,7 +486,7 @@ def bench_dist_step(device, batch, shape, ranks, backend, rounds=2, reps=3, job_
 
 
 BENCHES = {"dist-step", "volume-read", "cold-start", "unetr-forward", "unetr-pp-forward", "train-step", "sliding-window", "segment",
-           "segment-unetr-pp", "unetr-pp-train-step", "train-cache", "python-api"}
+           "segment-unetr-pp", "unetr-pp-train-step", "train-cache", "python-api", "cpu-bf16"}
 
 
 def main():
@@ -466,6 +554,12 @@ def main():
         print(f"end-to-end segmentation, file in -> label file out, UNETR {shape} at {spacing} mm, overlap 0.5, peak RSS")
         bench_segment(work, args.device, shape, spacing, args.batch, args.precision, once or max(1, args.reps // 2),
                       TOY_CT if toy else "512,512,200")
+    if args.only in (None, "cpu-bf16") and not gpu:
+        shape = TOY if toy else FULL
+        print(f"bf16 on the CPU (autocast, oneDNN): UNETR {shape} at 3 mm on the real CT, overlap 0.5, gaussian")
+        bench_cpu_bf16(work, shape, "3,3,3", once or 3, once or 3)
+        print("bf16 on the CPU: the reduced UNETR++ on the real CT, no mirroring, against nnU-Net v1's inference")
+        bench_unetr_pp_cpu_bf16(work, PP_TOY if toy else PP_REDUCED, once or 3)
     if args.only in (None, "python-api") and args.device == "cpu" and not toy:
         shape, spacing = dict(TINY, size=96), "3,3,3"
         print(f"Python API (import lwi; Model.segment) on the real CT, UNETR {shape} at {spacing} mm, peak RSS")

@@ -125,7 +125,9 @@ const char *lwi_last_error(void);
 
 // A JSON object describing this build: `lwi_version`, `libtorch_version`, `abi_version`,
 // `cuda_available`, `cudnn_available`, `devices` (e.g. `["cpu", "cuda:0"]`), `gpus` (per CUDA
-// device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `threads`.
+// device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `cpu`
+// (`avx512_bf16`, `amx_bf16`: the processor's bfloat16 instructions; with either, precision bf16
+// runs on the CPU), `threads`.
 // Owned by the library; valid until it is unloaded. NULL only if the library is broken. A getter:
 // it never changes [`lwi_last_error`].
 const char *lwi_version_json(void);
@@ -307,7 +309,9 @@ enum LwiStatus lwi_forward(const struct LwiModel *model,
 // `blend` ("gaussian" | "constant"), `sw_batch` (1 on the CPU, 4 on CUDA), `mirror` (true, false or
 // the axes \[0, 1, 2\] to mirror each window over; `tta_axes` is its former name; default: none for
 // MONAI's pipeline, all three for nnU-Net's), `resample` ("scores" | "nearest"), `precision`
-// ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32), `largest_component` (false),
+// ("fp32" default; "bf16": autocast on CUDA, or on a CPU with AVX512-BF16 or AMX-BF16,
+// INVALID_ARGUMENT on one without; "fp16": CUDA only; "auto": bf16 where the device computes it
+// natively, else fp32), `slab` (32), `largest_component` (false),
 // `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move to the CPU with a warning
 // event only on out-of-memory), `save_preprocessed` (a path), `fused_norm` (true: on CUDA, lwi's
 // fused normalisation kernel; false: ATen's kernels). Every option applies to both pipelines

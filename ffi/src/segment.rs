@@ -15,7 +15,9 @@ use std::ffi::{c_char, c_void};
 /// `blend` ("gaussian" | "constant"), `sw_batch` (1 on the CPU, 4 on CUDA), `mirror` (true, false or
 /// the axes \[0, 1, 2\] to mirror each window over; `tta_axes` is its former name; default: none for
 /// MONAI's pipeline, all three for nnU-Net's), `resample` ("scores" | "nearest"), `precision`
-/// ("fp32" | "bf16" | "fp16", autocast on CUDA), `slab` (32), `largest_component` (false),
+/// ("fp32" default; "bf16": autocast on CUDA, or on a CPU with AVX512-BF16 or AMX-BF16,
+/// INVALID_ARGUMENT on one without; "fp16": CUDA only; "auto": bf16 where the device computes it
+/// natively, else fp32), `slab` (32), `largest_component` (false),
 /// `max_gpu_accumulator_mb` (none: the sums stay on the GPU, and move to the CPU with a warning
 /// event only on out-of-memory), `save_preprocessed` (a path), `fused_norm` (true: on CUDA, lwi's
 /// fused normalisation kernel; false: ATen's kernels). Every option applies to both pipelines

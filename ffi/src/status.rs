@@ -123,7 +123,9 @@ pub extern "C" fn lwi_last_error() -> *const c_char {
 
 /// A JSON object describing this build: `lwi_version`, `libtorch_version`, `abi_version`,
 /// `cuda_available`, `cudnn_available`, `devices` (e.g. `["cpu", "cuda:0"]`), `gpus` (per CUDA
-/// device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `threads`.
+/// device: `device`, `compute_capability` e.g. 90, `bf16`: whether bf16 runs natively), `cpu`
+/// (`avx512_bf16`, `amx_bf16`: the processor's bfloat16 instructions; with either, precision bf16
+/// runs on the CPU), `threads`.
 /// Owned by the library; valid until it is unloaded. NULL only if the library is broken. A getter:
 /// it never changes [`lwi_last_error`].
 #[unsafe(no_mangle)]

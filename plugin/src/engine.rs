@@ -2,6 +2,7 @@
 //! on (versions, CUDA, devices).
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::model::precision::CpuBf16;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
@@ -107,6 +108,9 @@ pub struct RuntimeInfo {
     /// Per CUDA device: its compute capability (major · 10 + minor, e.g. 90) and whether bf16 runs
     /// as bf16 there (else as fp16 autocast).
     pub gpus: Vec<GpuInfo>,
+    /// The processor's bfloat16 instructions: with either, `precision` bf16 (and auto) runs the
+    /// CPU forward under autocast; without, bf16 on the CPU is refused.
+    pub cpu: CpuBf16,
     pub threads: i32,
 }
 
@@ -139,6 +143,7 @@ pub fn runtime_info() -> RuntimeInfo {
         cudnn_available: cuda && tch::Cuda::cudnn_is_available(),
         devices,
         gpus,
+        cpu: crate::model::precision::cpu_bf16(),
         threads: tch::get_num_threads(),
     }
 }

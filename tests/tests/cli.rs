@@ -27,6 +27,12 @@ fn info_reports_versions_and_devices() {
         gpus.iter()
             .all(|g| g["compute_capability"].is_number() && g["bf16"].is_boolean())
     );
+    // The processor's bf16 instructions, as the kernel lists them.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    for flag in ["avx512_bf16", "amx_bf16"] {
+        let listed = cpuinfo.split_whitespace().any(|w| w == flag);
+        assert_eq!(v["cpu"][flag], listed, "{flag}: {}", v["cpu"]);
+    }
 }
 
 #[test]

@@ -36,8 +36,10 @@ pub struct SegmentArgs {
     /// Resampling back to the input grid: class probabilities (keeps thin structures) or nearest labels.
     #[arg(long, default_value = "scores", value_parser = ["scores", "nearest"])]
     resample: String,
-    /// fp32, or bf16/fp16 autocast (CUDA only).
-    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16", "fp16"])]
+    /// fp32; bf16 autocast on CUDA, or on a CPU with AVX512-BF16 or AMX-BF16 (refused on one
+    /// without: `lwi info` says what it has); fp16 (CUDA only); auto: bf16 where the device has it
+    /// natively, else fp32.
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16", "fp16", "auto"])]
     precision: String,
     /// auto (the first GPU if any), cpu or cuda:N.
     #[arg(long, default_value = "auto")]

@@ -18,7 +18,7 @@ pub use options::{ResampleBack, SegmentOptions};
 use crate::error::{Error, ErrorKind, Result, catch_panic};
 use crate::events::Progress;
 use crate::model::fused::with_fused;
-use crate::model::with_precision;
+use crate::model::precision::{with_cast_cache, with_precision};
 use crate::model_file::{Model, Preprocessing, Stage};
 use crate::volume::{DType, Volume};
 use tch::{Device, Kind, Tensor};
@@ -63,6 +63,8 @@ pub fn segment(
         ));
     }
     let device = model.vs.device();
+    // A precision the device cannot run is refused before the preprocessing, not at the first window.
+    opts.precision.check(device)?;
     // tch's tensor operations panic when libtorch fails (a CUDA out-of-memory in the forward
     // pass among them): caught here, so that it comes back as OutOfMemory and the accumulator
     // retry can fire.
@@ -76,7 +78,8 @@ pub fn segment(
             Ok(logits.f_to_kind(Kind::Float)?.f_softmax(1, Kind::Float)?)
         })
     };
-    match &model.meta.preprocessing {
+    // Under autocast the weights are cast to bf16/fp16 once for the whole call, not once per window.
+    with_cast_cache(|| match &model.meta.preprocessing {
         Preprocessing::Monai(p) => {
             let segmenter = Segmenter::new(p, cfg.out_channels(), device, &predict);
             catch_panic(|| monai::run(&segmenter, volume, opts, progress))
@@ -85,7 +88,7 @@ pub fn segment(
             let segmenter = Segmenter::new(p, cfg.out_channels(), device, &predict);
             catch_panic(|| nnunet::run(&segmenter, volume, opts, progress))
         }
-    }
+    })
 }
 
 /// A model as a pipeline sees it: its preprocessing section `P`, its class count, its device and

@@ -36,7 +36,8 @@ pub struct SegmentOptions {
     pub mirror: Option<Mirror>,
     /// nnU-Net's pipeline resamples scores only.
     pub resample: ResampleBack,
-    /// fp32, or bf16/fp16 autocast on CUDA (bf16 runs as fp16 on GPUs without bfloat16).
+    /// fp32; bf16 autocast on CUDA (as fp16 on GPUs without bfloat16) or on a CPU with AVX512-BF16
+    /// or AMX-BF16; fp16 on CUDA; auto (see [`Precision`]).
     pub precision: Precision,
     /// Z-slices sampled per resampling step of MONAI's pipeline (bounds temporary memory);
     /// absent: 32.
