@@ -8,9 +8,7 @@
 
 mod common;
 
-use lwi::train::{
-    NnUnetAugment, Sgd, clip_grad_norm, deep_supervision_weights, poly, start_bounds,
-};
+use lwi::train::{NnUnetAugment, Sgd, clip_grad_norm, deep_supervision_weights, poly};
 use rand::SeedableRng;
 use std::collections::HashMap;
 use tch::{Kind, Tensor, nn};
@@ -114,29 +112,6 @@ fn loss_schedule_and_optimizer_equal_nnunets() {
 }
 
 /// Five statistics of one output (mean, sd, min, max, mean |out − in|) and whether it changed.
-/// Random patches reach as far past a case's borders as nnU-Net's `DataLoader3D` lets them: half of
-/// (sampled − final patch) on each side, so that the final patch's centre cut covers the borders.
-#[test]
-fn patch_starts_span_dataloader3ds_range() {
-    let r = references();
-    for n in 0..2 {
-        let v = |k: &str| -> [i64; 3] {
-            let t = &r[&format!("patches{n}.{k}")];
-            std::array::from_fn(|d| t.int64_value(&[d as i64]))
-        };
-        let (lb, ub) = start_bounds(v("shape"), v("sampled"), v("final"));
-        report(format!(
-            "patch starts, case {:?} sampled {:?} final {:?}: lwi {lb:?}..={ub:?} DataLoader3D {:?}..={:?}",
-            v("shape"),
-            v("sampled"),
-            v("final"),
-            v("lb"),
-            v("ub")
-        ));
-        assert_eq!((lb, ub), (v("lb"), v("ub")), "case {n}");
-    }
-}
-
 fn statistics(out: &Tensor, input: &Tensor) -> [f64; 6] {
     let o = out.to_kind(Kind::Double);
     let i = input.to_kind(Kind::Double);

@@ -10,17 +10,12 @@ Usage: nnunet_recipe_reference.py OUT.safetensors
   labels:    a label map [24, 20, 6] resized as resample_data_or_seg(is_seg=True, order=1, order_z=0) does, to
              [31, 15, 6] (all axes) and to [30, 26, 12] (separate z, nearest along the last axis)
   spatial:   the spatial transform (dummy 2D) on a 16 x 45 x 45 sample cut to 32 x 32, as augment below
-  patches:   DataLoader3D's random patch starts (no foreground forcing) over 3000 draws, smallest and largest per
-             axis, on two cases whose voxels hold their own coordinates: 16 x 64 x 64 sampled 16 x 46 x 46 for a final
-             16 x 32 x 32 (the demo's in-plane sizes), and 20 x 24 x 40 sampled 16 x 45 x 45 for 16 x 32 x 32
   augment:   per transform of get_moreDA_augmentation, over 400 draws on one fixed sample, the mean and standard
              deviation of five statistics of the output (mean, sd, min, max, mean |out - in|) and the share of draws
              that changed it; once with the transform always applied, once with nnU-Net's probability
 """
-import os
 import random
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -152,39 +147,12 @@ def labels():
             "labels.separate": torch.from_numpy(separate.astype(np.float32))}
 
 
-def patch_starts():
-    from nnunet.training.dataloading.dataset_loading import DataLoader3D
-    out = {}
-    cases = [((16, 64, 64), (16, 46, 46), (16, 32, 32)), ((20, 24, 40), (16, 45, 45), (16, 32, 32))]
-    with tempfile.TemporaryDirectory() as folder:
-        for n, (shape, sampled, final) in enumerate(cases):
-            z, y, x = np.indices(shape)
-            code = ((z * 100 + y) * 100 + x + 1).astype(np.float32)  # 0 only in the padding
-            path = os.path.join(folder, f"case{n}.npz")
-            np.save(path[:-4] + ".npy", np.stack([code, np.zeros(shape, np.float32)]))
-            loader = DataLoader3D({"case": {"data_file": path, "properties": {}}}, sampled, final, 1,
-                                  oversample_foreground_percent=0.0, pad_mode="constant")
-            starts = []
-            for _ in range(3000):
-                patch = loader.generate_train_batch()["data"][0, 0]
-                first = np.argwhere(patch > 0)[0]
-                c = int(patch[tuple(first)]) - 1
-                starts.append(np.array([c // 10000, c // 100 % 100, c % 100]) - first)
-            starts = np.stack(starts)
-            for name, v in (("shape", shape), ("sampled", sampled), ("final", final),
-                            ("lb", starts.min(0)), ("ub", starts.max(0))):
-                out[f"patches{n}.{name}"] = torch.tensor(np.asarray(v), dtype=torch.int64)
-    return out
-
-
 def main():
     g = torch.Generator().manual_seed(11)
     tensors = {}
     tensors.update(losses(g))
     tensors.update(optimizer(g))
     tensors.update(labels())
-    np.random.seed(5)
-    tensors.update(patch_starts())
     tensors["poly.epochs"] = torch.tensor([0.0, 1.0, 500.0, 999.0], dtype=torch.float64)
     tensors["poly.lr"] = torch.tensor([poly_lr(e, 1000, 1e-2, 0.9) for e in (0, 1, 500, 999)], dtype=torch.float64)
     np.random.seed(3)

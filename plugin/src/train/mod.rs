@@ -29,7 +29,6 @@ pub use gradients::{GradientSync, Local};
 pub use nnunet_augment::NnUnetAugment;
 pub use objective::deep_supervision_weights;
 pub use optimizer::{AdamW, Optimizer, Sgd, clip_grad_norm};
-pub use patches::start_bounds;
 pub use schedule::{learning_rate, poly};
 
 use crate::dataset::DatasetFile;

@@ -2,8 +2,8 @@
 //! nnU-Net prepares it (`crate::pipeline::nnunet::train_case`: non-zero crop, resampling to the fingerprint's
 //! spacing, CT normalisation; labels resampled as nnU-Net resamples segmentations), then batches
 //! of patches from cases drawn with replacement, the last `round(batch · oversample)` of each
-//! batch centred on a voxel of a random foreground class, the others anywhere within
-//! `DataLoader3D`'s bounds (zeros outside the case) — sampled larger in-plane when the spatial
+//! batch centred on a voxel of a random foreground class, the others anywhere (padding with
+//! zeros where the case is smaller than the patch) — sampled larger in-plane when the spatial
 //! augmentation is on, as nnU-Net does — each augmented (`nnunet_augment`). Prepared
 //! cases are kept in the preprocessed cache on disk (`cache`) unless the config turns it off.
 
@@ -188,7 +188,7 @@ pub(super) fn batch(
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     for (j, rng) in mine.zip(rngs) {
         let case = &cases[rng.random_range(0..cases.len())];
-        let start = patch_start(case, sampled, patch, j >= random_ones, rng);
+        let start = patch_start(case, sampled, j >= random_ones, rng);
         let image = cut(&case.image, start, sampled)?.f_to_device(device)?;
         let label = case
             .label
@@ -207,29 +207,17 @@ pub(super) fn batch(
     Ok((Tensor::f_stack(&images, 0)?, labels))
 }
 
-/// nnU-Net's `DataLoader3D` bounds `(lb, ub)` of the first voxel per axis of a `sampled` patch
-/// (the cut before the spatial augmentation) of a case of `shape`, for a final `patch`: the cut may
-/// hang over each border by half of `sampled − patch`, so that the final patch (its centre) reaches
-/// the borders, or by half of what a case smaller than the cut lacks.
-pub fn start_bounds(shape: [i64; 3], sampled: [i64; 3], patch: [i64; 3]) -> ([i64; 3], [i64; 3]) {
-    let pad: [i64; 3] =
-        std::array::from_fn(|d| (sampled[d] - patch[d]).max(sampled[d] - shape[d]).max(0));
-    let lb = std::array::from_fn(|d| (-pad[d]).div_euclid(2));
-    let ub = std::array::from_fn(|d| shape[d] + pad[d] / 2 + pad[d] % 2 - sampled[d]);
-    (lb, ub)
-}
-
-/// The first voxel per axis of a `sampled` patch for a final `patch` (may be negative or run past
-/// the end: padded there).
+/// The patch's first voxel per axis (may be negative or run past the end: padded there).
 fn patch_start(
     case: &PatchCase,
-    sampled: [i64; 3],
     patch: [i64; 3],
     force_fg: bool,
     rng: &mut ChaCha8Rng,
 ) -> [i64; 3] {
     let shape: [i64; 3] = std::array::from_fn(|d| case.image.size()[d + 1]);
-    let (lb, ub) = start_bounds(shape, sampled, patch);
+    let pad: [i64; 3] = std::array::from_fn(|d| (patch[d] - shape[d]).max(0));
+    let lb: [i64; 3] = std::array::from_fn(|d| (-pad[d]).div_euclid(2));
+    let ub: [i64; 3] = std::array::from_fn(|d| shape[d] + pad[d] / 2 + pad[d] % 2 - patch[d]);
     if force_fg && !case.locations.is_empty() {
         let class = &case.locations[rng.random_range(0..case.locations.len())];
         let flat = class.int64_value(&[rng.random_range(0..class.size()[0])]);
@@ -238,7 +226,7 @@ fn patch_start(
             (flat / shape[2]) % shape[1],
             flat % shape[2],
         ];
-        return std::array::from_fn(|d| lb[d].max(voxel[d] - sampled[d] / 2));
+        return std::array::from_fn(|d| lb[d].max(voxel[d] - patch[d] / 2));
     }
     std::array::from_fn(|d| rng.random_range(lb[d]..=ub[d]))
 }
