@@ -46,23 +46,31 @@ fn unetr_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
     let x = Tensor::randn([2, 1, 96, 96, 96], (Kind::Float, Device::Cpu));
     let expected = tch::no_grad(|| cpu.forward_t(&x, false));
     let xg = x.to_device(cuda);
-    // TF32 convolutions (libtorch's default on Ampere and newer) bound fp32 agreement near 1e-3.
+    agrees_in_every_precision("UNETR", &|x| gpu.forward_t(x, false), &xg, &expected);
+}
+
+/// `forward` (inference) on `x` (on the GPU) under fp32, bf16 and fp16 against the CPU's fp32 `expected`.
+/// TF32 convolutions (libtorch's default on Ampere and newer) bound fp32 agreement near 1e-3.
+fn agrees_in_every_precision(
+    name: &str,
+    forward: &dyn Fn(&Tensor) -> Tensor,
+    x: &Tensor,
+    expected: &Tensor,
+) {
+    let device = x.device();
     for (precision, tolerance) in [
         (Precision::Fp32, 5e-3),
         (Precision::Bf16, 6e-2),
         (Precision::Fp16, 2e-2),
     ] {
-        let out = with_precision(precision, cuda, || {
-            tch::no_grad(|| gpu.forward_t(&xg, false))
-        })
-        .unwrap();
+        let out = with_precision(precision, device, || tch::no_grad(|| forward(x))).unwrap();
         assert_eq!(out.size(), expected.size());
-        let r = relative(&out, &expected);
+        let r = relative(&out, expected);
         println!(
-            "cuda {precision:?}: output kind {:?}, max|Δ|/max|ref| vs CPU fp32 = {r:.2e} (tolerance {tolerance:.0e})",
+            "{name} cuda {precision:?}: output kind {:?}, max|Δ|/max|ref| vs CPU fp32 = {r:.2e} (tolerance {tolerance:.0e})",
             out.kind()
         );
-        assert!(r <= tolerance, "{precision:?}: {r}");
+        assert!(r <= tolerance, "{name} {precision:?}: {r}");
     }
 }
 
@@ -244,24 +252,7 @@ fn unetr_pp_on_cuda_matches_the_cpu_in_fp32_and_under_autocast() {
     let x = Tensor::randn([1, 1, d, h, w], (Kind::Float, Device::Cpu));
     let expected = tch::no_grad(|| cpu.forward_t(&x, false));
     let xg = x.to_device(cuda);
-    // UNETR's tolerances (TF32 convolutions bound fp32 agreement near 1e-3)
-    for (precision, tolerance) in [
-        (Precision::Fp32, 5e-3),
-        (Precision::Bf16, 6e-2),
-        (Precision::Fp16, 2e-2),
-    ] {
-        let out = with_precision(precision, cuda, || {
-            tch::no_grad(|| gpu.forward_t(&xg, false))
-        })
-        .unwrap();
-        assert_eq!(out.size(), expected.size());
-        let r = relative(&out, &expected);
-        println!(
-            "UNETR++ cuda {precision:?}: output kind {:?}, max|Δ|/max|ref| vs CPU fp32 = {r:.2e} (tolerance {tolerance:.0e})",
-            out.kind()
-        );
-        assert!(r <= tolerance, "UNETR++ {precision:?}: {r}");
-    }
+    agrees_in_every_precision("UNETR++", &|x| gpu.forward_t(x, false), &xg, &expected);
 }
 
 #[test]
