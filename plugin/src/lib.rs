@@ -14,9 +14,15 @@
 //!   manifest ([`pipeline::file`]).
 //! - [`model_file`]: the model file (safetensors + one JSON document), its preprocessing typed per
 //!   pipeline, the checkpoint import and nnU-Net's plans reader.
-//! - [`model`]: the architectures (UNETR, UNETR++) as `tch` modules, the [`model::ArchConfig`] /
-//!   [`model::Network`] registry, precision and the fused kernel; [`pretext`]: the init-train task.
-//! - [`train`]: training — the config and its recipes (`monai`, `nnunet_v1`), batch sources,
+//! - [`model`]: the architectures as `tch` modules, one folder each ([`model::unetr`],
+//!   [`model::unetr_pp`]: config, network, order heads, checkpoint renaming), answering through
+//!   the [`model::Architecture`] trait; the [`model::ArchConfig`] / [`model::Network`] registry
+//!   (`model/network.rs`: a third architecture is its folder plus one arm per `match` there, one
+//!   in the import's dispatch and one naming its default recipe); shared blocks, precision and
+//!   the fused kernel.
+//!   [`pretext`]: the init-train task and its loss.
+//! - [`train`]: training — the config and its recipes (`monai`, `nnunet_v1`: each trains any
+//!   architecture whose shapes fit), batch sources,
 //!   objectives, optimizers, schedules, validation, checkpoints; [`loss`], [`metrics`].
 //! - [`distributed`]: data-parallel training over c10d; [`shim`]: the C++ shims over libtorch APIs
 //!   `tch` lacks (autocast, the fused normalisation kernel, c10d), every `unsafe` block with its

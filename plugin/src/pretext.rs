@@ -2,21 +2,12 @@
 //! learn to reconstruct the shuffled unmasked volume and to tell each slab's original position.
 
 use crate::error::{Error, Result};
-use crate::model::OrderHeads;
+pub use crate::model::Grouping;
+use crate::model::SlabPooling;
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
-
-/// How the order heads pool tokens into per-slab features (§7.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Grouping {
-    /// Tokens of each shuffled depth slab (the method's intent; default).
-    Slab,
-    /// The released code: consecutive runs of N/m tokens in sequence order (X-slabs).
-    Released,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -31,6 +22,10 @@ pub struct PretextConfig {
     pub per_batch: bool,
     pub alpha_rec: f64,
     pub alpha_cls: f64,
+    /// The token-grid axis the slabs run along: the cranio-caudal axis of the recipe's pipeline
+    /// (set by the run; `None`: the architecture's own).
+    #[serde(skip)]
+    pub axis: Option<usize>,
 }
 
 impl Default for PretextConfig {
@@ -43,6 +38,7 @@ impl Default for PretextConfig {
             per_batch: false,
             alpha_rec: 1.0,
             alpha_cls: 1.0,
+            axis: None,
         }
     }
 }
@@ -209,37 +205,14 @@ fn transform_with(
     }
 }
 
-/// Order logits `[B, m, m]` of each head from the four token features `[B, N, H]`.
-pub fn order_logits(
-    features: &[Tensor; 4],
-    heads: &OrderHeads,
-    cfg: &PretextConfig,
-    tokens: [i64; 3],
-) -> Vec<Tensor> {
-    features
-        .iter()
-        .zip(&heads.heads)
-        .map(|(f, head)| {
-            let s = f.size();
-            let (b, h) = (s[0], s[2]);
-            let pooled = match cfg.grouping {
-                Grouping::Slab => f
-                    .reshape([
-                        b,
-                        tokens[0] * tokens[1],
-                        cfg.slabs,
-                        tokens[2] / cfg.slabs,
-                        h,
-                    ])
-                    .mean_dim(&[1i64, 3][..], false, Kind::Float),
-                Grouping::Released => {
-                    f.reshape([b, cfg.slabs, s[1] / cfg.slabs, h])
-                        .mean_dim(2, false, Kind::Float)
-                }
-            };
-            head.forward(&pooled)
-        })
-        .collect()
+/// The order heads pool as the task is configured.
+impl From<&PretextConfig> for SlabPooling {
+    fn from(cfg: &PretextConfig) -> SlabPooling {
+        SlabPooling {
+            grouping: cfg.grouping,
+            axis: cfg.axis,
+        }
+    }
 }
 
 /// `α_rec · MSE(recon, target) + α_cls · Σ_heads CE(logits, perm)`; returns (total, rec, cls).

@@ -12,8 +12,9 @@ pub struct ImportArgs {
     /// (MONAI 1.6.1 or LWI-VMS key names; nnU-Net v1's model_final_checkpoint.model).
     #[arg(long = "from", value_name = "CKPT.pt")]
     from: PathBuf,
-    /// Architecture of the checkpoint (default: the "arch" of ARCH.json, else unetr).
-    #[arg(long, value_parser = ["unetr", "unetr_pp"])]
+    /// Architecture of the checkpoint, by the name the engine knows it (unetr, unetr_pp;
+    /// default: the "arch" of ARCH.json, else the engine's default, unetr).
+    #[arg(long)]
     arch: Option<String>,
     /// JSON file of the upstream constructor's keyword arguments (MONAI `UNETR`, or `UNETR_PP`
     /// with "arch": "unetr_pp").
@@ -45,13 +46,7 @@ pub struct ImportArgs {
 pub fn import(plugin: &Plugin, a: ImportArgs) -> Result<(), Failure> {
     let mut config = read_json(&a.arch_config)?;
     let named = config.as_object_mut().and_then(|o| o.remove("arch"));
-    let arch = match (a.arch, named) {
-        (Some(name), _) => name.into(),
-        (None, Some(name)) => name,
-        (None, None) => "unetr".into(),
-    };
-    let options = serde_json::json!({
-        "arch": arch,
+    let mut options = serde_json::json!({
         "arch_config": config,
         "labels": read_json(&a.labels)?,
         "spacing": a.spacing,
@@ -59,6 +54,9 @@ pub fn import(plugin: &Plugin, a: ImportArgs) -> Result<(), Failure> {
         "ct_normalization": a.ct_norm,
         "plans": a.plans,
     });
+    if let Some(arch) = a.arch.map(serde_json::Value::from).or(named) {
+        options["arch"] = arch;
+    }
     plugin.import(&a.from, &options.to_string(), &a.out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

@@ -1,17 +1,23 @@
-//! Segmentation architectures as `tch::nn` modules, named like their reference state dicts.
+//! Segmentation architectures as `tch::nn` modules, named like their reference state dicts: one
+//! folder per architecture (`unetr/`, `unetr_pp/`: its config, network, order heads and
+//! checkpoint renaming), the [`Architecture`] trait they answer through, and the registry
+//! (`network.rs`) that names them. Shared blocks, precision and limits sit beside them.
 
+pub mod architecture;
 pub mod blocks;
 pub mod dropout;
 pub mod fused;
 pub mod limits;
 pub mod network;
 pub mod precision;
+pub mod slab_order;
 pub mod unetr;
 pub mod unetr_pp;
-mod vit;
 
-pub use network::{ArchConfig, Network, PretextHeads};
+pub use architecture::Architecture;
+pub use network::{ArchConfig, NAMES, Network, PretextHeads};
 pub use precision::{Precision, with_precision};
+pub use slab_order::{Grouping, SlabPooling};
 pub use unetr::{OrderHeads, ProjType, Unetr, UnetrConfig};
 
 use crate::error::{Error, ErrorKind, Result};

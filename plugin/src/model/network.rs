@@ -1,13 +1,19 @@
-//! Architectures as data: one enum of configurations, one enum of networks. Everything outside
-//! `model/` asks a [`Network`] for what it needs (its outputs by name, its channels, its input
-//! size, its fresh heads for transfer) and never matches tensor names itself. Adding an
-//! architecture is a module under `model/` and one line in each enum.
+//! Architectures as data: one enum of configurations, one enum of networks, the registry of
+//! their names. Everything outside `model/` asks an [`ArchConfig`] (through the [`Architecture`]
+//! trait) or a [`Network`] for what it needs and never matches tensor names itself. Adding an
+//! architecture is a folder under `model/`, its name in [`NAMES`] and one arm in each `match`
+//! here, plus one in the checkpoint import's dispatch (`model_file::import`) and one naming the
+//! recipe it was published with (`train::Recipe::for_arch`).
 
-use super::unetr::{OrderHeads, Unetr, UnetrConfig};
-use super::unetr_pp::{PpOrderHeads, UnetrPp, UnetrPpConfig};
+use super::architecture::Architecture;
+use super::slab_order::{Grouping, SlabPooling};
+use super::unetr::{self, OrderHeads, Unetr, UnetrConfig};
+use super::unetr_pp::{self, PpOrderHeads, UnetrPp, UnetrPpConfig};
 use crate::error::{Error, Result};
-use crate::pretext::PretextConfig;
 use tch::{Tensor, nn};
+
+/// The architectures lwi builds, by the name files, configs and the command use.
+pub const NAMES: &[&str] = &["unetr", "unetr_pp"];
 
 /// An architecture and its hyperparameters: the upstream constructor's keyword arguments.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -26,14 +32,6 @@ impl Default for ArchConfig {
 }
 
 impl ArchConfig {
-    /// The name the model file and `"arch"` use.
-    pub fn name(&self) -> &'static str {
-        match self {
-            ArchConfig::Unetr(_) => "unetr",
-            ArchConfig::UnetrPp(_) => "unetr_pp",
-        }
-    }
-
     /// From an architecture config document: the keyword arguments, plus `"arch"` (absent means
     /// "unetr", so files written before UNETR++ keep working).
     pub fn from_document(doc: &serde_json::Value, what: &str) -> Result<ArchConfig> {
@@ -43,7 +41,8 @@ impl ArchConfig {
             Some(serde_json::Value::String(s)) => s,
             Some(other) => {
                 return Err(Error::invalid(format!(
-                    "{what}: \"arch\" must be \"unetr\" or \"unetr_pp\", got {}",
+                    "{what}: \"arch\" must be one of {}, got {}",
+                    NAMES.join(", "),
                     crate::options::describe(&other)
                 )));
             }
@@ -58,7 +57,8 @@ impl ArchConfig {
             "unetr_pp" => ArchConfig::UnetrPp(crate::options::parse(config, what)?),
             other => {
                 return Err(Error::unsupported(format!(
-                    "{what}: architecture '{other}' is not one lwi builds (unetr, unetr_pp)"
+                    "{what}: architecture '{other}' is not one lwi builds ({})",
+                    NAMES.join(", ")
                 )));
             }
         };
@@ -67,28 +67,6 @@ impl ArchConfig {
         Ok(cfg)
     }
 
-    /// The keyword arguments alone, as the model file's `"config"` holds them.
-    pub fn keyword_arguments(&self) -> serde_json::Value {
-        match self {
-            ArchConfig::Unetr(c) => serde_json::to_value(c),
-            ArchConfig::UnetrPp(c) => serde_json::to_value(c),
-        }
-        .unwrap_or_default()
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        match self {
-            ArchConfig::Unetr(c) => c.validate(),
-            ArchConfig::UnetrPp(c) => c.validate(),
-        }
-    }
-    /// The values of every variable of the network (order heads aside), from the config alone.
-    pub fn values(&self) -> i128 {
-        match self {
-            ArchConfig::Unetr(c) => c.values(),
-            ArchConfig::UnetrPp(c) => c.values(),
-        }
-    }
     /// Before anything is built: the tensors named `shapes` (a file's) must have the shapes this
     /// configuration (with `order_classes` order heads) gives the tensors that pin its sizes.
     pub fn check_shapes(
@@ -96,57 +74,27 @@ impl ArchConfig {
         order_classes: Option<i64>,
         shapes: &std::collections::HashMap<String, Vec<i64>>,
     ) -> Result<()> {
-        let witnesses = match self {
-            ArchConfig::Unetr(c) => c.witnesses(order_classes),
-            ArchConfig::UnetrPp(c) => c.witnesses(order_classes),
-        };
-        super::limits::check_witnesses(&witnesses, shapes)
+        super::limits::check_witnesses(&self.witnesses(order_classes), shapes)
     }
-    pub fn in_channels(&self) -> i64 {
+}
+
+/// One `match` hands out the configuration behind the [`Architecture`] trait: every fact the
+/// engine asks of an architecture (`arch.img_size()`, `arch.output_heads()`, …) goes through it.
+impl std::ops::Deref for ArchConfig {
+    type Target = dyn Architecture;
+    fn deref(&self) -> &(dyn Architecture + 'static) {
         match self {
-            ArchConfig::Unetr(c) => c.in_channels,
-            ArchConfig::UnetrPp(c) => c.in_channels,
+            ArchConfig::Unetr(c) => c,
+            ArchConfig::UnetrPp(c) => c,
         }
     }
-    pub fn out_channels(&self) -> i64 {
+}
+
+impl std::ops::DerefMut for ArchConfig {
+    fn deref_mut(&mut self) -> &mut (dyn Architecture + 'static) {
         match self {
-            ArchConfig::Unetr(c) => c.out_channels,
-            ArchConfig::UnetrPp(c) => c.out_channels,
-        }
-    }
-    pub fn set_out_channels(&mut self, n: i64) {
-        match self {
-            ArchConfig::Unetr(c) => c.out_channels = n,
-            ArchConfig::UnetrPp(c) => c.out_channels = n,
-        }
-    }
-    /// The network's input size along its three axes (the sliding-window roi).
-    pub fn img_size(&self) -> [i64; 3] {
-        match self {
-            ArchConfig::Unetr(c) => c.img_size,
-            ArchConfig::UnetrPp(c) => c.img_size,
-        }
-    }
-    /// The tensors a stage-2 transfer makes fresh (the output heads), by name prefix.
-    pub fn output_heads(&self) -> &'static [&'static str] {
-        match self {
-            ArchConfig::Unetr(_) => &["out.conv."],
-            ArchConfig::UnetrPp(_) => &["out1.", "out2.", "out3."],
-        }
-    }
-    /// Where the pretext shuffles slabs: the roi axis (UNETR's z is its last, UNETR++'s first) and
-    /// the coarsest token grid every order head pools (all finer grids split where it does).
-    pub fn pretext_geometry(&self) -> (usize, [i64; 3]) {
-        match self {
-            ArchConfig::Unetr(c) => (2, c.feat_size()),
-            ArchConfig::UnetrPp(c) => (0, c.grid(3)),
-        }
-    }
-    /// The pretext order heads' name prefix (not carried into stage 2).
-    pub fn order_head_prefix(&self) -> &'static str {
-        match self {
-            ArchConfig::Unetr(_) => "vit.temp_head",
-            ArchConfig::UnetrPp(_) => "temp_head",
+            ArchConfig::Unetr(c) => c,
+            ArchConfig::UnetrPp(c) => c,
         }
     }
 }
@@ -205,23 +153,29 @@ impl Network {
     }
 
     /// The pretext forward pass: the reconstruction and the order logits `[B, m, m]` of each head,
-    /// the tokens pooled by `cfg.grouping`.
+    /// the tokens pooled per slab as `pooling` says (a `PretextConfig` gives its own).
     pub fn pretext(
         &self,
         x: &Tensor,
         heads: &PretextHeads,
-        cfg: &PretextConfig,
+        pooling: impl Into<SlabPooling>,
         train: bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        let SlabPooling { grouping, axis } = pooling.into();
         match (self, heads) {
             (Network::Unetr(n), PretextHeads::Unetr(h)) => {
                 let (recon, features) = n.forward_features(x, train);
-                let logits = crate::pretext::order_logits(&features, h, cfg, n.config.feat_size());
-                Ok((recon, logits))
+                let axis = axis.unwrap_or(unetr::HOME_AXIS);
+                Ok((
+                    recon,
+                    h.logits(&features, grouping, axis, n.config.feat_size()),
+                ))
             }
             (Network::UnetrPp(n), PretextHeads::UnetrPp(h)) => {
                 let all = n.forward_all(x, train);
-                let logits = h.forward_grouped(&all.hidden, cfg.grouping);
+                let axis = axis.unwrap_or(unetr_pp::HOME_AXIS);
+                let grids = std::array::from_fn(|i| n.config.grid(i));
+                let logits = h.forward_along(&all.hidden, grouping, axis, grids);
                 Ok((all.out1, logits.into()))
             }
             _ => Err(Error::internal("order heads of another architecture")),
@@ -230,47 +184,42 @@ impl Network {
 
     /// Every output of the raw network, by name: `logits` (UNETR); `out1`, `out2`, `out3`
     /// (UNETR++, deep supervision included); with order heads, `recon` for the full-resolution
-    /// output and `t1..t4` (UNETR's heads pool by depth slab, UNETR++'s as upstream).
+    /// output and `t1..t4`, pooled along each architecture's own axis as its reference pools
+    /// them (UNETR's heads by depth slab, UNETR++'s as upstream).
     pub fn outputs(&self, x: &Tensor, heads: Option<&PretextHeads>) -> Vec<(String, Tensor)> {
+        let named = |first: &str, all: Vec<Tensor>, logits: Vec<Tensor>| {
+            let outs = all.into_iter().enumerate().map(|(i, t)| match i {
+                0 => (first.to_string(), t),
+                i => (format!("out{}", i + 1), t),
+            });
+            let orders = logits
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (format!("t{}", i + 1), t));
+            outs.chain(orders).collect()
+        };
         match (self, heads) {
-            (Network::Unetr(n), None) => vec![("logits".into(), n.forward_t(x, false))],
             (Network::Unetr(n), Some(PretextHeads::Unetr(h))) => {
                 let (recon, features) = n.forward_features(x, false);
-                let cfg = crate::pretext::PretextConfig {
-                    slabs: h.heads[0].weight.size()[0],
-                    ..Default::default()
-                };
-                let logits = crate::pretext::order_logits(&features, h, &cfg, n.config.feat_size());
-                let mut out = vec![("recon".to_string(), recon)];
-                out.extend(
-                    logits
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, t)| (format!("t{}", i + 1), t)),
+                let t = h.logits(
+                    &features,
+                    Grouping::Slab,
+                    unetr::HOME_AXIS,
+                    n.config.feat_size(),
                 );
-                out
+                named("recon", vec![recon], t)
             }
+            (Network::Unetr(n), _) => named("logits", vec![n.forward_t(x, false)], Vec::new()),
             (Network::UnetrPp(n), heads) => {
                 let all = n.forward_all(x, false);
-                let first = if heads.is_some() { "recon" } else { "out1" };
-                let mut out = vec![(first.to_string(), all.out1.shallow_clone())];
-                out.extend(
-                    all.deep
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| (format!("out{}", i + 2), t.shallow_clone())),
-                );
-                if let Some(PretextHeads::UnetrPp(h)) = heads {
-                    let t = h.forward(&all.hidden);
-                    out.extend(
-                        t.into_iter()
-                            .enumerate()
-                            .map(|(i, t)| (format!("t{}", i + 1), t)),
-                    );
+                let outs = std::iter::once(all.out1).chain(all.deep).collect();
+                match heads {
+                    Some(PretextHeads::UnetrPp(h)) => {
+                        named("recon", outs, h.forward(&all.hidden).into())
+                    }
+                    _ => named("out1", outs, Vec::new()),
                 }
-                out
             }
-            (Network::Unetr(_), Some(PretextHeads::UnetrPp(_))) => Vec::new(),
         }
     }
 }

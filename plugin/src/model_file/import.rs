@@ -44,7 +44,9 @@ pub struct ImportOptions {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImportOptionsJson {
-    arch: String,
+    /// Absent: the default architecture.
+    #[serde(default)]
+    arch: Option<String>,
     arch_config: serde_json::Value,
     labels: BTreeMap<u32, String>,
     #[serde(default = "default_spacing")]
@@ -71,7 +73,7 @@ fn parse_options(json: &str) -> Result<(ArchConfig, ImportOptions)> {
     let shape = serde_json::json!({"arch_config": {}, "labels": {}});
     let o: ImportOptionsJson = crate::options::parse_shaped(json, "import options", &shape)?;
     let arch = ArchConfig::from_parts(
-        &o.arch,
+        o.arch.as_deref().unwrap_or(ArchConfig::default().name()),
         &o.arch_config.to_string(),
         "import options: arch_config",
     )?;
@@ -302,26 +304,9 @@ fn source(checkpoint: &Path) -> Result<String> {
     ))
 }
 
-/// The lwi name of a checkpoint tensor, or None for tensors that carry nothing lwi uses.
-fn native_name(name: &str) -> Option<String> {
-    let name = name.strip_prefix("module.").unwrap_or(name);
-    if name.ends_with(".num_batches_tracked") || name == "vit.patch_embedding.cls_token" {
-        return None;
-    }
-    Some(match name {
-        "out.conv.weight" => "out.conv.conv.weight".into(),
-        "out.conv.bias" => "out.conv.conv.bias".into(),
-        other => other.into(),
-    })
-}
-
 /// Builds an lwi model from a UNETR checkpoint; every tensor the architecture needs must be in it.
 pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model> {
-    let raw = read_checkpoint(checkpoint)?;
-    let mut tensors: HashMap<String, Tensor> = raw
-        .into_iter()
-        .filter_map(|(k, v)| native_name(&k).map(|n| (n, v)))
-        .collect();
+    let mut tensors = crate::model::unetr::import::renamed(read_checkpoint(checkpoint)?);
 
     let preprocessing = Preprocessing::Monai(MonaiPreprocessing {
         spacing: options.spacing,
@@ -344,23 +329,7 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
     meta.order_classes = with_heads;
     meta.provenance.source = Some(source(checkpoint)?);
     let model = Model::new(meta, Device::Cpu)?;
-    let vars = model.vs.variables();
-
-    // MONAI 0.7 always created a ResBlock's residual conv3 (and norm3), unused when the channel
-    // count does not change; lwi, like MONAI 1.x, does not have it.
-    tensors
-        .retain(|k, _| vars.contains_key(k) || !(k.contains(".conv3.") || k.contains(".norm3.")));
-    // MONAI 0.7 had no (unused) norm_cross_attn: give it LayerNorm's initial values.
-    if !tensors.keys().any(|k| k.contains(".norm_cross_attn.")) {
-        for (k, v) in vars.iter().filter(|(k, _)| k.contains(".norm_cross_attn.")) {
-            let fill = if k.ends_with("weight") {
-                v.ones_like()
-            } else {
-                v.zeros_like()
-            };
-            tensors.insert(k.clone(), fill.detach());
-        }
-    }
+    crate::model::unetr::import::fit_monai_0_7(&mut tensors, &model.vs.variables());
     load_state_dict(&model.vs, &tensors).map_err(|e| {
         Error::new(
             ErrorKind::ModelIncompatible,
@@ -377,9 +346,7 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
 
 /// Builds an lwi model from a UNETR++ checkpoint: an nnU-Net v1 checkpoint
 /// (`model_final_checkpoint.model`: the weights under `state_dict`, beside the optimizer state,
-/// `plot_stuff`, `epoch`, …) or a plain state dict. Upstream's EPA ties `F` to `E`: `F.*` is
-/// accepted only when equal to `E.*`. `num_batches_tracked` is not kept (eval and momentum 0.1
-/// never read it). With `out_channels` 1 and the order heads `temp_head1..4` it is an init-train
+/// `plot_stuff`, `epoch`, …) or a plain state dict, renamed by `model::unetr_pp::import`. With `out_channels` 1 and the order heads `temp_head1..4` it is an init-train
 /// (stage 1) model; a segmentation checkpoint's order heads (LWI-VMS keeps them in stage 2) are
 /// dropped.
 pub fn import_unetr_pp(
@@ -393,28 +360,8 @@ pub fn import_unetr_pp(
             format!("{}: {m}", checkpoint.display()),
         )
     };
-    let mut tensors: HashMap<String, Tensor> = read_checkpoint(checkpoint)?
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), v))
-        .filter(|(k, _)| !k.ends_with(".num_batches_tracked"))
-        .collect();
-    let tied: Vec<String> = tensors
-        .keys()
-        .filter(|k| k.contains(".epa_block.F."))
-        .cloned()
-        .collect();
-    for f in tied {
-        let e = f.replace(".epa_block.F.", ".epa_block.E.");
-        let same = tensors
-            .get(&e)
-            .is_some_and(|t| t.size() == tensors[&f].size() && t.equal(&tensors[&f]));
-        if !same {
-            return Err(incompatible(format!(
-                "{f} differs from {e}: upstream's EPA ties F to E"
-            )));
-        }
-        tensors.remove(&f);
-    }
+    let mut tensors = crate::model::unetr_pp::import::renamed(read_checkpoint(checkpoint)?)
+        .map_err(|e| incompatible(e.message))?;
     let with_heads = tensors.get("temp_head1.weight").map(|w| w.size()[0]);
     let stage = if with_heads.is_some() && config.out_channels == 1 {
         Stage::Init
@@ -472,7 +419,7 @@ pub fn import_unetr_pp(
 
 #[cfg(test)]
 mod tests {
-    use super::{native_name, read_checkpoint};
+    use super::read_checkpoint;
     use std::io::Write;
 
     /// A PyTorch ZIP checkpoint as torch.save lays it out: `archive/data.pkl` and the storage
@@ -559,26 +506,5 @@ mod tests {
         let e = read_checkpoint(&path).unwrap_err();
         let expected = "tensor w (F32 [1000000]) holds 4000000 bytes, more than the";
         assert!(e.message.contains(expected), "{}", e.message);
-    }
-
-    #[test]
-    fn lwi_vms_names_map_to_monai_1x_names() {
-        assert_eq!(
-            native_name("out.conv.weight").as_deref(),
-            Some("out.conv.conv.weight")
-        );
-        assert_eq!(
-            native_name("module.vit.norm.bias").as_deref(),
-            Some("vit.norm.bias")
-        );
-        assert_eq!(native_name("vit.patch_embedding.cls_token"), None);
-        assert_eq!(
-            native_name("encoder1.layer.norm1.num_batches_tracked"),
-            None
-        );
-        assert_eq!(
-            native_name("vit.temp_head2.weight").as_deref(),
-            Some("vit.temp_head2.weight")
-        );
     }
 }

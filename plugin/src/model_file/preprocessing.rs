@@ -27,6 +27,15 @@ impl Pipeline {
             Pipeline::NnUnet => "nn_unet",
         }
     }
+
+    /// The array axis the prepared volume's cranio-caudal depth runs along (where the pretext
+    /// shuffles its slabs): MONAI's RAS z, the last; nnU-Net's stored slice axis, the first.
+    pub fn depth_axis(self) -> usize {
+        match self {
+            Pipeline::Monai => 2,
+            Pipeline::NnUnet => 0,
+        }
+    }
 }
 
 /// How input volumes are prepared before the network sees them (method §1.1).

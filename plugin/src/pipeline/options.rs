@@ -1,8 +1,9 @@
 //! The options of a segmentation call: the C ABI's `options_json`, the flags of `lwi segment`.
-//! Each pipeline reads them with its own defaults, and refuses by name what it cannot honour
-//! ([`SegmentOptions::refuse`]): an option is never ignored.
+//! One flat document for every model; each pipeline takes its own typed view of it, with its own
+//! defaults ([`SegmentOptions::monai`], [`SegmentOptions::nn_unet`]), and an option given that
+//! its type has no place for is refused by name: an option is never ignored.
 
-use super::window::Blend;
+use super::window::{Blend, Rules, WindowOptions};
 use crate::error::{Error, Result};
 use crate::model::Precision;
 use crate::model_file::Pipeline;
@@ -90,52 +91,113 @@ impl Default for SegmentOptions {
     }
 }
 
+/// What every pipeline reads, resolved with the pipeline's defaults: the shared sliding window's
+/// options and what follows it.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub overlap: f64,
+    pub blend: Blend,
+    pub sw_batch: Option<i64>,
+    /// The mirrored axes (0 = x, 1 = y, 2 = z), sorted.
+    pub mirror_axes: Vec<i64>,
+    pub max_gpu_accumulator_mb: Option<u64>,
+    pub largest_component: bool,
+    pub save_preprocessed: Option<std::path::PathBuf>,
+}
+
+impl Common {
+    /// The shared window's options for a `roi` under `rules` on `device`: `sw_batch` windows per
+    /// pass, else 4 on CUDA and 1 on the CPU.
+    pub fn window(&self, roi: [i64; 3], rules: Rules, device: Device) -> WindowOptions {
+        WindowOptions {
+            roi,
+            rules,
+            overlap: self.overlap,
+            blend: self.blend,
+            batch: self
+                .sw_batch
+                .unwrap_or(if device.is_cuda() { 4 } else { 1 }),
+            fill_last_batch: device.is_cuda(),
+        }
+    }
+}
+
+/// MONAI's pipeline: no mirroring unless asked, and its way back is its own to choose.
+#[derive(Debug, Clone)]
+pub struct MonaiOptions {
+    pub common: Common,
+    pub resample: ResampleBack,
+    /// Z-slices per resampling step (`slab`, else 32).
+    pub slab: i64,
+}
+
+/// nnU-Net v1's pipeline: mirroring over three axes unless switched off; its way back is
+/// nnU-Net's, so it has no `resample` or `slab`.
+#[derive(Debug, Clone)]
+pub struct NnUnetOptions {
+    pub common: Common,
+}
+
 impl SegmentOptions {
-    /// Windows per forward pass on `device`: `sw_batch`, else 4 on CUDA and 1 on the CPU.
-    pub fn window_batch(&self, device: Device) -> i64 {
-        self.sw_batch
-            .unwrap_or(if device.is_cuda() { 4 } else { 1 })
+    fn common(&self, mirror_by_default: bool) -> Common {
+        Common {
+            overlap: self.overlap,
+            blend: self.blend,
+            sw_batch: self.sw_batch,
+            mirror_axes: self.mirror_axes(mirror_by_default),
+            max_gpu_accumulator_mb: self.max_gpu_accumulator_mb,
+            largest_component: self.largest_component,
+            save_preprocessed: self.save_preprocessed.clone(),
+        }
     }
 
-    /// The mirrored axes (0 = x, 1 = y, 2 = z), sorted: the switch's, else `default`.
-    pub fn mirror_axes(&self, default: bool) -> Vec<i64> {
+    /// The options as MONAI's pipeline reads them.
+    pub fn monai(&self) -> MonaiOptions {
+        MonaiOptions {
+            common: self.common(false),
+            resample: self.resample,
+            slab: self.slab.unwrap_or(32),
+        }
+    }
+
+    /// The options as nnU-Net's pipeline reads them; INVALID_ARGUMENT naming an option given that
+    /// it has no place for, and why.
+    pub fn nn_unet(&self) -> Result<NnUnetOptions> {
+        let cannot = [
+            (
+                "resample \"nearest\"",
+                self.resample == ResampleBack::Nearest,
+                "it resamples the class probabilities back, as nnU-Net does (\"scores\")",
+            ),
+            (
+                "slab",
+                self.slab.is_some(),
+                "its way back resamples one whole class map at a time, as nnU-Net does",
+            ),
+        ];
+        if let Some((option, _, why)) = cannot.iter().find(|(_, given, _)| *given) {
+            return Err(Error::invalid(format!(
+                "option {option} does not apply to this model's pipeline ({}): {why}",
+                Pipeline::NnUnet.name()
+            )));
+        }
+        Ok(NnUnetOptions {
+            common: self.common(true),
+        })
+    }
+
+    /// The mirrored axes (0 = x, 1 = y, 2 = z), sorted: the switch's, else all three or none.
+    fn mirror_axes(&self, default: bool) -> Vec<i64> {
+        let all = |on: bool| if on { vec![0, 1, 2] } else { Vec::new() };
         match &self.mirror {
-            None => {
-                if default {
-                    vec![0, 1, 2]
-                } else {
-                    Vec::new()
-                }
-            }
-            Some(Mirror::All(on)) => {
-                if *on {
-                    vec![0, 1, 2]
-                } else {
-                    Vec::new()
-                }
-            }
+            None => all(default),
+            Some(Mirror::All(on)) => all(*on),
             Some(Mirror::Axes(axes)) => {
                 let mut axes = axes.clone();
                 axes.sort_unstable();
                 axes.dedup();
                 axes
             }
-        }
-    }
-
-    /// Z-slices per resampling step: `slab`, else 32.
-    pub fn slab(&self) -> i64 {
-        self.slab.unwrap_or(32)
-    }
-
-    /// INVALID_ARGUMENT naming each option given that `pipeline` cannot honour and why (`what`).
-    pub fn refuse(&self, pipeline: Pipeline, cannot: &[(&str, bool, &str)]) -> Result<()> {
-        match cannot.iter().find(|(_, given, _)| *given) {
-            None => Ok(()),
-            Some((option, _, why)) => Err(Error::invalid(format!(
-                "option {option} does not apply to this model's pipeline ({}): {why}",
-                pipeline.name()
-            ))),
         }
     }
 
@@ -165,12 +227,28 @@ mod tests {
 
     #[test]
     fn the_window_batch_defaults_to_the_device() {
-        let default = SegmentOptions::from_json("").unwrap();
-        assert_eq!(default.window_batch(Device::Cpu), 1);
-        assert_eq!(default.window_batch(Device::Cuda(0)), 4);
-        let two = SegmentOptions::from_json(r#"{"sw_batch": 2}"#).unwrap();
-        assert_eq!(two.window_batch(Device::Cuda(0)), 2);
+        let batch = |json: &str, device| {
+            let o = SegmentOptions::from_json(json).unwrap().monai();
+            o.common.window([96; 3], Rules::Monai, device).batch
+        };
+        assert_eq!(batch("", Device::Cpu), 1);
+        assert_eq!(batch("", Device::Cuda(0)), 4);
+        assert_eq!(batch(r#"{"sw_batch": 2}"#, Device::Cuda(0)), 2);
         assert!(SegmentOptions::from_json(r#"{"sw_batch": null}"#).is_ok());
+    }
+
+    #[test]
+    fn each_pipeline_reads_its_own_typed_options_with_its_own_defaults() {
+        let default = SegmentOptions::default();
+        assert_eq!(default.monai().common.mirror_axes, Vec::<i64>::new());
+        assert_eq!(default.monai().slab, 32);
+        assert_eq!(default.nn_unet().unwrap().common.mirror_axes, [0, 1, 2]);
+        for json in [r#"{"slab": 8}"#, r#"{"resample": "nearest"}"#] {
+            let o = SegmentOptions::from_json(json).unwrap();
+            let e = o.nn_unet().unwrap_err();
+            assert!(e.message.contains("(nn_unet)"), "{}", e.message);
+            o.monai();
+        }
     }
 
     #[test]
@@ -191,7 +269,7 @@ mod tests {
 
     #[test]
     fn one_mirroring_switch_with_the_former_key_as_its_alias() {
-        let axes = |json: &str, default| {
+        let axes = |json: &str, default: bool| {
             SegmentOptions::from_json(json)
                 .unwrap()
                 .mirror_axes(default)

@@ -6,7 +6,7 @@ use super::nnunet_augment::NnUnetAugment;
 use crate::distributed::DistributedConfig;
 use crate::error::{Error, Result};
 use crate::model::ArchConfig;
-use crate::model_file::Stage;
+use crate::model_file::{Pipeline, Stage};
 use crate::pretext::{Grouping, PretextConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,31 +28,30 @@ pub enum Recipe {
 }
 
 impl Recipe {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Recipe::Monai => "monai",
             Recipe::NnUnetV1 => "nnunet_v1",
         }
     }
 
-    /// Why this recipe cannot train `arch`, if it cannot.
-    fn refuses(self, arch: &ArchConfig) -> Option<&'static str> {
-        match (self, arch) {
-            (Recipe::Monai, ArchConfig::Unetr(_)) | (Recipe::NnUnetV1, ArchConfig::UnetrPp(_)) => {
-                None
-            }
-            (Recipe::NnUnetV1, ArchConfig::Unetr(_)) => Some(
-                "its loss is Dice + CE over the network's deep-supervision outputs, and UNETR has \
-                 one output (train UNETR with the monai recipe)",
-            ),
-            (Recipe::Monai, ArchConfig::UnetrPp(_)) => Some(
-                "UNETR++'s patch is given in nnU-Net's axes (z, y, x of the stored array) and its \
-                 decoder's deep supervision is nnU-Net's; MONAI's RAS crops and single-output DiceCE \
-                 have no reference to be checked against (train UNETR++ with the nnunet_v1 recipe)",
-            ),
+    /// The pipeline that prepares the recipe's volumes (and the model's, once trained).
+    pub fn pipeline(self) -> Pipeline {
+        match self {
+            Recipe::Monai => Pipeline::Monai,
+            Recipe::NnUnetV1 => Pipeline::NnUnet,
         }
     }
 
+    /// The recipe whose pipeline is `pipeline` (an init model's: its fine-tune's default).
+    fn of_pipeline(pipeline: Pipeline) -> Recipe {
+        match pipeline {
+            Pipeline::Monai => Recipe::Monai,
+            Pipeline::NnUnet => Recipe::NnUnetV1,
+        }
+    }
+
+    /// The recipe an architecture was published with: its default.
     fn for_arch(arch: &ArchConfig) -> Recipe {
         match arch {
             ArchConfig::Unetr(_) => Recipe::Monai,
@@ -275,6 +274,15 @@ impl TrainConfig {
         }
     }
 
+    /// The pretext task as this run poses it: its slabs along the depth axis of the recipe's
+    /// pipeline, whichever the architecture.
+    pub fn pretext_task(&self) -> PretextConfig {
+        PretextConfig {
+            axis: Some(self.recipe.pipeline().depth_axis()),
+            ..self.pretext.clone()
+        }
+    }
+
     /// The learning rate of `stage`: the config's, else the recipe's.
     pub fn learning_rate(&self, stage: Stage) -> f64 {
         self.lr.unwrap_or(match (self.recipe, stage) {
@@ -299,17 +307,17 @@ impl TrainConfig {
             }
         };
         // fine-tune from an init-train model: its architecture, unless the document gives one
-        // (which must then be the same)
+        // (which must then be the same), and by default its recipe
         let init = match doc.get("init") {
-            Some(Value::String(p)) => Some((Path::new(p), init_architecture(Path::new(p))?)),
+            Some(Value::String(p)) => Some((Path::new(p), init_model(Path::new(p))?)),
             _ => None,
         };
         let arch = match (doc.get("arch"), &init) {
-            (None, Some((_, init))) => init.clone(),
+            (None, Some((_, (init, _)))) => init.clone(),
             (None, None) => ArchConfig::default(),
             (Some(a @ Value::Object(_)), init) => {
                 let arch = ArchConfig::from_document(a, "training config: arch")?;
-                if let Some((path, init)) = init {
+                if let Some((path, (init, _))) = init {
                     same_architecture(&arch, path, init)?;
                 }
                 arch
@@ -323,7 +331,7 @@ impl TrainConfig {
         };
         let out_channels_given = doc.pointer("/arch/out_channels").is_some();
         let recipe = match doc.get("recipe") {
-            None => Recipe::for_arch(&arch),
+            None => init.map_or(Recipe::for_arch(&arch), |(_, (_, recipe))| recipe),
             Some(r) => serde_json::from_value(r.clone()).map_err(|_| {
                 Error::invalid(format!(
                     "{WHAT}: \"recipe\" must be \"monai\" (or \"unetr\") or \"nnunet_v1\" (or \"unetr_pp\"), got {}",
@@ -357,13 +365,6 @@ impl TrainConfig {
             return Err(Error::invalid(
                 "training config: \"dataset\" and \"out\" are required",
             ));
-        }
-        if let Some(why) = c.recipe.refuses(&c.arch) {
-            return Err(Error::unsupported(format!(
-                "training config: the {} recipe cannot train {}: {why}",
-                c.recipe.name(),
-                c.arch.name()
-            )));
         }
         let counts = [
             ("epochs", c.epochs as i64),
@@ -471,8 +472,8 @@ impl TrainConfig {
 }
 
 /// The architecture of the init-train model `path` (from its header; `out_channels` is the
-/// stage's to decide).
-fn init_architecture(path: &Path) -> Result<ArchConfig> {
+/// stage's to decide) and the recipe of its pipeline.
+fn init_model(path: &Path) -> Result<(ArchConfig, Recipe)> {
     let meta = crate::model_file::ModelMetadata::read(path)?;
     if meta.stage != Stage::Init {
         return Err(Error::new(
@@ -484,7 +485,10 @@ fn init_architecture(path: &Path) -> Result<ArchConfig> {
             ),
         ));
     }
-    Ok(meta.arch)
+    Ok((
+        meta.arch,
+        Recipe::of_pipeline(meta.preprocessing.pipeline()),
+    ))
 }
 
 /// An architecture the document gives must be the one of the init model `path`, `out_channels`
@@ -562,7 +566,6 @@ fn layered(layers: Vec<Value>) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorKind;
 
     #[test]
     fn unknown_config_fields_are_errors() {
@@ -613,11 +616,27 @@ mod tests {
             let written = serde_json::to_value(&c).unwrap();
             assert_eq!(written["recipe"], recipe.name());
         }
-        let err = TrainConfig::from_json(
-            r#"{"dataset": "d.json", "out": "m", "recipe": "monai", "arch": {"arch": "unetr_pp"}}"#,
-        )
-        .unwrap_err();
-        assert!(err.message.contains("nnunet_v1"), "{}", err.message);
+    }
+
+    #[test]
+    fn any_recipe_trains_any_architecture_its_slabs_along_the_recipes_depth() {
+        for (recipe, arch, depth) in [
+            ("monai", "unetr_pp", 2),
+            ("nnunet_v1", "unetr", 0),
+            ("monai", "unetr", 2),
+            ("nnunet_v1", "unetr_pp", 0),
+        ] {
+            let json = format!(
+                r#"{{"dataset": "d.json", "out": "m", "recipe": "{recipe}", "arch": {{"arch": "{arch}"}}}}"#
+            );
+            let c = TrainConfig::from_json(&json).unwrap();
+            assert_eq!((c.recipe.name(), c.arch.name()), (recipe, arch));
+            assert_eq!(c.pretext_task().axis, Some(depth), "{recipe} {arch}");
+            assert_eq!(
+                c.pretext.axis, None,
+                "the axis is the run's, not the config's"
+            );
+        }
     }
 
     #[test]
@@ -649,9 +668,8 @@ mod tests {
         back.out_channels_given = c.out_channels_given;
         assert_eq!(back, c, "a checkpoint's config reads back as itself");
         let mixed = r#"{"dataset": "d.json", "out": "m", "recipe": "unetr_pp"}"#;
-        let err = TrainConfig::from_json(mixed).unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Unsupported);
-        assert!(err.message.contains("deep-supervision"), "{}", err.message);
+        let c = TrainConfig::from_json(mixed).unwrap();
+        assert_eq!((c.recipe, c.arch.name()), (Recipe::NnUnetV1, "unetr"));
         let wrong =
             r#"{"dataset": "d.json", "out": "m", "arch": {"arch": "unetr_pp"}, "batch_size": "2"}"#;
         let err = TrainConfig::from_json(wrong).unwrap_err();

@@ -136,10 +136,17 @@ impl<'a> Run<'a> {
     ) -> Result<Run<'a>> {
         // Decided before any work: a pretext task that cannot split this roi is refused at once.
         if stage == Stage::Init {
-            let (depth, tokens) = cfg.arch.pretext_geometry();
+            let depth = cfg.recipe.pipeline().depth_axis();
             cfg.pretext
-                .validate(cfg.arch.img_size(), tokens, depth)
-                .map_err(|e| Error::invalid(format!("training config: {}", e.message)))?;
+                .validate(cfg.arch.img_size(), cfg.arch.slab_tokens(), depth)
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "training config: {} (the {} recipe shuffles slabs along the network's axis \
+                         {depth}, its pipeline's depth)",
+                        e.message,
+                        cfg.recipe.name()
+                    ))
+                })?;
         }
         let dataset = DatasetFile::read(&cfg.dataset)?;
         // the labels go into the model file: bounded as it bounds them, before any case is prepared

@@ -26,8 +26,8 @@ impl Objective {
     pub fn new(stage: Stage, cfg: &TrainConfig) -> Objective {
         match (stage, cfg.recipe) {
             (Stage::Init, _) => Objective::Pretext {
-                config: cfg.pretext.clone(),
-                axis: 2 + cfg.arch.pretext_geometry().0 as i64,
+                config: cfg.pretext_task(),
+                axis: 2 + cfg.recipe.pipeline().depth_axis() as i64,
             },
             (Stage::Segmentation, Recipe::Monai) => Objective::DiceCe,
             (Stage::Segmentation, Recipe::NnUnetV1) => Objective::DeepSupervision {

@@ -2,11 +2,12 @@
 //! same initialisation. A state dict saved from MONAI's `UNETR` loads here unchanged.
 
 mod config;
+pub mod import;
 mod order_heads;
 mod vit;
 
 pub use config::{ProjType, UnetrConfig};
-pub use order_heads::OrderHeads;
+pub use order_heads::{HOME_AXIS, OrderHeads};
 
 use super::blocks::{Conv, ConvBlock};
 use crate::error::Result;

@@ -1,7 +1,7 @@
 //! MONAI's `ViT` as UNETR uses it: patch embedding, pre-norm transformer blocks, final norm.
 
-use super::blocks::{LayerNorm, Linear, trunc_normal};
-use super::unetr::{ProjType, UnetrConfig};
+use super::config::{ProjType, UnetrConfig};
+use crate::model::blocks::{LayerNorm, Linear, trunc_normal};
 use tch::{Tensor, nn};
 
 /// `PatchEmbeddingBlock`: voxels → tokens, plus a learned position embedding.
@@ -33,13 +33,18 @@ impl PatchEmbedding {
                 cfg.hidden_size,
             )),
             ProjType::Conv => PatchProjection::Conv {
-                weight: super::blocks::default_uniform(
+                weight: crate::model::blocks::default_uniform(
                     &pe,
                     "weight",
                     &[cfg.hidden_size, cfg.in_channels, patch, patch, patch],
                     patch_dim,
                 ),
-                bias: super::blocks::default_uniform(&pe, "bias", &[cfg.hidden_size], patch_dim),
+                bias: crate::model::blocks::default_uniform(
+                    &pe,
+                    "bias",
+                    &[cfg.hidden_size],
+                    patch_dim,
+                ),
             },
         };
         PatchEmbedding {
@@ -74,7 +79,7 @@ impl PatchEmbedding {
                     .transpose(-1, -2)
             }
         };
-        super::dropout::dropout(&(tokens + &self.position_embeddings), self.dropout, train)
+        crate::model::dropout::dropout(&(tokens + &self.position_embeddings), self.dropout, train)
     }
 }
 
@@ -98,7 +103,7 @@ impl SelfAttention {
             .reshape([b, n, 3, self.heads, dh])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let p = if super::dropout::active(train) {
+        let p = if crate::model::dropout::active(train) {
             self.dropout
         } else {
             0.0
@@ -114,7 +119,7 @@ impl SelfAttention {
             false,
         );
         let merged = att.permute([0, 2, 1, 3]).reshape([b, n, hidden]);
-        super::dropout::dropout(&self.out_proj.forward(&merged), self.dropout, train)
+        crate::model::dropout::dropout(&self.out_proj.forward(&merged), self.dropout, train)
     }
 }
 
@@ -156,8 +161,8 @@ impl TransformerBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let x = x + self.attn.forward_t(&self.norm1.forward(x), train);
         let mlp = self.linear1.forward(&self.norm2.forward(&x)).gelu("none");
-        let mlp = super::dropout::dropout(&mlp, self.dropout, train);
-        &x + super::dropout::dropout(&self.linear2.forward(&mlp), self.dropout, train)
+        let mlp = crate::model::dropout::dropout(&mlp, self.dropout, train);
+        &x + crate::model::dropout::dropout(&self.linear2.forward(&mlp), self.dropout, train)
     }
 }
 

@@ -8,10 +8,11 @@
 
 mod config;
 mod epa;
+pub mod import;
 mod order_heads;
 
 pub use config::{DECODER_HEADS, UnetrPpConfig};
-pub use order_heads::PpOrderHeads;
+pub use order_heads::{HOME_AXIS, PpOrderHeads};
 
 use super::blocks::{Conv, ConvBlock, GroupNorm, NormKind};
 use crate::error::Result;

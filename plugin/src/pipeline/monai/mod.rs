@@ -8,9 +8,9 @@ pub mod prepare;
 pub mod train_case;
 pub mod window;
 
-use super::options::{ResampleBack, SegmentOptions};
+use super::options::{MonaiOptions, ResampleBack, SegmentOptions};
 use super::settle;
-use super::window::{Rules, WindowOptions, mirrored, mirrorings};
+use super::window::{Rules, mirrored, mirrorings};
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
 use crate::model_file::MonaiPreprocessing;
@@ -21,17 +21,18 @@ use tch::{Device, Kind, Tensor};
 /// A model as this pipeline sees it.
 pub type Segmenter<'a> = super::Segmenter<'a, MonaiPreprocessing>;
 
-/// The segmentation pipeline around any predictor.
+/// The segmentation pipeline around any predictor, reading the options as MONAI's pipeline does.
 pub fn run(
     pipeline: &Segmenter,
     volume: &Volume,
     opts: &SegmentOptions,
     progress: &mut dyn Progress,
 ) -> Result<Volume> {
+    let opts = &opts.monai();
     let device = pipeline.device;
     let event = Event::progress;
     report(progress, event("preprocess", 0, 1))?;
-    let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab())?;
+    let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
     settle(device);
     report(progress, event("preprocess", 1, 1))?;
     let probs = infer(pipeline, &prepared, opts, progress)?;
@@ -44,11 +45,11 @@ pub fn run(
     };
     let mut labels = labels_back(&probs, &prepared, volume, opts, kind)?;
     report(progress, event("resample", 1, 1))?;
-    if opts.largest_component {
+    if opts.common.largest_component {
         labels = super::postprocess::largest_components(&labels, volume.dims())?.to_kind(kind);
     }
     // Written last, when nothing can cancel the call any more.
-    if let Some(path) = &opts.save_preprocessed {
+    if let Some(path) = &opts.common.save_preprocessed {
         let image = prepared.image.squeeze_dim(0).to_device(Device::Cpu);
         crate::io::write_volume(&Volume::new(image, prepared.grid.affine, DType::F32)?, path)?;
     }
@@ -66,26 +67,20 @@ pub fn run(
 fn infer(
     pipeline: &Segmenter,
     prepared: &Prepared,
-    opts: &SegmentOptions,
+    opts: &MonaiOptions,
     progress: &mut dyn Progress,
 ) -> Result<Tensor> {
-    let wopts = WindowOptions {
-        roi: pipeline.preprocessing.roi_size,
-        rules: Rules::Monai,
-        overlap: opts.overlap,
-        blend: opts.blend,
-        batch: opts.window_batch(pipeline.device),
-        fill_last_batch: pipeline.device.is_cuda(),
-    };
+    let roi = pipeline.preprocessing.roi_size;
+    let wopts = opts.common.window(roi, Rules::Monai, pipeline.device);
     // Axis a (x, y, z) of the RAS image is dimension 2 + a of `[B, C, X, Y, Z]`.
-    let dims: Vec<i64> = opts.mirror_axes(false).iter().map(|&a| 2 + a).collect();
+    let dims: Vec<i64> = opts.common.mirror_axes.iter().map(|&a| 2 + a).collect();
     let flips = mirrorings(&dims);
     let predict = mirrored(&flips, pipeline.predict);
     super::window::infer(
         &prepared.image,
         &wopts,
         pipeline.classes,
-        opts.max_gpu_accumulator_mb,
+        opts.common.max_gpu_accumulator_mb,
         &predict,
         progress,
     )
@@ -99,7 +94,7 @@ fn labels_back(
     probs: &Tensor,
     prepared: &Prepared,
     volume: &Volume,
-    opts: &SegmentOptions,
+    opts: &MonaiOptions,
     kind: Kind,
 ) -> Result<Tensor> {
     let dst = Grid {
@@ -109,7 +104,7 @@ fn labels_back(
     let labels_on_model_grid = (opts.resample == ResampleBack::Nearest)
         .then(|| probs.argmax(0, true).to_kind(Kind::Float));
     let mut slabs = Vec::new();
-    let step = opts.slab();
+    let step = opts.slab;
     for z0 in (0..dst.dims[2]).step_by(step as usize) {
         let z = z0..(z0 + step).min(dst.dims[2]);
         let from = &prepared.grid.affine;

@@ -15,18 +15,18 @@ pub mod resample;
 pub mod train_case;
 pub mod window;
 
-use super::options::ResampleBack;
 use super::options::SegmentOptions;
-use super::window::{Rules, WindowOptions, mirrored, mirrorings};
+use super::window::{Rules, mirrored, mirrorings};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
-use crate::model_file::{NnUnetPreprocessing, Pipeline};
+use crate::model_file::NnUnetPreprocessing;
 use crate::volume::Volume;
 
 /// A model as this pipeline sees it.
 pub type Segmenter<'a> = super::Segmenter<'a, NnUnetPreprocessing>;
 
-/// Segments `volume`, with the same progress stages as MONAI's pipeline.
+/// Segments `volume`, with the same progress stages as MONAI's pipeline, reading the options as
+/// nnU-Net's pipeline does (refusing those it has no place for).
 pub fn run(
     segmenter: &Segmenter,
     volume: &Volume,
@@ -40,22 +40,15 @@ pub fn run(
             "this nnU-Net model has no CT normalisation (import it with --ct-norm P0.5,P99.5,MEAN,SD from its plans)",
         )
     })?;
-    refuse(opts)?;
+    let opts = &opts.nn_unet()?.common;
     let event = Event::progress;
     report(progress, event("preprocess", 0, 1))?;
     let prepared = prepare::prepare(volume, pre.spacing, norm)?;
     let image = prepared.image.f_to_device(segmenter.device)?;
     report(progress, event("preprocess", 1, 1))?;
-    let wopts = WindowOptions {
-        roi: pre.roi_size,
-        rules: Rules::NnUnet,
-        overlap: opts.overlap,
-        blend: opts.blend,
-        batch: opts.window_batch(segmenter.device),
-        fill_last_batch: segmenter.device.is_cuda(),
-    };
+    let wopts = opts.window(pre.roi_size, Rules::NnUnet, segmenter.device);
     // Axis a (x, y, z) of the stored array is dimension 4 - a of `[B, C, z, y, x]`.
-    let dims: Vec<i64> = opts.mirror_axes(true).iter().map(|&a| 4 - a).collect();
+    let dims: Vec<i64> = opts.mirror_axes.iter().map(|&a| 4 - a).collect();
     let flips = mirrorings(&dims);
     let predict = mirrored(&flips, segmenter.predict);
     let probs = super::window::infer(
@@ -81,23 +74,4 @@ pub fn run(
         crate::io::write_volume(&prepared.to_volume(volume)?, path)?;
     }
     Ok(labels)
-}
-
-/// The options this pipeline cannot honour, refused by name when given.
-fn refuse(opts: &SegmentOptions) -> Result<()> {
-    opts.refuse(
-        Pipeline::NnUnet,
-        &[
-            (
-                "resample \"nearest\"",
-                opts.resample == ResampleBack::Nearest,
-                "it resamples the class probabilities back, as nnU-Net does (\"scores\")",
-            ),
-            (
-                "slab",
-                opts.slab.is_some(),
-                "its way back resamples one whole class map at a time, as nnU-Net does",
-            ),
-        ],
-    )
 }
