@@ -45,7 +45,10 @@ pub fn forward_file(model: &Model, input: &Path, output: &Path) -> Result<Vec<St
     }
     let outputs = catch_panic(|| {
         Ok(tch::no_grad(|| {
-            model.net.outputs(&x, model.order_heads.as_ref())
+            let depth = model.meta.preprocessing.pipeline().depth_axis();
+            model
+                .net
+                .outputs_along(&x, model.order_heads.as_ref(), Some(depth))
         }))
     })?;
     let names = outputs.iter().map(|(n, _)| n.clone()).collect();

@@ -97,7 +97,7 @@ pub struct PretextBatch {
     pub perms: Tensor,
 }
 
-/// Shuffles the slabs along `axis` (4 for UNETR's `[B, 1, X, Y, Z]`, 2 for UNETR++'s
+/// Shuffles the slabs along `axis` (4 for MONAI's pipeline's `[B, 1, X, Y, Z]`, 2 for nnU-Net's
 /// `[B, 1, z, y, x]`) and masks cubes of `x`, every draw from `rng`.
 pub fn transform(x: &Tensor, cfg: &PretextConfig, axis: i64, rng: &mut impl Rng) -> PretextBatch {
     let draws = Draws::new(x, cfg);

@@ -50,8 +50,23 @@ fn trains_and_segments(recipe: &str, arch: &str, pipeline: Pipeline, extra: Valu
     let init_cfg = config(dir.path(), "init", recipe, arch, extra.clone());
     assert_eq!(init_cfg.pretext_task().axis, Some(pipeline.depth_axis()));
     let init = train(Stage::Init, &init_cfg, Device::Cpu, &mut silent).unwrap();
-    let fine_cfg = config(dir.path(), "fine", recipe, arch, extra);
+    let fine_cfg = config(dir.path(), "fine", recipe, arch, extra.clone());
     assert_eq!(fine_cfg.recipe.name(), recipe);
+    // another recipe lays the volumes out differently from what the init model learnt
+    let other = if recipe == "monai" {
+        "nnunet_v1"
+    } else {
+        "monai"
+    };
+    let mut doc = serde_json::to_value(&fine_cfg).unwrap();
+    doc["recipe"] = json!(other);
+    let e = TrainConfig::from_json(&doc.to_string()).unwrap_err();
+    assert!(
+        e.message
+            .contains(&format!("fine-tune it with {recipe}, not {other}")),
+        "{}",
+        e.message
+    );
     let model = train(Stage::Segmentation, &fine_cfg, Device::Cpu, &mut silent).unwrap();
     for (what, m) in [("init", &init), ("fine-tune", &model)] {
         assert_eq!(m.meta.preprocessing.pipeline(), pipeline, "{what}");

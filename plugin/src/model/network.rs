@@ -37,7 +37,7 @@ impl ArchConfig {
     pub fn from_document(doc: &serde_json::Value, what: &str) -> Result<ArchConfig> {
         let mut doc = doc.clone();
         let arch = match doc.as_object_mut().and_then(|o| o.remove("arch")) {
-            None => "unetr".to_string(),
+            None => ArchConfig::default().name().to_string(),
             Some(serde_json::Value::String(s)) => s,
             Some(other) => {
                 return Err(Error::invalid(format!(
@@ -184,11 +184,22 @@ impl Network {
 
     /// Every output of the raw network, by name: `logits` (UNETR); `out1`, `out2`, `out3`
     /// (UNETR++, deep supervision included); with order heads, `recon` for the full-resolution
-    /// output and `t1..t4`, pooled along each architecture's own axis as its reference pools
-    /// them (UNETR's heads by depth slab, UNETR++'s as upstream).
+    /// output and `t1..t4`, pooled as each architecture's reference pools them (UNETR's heads by
+    /// depth slab, UNETR++'s as upstream) along its own recipe's depth axis.
     pub fn outputs(&self, x: &Tensor, heads: Option<&PretextHeads>) -> Vec<(String, Tensor)> {
-        let named = |first: &str, all: Vec<Tensor>, logits: Vec<Tensor>| {
-            let outs = all.into_iter().enumerate().map(|(i, t)| match i {
+        self.outputs_along(x, heads, None)
+    }
+
+    /// [`Network::outputs`] with UNETR's slabs along token-grid axis `depth` (`None`: its own), the
+    /// axis a model trained with another recipe shuffled them along.
+    pub fn outputs_along(
+        &self,
+        x: &Tensor,
+        heads: Option<&PretextHeads>,
+        depth: Option<usize>,
+    ) -> Vec<(String, Tensor)> {
+        let named = |first: &str, finest_first: Vec<Tensor>, logits: Vec<Tensor>| {
+            let outs = finest_first.into_iter().enumerate().map(|(i, t)| match i {
                 0 => (first.to_string(), t),
                 i => (format!("out{}", i + 1), t),
             });
@@ -201,12 +212,8 @@ impl Network {
         match (self, heads) {
             (Network::Unetr(n), Some(PretextHeads::Unetr(h))) => {
                 let (recon, features) = n.forward_features(x, false);
-                let t = h.logits(
-                    &features,
-                    Grouping::Slab,
-                    unetr::HOME_AXIS,
-                    n.config.feat_size(),
-                );
+                let axis = depth.unwrap_or(unetr::HOME_AXIS);
+                let t = h.logits(&features, Grouping::Slab, axis, n.config.feat_size());
                 named("recon", vec![recon], t)
             }
             (Network::Unetr(n), _) => named("logits", vec![n.forward_t(x, false)], Vec::new()),

@@ -23,15 +23,6 @@ pub struct SlabPooling {
     pub axis: Option<usize>,
 }
 
-impl From<Grouping> for SlabPooling {
-    fn from(grouping: Grouping) -> Self {
-        SlabPooling {
-            grouping,
-            axis: None,
-        }
-    }
-}
-
 /// Tokens `[B, N, C]` of a `grid` (token n = (i·g1 + j)·g2 + k) reordered so that grid axis `from`
 /// sits at `to`: a head that pools slabs along its own axis `to` then pools them along `from`.
 /// The same tensor where the axes agree.

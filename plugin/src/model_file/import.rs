@@ -18,7 +18,7 @@ use super::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::unetr_pp::UnetrPpConfig;
-use crate::model::{ArchConfig, UnetrConfig, load_state_dict};
+use crate::model::{ArchConfig, Architecture, UnetrConfig, load_state_dict};
 use pytorch_reader::{DType, FileFormat, PytorchError, PytorchReader};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -314,7 +314,8 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
         roi_size: options.config.img_size,
         ..Default::default()
     });
-    let with_heads = tensors.get("vit.temp_head1.weight").map(|w| w.size()[0]);
+    let first_head = format!("{}1.weight", options.config.order_head_prefix());
+    let with_heads = tensors.get(&first_head).map(|w| w.size()[0]);
     let stage = if with_heads.is_some() && options.config.out_channels == 1 {
         Stage::Init
     } else {
@@ -362,11 +363,14 @@ pub fn import_unetr_pp(
     };
     let mut tensors = crate::model::unetr_pp::import::renamed(read_checkpoint(checkpoint)?)
         .map_err(|e| incompatible(e.message))?;
-    let with_heads = tensors.get("temp_head1.weight").map(|w| w.size()[0]);
+    let heads = config.order_head_prefix();
+    let with_heads = tensors
+        .get(&format!("{heads}1.weight"))
+        .map(|w| w.size()[0]);
     let stage = if with_heads.is_some() && config.out_channels == 1 {
         Stage::Init
     } else {
-        tensors.retain(|k, _| !k.starts_with("temp_head"));
+        tensors.retain(|k, _| !k.starts_with(heads));
         Stage::Segmentation
     };
     let mut preprocessing = NnUnetPreprocessing {

@@ -306,19 +306,19 @@ impl TrainConfig {
                 return Ok(c);
             }
         };
-        // fine-tune from an init-train model: its architecture, unless the document gives one
-        // (which must then be the same), and by default its recipe
+        // fine-tune from an init-train model: its architecture and its recipe, unless the document
+        // gives them (which must then be the same)
         let init = match doc.get("init") {
-            Some(Value::String(p)) => Some((Path::new(p), init_model(Path::new(p))?)),
+            Some(Value::String(p)) => Some(InitModel::read(Path::new(p))?),
             _ => None,
         };
         let arch = match (doc.get("arch"), &init) {
-            (None, Some((_, (init, _)))) => init.clone(),
+            (None, Some(init)) => init.arch.clone(),
             (None, None) => ArchConfig::default(),
             (Some(a @ Value::Object(_)), init) => {
                 let arch = ArchConfig::from_document(a, "training config: arch")?;
-                if let Some((path, (init, _))) = init {
-                    same_architecture(&arch, path, init)?;
+                if let Some(init) = init {
+                    init.same_architecture(&arch)?;
                 }
                 arch
             }
@@ -330,14 +330,21 @@ impl TrainConfig {
             }
         };
         let out_channels_given = doc.pointer("/arch/out_channels").is_some();
-        let recipe = match doc.get("recipe") {
-            None => init.map_or(Recipe::for_arch(&arch), |(_, (_, recipe))| recipe),
-            Some(r) => serde_json::from_value(r.clone()).map_err(|_| {
-                Error::invalid(format!(
-                    "{WHAT}: \"recipe\" must be \"monai\" (or \"unetr\") or \"nnunet_v1\" (or \"unetr_pp\"), got {}",
-                    crate::options::describe(r)
-                ))
-            })?,
+        let recipe = match (doc.get("recipe"), &init) {
+            (None, Some(init)) => init.recipe,
+            (None, None) => Recipe::for_arch(&arch),
+            (Some(r), init) => {
+                let recipe: Recipe = serde_json::from_value(r.clone()).map_err(|_| {
+                    Error::invalid(format!(
+                        "{WHAT}: \"recipe\" must be \"monai\" (or \"unetr\") or \"nnunet_v1\" (or \"unetr_pp\"), got {}",
+                        crate::options::describe(r)
+                    ))
+                })?;
+                if let Some(init) = init {
+                    init.same_recipe(recipe)?;
+                }
+                recipe
+            }
         };
         let mut merged = serde_json::to_value(TrainConfig::recipe(recipe, arch))
             .map_err(|e| Error::internal(e.to_string()))?;
@@ -471,52 +478,81 @@ impl TrainConfig {
     }
 }
 
-/// The architecture of the init-train model `path` (from its header; `out_channels` is the
-/// stage's to decide) and the recipe of its pipeline.
-fn init_model(path: &Path) -> Result<(ArchConfig, Recipe)> {
-    let meta = crate::model_file::ModelMetadata::read(path)?;
-    if meta.stage != Stage::Init {
-        return Err(Error::new(
-            crate::error::ErrorKind::ModelIncompatible,
-            format!(
-                "training config: init {}: not an init-train model (stage {:?})",
-                path.display(),
-                meta.stage
-            ),
-        ));
-    }
-    Ok((
-        meta.arch,
-        Recipe::of_pipeline(meta.preprocessing.pipeline()),
-    ))
+/// The init-train model a fine-tune starts from, as its header describes it.
+struct InitModel {
+    path: PathBuf,
+    /// `out_channels` aside: the stage decides it.
+    arch: ArchConfig,
+    /// The recipe whose pipeline its model file records.
+    recipe: Recipe,
 }
 
-/// An architecture the document gives must be the one of the init model `path`, `out_channels`
-/// aside.
-fn same_architecture(arch: &ArchConfig, path: &Path, init: &ArchConfig) -> Result<()> {
-    let mut want = init.clone();
-    want.set_out_channels(arch.out_channels());
-    if want == *arch {
-        return Ok(());
-    }
-    let doc = |a: &ArchConfig| {
-        let mut v = a.keyword_arguments();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("arch".into(), a.name().into());
-            o.remove("out_channels");
+impl InitModel {
+    fn read(path: &Path) -> Result<InitModel> {
+        let meta = crate::model_file::ModelMetadata::read(path)?;
+        if meta.stage != Stage::Init {
+            return Err(Error::new(
+                crate::error::ErrorKind::ModelIncompatible,
+                format!(
+                    "training config: init {}: not an init-train model (stage {:?})",
+                    path.display(),
+                    meta.stage
+                ),
+            ));
         }
-        v
-    };
-    Err(Error::new(
-        crate::error::ErrorKind::ModelIncompatible,
-        format!(
-            "training config: \"arch\" {} differs from the architecture of init {} {} (leave \"arch\" \
+        Ok(InitModel {
+            path: path.to_path_buf(),
+            arch: meta.arch,
+            recipe: Recipe::of_pipeline(meta.preprocessing.pipeline()),
+        })
+    }
+
+    /// A recipe the document gives must be the init model's: its weights learnt the volumes as
+    /// that recipe's pipeline lays them out.
+    fn same_recipe(&self, recipe: Recipe) -> Result<()> {
+        if recipe == self.recipe {
+            return Ok(());
+        }
+        Err(Error::new(
+            crate::error::ErrorKind::ModelIncompatible,
+            format!(
+                "training config: init {} was trained with the {} recipe (its {} pipeline lays the \
+                 volumes out differently); fine-tune it with {}, not {}",
+                self.path.display(),
+                self.recipe.name(),
+                self.recipe.pipeline().name(),
+                self.recipe.name(),
+                recipe.name()
+            ),
+        ))
+    }
+
+    /// An architecture the document gives must be the init model's, `out_channels` aside.
+    fn same_architecture(&self, arch: &ArchConfig) -> Result<()> {
+        let mut want = self.arch.clone();
+        want.set_out_channels(arch.out_channels());
+        if want == *arch {
+            return Ok(());
+        }
+        let doc = |a: &ArchConfig| {
+            let mut v = a.keyword_arguments();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("arch".into(), a.name().into());
+                o.remove("out_channels");
+            }
+            v
+        };
+        Err(Error::new(
+            crate::error::ErrorKind::ModelIncompatible,
+            format!(
+                "training config: \"arch\" {} differs from the architecture of init {} {} (leave \"arch\" \
              out to take the init model's)",
-            doc(arch),
-            path.display(),
-            doc(init)
-        ),
-    ))
+                doc(arch),
+                self.path.display(),
+                doc(&self.arch)
+            ),
+        ))
+    }
 }
 
 /// `arch` as the document users write: `{"arch": name, …keyword arguments}`.
@@ -615,6 +651,23 @@ mod tests {
             assert_eq!(c.recipe, recipe);
             let written = serde_json::to_value(&c).unwrap();
             assert_eq!(written["recipe"], recipe.name());
+        }
+    }
+
+    #[test]
+    fn each_architectures_own_axis_is_its_default_recipes_depth() {
+        use crate::model::{unetr, unetr_pp};
+        let pp = ArchConfig::UnetrPp(Default::default());
+        for (arch, home) in [
+            (ArchConfig::default(), unetr::HOME_AXIS),
+            (pp, unetr_pp::HOME_AXIS),
+        ] {
+            assert_eq!(
+                Recipe::for_arch(&arch).pipeline().depth_axis(),
+                home,
+                "{}",
+                arch.name()
+            );
         }
     }
 

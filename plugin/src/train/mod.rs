@@ -136,9 +136,9 @@ impl<'a> Run<'a> {
     ) -> Result<Run<'a>> {
         // Decided before any work: a pretext task that cannot split this roi is refused at once.
         if stage == Stage::Init {
-            let depth = cfg.recipe.pipeline().depth_axis();
-            cfg.pretext
-                .validate(cfg.arch.img_size(), cfg.arch.slab_tokens(), depth)
+            let task = cfg.pretext_task();
+            let depth = task.axis.unwrap_or_default();
+            task.validate(cfg.arch.img_size(), cfg.arch.slab_tokens(), depth)
                 .map_err(|e| {
                     Error::invalid(format!(
                         "training config: {} (the {} recipe shuffles slabs along the network's axis \

@@ -25,10 +25,12 @@ pub(super) enum Objective {
 impl Objective {
     pub fn new(stage: Stage, cfg: &TrainConfig) -> Objective {
         match (stage, cfg.recipe) {
-            (Stage::Init, _) => Objective::Pretext {
-                config: cfg.pretext_task(),
-                axis: 2 + cfg.recipe.pipeline().depth_axis() as i64,
-            },
+            (Stage::Init, _) => {
+                let config = cfg.pretext_task();
+                // the slabs' axis of the network's input `[B, C, …]`
+                let axis = 2 + config.axis.unwrap_or_default() as i64;
+                Objective::Pretext { config, axis }
+            }
             (Stage::Segmentation, Recipe::Monai) => Objective::DiceCe,
             (Stage::Segmentation, Recipe::NnUnetV1) => Objective::DeepSupervision {
                 batch_dice: cfg.batch_dice,

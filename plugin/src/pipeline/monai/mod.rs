@@ -1,5 +1,5 @@
-//! MONAI's pipeline (UNETR models): RAS → target spacing → HU window → foreground crop → sliding
-//! window (softmax) → back onto the input grid → argmax. Going back resamples the class
+//! MONAI's pipeline (imported UNETR models, models of the monai recipe): RAS → target spacing →
+//! HU window → foreground crop → sliding window (softmax) → back onto the input grid → argmax. Going back resamples the class
 //! probabilities (trilinear) and takes the argmax there, as nnU-Net does, so thin structures
 //! survive; `resample: "nearest"` takes the argmax on the model's grid and samples labels by
 //! nearest neighbour instead.

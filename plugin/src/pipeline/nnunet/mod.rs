@@ -1,9 +1,10 @@
-//! nnU-Net v1's pipeline (UNETR++ models, trained inside nnU-Net): the voxels as stored (no
-//! reorientation), the network's axes (z, y, x) of the stored array, crop to the non-zero box,
-//! resampling to the model's spacing, CT normalisation (clip to the training foreground's 0.5/99.5
-//! percentiles, z-score with its mean and sd), padding to the patch, the shared sliding window
-//! under the rules of `nnunet==1.7.1`'s `SegmentationNetwork._internal_predict_3D_3Dconv_tiled`
-//! ([`window`]: step 0.5, Gaussian σ = patch/8, softmax per tile averaged over the 8 mirrorings), then the class probabilities back
+//! nnU-Net v1's pipeline (UNETR++ models trained inside nnU-Net, models of the nnunet_v1 recipe):
+//! the voxels as stored (no reorientation), the network's axes (z, y, x) of the stored array, crop
+//! to the non-zero box, resampling to the model's spacing, CT normalisation (clip to the training
+//! foreground's 0.5/99.5 percentiles, z-score with its mean and sd), padding to the patch, the
+//! shared sliding window under the rules of `nnunet==1.7.1`'s
+//! `SegmentationNetwork._internal_predict_3D_3Dconv_tiled` ([`window`]: step 0.5, Gaussian σ =
+//! patch/8, softmax per tile averaged over the 8 mirrorings), then the class probabilities back
 //! onto the cropped grid, argmax, pasted into the input's grid. Resampling is nnU-Net's
 //! ([`resample`]): cubic spline for the image, linear for the probabilities, nearest along the
 //! low-resolution axis of an anisotropic spacing.
