@@ -7,11 +7,11 @@
 //! - [`io`]: volumes in and out (NIfTI, NRRD, DICOM, DICOM SEG), bounded against hostile files;
 //!   [`volume`]: a volume and its affine.
 //! - [`pipeline`]: segmentation. One folder per pipeline, each with its preparation, its way back
-//!   and its training-case preparation: [`pipeline::monai`] (imported UNETR models, the monai recipe's) and
-//!   [`pipeline::nnunet`] (imported UNETR++ models, the nnunet_v1 recipe's), chosen by one exhaustive `match` on the model file's
-//!   preprocessing; one sliding window for both ([`pipeline::window`]); the options and which
-//!   pipeline honours or refuses each ([`pipeline::options`]); post-processing; files and the
-//!   manifest ([`pipeline::file`]).
+//!   and its training-case preparation: [`pipeline::monai`] (imported UNETR models, the monai
+//!   recipe's) and [`pipeline::nnunet`] (imported UNETR++ models, the nnunet_v1 recipe's), chosen
+//!   by one exhaustive `match` on the model file's preprocessing; one sliding window for both
+//!   ([`pipeline::window`]); the options and which pipeline honours or refuses each
+//!   ([`pipeline::options`]); post-processing; files and the manifest ([`pipeline::file`]).
 //! - [`model_file`]: the model file (safetensors + one JSON document), its preprocessing typed per
 //!   pipeline, the checkpoint import and nnU-Net's plans reader.
 //! - [`model`]: the architectures as `tch` modules, one folder each ([`model::unetr`],

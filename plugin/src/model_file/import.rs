@@ -347,9 +347,9 @@ pub fn import_unetr(checkpoint: &Path, options: &ImportOptions) -> Result<Model>
 
 /// Builds an lwi model from a UNETR++ checkpoint: an nnU-Net v1 checkpoint
 /// (`model_final_checkpoint.model`: the weights under `state_dict`, beside the optimizer state,
-/// `plot_stuff`, `epoch`, …) or a plain state dict, renamed by `model::unetr_pp::import`. With `out_channels` 1 and the order heads `temp_head1..4` it is an init-train
-/// (stage 1) model; a segmentation checkpoint's order heads (LWI-VMS keeps them in stage 2) are
-/// dropped.
+/// `plot_stuff`, `epoch`, …) or a plain state dict, renamed by `model::unetr_pp::import`. With
+/// `out_channels` 1 and the order heads `temp_head1..4` it is an init-train (stage 1) model; a
+/// segmentation checkpoint's order heads (LWI-VMS keeps them in stage 2) are dropped.
 pub fn import_unetr_pp(
     checkpoint: &Path,
     config: &UnetrPpConfig,

@@ -1,9 +1,9 @@
 //! Segmentation: a volume in, a label map out on the input's own grid, through the pipeline the
-//! model file names ([`Pipeline`](crate::model_file::Pipeline)): MONAI's ([`monai`]: imported UNETR models, the monai
-//! recipe's) or nnU-Net v1's ([`nnunet`]: imported UNETR++ models, the nnunet_v1 recipe's), chosen by one `match`. Both run the same sliding
-//! window ([`window`]: window batches, the Gaussian, mirroring, progress, cancel, the sums' move to
-//! the CPU on a GPU out-of-memory) and the same post-processing ([`postprocess`]); [`file`] adds
-//! reading, writing and the manifest.
+//! model file names ([`Pipeline`](crate::model_file::Pipeline)): MONAI's ([`monai`]: imported UNETR
+//! models, the monai recipe's) or nnU-Net v1's ([`nnunet`]: imported UNETR++ models, the nnunet_v1
+//! recipe's), chosen by one `match`. Both run the same sliding window ([`window`]: window batches,
+//! the Gaussian, mirroring, progress, cancel, the sums' move to the CPU on a GPU out-of-memory) and
+//! the same post-processing ([`postprocess`]); [`file`] adds reading, writing and the manifest.
 
 pub mod file;
 pub mod monai;

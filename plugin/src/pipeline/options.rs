@@ -3,12 +3,13 @@
 //! defaults ([`SegmentOptions::monai`], [`SegmentOptions::nn_unet`]), and an option given that
 //! its type has no place for is refused by name: an option is never ignored.
 
-use super::window::{Blend, Rules, WindowOptions};
+use super::window::{Blend, Rules, WindowOptions, mirrored, mirrorings};
 use crate::error::{Error, Result};
+use crate::events::Progress;
 use crate::model::Precision;
 use crate::model_file::Pipeline;
 use serde::{Deserialize, Serialize};
-use tch::Device;
+use tch::{Device, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +120,26 @@ impl Common {
                 .unwrap_or(if device.is_cuda() { 4 } else { 1 }),
             fill_last_batch: device.is_cuda(),
         }
+    }
+
+    /// The class probabilities of the shared sliding window over `image` (on the model's device)
+    /// under `rules`, each window averaged over the mirrorings `mirror_axes` ask for; `dim(a)` is
+    /// the dimension of `image` that holds axis a (0 = x, 1 = y, 2 = z).
+    pub fn infer(
+        &self,
+        image: &Tensor,
+        (roi, rules): ([i64; 3], Rules),
+        classes: i64,
+        dim: impl Fn(i64) -> i64,
+        predict: &dyn Fn(&Tensor) -> Result<Tensor>,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
+        let window = self.window(roi, rules, image.device());
+        let dims: Vec<i64> = self.mirror_axes.iter().map(|&a| dim(a)).collect();
+        let flips = mirrorings(&dims);
+        let predict = mirrored(&flips, predict);
+        let cap = self.max_gpu_accumulator_mb;
+        super::window::infer(image, &window, classes, cap, &predict, progress)
     }
 }
 

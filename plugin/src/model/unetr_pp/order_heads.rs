@@ -70,7 +70,7 @@ impl PpOrderHeads {
     }
 
     /// Order logits with the tokens pooled by `grouping`.
-    pub fn forward_grouped(&self, tokens: &[Tensor; 4], grouping: Grouping) -> [Tensor; 4] {
+    fn forward_grouped(&self, tokens: &[Tensor; 4], grouping: Grouping) -> [Tensor; 4] {
         std::array::from_fn(|i| {
             let pooled = match grouping {
                 Grouping::Slab => self.pool_slabs(&tokens[i]),

@@ -1,7 +1,7 @@
 //! MONAI's pipeline (imported UNETR models, models of the monai recipe): RAS → target spacing →
-//! HU window → foreground crop → sliding window (softmax) → back onto the input grid → argmax. Going back resamples the class
-//! probabilities (trilinear) and takes the argmax there, as nnU-Net does, so thin structures
-//! survive; `resample: "nearest"` takes the argmax on the model's grid and samples labels by
+//! HU window → foreground crop → sliding window (softmax) → back onto the input grid → argmax.
+//! Going back resamples the class probabilities (trilinear) and takes the argmax there, as
+//! nnU-Net does, so thin structures survive; `resample: "nearest"` takes the argmax on the model's grid and samples labels by
 //! nearest neighbour instead.
 
 pub mod prepare;
@@ -10,7 +10,7 @@ pub mod window;
 
 use super::options::{MonaiOptions, ResampleBack, SegmentOptions};
 use super::settle;
-use super::window::{Rules, mirrored, mirrorings};
+use super::window::Rules;
 use crate::error::Result;
 use crate::events::{Event, Progress, report};
 use crate::model_file::MonaiPreprocessing;
@@ -35,7 +35,17 @@ pub fn run(
     let prepared = prepare(pipeline.preprocessing, volume, device, opts.slab)?;
     settle(device);
     report(progress, event("preprocess", 1, 1))?;
-    let probs = infer(pipeline, &prepared, opts, progress)?;
+    // Mirrored only when asked; axis a (x, y, z) of the RAS image is dimension 2 + a of
+    // `[B, C, X, Y, Z]`.
+    let window = (pipeline.preprocessing.roi_size, Rules::Monai);
+    let probs = opts.common.infer(
+        &prepared.image,
+        window,
+        pipeline.classes,
+        |a| 2 + a,
+        pipeline.predict,
+        progress,
+    )?;
     settle(device);
     report(progress, event("resample", 0, 1))?;
     let kind = if pipeline.classes > 256 {
@@ -59,31 +69,6 @@ pub fn run(
         DType::U16
     };
     Volume::new(labels, volume.affine, dtype)
-}
-
-/// The class probabilities of the shared sliding window over the prepared image, each window
-/// averaged over its mirrorings (test-time augmentation) when `mirror` asks for them (by default
-/// none).
-fn infer(
-    pipeline: &Segmenter,
-    prepared: &Prepared,
-    opts: &MonaiOptions,
-    progress: &mut dyn Progress,
-) -> Result<Tensor> {
-    let roi = pipeline.preprocessing.roi_size;
-    let wopts = opts.common.window(roi, Rules::Monai, pipeline.device);
-    // Axis a (x, y, z) of the RAS image is dimension 2 + a of `[B, C, X, Y, Z]`.
-    let dims: Vec<i64> = opts.common.mirror_axes.iter().map(|&a| 2 + a).collect();
-    let flips = mirrorings(&dims);
-    let predict = mirrored(&flips, pipeline.predict);
-    super::window::infer(
-        &prepared.image,
-        &wopts,
-        pipeline.classes,
-        opts.common.max_gpu_accumulator_mb,
-        &predict,
-        progress,
-    )
 }
 
 /// The labels on the input's own grid, slab by slab along z (bounding the sampling grid's

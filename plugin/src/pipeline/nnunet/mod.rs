@@ -17,7 +17,7 @@ pub mod train_case;
 pub mod window;
 
 use super::options::SegmentOptions;
-use super::window::{Rules, mirrored, mirrorings};
+use super::window::Rules;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{Event, Progress, report};
 use crate::model_file::NnUnetPreprocessing;
@@ -47,17 +47,14 @@ pub fn run(
     let prepared = prepare::prepare(volume, pre.spacing, norm)?;
     let image = prepared.image.f_to_device(segmenter.device)?;
     report(progress, event("preprocess", 1, 1))?;
-    let wopts = opts.window(pre.roi_size, Rules::NnUnet, segmenter.device);
     // Axis a (x, y, z) of the stored array is dimension 4 - a of `[B, C, z, y, x]`.
-    let dims: Vec<i64> = opts.mirror_axes.iter().map(|&a| 4 - a).collect();
-    let flips = mirrorings(&dims);
-    let predict = mirrored(&flips, segmenter.predict);
-    let probs = super::window::infer(
+    let window = (pre.roi_size, Rules::NnUnet);
+    let probs = opts.infer(
         &image,
-        &wopts,
+        window,
         segmenter.classes,
-        opts.max_gpu_accumulator_mb,
-        &predict,
+        |a| 4 - a,
+        segmenter.predict,
         progress,
     )?;
     report(progress, event("resample", 0, 1))?;
